@@ -1,0 +1,9 @@
+"""roadkit: RoAd (2D rotary adaptation) adapters for PyTorch and Hugging Face models."""
+
+from .config import RoadConfig
+from .layers import Linear, ModulesToSaveWrapper, RoadLayer
+from .model import RoadModel, get_peft_model
+
+__version__ = "0.1.0"
+
+__all__ = ["Linear", "ModulesToSaveWrapper", "RoadConfig", "RoadLayer", "RoadModel", "get_peft_model"]

@@ -1,0 +1,97 @@
+"""The RoAd rotation as fused elementwise torch ops, with a hand-written backward.
+
+A tensor's feature axis `dim` is viewed as (groups, 2, half): slot 0 holds features j, slot 1
+features j + group_size/2 of each group. With per-feature coefficients (c, s) the rotation is
+
+    y0 = c0 * x0 - s0 * x1        y1 = c1 * x1 + s1 * x0
+
+Coefficients have the feature axis last; leading axes (if any) broadcast against the leading axes
+of `x` (one coefficient row per batch row or per token, for mixed-adapter batches).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _views(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int):
+    """Split the feature axis of x, c and s into (groups, 2, half); return the views and the pair axis."""
+    dim = dim % x.dim()
+    trailing = x.dim() - dim - 1
+    half = group_size // 2
+    xv = x.unflatten(dim, (-1, 2, half))
+    tail = (1,) * trailing
+    cv = c.unflatten(-1, (-1, 2, half)).reshape(c.shape[:-1] + (-1, 2, half) + tail)
+    sv = s.unflatten(-1, (-1, 2, half)).reshape(s.shape[:-1] + (-1, 2, half) + tail)
+    return xv, cv, sv, dim + 1 - xv.dim()  # pair axis, counted from the end (same in every view)
+
+
+def _rotate_views(xv, cv, sv, pair: int, transpose: bool = False) -> torch.Tensor:
+    """R x (or R^T x) on split views; one output buffer, updated in place, in the coefficients' dtype."""
+    out = torch.mul(xv, cv)
+    x0, x1 = xv.select(pair, 0), xv.select(pair, 1)
+    o0, o1 = out.select(pair, 0), out.select(pair, 1)
+    if transpose:  # R^T: o0 = c0 x0 + s1 x1, o1 = c1 x1 - s0 x0
+        o0.addcmul_(x1, sv.select(pair, 1))
+        o1.addcmul_(x0, sv.select(pair, 0), value=-1)
+    else:
+        o0.addcmul_(x1, sv.select(pair, 0), value=-1)
+        o1.addcmul_(x0, sv.select(pair, 1))
+    return out
+
+
+def rotate_values(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1,
+                  transpose: bool = False) -> torch.Tensor:
+    """R x along `dim`, computed in the coefficients' dtype, returned in the coefficients' dtype. No autograd."""
+    xv, cv, sv, pair = _views(x, c, s, group_size, dim)
+    return _rotate_views(xv, cv, sv, pair, transpose).flatten(pair - 1, pair + 1)
+
+
+def _reduce_to(full: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
+    """Sum a per-element gradient (feature axis `dim` of x) down to a coefficient tensor's shape."""
+    trailing = tuple(range(dim + 1, full.dim()))
+    if trailing:
+        full = full.sum(dim=trailing)
+    return full.sum_to_size(shape)
+
+
+class _Rotate(torch.autograd.Function):
+    """y = R x with a fused backward: saves x only if c or s need a gradient, c and s only for dx."""
+
+    @staticmethod
+    def forward(ctx, x, c, s, group_size, dim):
+        ctx.group_size, ctx.dim = group_size, dim % x.dim()
+        need_cs = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        ctx.save_for_backward(x if need_cs else None, c, s)
+        return rotate_values(x, c, s, group_size, dim).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, c, s = ctx.saved_tensors
+        g, dim = ctx.group_size, ctx.dim
+        gx = gc = gs = None
+        if ctx.needs_input_grad[0]:
+            gx = rotate_values(gy, c, s, g, dim, transpose=True).to(gy.dtype)
+        if x is not None:
+            xv = x.to(c.dtype).unflatten(dim, (-1, 2, g // 2))
+            gyv = gy.to(c.dtype).unflatten(dim, (-1, 2, g // 2))
+            pair = dim + 1
+            if ctx.needs_input_grad[1]:
+                gc = _reduce_to((gyv * xv).flatten(dim, dim + 2), dim, c.shape)
+            if ctx.needs_input_grad[2]:
+                # y0 = ... - s0 x1 and y1 = ... + s1 x0
+                gsv = torch.stack((gyv.select(pair, 0) * xv.select(pair, 1).neg(),
+                                   gyv.select(pair, 1) * xv.select(pair, 0)), dim=pair)
+                gs = _reduce_to(gsv.flatten(dim, dim + 2), dim, s.shape)
+        return gx, gc, gs, None, None
+
+
+def rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1) -> torch.Tensor:
+    """R x along `dim` in one fused pass; result in x's dtype, math in the coefficients' dtype.
+
+    Differentiable in x, c and s. Without autograd it allocates nothing beyond the output
+    (when x already has the coefficients' dtype).
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or c.requires_grad or s.requires_grad):
+        return _Rotate.apply(x, c, s, group_size, dim)
+    return rotate_values(x, c, s, group_size, dim).to(x.dtype)

@@ -1,0 +1,241 @@
+"""`RoadLayer`: the adapter state and behaviour shared by every wrapped layer type.
+
+A wrapped layer computes its base output x and rotates its features: y = R_n ... R_1 x for the
+active adapters in activation order. Subclasses say where the features live (`feature_dim` of the
+output, `weight_feature_dim` of the parameters that merging rotates) and how many there are.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from ..config import normalize_variant
+
+BASE = "__base__"
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which adapter each batch row (or token) uses: `index` points into `names`."""
+
+    names: tuple[str, ...]
+    index: torch.Tensor
+
+
+class RoadLayer(nn.Module):
+    """Base class of RoAd-wrapped layers: per-adapter `road_theta` / `road_alpha`, merging, mixed batches."""
+
+    adapter_layer_names: tuple[str, ...] = ("road_theta", "road_alpha")
+    other_param_names: tuple[str, ...] = ("variant", "group_size")
+    feature_dim: int = -1  # axis of the base output that holds the features
+    weight_feature_dim: int = 0  # axis of weight (and bias) that holds the output features
+
+    def __init__(self, base_layer: nn.Module, out_features: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.out_features = out_features
+        self.road_theta = nn.ParameterDict()
+        self.road_alpha = nn.ParameterDict()
+        self.variant: dict[str, str] = {}
+        self.group_size: dict[str, int] = {}
+        self._active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self.routing: Optional[Routing] = None  # set by the model wrapper for one mixed-batch call
+        self._cache: dict[Any, Any] = {}
+
+    # ---- adapters ------------------------------------------------------------------------------
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> list[str]:
+        return self.active_adapters
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def update_layer(self, adapter_name: str, variant: str = "road_1", group_size: int = 64,
+                     init_weights: bool = True) -> None:
+        """Create (or re-create) the parameters of `adapter_name` on the base layer's device, in fp32."""
+        variant = normalize_variant(variant)
+        F.check_group_size(self.out_features, group_size, where=type(self).__name__)
+        n = F.parameter_length(variant, self.out_features)
+        device = self._base_device()
+        self.road_theta[adapter_name] = nn.Parameter(torch.empty(n, device=device, dtype=torch.float32))
+        self.road_alpha[adapter_name] = nn.Parameter(torch.empty(n, device=device, dtype=torch.float32))
+        self.variant[adapter_name] = variant
+        self.group_size[adapter_name] = group_size
+        self.reset_parameters(adapter_name, init_weights)
+        self._set_requires_grad()
+
+    def reset_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        """Identity (theta=0, alpha=1) when `init_weights`, else theta ~ N(0, 0.5^2), alpha ~ N(1, 0.5^2)."""
+        theta, alpha = self.road_theta[adapter_name], self.road_alpha[adapter_name]
+        with torch.no_grad():
+            if init_weights:
+                theta.zero_()
+                alpha.fill_(1.0)
+            else:
+                theta.normal_(0.0, 0.5)
+                alpha.normal_(1.0, 0.5)
+
+    def set_adapter(self, adapter_names: Union[str, Iterable[str]]) -> None:
+        """Activate these adapters (in this order); only active adapters' parameters train."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._active_adapters = names
+        self._set_requires_grad()
+
+    def _set_requires_grad(self) -> None:
+        for name in self.road_theta:
+            on = name in self._active_adapters
+            self.road_theta[name].requires_grad_(on)
+            self.road_alpha[name].requires_grad_(on)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into this layer; unmerge it before deleting it.")
+        for store in (self.road_theta, self.road_alpha, self.variant, self.group_size):
+            store.pop(adapter_name, None)
+        self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
+        self._cache.clear()
+
+    def _base_device(self) -> torch.device:
+        for p in self.base_layer.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    # ---- coefficients --------------------------------------------------------------------------
+
+    def coefficients(self, adapter_name: str, dtype: Optional[torch.dtype] = None) -> F.Coefficients:
+        """(c, s) of one adapter; cached while its parameters are unchanged and no gradient is needed."""
+        theta, alpha = self.road_theta[adapter_name], self.road_alpha[adapter_name]
+        if dtype is not None:
+            theta, alpha = theta.to(dtype), alpha.to(dtype)
+        args = (self.variant[adapter_name], self.group_size[adapter_name], theta, alpha)
+        if (torch.is_grad_enabled() and theta.requires_grad) or torch.compiler.is_compiling():
+            return F.coefficients(*args)
+        key = ("c", adapter_name, dtype) + self._version_key(adapter_name)
+        hit = self._cache.get(key[:3])
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            value = F.coefficients(*args)
+        self._cache[key[:3]] = (key, value)
+        return value
+
+    def _version_key(self, adapter_name: str) -> tuple:
+        """Changes whenever the adapter's parameters are replaced, updated in place or moved."""
+        theta, alpha = self.road_theta[adapter_name], self.road_alpha[adapter_name]
+        return (id(theta), theta._version, theta.device, theta.dtype,
+                id(alpha), alpha._version, alpha.device, alpha.dtype)
+
+    def _table(self, names: tuple[str, ...], group_size: int) -> F.Coefficients:
+        """Stacked coefficients, one row per name; identity for `__base__`, for adapters this layer
+        lacks, and for adapters of another group size (those are applied in their own pass)."""
+        used = [n for n in names if n in self.road_theta and self.group_size[n] == group_size]
+        key = ("table", names, group_size) + tuple(self._version_key(n) for n in used)
+        hit = self._cache.get(key[:3])
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        device = self.road_theta[used[0]].device
+        ident = F.identity(self.out_features, device=device)
+        with torch.no_grad():
+            rows = [self.coefficients(n) if n in used else ident for n in names]
+            table = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+        self._cache[key[:3]] = (key, table)
+        return table
+
+    # ---- forward -------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return self._undo_merged(result)
+        if self.routing is not None:
+            return self._mixed_forward(result, self.routing)
+        for name in self._active_adapters:
+            if name in self.road_theta and name not in self.merged_adapters:
+                result = F.rotate(result, self.coefficients(name), self.group_size[name], self.feature_dim)
+        return result
+
+    def _undo_merged(self, result: torch.Tensor) -> torch.Tensor:
+        """Base output of a layer whose weights hold merged adapters, without touching the weights."""
+        for name in reversed(self.merged_adapters):
+            inv = F.inverse(self.coefficients(name), self.group_size[name])
+            result = F.rotate(result, inv, self.group_size[name], self.feature_dim)
+        return result
+
+    def _mixed_forward(self, result: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """One gather and one fused pass per distinct group size, however many adapters share the batch."""
+        dim = self.feature_dim % result.dim()
+        index = routing.index
+        if index.dim() > dim or tuple(result.shape[: index.dim()]) != tuple(index.shape):
+            raise ValueError(
+                f"adapter routing of shape {tuple(index.shape)} does not match the leading dimensions of "
+                f"this layer's output {tuple(result.shape)}: give one adapter per batch row (or per token)."
+            )
+        sizes = sorted({self.group_size[n] for n in routing.names if n in self.road_theta})
+        for g in sizes:
+            c, s = self._table(routing.names, g)
+            shape = tuple(index.shape) + (1,) * (dim - index.dim()) + (self.out_features,)
+            rows = (c[index].view(shape), s[index].view(shape))
+            result = F.rotate(result, rows, g, dim)
+        return result
+
+    # ---- merging -------------------------------------------------------------------------------
+
+    def _merge_params(self) -> list[nn.Parameter]:
+        """The parameters whose output-feature rows merging rotates (weight and bias)."""
+        base = self.base_layer
+        return [p for p in (getattr(base, "weight", None), getattr(base, "bias", None)) if p is not None]
+
+    def _rotate_params(self, coeffs: F.Coefficients, group_size: int, check_finite: bool, name: str) -> None:
+        new = []
+        for p in self._merge_params():
+            moved = p.data.movedim(self.weight_feature_dim, 0) if p.dim() > 1 else p.data
+            value = F.rotate_rows(moved, coeffs, group_size)
+            if check_finite and not torch.isfinite(value).all():
+                raise ValueError(f"merging adapter {name!r} would put NaN or inf into the weights; nothing was changed.")
+            new.append(value.movedim(0, self.weight_feature_dim) if p.dim() > 1 else value)
+        with torch.no_grad():
+            for p, value in zip(self._merge_params(), new):
+                p.data.copy_(value)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold adapters into the base weights (W <- R W, b <- R b), elementwise over rows.
+
+        `adapter_names` defaults to the active adapters not yet merged. With `safe_merge`, the
+        result is checked for NaN/inf before any weight changes.
+        """
+        names = self._active_adapters if adapter_names is None else list(adapter_names)
+        names = [n for n in names if n in self.road_theta and n not in self.merged_adapters]
+        for name in names:  # merges compose: R_k ... R_1 W, each step exact in float64
+            coeffs = self.coefficients(name, dtype=torch.float64)
+            self._rotate_params(coeffs, self.group_size[name], safe_merge, name)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, last: Optional[int] = None) -> None:
+        """Undo merges, most recent first (W <- R^-1 W), in closed form: all of them, or the `last` few."""
+        if not self.merged_adapters:
+            warnings.warn("unmerge(): no adapter is merged into this layer; nothing to do.", stacklevel=2)
+            return
+        for _ in range(len(self.merged_adapters) if last is None else last):
+            name = self.merged_adapters[-1]
+            inv = F.inverse(self.coefficients(name, dtype=torch.float64), self.group_size[name])
+            self._rotate_params(inv, self.group_size[name], False, name)
+            self.merged_adapters.pop()

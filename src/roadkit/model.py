@@ -1,0 +1,408 @@
+"""`RoadModel` / `get_peft_model`: inject RoAd layers, keep the adapters' books, merge, route mixed batches."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import RoadConfig
+from .functional import check_group_size, parameter_length
+from .layers import BASE, ModulesToSaveWrapper, RoadLayer, Routing, out_features_of, wrapper_for
+from .targeting import select_modules_to_save, select_targets
+
+
+def _as_list(names: Union[str, Iterable[str]]) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, RoadLayer) else module
+
+
+def _saved_original(module: nn.Module) -> nn.Module:
+    return module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+
+
+def expected_tensors(model: nn.Module, config: RoadConfig) -> dict[str, torch.Size]:
+    """Every tensor key (and shape) an adapter with `config` has on `model`; validates group sizes."""
+    shapes: dict[str, torch.Size] = {}
+    for path in select_targets(model, config):
+        n_out = out_features_of(_base_of(model.get_submodule(path)))
+        check_group_size(n_out, config.group_size, where=f"target module {path!r}")
+        n = torch.Size([parameter_length(config.variant, n_out)])
+        shapes[ckpt.adapter_key(path, "road_theta")] = n
+        shapes[ckpt.adapter_key(path, "road_alpha")] = n
+    for path in select_modules_to_save(model, config):
+        for pname, t in _saved_original(model.get_submodule(path)).state_dict().items():
+            shapes[ckpt.adapter_key(path, pname)] = t.shape
+    return shapes
+
+
+def _check_tensors(expected: dict[str, torch.Size], tensors: dict[str, torch.Tensor], source: str) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(f"{k}: file {tuple(tensors[k].shape)}, model {tuple(expected[k])}"
+                   for k in set(expected) & set(tensors) if tensors[k].shape != expected[k])
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    if wrong:
+        problems.append(f"shape mismatches {wrong}")
+    if problems:
+        raise ValueError(f"adapter at {source!r} does not fit this model: " + "; ".join(problems)
+                         + ". The model was left unchanged.")
+
+
+class RoadModel(nn.Module):
+    """A model with RoAd adapters. Attribute access falls through to the wrapped model."""
+
+    def __init__(self, model: nn.Module, config: RoadConfig, adapter_name: str = ckpt.DEFAULT_ADAPTER) -> None:
+        super().__init__()
+        self._check_config(config)
+        self._check_new_name(adapter_name, existing=())
+        expected_tensors(model, config)  # every error before the model is touched
+        self.model = model
+        self.peft_config: dict[str, RoadConfig] = {}
+        self._active: list[str] = [adapter_name]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._inject(adapter_name, config)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ---- validation ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_config(config: Any) -> None:
+        if not isinstance(config, RoadConfig):
+            raise TypeError(f"expected a roadkit.RoadConfig, got {type(config).__name__}.")
+
+    def _check_new_name(self, adapter_name: Any, existing: Iterable[str]) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}.")
+        if adapter_name == BASE:
+            raise ValueError(f"{BASE!r} is reserved for 'no adapter' in mixed batches; choose another name.")
+        if adapter_name in existing:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; existing: {sorted(existing)}.")
+
+    def _check_known(self, names: Iterable[str]) -> None:
+        unknown = sorted({n for n in names if n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; available: {sorted(self.peft_config)}.")
+
+    # ---- the layers ----------------------------------------------------------------------------
+
+    def road_layers(self) -> Iterator[tuple[str, RoadLayer]]:
+        """(path, layer) for every RoAd layer, paths relative to the wrapped model."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, RoadLayer):
+                yield name, module
+
+    def _saved_wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield name, module
+
+    def _replace(self, path: str, new: nn.Module) -> None:
+        parent_path, _, child = path.rpartition(".")
+        setattr(self.model.get_submodule(parent_path) if parent_path else self.model, child, new)
+
+    def _inject(self, adapter_name: str, config: RoadConfig) -> None:
+        """Wrap (or extend) every target and every module to save. Callers validated `config` first."""
+        for path in select_targets(self.model, config):
+            module = self.model.get_submodule(path)
+            if isinstance(module, RoadLayer):
+                module.update_layer(adapter_name, config.variant, config.group_size, config.init_weights)
+            else:
+                layer = wrapper_for(module)(module, adapter_name, config.variant, config.group_size,
+                                            config.init_weights)
+                self._replace(path, layer)
+        for path in select_modules_to_save(self.model, config):
+            module = self.model.get_submodule(path)
+            if isinstance(module, ModulesToSaveWrapper):
+                module.add_adapter(adapter_name)
+            else:
+                self._replace(path, ModulesToSaveWrapper(module, adapter_name))
+        self.peft_config[adapter_name] = config
+        self._apply_active()
+
+    def _apply_active(self) -> None:
+        """Push the active adapter list to every layer; only active, trainable adapters get gradients."""
+        for _, layer in self.road_layers():
+            layer.set_adapter(self._active)
+        for _, wrapper in self._saved_wrappers():
+            wrapper.set_adapter(self._active)
+        frozen = [n for n, c in self.peft_config.items() if c.inference_mode]
+        for _, layer in self.road_layers():
+            for name in frozen:
+                if name in layer.road_theta:
+                    layer.road_theta[name].requires_grad_(False)
+                    layer.road_alpha[name].requires_grad_(False)
+        for _, wrapper in self._saved_wrappers():
+            for name in frozen:
+                if name in wrapper.modules_to_save:
+                    wrapper.modules_to_save[name].requires_grad_(False)
+
+    # ---- adapter bookkeeping -------------------------------------------------------------------
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    def add_adapter(self, adapter_name: str, config: RoadConfig) -> None:
+        """Add an adapter (inactive and not trainable until `set_adapter`)."""
+        self._check_config(config)
+        self._check_new_name(adapter_name, existing=self.peft_config)
+        expected_tensors(self.model, config)
+        self._inject(adapter_name, config)
+
+    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+        """Activate one adapter, or several applied in the given order."""
+        names = _as_list(adapter_name)
+        if not names:
+            raise ValueError("set_adapter needs at least one adapter name.")
+        self._check_known(names)
+        self._active = names
+        self._apply_active()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter from every layer; if it was active, the remaining ones stay active."""
+        self._check_known([adapter_name])
+        merged = [p for p, layer in self.road_layers() if adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(f"adapter {adapter_name!r} is merged into {merged}; call unmerge_adapter() first.")
+        for _, layer in self.road_layers():
+            layer.delete_adapter(adapter_name)
+        for _, wrapper in self._saved_wrappers():
+            wrapper.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        self._active = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
+        self._apply_active()
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model inside this block (merged adapters are undone on the fly, not unmerged)."""
+        modules = [m for _, m in self.road_layers()] + [m for _, m in self._saved_wrappers()]
+        for m in modules:
+            m.disable_adapters = True
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.disable_adapters = False
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    # ---- parameters ----------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters) of the wrapped model, adapters included."""
+        trainable = total = 0
+        for p in self.model.parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    # ---- merging -------------------------------------------------------------------------------
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights, in closed form.
+
+        If `safe_merge` finds NaN/inf in some layer, the layers merged so far are restored and the
+        model is left as it was.
+        """
+        names = self._active if adapter_names is None else _as_list(adapter_names)
+        self._check_known(names)
+        done: list[tuple[RoadLayer, int]] = []
+        try:
+            for _, layer in self.road_layers():
+                before = len(layer.merged_adapters)
+                layer.merge(safe_merge=safe_merge, adapter_names=names)
+                done.append((layer, len(layer.merged_adapters) - before))
+        except ValueError:
+            for layer, count in done:
+                layer.unmerge(last=count)
+            raise
+
+    def unmerge_adapter(self) -> None:
+        """Restore the base weights of every layer with merged adapters."""
+        for _, layer in self.road_layers():
+            if layer.merged:
+                layer.unmerge()
+
+    def _unwrap(self, merge: bool, safe_merge: bool = False, adapter_names: Optional[list[str]] = None,
+                progressbar: bool = False) -> nn.Module:
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        else:
+            self.unmerge_adapter()
+        layers = list(self.road_layers())
+        if progressbar:
+            from tqdm.auto import tqdm
+
+            layers = tqdm(layers, desc="Unloading" + (" and merging" if merge else ""))
+        for path, layer in layers:
+            self._replace(path, layer.get_base_layer())
+        for path, wrapper in list(self._saved_wrappers()):
+            self._replace(path, wrapper.active_module() if merge else wrapper.original_module)
+        return self.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """Merge adapters into the weights and return the plain base model (RoAd layers removed)."""
+        return self._unwrap(True, safe_merge, adapter_names, progressbar)
+
+    def unload(self) -> nn.Module:
+        """Remove all RoAd layers and return the base model with its original weights."""
+        return self._unwrap(False)
+
+    # ---- forward / generate ----------------------------------------------------------------------
+
+    @contextmanager
+    def _routed(self, adapter_names: list[str], batch_size: Optional[int]) -> Iterator[None]:
+        """Route each batch row to its adapter for one call; every check runs before any compute."""
+        if self.training:
+            raise ValueError("adapter_names (mixed-adapter batches) is for inference; call model.eval() first.")
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError("adapter_names must be a list with one adapter name (str) per batch row.")
+        names = list(adapter_names)
+        if batch_size is not None and len(names) != batch_size:
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_size} rows.")
+        unknown = sorted({n for n in names if n != BASE and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) in adapter_names: {unknown}; available: "
+                             f"{sorted(self.peft_config)} and {BASE!r}.")
+        merged = sorted({n for _, layer in self.road_layers() for n in layer.merged_adapters})
+        if merged:
+            raise ValueError(f"adapters {merged} are merged into the weights; call unmerge_adapter() before "
+                             "mixed-adapter batches.")
+        unique = tuple(dict.fromkeys(names))
+        modules = [m for _, m in self.road_layers()] + [m for _, m in self._saved_wrappers()]
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        routing = Routing(unique, torch.tensor([unique.index(n) for n in names], device=device))
+        for m in modules:
+            m.routing = routing
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.routing = None
+
+    @staticmethod
+    def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
+        for key in ("input_ids", "inputs_embeds", "x"):
+            if isinstance(kwargs.get(key), torch.Tensor):
+                return kwargs[key].shape[0]
+        first = args[0] if args else None
+        return first.shape[0] if isinstance(first, torch.Tensor) else None
+
+    def forward(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
+        """Run the model; `adapter_names` (one per row, `__base__` for none) mixes adapters in one batch."""
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self._routed(adapter_names, self._batch_size(args, kwargs)):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
+        """`model.generate`, optionally with one adapter per prompt row in a single batch."""
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        with self._routed(adapter_names, self._batch_size(args, kwargs)):
+            return self.model.generate(*args, **kwargs)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def adapter_state_dict(self, adapter_name: str = ckpt.DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under PEFT's keys (what `save_pretrained` writes)."""
+        self._check_known([adapter_name])
+        out: dict[str, torch.Tensor] = {}
+        for path, layer in self.road_layers():
+            if adapter_name in layer.road_theta:
+                out[ckpt.adapter_key(path, "road_theta")] = layer.road_theta[adapter_name].detach()
+                out[ckpt.adapter_key(path, "road_alpha")] = layer.road_alpha[adapter_name].detach()
+        for path, wrapper in self._saved_wrappers():
+            if adapter_name in wrapper.modules_to_save:
+                for pname, t in wrapper.modules_to_save[adapter_name].state_dict().items():
+                    out[ckpt.adapter_key(path, pname)] = t.detach()
+        return out
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike],
+                        selected_adapters: Optional[list[str]] = None, **_: Any) -> None:
+        """Write adapters in PEFT's layout: "default" at the root, every other one in a subfolder."""
+        names = list(self.peft_config) if selected_adapters is None else _as_list(selected_adapters)
+        self._check_known(names)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a directory.")
+        base_name = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+        for name in names:
+            config = self.peft_config[name]
+            fields = {**config.to_dict(), "inference_mode": True}
+            if config.base_model_name_or_path is None:
+                fields["base_model_name_or_path"] = base_name
+            ckpt.write_adapter(ckpt.adapter_subdir(save_directory, name), RoadConfig.from_dict(fields),
+                               self.adapter_state_dict(name))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike],
+                        adapter_name: str = ckpt.DEFAULT_ADAPTER, is_trainable: bool = False,
+                        subfolder: Optional[str] = None, revision: Optional[str] = None) -> "RoadModel":
+        """Wrap `model` with the adapter saved at `model_id` (a directory or a Hub id)."""
+        config, tensors = ckpt.read_adapter(model_id, subfolder, revision)
+        config.inference_mode = not is_trainable
+        _check_tensors(expected_tensors(model, config), tensors, os.fspath(model_id))
+        wrapped = cls(model, config, adapter_name)
+        wrapped._load_tensors(adapter_name, tensors)
+        if not is_trainable:
+            wrapped.eval()
+        return wrapped
+
+    def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
+                     subfolder: Optional[str] = None, revision: Optional[str] = None) -> None:
+        """Add the adapter saved at `model_id` under `adapter_name` (not activated)."""
+        self._check_new_name(adapter_name, existing=self.peft_config)
+        config, tensors = ckpt.read_adapter(model_id, subfolder, revision)
+        config.inference_mode = not is_trainable
+        _check_tensors(expected_tensors(self.model, config), tensors, os.fspath(model_id))
+        self._inject(adapter_name, config)
+        self._load_tensors(adapter_name, tensors)
+
+    @torch.no_grad()
+    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        for path, layer in self.road_layers():
+            if adapter_name in layer.road_theta:
+                layer.road_theta[adapter_name].copy_(tensors[ckpt.adapter_key(path, "road_theta")])
+                layer.road_alpha[adapter_name].copy_(tensors[ckpt.adapter_key(path, "road_alpha")])
+        for path, wrapper in self._saved_wrappers():
+            if adapter_name in wrapper.modules_to_save:
+                module = wrapper.modules_to_save[adapter_name]
+                module.load_state_dict({k[len(ckpt.adapter_key(path, "")):]: v for k, v in tensors.items()
+                                        if k.startswith(ckpt.adapter_key(path, ""))})
+
+
+def get_peft_model(model: nn.Module, peft_config: RoadConfig, adapter_name: str = ckpt.DEFAULT_ADAPTER) -> RoadModel:
+    """Wrap `model` with a fresh RoAd adapter (PEFT's entry point, for RoAd)."""
+    return RoadModel(model, peft_config, adapter_name)
