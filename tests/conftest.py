@@ -1,0 +1,67 @@
+"""Tiny models built from configs (nothing is downloaded) and helpers shared by the tests."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+
+def tiny_llama(hidden: int = 128, layers: int = 2, seed: int = 0):
+    """A Llama with every projection's output divisible by 64 (so group_size 64 works)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2 if hidden >= 256 else 4,
+                      max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_opt(hidden: int = 128, layers: int = 2, seed: int = 0):
+    """An OPT model (another family: biases on every projection, different module names)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = OPTConfig(vocab_size=96, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
+                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=hidden)
+    return OPTForCausalLM(cfg).eval()
+
+
+class MLP(nn.Module):
+    """A plain torch model with biases; no transformers config."""
+
+    def __init__(self, d_in: int = 16, hidden: int = 64, d_out: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin0 = nn.Linear(d_in, hidden)
+        self.act = nn.ReLU()
+        self.lin1 = nn.Linear(hidden, hidden)
+        self.lin2 = nn.Linear(hidden, d_out)
+        self.head = nn.Linear(d_out, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lin2(self.act(self.lin1(self.act(self.lin0(x))))))
+
+
+def tiny_mlp(seed: int = 0) -> MLP:
+    return MLP(seed=seed).eval()
+
+
+@pytest.fixture(scope="session")
+def llama_base():
+    return tiny_llama()
+
+
+@pytest.fixture
+def llama(llama_base):
+    """A fresh copy of the tiny Llama (tests may mutate it)."""
+    return copy.deepcopy(llama_base)
+
+
+@pytest.fixture
+def input_ids():
+    g = torch.Generator().manual_seed(123)
+    return torch.randint(0, 96, (4, 9), generator=g)
