@@ -63,6 +63,16 @@ def rotate(x: torch.Tensor, coeffs: Coefficients, group_size: int, dim: int = -1
     return kernels.rotate(x, c, s, group_size, dim)
 
 
+def rotate_indexed(x: torch.Tensor, tables: Coefficients, index: torch.Tensor, group_size: int,
+                   dim: int = -1) -> torch.Tensor:
+    """Mixed batches: rotate each row (or token) of x by the coefficient row `index` selects.
+
+    `tables` are (c, s) of shape (n_adapters, d_out); `index` has the shape of the leading axes of
+    x before `dim` (per token) or a prefix of them (per batch row). Cost is independent of n_adapters.
+    """
+    return kernels.rotate_indexed(x, tables[0], tables[1], index, group_size, dim)
+
+
 def _pairs(v: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The (a, b) halves of every pair of a per-feature vector (or of rows of a table)."""
     vv = v.unflatten(-1, (-1, 2, group_size // 2))
@@ -121,5 +131,6 @@ __all__ = [
     "inverse",
     "parameter_length",
     "rotate",
+    "rotate_indexed",
     "rotate_rows",
 ]

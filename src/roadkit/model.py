@@ -283,15 +283,14 @@ class RoadModel(nn.Module):
     # ---- forward / generate ----------------------------------------------------------------------
 
     @contextmanager
-    def _routed(self, adapter_names: list[str], batch_size: Optional[int]) -> Iterator[None]:
-        """Route each batch row to its adapter for one call; every check runs before any compute."""
+    def _routed(self, adapter_names: list[str], adapter_indices: Optional[torch.Tensor],
+                batch_shape: Optional[tuple[int, ...]]) -> Iterator[None]:
+        """Route rows (or tokens) to adapters for one call; every check runs before any compute."""
         if self.training:
             raise ValueError("adapter_names (mixed-adapter batches) is for inference; call model.eval() first.")
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
-            raise TypeError("adapter_names must be a list with one adapter name (str) per batch row.")
+            raise TypeError("adapter_names must be a list of adapter names (str).")
         names = list(adapter_names)
-        if batch_size is not None and len(names) != batch_size:
-            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_size} rows.")
         unknown = sorted({n for n in names if n != BASE and n not in self.peft_config})
         if unknown:
             raise ValueError(f"unknown adapter(s) in adapter_names: {unknown}; available: "
@@ -300,10 +299,17 @@ class RoadModel(nn.Module):
         if merged:
             raise ValueError(f"adapters {merged} are merged into the weights; call unmerge_adapter() before "
                              "mixed-adapter batches.")
-        unique = tuple(dict.fromkeys(names))
-        modules = [m for _, m in self.road_layers()] + [m for _, m in self._saved_wrappers()]
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        routing = Routing(unique, torch.tensor([unique.index(n) for n in names], device=device))
+        if adapter_indices is None:
+            if batch_shape is not None and len(names) != batch_shape[0]:
+                raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_shape[0]} rows.")
+            unique = tuple(dict.fromkeys(names))
+            index = torch.tensor([unique.index(n) for n in names], device=device)
+        else:
+            unique, index = tuple(names), self._check_indices(adapter_indices, len(names), batch_shape)
+            index = index.to(device)
+        routing = Routing(unique, index)
+        modules = [m for _, m in self.road_layers()] + [m for _, m in self._saved_wrappers()]
         for m in modules:
             m.routing = routing
         try:
@@ -313,25 +319,52 @@ class RoadModel(nn.Module):
                 m.routing = None
 
     @staticmethod
-    def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
+    def _check_indices(indices: Any, n_names: int, batch_shape: Optional[tuple[int, ...]]) -> torch.Tensor:
+        if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError("adapter_indices must be an integer tensor indexing into adapter_names.")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_names):
+            raise ValueError(f"adapter_indices must lie in [0, {n_names}) (one entry per adapter_names item), "
+                             f"got values in [{int(indices.min())}, {int(indices.max())}].")
+        if batch_shape is not None:
+            allowed = {tuple(batch_shape[:1]), tuple(batch_shape), (int(torch.Size(batch_shape).numel()),)}
+            if tuple(indices.shape) not in allowed:
+                raise ValueError(f"adapter_indices has shape {tuple(indices.shape)}; for a batch of shape "
+                                 f"{tuple(batch_shape)} give [batch], [batch, seq] or flat [tokens].")
+        return indices.long()
+
+    @staticmethod
+    def _batch_shape(args: tuple, kwargs: dict) -> Optional[tuple[int, ...]]:
+        """(batch, seq) of the token input, when one can be found."""
         for key in ("input_ids", "inputs_embeds", "x"):
             if isinstance(kwargs.get(key), torch.Tensor):
-                return kwargs[key].shape[0]
+                t = kwargs[key]
+                return tuple(t.shape[:2]) if key != "x" else tuple(t.shape[:1])
         first = args[0] if args else None
-        return first.shape[0] if isinstance(first, torch.Tensor) else None
+        if not isinstance(first, torch.Tensor):
+            return None
+        return tuple(first.shape[:2]) if first.dim() == 2 and not first.is_floating_point() else tuple(first.shape[:1])
 
-    def forward(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
-        """Run the model; `adapter_names` (one per row, `__base__` for none) mixes adapters in one batch."""
+    def forward(self, *args: Any, adapter_names: Optional[list[str]] = None,
+                adapter_indices: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+        """Run the model, optionally with several adapters in one batch.
+
+        `adapter_names` alone: one adapter name per batch row (`__base__` for none). With
+        `adapter_indices` (an integer tensor of shape [batch], [batch, seq] or flat [tokens]),
+        `adapter_names` is the list those indices point into: per-token routing for packed or
+        continuous batching.
+        """
         if adapter_names is None:
+            if adapter_indices is not None:
+                raise ValueError("adapter_indices needs adapter_names, the list of names it indexes into.")
             return self.model(*args, **kwargs)
-        with self._routed(adapter_names, self._batch_size(args, kwargs)):
+        with self._routed(adapter_names, adapter_indices, self._batch_shape(args, kwargs)):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
         """`model.generate`, optionally with one adapter per prompt row in a single batch."""
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
-        with self._routed(adapter_names, self._batch_size(args, kwargs)):
+        with self._routed(adapter_names, None, self._batch_shape(args, kwargs)):
             return self.model.generate(*args, **kwargs)
 
     # ---- checkpoints ---------------------------------------------------------------------------

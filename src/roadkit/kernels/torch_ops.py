@@ -95,3 +95,14 @@ def rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, d
     if torch.is_grad_enabled() and (x.requires_grad or c.requires_grad or s.requires_grad):
         return _Rotate.apply(x, c, s, group_size, dim)
     return rotate_values(x, c, s, group_size, dim).to(x.dtype)
+
+
+def rotate_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
+                   group_size: int, dim: int = -1) -> torch.Tensor:
+    """Mixed batches: gather each row's (or token's) coefficients by `index`, then one fused pass.
+
+    `index` covers a prefix of the axes before `dim` (per batch row) or all of them (per token).
+    """
+    dim = dim % x.dim()
+    shape = tuple(index.shape) + (1,) * (dim - index.dim()) + (c_table.shape[-1],)
+    return rotate(x, c_table[index].view(shape), s_table[index].view(shape), group_size, dim)

@@ -20,7 +20,7 @@ from ..config import normalize_variant
 BASE = "__base__"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Routing:
     """Which adapter each batch row (or token) uses: `index` points into `names`."""
 
@@ -49,6 +49,8 @@ class RoadLayer(nn.Module):
         self.disable_adapters = False
         self.routing: Optional[Routing] = None  # set by the model wrapper for one mixed-batch call
         self._cache: dict[Any, Any] = {}
+        self._tables_for: Optional[Routing] = None
+        self._tables_value: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     # ---- adapters ------------------------------------------------------------------------------
 
@@ -111,6 +113,7 @@ class RoadLayer(nn.Module):
             store.pop(adapter_name, None)
         self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
         self._cache.clear()
+        self._tables_for = None
 
     def _base_device(self) -> torch.device:
         for p in self.base_layer.parameters():
@@ -178,21 +181,28 @@ class RoadLayer(nn.Module):
             result = F.rotate(result, inv, self.group_size[name], self.feature_dim)
         return result
 
+    def _tables(self, routing: Routing) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(group size, c table, s table) for this routing; built once per model call, so decode
+        steps of one `generate` pay no per-adapter bookkeeping."""
+        if self._tables_for is not routing:
+            sizes = sorted({self.group_size[n] for n in routing.names if n in self.road_theta})
+            self._tables_value = [(g, *self._table(routing.names, g)) for g in sizes]
+            self._tables_for = routing
+        return self._tables_value
+
     def _mixed_forward(self, result: torch.Tensor, routing: Routing) -> torch.Tensor:
         """One gather and one fused pass per distinct group size, however many adapters share the batch."""
         dim = self.feature_dim % result.dim()
-        index = routing.index
-        if index.dim() > dim or tuple(result.shape[: index.dim()]) != tuple(index.shape):
+        index, lead = routing.index, result.shape[:dim]
+        if index.dim() == 1 and index.dim() < dim and index.numel() == lead.numel() != lead[0]:
+            index = index.view(lead)  # flat per-token indices for a (batch, seq, ...) output
+        if index.dim() > dim or tuple(lead[: index.dim()]) != tuple(index.shape):
             raise ValueError(
                 f"adapter routing of shape {tuple(index.shape)} does not match the leading dimensions of "
                 f"this layer's output {tuple(result.shape)}: give one adapter per batch row (or per token)."
             )
-        sizes = sorted({self.group_size[n] for n in routing.names if n in self.road_theta})
-        for g in sizes:
-            c, s = self._table(routing.names, g)
-            shape = tuple(index.shape) + (1,) * (dim - index.dim()) + (self.out_features,)
-            rows = (c[index].view(shape), s[index].view(shape))
-            result = F.rotate(result, rows, g, dim)
+        for g, c, s in self._tables(routing):
+            result = F.rotate_indexed(result, (c, s), index, g, dim)
         return result
 
     # ---- merging -------------------------------------------------------------------------------
