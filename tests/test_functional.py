@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from roadkit import functional as F
-from roadkit.kernels import torch_ops
 
 VARIANTS = ["road_1", "road_2", "road_4"]
 
@@ -157,16 +156,35 @@ def test_fused_backward_passes_gradcheck(variant):
     assert torch.autograd.gradcheck(fn, (x, theta, alpha))
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_fused_parameter_path_passes_gradcheck(variant, dim):
+    g, d = 4, 8
+    theta, alpha = (t.requires_grad_(True) for t in random_params(variant, d, seed=5))
+    x = torch.randn(2, d, 3, dtype=torch.float64) if dim == 1 else torch.randn(2, 3, d, dtype=torch.float64)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, t, a: F.road(x, variant, g, t, a, dim), (x, theta, alpha))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_parameter_path_equals_rotation_by_coefficients(variant):
+    g, d = 4, 8
+    theta, alpha = random_params(variant, d, seed=6)
+    x = torch.randn(5, d, dtype=torch.float64)
+    torch.testing.assert_close(F.road(x, variant, g, theta, alpha),
+                               F.rotate(x, F.coefficients(variant, g, theta, alpha), g))
+
+
 def test_fused_backward_gradcheck_other_dim_and_per_row_coefficients():
     g, d = 4, 8
     x = torch.randn(2, d, 3, dtype=torch.float64, requires_grad=True)
     c = torch.randn(d, dtype=torch.float64, requires_grad=True)
     s = torch.randn(d, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, c, s: torch_ops.rotate(x, c, s, g, 1), (x, c, s))
+    assert torch.autograd.gradcheck(lambda x, c, s: F.rotate(x, (c, s), g, 1), (x, c, s))
     x2 = torch.randn(3, 2, d, dtype=torch.float64, requires_grad=True)
     c2 = torch.randn(3, 1, d, dtype=torch.float64, requires_grad=True)
     s2 = torch.randn(3, 1, d, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, c, s: torch_ops.rotate(x, c, s, g, -1), (x2, c2, s2))
+    assert torch.autograd.gradcheck(lambda x, c, s: F.rotate(x, (c, s), g, -1), (x2, c2, s2))
 
 
 def test_half_precision_input_is_computed_in_fp32_and_returned_in_its_dtype():

@@ -22,8 +22,8 @@ def coeffs(d: int, n: int = 0, seed: int = 0):
 def test_forward_matches_torch(shape, g, dtype):
     x = torch.randn(shape).to(DEVICE, dtype)
     c, s = coeffs(shape[-1])
-    expected = torch_ops.rotate(x, c, s, g)
-    got = triton_ops.rotate(x, c, s, g)
+    expected = torch_ops.forward(x, c, s, g)
+    got = triton_ops.forward(x, c, s, g)
     assert got.dtype == dtype and got.shape == x.shape
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
@@ -31,28 +31,30 @@ def test_forward_matches_torch(shape, g, dtype):
 
 @pytest.mark.parametrize("max_programs", [128, 2])  # 2: each program loops over several row blocks
 @pytest.mark.parametrize("shape, g", [((3, 5, 16), 4), ((40, 24), 8)])
-def test_backward_matches_torch(shape, g, max_programs, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_matches_torch(shape, g, dtype, max_programs, monkeypatch):
     monkeypatch.setattr(triton_ops, "MAX_ROW_PROGRAMS", max_programs)
-    x = torch.randn(shape).to(DEVICE)
+    x = torch.randn(shape).to(DEVICE, dtype)
     c, s = coeffs(shape[-1], seed=1)
-    gy = torch.randn(shape).to(DEVICE)
-    grads = []
-    for fn in (torch_ops.rotate, triton_ops.rotate):
-        xi, ci, si = (t.clone().requires_grad_(True) for t in (x, c, s))
-        fn(xi, ci, si, g).backward(gy)
-        grads.append((xi.grad, ci.grad, si.grad))
-    for want, got in zip(*grads):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    gy = torch.randn(shape).to(DEVICE, dtype)
+    want = torch_ops.backward(gy, x, c, s, g, -1, need_gx=True)
+    got = triton_ops.backward(gy, x, c, s, g, need_gx=True)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got[0].dtype == dtype
+    for w, o in zip(want, got):
+        torch.testing.assert_close(o, w, rtol=tol, atol=tol)
 
 
-def test_backward_without_input_grad_only_computes_coefficient_grads():
+def test_backward_without_x_gives_only_the_input_gradient():
+    gy = torch.randn(4, 8).to(DEVICE)
+    c, s = coeffs(8)
+    gx, gc, gs = triton_ops.backward(gy, None, c, s, 4, need_gx=True)
+    assert gc is None and gs is None
+    torch.testing.assert_close(gx, torch_ops.backward(gy, None, c, s, 4, -1, need_gx=True)[0])
     x = torch.randn(4, 8).to(DEVICE)
-    c, s = (t.requires_grad_(True) for t in coeffs(8))
-    triton_ops.rotate(x, c, s, 4).sum().backward()
-    c_ref, s_ref = (t.detach().clone().requires_grad_(True) for t in (c, s))
-    torch_ops.rotate(x, c_ref, s_ref, 4).sum().backward()
-    torch.testing.assert_close(c.grad, c_ref.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-5, atol=1e-5)
+    gx, gc, gs = triton_ops.backward(gy, x, c, s, 4, need_gx=False)
+    assert gx is None
+    torch.testing.assert_close(gc, torch_ops.backward(gy, x, c, s, 4, -1, need_gx=False)[1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("index_shape", ["row", "token", "flat"])
@@ -67,5 +69,5 @@ def test_indexed_matches_torch_gather(index_shape):
         index = torch.randint(0, 5, (B * T,), generator=gen)
         x = x.view(B * T, d)
     index = index.to(DEVICE)
-    expected = torch_ops.rotate_indexed(x, c, s, index, g)
-    torch.testing.assert_close(triton_ops.rotate_indexed(x, c, s, index, g), expected, rtol=1e-6, atol=1e-6)
+    expected = torch_ops.forward_indexed(x, c, s, index, g)
+    torch.testing.assert_close(triton_ops.forward_indexed(x, c, s, index, g), expected, rtol=1e-6, atol=1e-6)

@@ -57,10 +57,91 @@ def coefficients(variant: str, group_size: int, theta: torch.Tensor, alpha: torc
     return c.flatten(), s.flatten()
 
 
+def coefficient_grads(variant: str, group_size: int, theta: torch.Tensor, alpha: torch.Tensor,
+                      grad_c: torch.Tensor, grad_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chain rule through `coefficients`: (dL/dtheta, dL/dalpha) from (dL/dc, dL/ds)."""
+    variant = normalize_variant(variant)
+    if variant == "road_4":
+        t = theta.unflatten(0, (-1, 2, group_size))
+        a = alpha.unflatten(0, (-1, 2, group_size))
+        gc = grad_c.unflatten(0, (-1, group_size))
+        gs = grad_s.unflatten(0, (-1, group_size))
+        d_theta = torch.stack((-gc * a[:, 0] * torch.sin(t[:, 0]), gs * a[:, 1] * torch.cos(t[:, 1])), dim=1)
+        d_alpha = torch.stack((gc * torch.cos(t[:, 0]), gs * torch.sin(t[:, 1])), dim=1)
+        return d_theta.flatten(), d_alpha.flatten()
+    if variant == "road_1":  # each entry serves both features of its pair
+        grad_c = grad_c.unflatten(0, (-1, 2, group_size // 2)).sum(1).flatten()
+        grad_s = grad_s.unflatten(0, (-1, 2, group_size // 2)).sum(1).flatten()
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    return alpha * (grad_s * cos - grad_c * sin), grad_c * cos + grad_s * sin
+
+
+class _Rotate(torch.autograd.Function):
+    """y = R x for given coefficients (c, s), differentiable in all three."""
+
+    @staticmethod
+    def forward(ctx, x, c, s, group_size, dim):
+        ctx.group_size, ctx.dim = group_size, dim
+        ctx.save_for_backward(x if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) else None, c, s)
+        return kernels.forward(x, c, s, group_size, dim)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, c, s = ctx.saved_tensors
+        gx, gc, gs = kernels.backward(gy, x, c, s, ctx.group_size, ctx.dim, ctx.needs_input_grad[0])
+        return gx, gc, gs, None, None
+
+
+class _Road(torch.autograd.Function):
+    """y = R(theta, alpha) x in one fused pass, straight from the adapter parameters.
+
+    Saves only x (when the parameters need gradients); the coefficients are recomputed in
+    backward from theta and alpha, which are parameters and cost no memory to keep.
+    """
+
+    @staticmethod
+    def forward(ctx, x, theta, alpha, variant, group_size, dim):
+        ctx.variant, ctx.group_size, ctx.dim = variant, group_size, dim
+        need_params = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        ctx.save_for_backward(x if need_params else None, theta, alpha)
+        c, s = coefficients(variant, group_size, theta, alpha)
+        return kernels.forward(x, c, s, group_size, dim)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, theta, alpha = ctx.saved_tensors
+        c, s = coefficients(ctx.variant, ctx.group_size, theta, alpha)
+        gx, gc, gs = kernels.backward(gy, x, c, s, ctx.group_size, ctx.dim, ctx.needs_input_grad[0])
+        d_theta = d_alpha = None
+        if x is not None:
+            d_theta, d_alpha = coefficient_grads(ctx.variant, ctx.group_size, theta, alpha, gc, gs)
+        return gx, d_theta, d_alpha, None, None, None
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def rotate(x: torch.Tensor, coeffs: Coefficients, group_size: int, dim: int = -1) -> torch.Tensor:
-    """Apply the rotation (c, s) to the feature axis `dim` of x: y = x*c + rot(x)*s. Differentiable."""
+    """Apply the rotation (c, s) to the feature axis `dim` of x: y = x*c + rot(x)*s.
+
+    Math in the coefficients' dtype, result in x's dtype; differentiable in x, c and s.
+    """
     c, s = coeffs
-    return kernels.rotate(x, c, s, group_size, dim)
+    if _needs_grad(x, c, s):
+        return _Rotate.apply(x, c, s, group_size, dim)
+    return kernels.forward(x, c, s, group_size, dim)
+
+
+def road(x: torch.Tensor, variant: str, group_size: int, theta: torch.Tensor, alpha: torch.Tensor,
+         dim: int = -1) -> torch.Tensor:
+    """Apply one adapter's rotation, from its parameters, to the feature axis `dim` of x.
+
+    The training path: one fused pass forward and backward, saving nothing but x.
+    """
+    if _needs_grad(x, theta, alpha):
+        return _Road.apply(x, theta, alpha, normalize_variant(variant), group_size, dim)
+    return kernels.forward(x, *coefficients(variant, group_size, theta, alpha), group_size, dim)
 
 
 def rotate_indexed(x: torch.Tensor, tables: Coefficients, index: torch.Tensor, group_size: int,
@@ -68,9 +149,10 @@ def rotate_indexed(x: torch.Tensor, tables: Coefficients, index: torch.Tensor, g
     """Mixed batches: rotate each row (or token) of x by the coefficient row `index` selects.
 
     `tables` are (c, s) of shape (n_adapters, d_out); `index` has the shape of the leading axes of
-    x before `dim` (per token) or a prefix of them (per batch row). Cost is independent of n_adapters.
+    x before `dim` (per token) or a prefix of them (per batch row). Cost is independent of
+    n_adapters. Inference only (no autograd).
     """
-    return kernels.rotate_indexed(x, tables[0], tables[1], index, group_size, dim)
+    return kernels.forward_indexed(x, tables[0], tables[1], index, group_size, dim)
 
 
 def _pairs(v: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,11 +207,13 @@ __all__ = [
     "VARIANTS",
     "Coefficients",
     "check_group_size",
+    "coefficient_grads",
     "coefficients",
     "compose",
     "identity",
     "inverse",
     "parameter_length",
+    "road",
     "rotate",
     "rotate_indexed",
     "rotate_rows",

@@ -1,6 +1,15 @@
-"""Fused RoAd kernels, chosen by device: Triton for CUDA tensors (when Triton is installed), torch elsewhere."""
+"""Fused RoAd kernels, chosen by device: Triton for CUDA tensors (when Triton is installed), torch elsewhere.
+
+Every implementation offers the same primitives, none of them autograd-aware (functional.py builds
+the autograd Functions on top):
+    forward(x, c, s, g, dim)                    y = R x
+    backward(gy, x, c, s, g, dim, need_gx)      (R^T gy, dc, ds)
+    forward_indexed(x, c_tab, s_tab, idx, g, dim)   mixed batches: row/token i uses table row idx[i]
+"""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -24,23 +33,32 @@ def _triton_for(x: torch.Tensor, dim: int):
     return _TRITON or None
 
 
-def rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1) -> torch.Tensor:
-    """y = R x along `dim` with per-feature coefficients (or per-row ones, torch path); differentiable."""
+def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1) -> torch.Tensor:
+    """y = R x along `dim`, result in x's dtype; c and s are per feature (d,) or per row (..., d)."""
     ops = _triton_for(x, dim) if c.dim() == 1 else None
     if ops is not None:
-        return ops.rotate(x, c, s, group_size)
-    return torch_ops.rotate(x, c, s, group_size, dim)
+        return ops.forward(x, c, s, group_size)
+    return torch_ops.forward(x, c, s, group_size, dim)
 
 
-def rotate_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
-                   group_size: int, dim: int = -1) -> torch.Tensor:
-    """Mixed batches: each row (or token) of x uses its own row of the coefficient tables. Inference only."""
+def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: torch.Tensor, group_size: int,
+             dim: int, need_gx: bool):
+    """(dx, dc, ds) of y = R x; dc and ds only when x is given (else None)."""
+    ops = _triton_for(gy, dim) if c.dim() == 1 else None
+    if ops is not None:
+        return ops.backward(gy, x, c, s, group_size, need_gx)
+    return torch_ops.backward(gy, x, c, s, group_size, dim, need_gx)
+
+
+def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
+                    group_size: int, dim: int = -1) -> torch.Tensor:
+    """Mixed batches: each row (or token) of x uses its own row of the coefficient tables."""
     ops = _triton_for(x, dim)
     if ops is not None:
-        return ops.rotate_indexed(x, c_table, s_table, index, group_size)
-    return torch_ops.rotate_indexed(x, c_table, s_table, index, group_size, dim)
+        return ops.forward_indexed(x, c_table, s_table, index, group_size)
+    return torch_ops.forward_indexed(x, c_table, s_table, index, group_size, dim)
 
 
 rotate_values = torch_ops.rotate_values
 
-__all__ = ["rotate", "rotate_indexed", "rotate_values"]
+__all__ = ["backward", "forward", "forward_indexed", "rotate_values"]

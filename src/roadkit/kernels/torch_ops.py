@@ -1,4 +1,4 @@
-"""The RoAd rotation as fused elementwise torch ops, with a hand-written backward.
+"""The RoAd rotation as fused elementwise torch ops: forward and backward primitives (no autograd).
 
 A tensor's feature axis `dim` is viewed as (groups, 2, half): slot 0 holds features j, slot 1
 features j + group_size/2 of each group. With per-feature coefficients (c, s) the rotation is
@@ -10,6 +10,8 @@ of `x` (one coefficient row per batch row or per token, for mixed-adapter batche
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -55,54 +57,39 @@ def _reduce_to(full: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
     return full.sum_to_size(shape)
 
 
-class _Rotate(torch.autograd.Function):
-    """y = R x with a fused backward: saves x only if c or s need a gradient, c and s only for dx."""
+def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1) -> torch.Tensor:
+    """y = R x along `dim`: math in the coefficients' dtype, result in x's dtype. No autograd.
 
-    @staticmethod
-    def forward(ctx, x, c, s, group_size, dim):
-        ctx.group_size, ctx.dim = group_size, dim % x.dim()
-        need_cs = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        ctx.save_for_backward(x if need_cs else None, c, s)
-        return rotate_values(x, c, s, group_size, dim).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, c, s = ctx.saved_tensors
-        g, dim = ctx.group_size, ctx.dim
-        gx = gc = gs = None
-        if ctx.needs_input_grad[0]:
-            gx = rotate_values(gy, c, s, g, dim, transpose=True).to(gy.dtype)
-        if x is not None:
-            xv = x.to(c.dtype).unflatten(dim, (-1, 2, g // 2))
-            gyv = gy.to(c.dtype).unflatten(dim, (-1, 2, g // 2))
-            pair = dim + 1
-            if ctx.needs_input_grad[1]:
-                gc = _reduce_to((gyv * xv).flatten(dim, dim + 2), dim, c.shape)
-            if ctx.needs_input_grad[2]:
-                # y0 = ... - s0 x1 and y1 = ... + s1 x0
-                gsv = torch.stack((gyv.select(pair, 0) * xv.select(pair, 1).neg(),
-                                   gyv.select(pair, 1) * xv.select(pair, 0)), dim=pair)
-                gs = _reduce_to(gsv.flatten(dim, dim + 2), dim, s.shape)
-        return gx, gc, gs, None, None
-
-
-def rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1) -> torch.Tensor:
-    """R x along `dim` in one fused pass; result in x's dtype, math in the coefficients' dtype.
-
-    Differentiable in x, c and s. Without autograd it allocates nothing beyond the output
-    (when x already has the coefficients' dtype).
+    When x already has the coefficients' dtype, nothing is allocated beyond the output.
     """
-    if torch.is_grad_enabled() and (x.requires_grad or c.requires_grad or s.requires_grad):
-        return _Rotate.apply(x, c, s, group_size, dim)
     return rotate_values(x, c, s, group_size, dim).to(x.dtype)
 
 
-def rotate_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
-                   group_size: int, dim: int = -1) -> torch.Tensor:
+def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: torch.Tensor, group_size: int,
+             dim: int, need_gx: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dx = R^T gy, dc, ds) of y = R x; dc and ds (reduced to c's shape) only when x is given."""
+    dim = dim % gy.dim()
+    gx = rotate_values(gy, c, s, group_size, dim, transpose=True).to(gy.dtype) if need_gx else None
+    if x is None:
+        return gx, None, None
+    half = group_size // 2
+    xv = x.to(c.dtype).unflatten(dim, (-1, 2, half))
+    gyv = gy.to(c.dtype).unflatten(dim, (-1, 2, half))
+    pair = dim + 1
+    gc = _reduce_to((gyv * xv).flatten(dim, dim + 2), dim, c.shape)
+    # y0 = c0 x0 - s0 x1 and y1 = c1 x1 + s1 x0
+    gsv = torch.stack((gyv.select(pair, 0) * xv.select(pair, 1).neg(),
+                       gyv.select(pair, 1) * xv.select(pair, 0)), dim=pair)
+    gs = _reduce_to(gsv.flatten(dim, dim + 2), dim, s.shape)
+    return gx, gc, gs
+
+
+def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
+                    group_size: int, dim: int = -1) -> torch.Tensor:
     """Mixed batches: gather each row's (or token's) coefficients by `index`, then one fused pass.
 
     `index` covers a prefix of the axes before `dim` (per batch row) or all of them (per token).
     """
     dim = dim % x.dim()
     shape = tuple(index.shape) + (1,) * (dim - index.dim()) + (c_table.shape[-1],)
-    return rotate(x, c_table[index].view(shape), s_table[index].view(shape), group_size, dim)
+    return forward(x, c_table[index].view(shape), s_table[index].view(shape), group_size, dim)

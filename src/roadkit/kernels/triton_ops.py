@@ -105,46 +105,37 @@ def _launch_fwd(x2: torch.Tensor, c: torch.Tensor, s: torch.Tensor, idx: Optiona
     return y
 
 
-class _Rotate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, c, s, group_size):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        c32, s32 = c.float().contiguous(), s.float().contiguous()
-        ctx.group_size, ctx.c_dtype = group_size, c.dtype
-        need_cs = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        ctx.save_for_backward(x2 if need_cs else None, c32, s32)
-        return _launch_fwd(x2, c32, s32, None, group_size).view(x.shape)
-
-    @staticmethod
-    def backward(ctx, gy):
-        x2, c, s = ctx.saved_tensors
-        gy2 = gy.reshape(-1, gy.shape[-1]).contiguous()
-        n_rows, d = gy2.shape
-        need_gx = ctx.needs_input_grad[0]
-        need_cs = x2 is not None
-        block_r, block_p = _blocks(d)
-        n_row_progs = min(triton.cdiv(n_rows, block_r), MAX_ROW_PROGRAMS)
-        gx = torch.empty_like(gy2) if need_gx else gy2
-        dc = torch.empty(n_row_progs, d, device=gy.device, dtype=torch.float32) if need_cs else c
-        ds = torch.empty_like(dc) if need_cs else s
-        grid = (n_row_progs, triton.cdiv(d // 2, block_p))
-        _rotate_bwd[grid](gy2, x2 if need_cs else gy2, c, s, gx, dc, ds, n_rows, d, ctx.group_size // 2,
-                          n_row_progs, NEED_GX=need_gx, NEED_CS=need_cs, BLOCK_R=block_r, BLOCK_P=block_p)
-        gc = dc.sum(0).to(ctx.c_dtype) if need_cs and ctx.needs_input_grad[1] else None
-        gs = ds.sum(0).to(ctx.c_dtype) if need_cs and ctx.needs_input_grad[2] else None
-        return (gx.view(gy.shape) if need_gx else None), gc, gs, None
+def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int) -> torch.Tensor:
+    """y = R x over the last axis with per-feature (c, s) of shape (d,); result in x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    return _launch_fwd(x2, c.float().contiguous(), s.float().contiguous(), None, group_size).view(x.shape)
 
 
-def rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int) -> torch.Tensor:
-    """R x over the last axis with per-feature (c, s) of shape (d,); differentiable in x, c, s."""
-    return _Rotate.apply(x, c, s, group_size)
+def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: torch.Tensor, group_size: int,
+             need_gx: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dx = R^T gy, dc, ds) in one pass over gy and x; dc and ds only when x is given."""
+    gy2 = gy.reshape(-1, gy.shape[-1]).contiguous()
+    x2 = x.reshape(-1, x.shape[-1]).contiguous() if x is not None else None
+    c32, s32 = c.float().contiguous(), s.float().contiguous()
+    n_rows, d = gy2.shape
+    block_r, block_p = _blocks(d)
+    n_row_progs = min(triton.cdiv(n_rows, block_r), MAX_ROW_PROGRAMS)
+    gx = torch.empty_like(gy2) if need_gx else gy2
+    dc = torch.empty(n_row_progs, d, device=gy.device, dtype=torch.float32) if x2 is not None else c32
+    ds = torch.empty_like(dc) if x2 is not None else s32
+    grid = (n_row_progs, triton.cdiv(d // 2, block_p))
+    _rotate_bwd[grid](gy2, x2 if x2 is not None else gy2, c32, s32, gx, dc, ds, n_rows, d, group_size // 2,
+                      n_row_progs, NEED_GX=need_gx, NEED_CS=x2 is not None, BLOCK_R=block_r, BLOCK_P=block_p)
+    if x2 is None:
+        return (gx.view(gy.shape) if need_gx else None), None, None
+    return (gx.view(gy.shape) if need_gx else None), dc.sum(0).to(c.dtype), ds.sum(0).to(s.dtype)
 
 
-def rotate_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
-                   group_size: int) -> torch.Tensor:
+def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
+                    group_size: int) -> torch.Tensor:
     """Mixed batches: row r of x (flattened leading axes) uses coefficient row index[r] of the tables.
 
-    `index` covers a prefix of x's leading axes (per batch row) or all of them (per token). No autograd.
+    `index` covers a prefix of x's leading axes (per batch row) or all of them (per token).
     """
     lead = x.shape[:-1]
     idx = index.reshape(tuple(index.shape) + (1,) * (len(lead) - index.dim())).expand(lead)

@@ -170,8 +170,13 @@ class RoadLayer(nn.Module):
         if self.routing is not None:
             return self._mixed_forward(result, self.routing)
         for name in self._active_adapters:
-            if name in self.road_theta and name not in self.merged_adapters:
-                result = F.rotate(result, self.coefficients(name), self.group_size[name], self.feature_dim)
+            if name not in self.road_theta or name in self.merged_adapters:
+                continue
+            theta, alpha, g = self.road_theta[name], self.road_alpha[name], self.group_size[name]
+            if (torch.is_grad_enabled() and theta.requires_grad) or torch.compiler.is_compiling():
+                result = F.road(result, self.variant[name], g, theta, alpha, self.feature_dim)
+            else:  # inference: coefficients cached while the parameters are unchanged
+                result = F.rotate(result, self.coefficients(name), g, self.feature_dim)
         return result
 
     def _undo_merged(self, result: torch.Tensor) -> torch.Tensor:
