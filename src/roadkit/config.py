@@ -15,6 +15,8 @@ CONFIG_NAME = "adapter_config.json"
 VARIANTS = ("road_1", "road_2", "road_4")
 # Heads that a sequence-classification adapter must train and save alongside the rotations.
 SEQ_CLS_HEADS = ("classifier", "score")
+# Fields PEFT's RoadConfig lacks; written only when set.
+ROADKIT_ONLY = ("exclude_modules", "layers_to_transform", "layers_pattern")
 # The PEFT version whose file layout we write; PEFT reads this key only for information.
 PEFT_FORMAT_VERSION = "0.17.0"
 
@@ -107,8 +109,9 @@ class RoadConfig:
     # ---- serialisation -------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """The keys written to `adapter_config.json` (PEFT's names, plus fields PEFT ignores)."""
-        out = dataclasses.asdict(self)
+        """The keys written to `adapter_config.json`: PEFT's, plus roadkit-only fields when they are set
+        (PEFT's RoadConfig warns about keys it does not know)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ROADKIT_ONLY or v is not None}
         out["auto_mapping"] = None
         out["peft_version"] = PEFT_FORMAT_VERSION
         return out

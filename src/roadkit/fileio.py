@@ -12,7 +12,10 @@ def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -69,6 +69,7 @@ class RoadModel(nn.Module):
         self._check_new_name(adapter_name, existing=())
         expected_tensors(model, config)  # every error before the model is touched
         self.model = model
+        self.training = model.training
         self.peft_config: dict[str, RoadConfig] = {}
         self._active: list[str] = [adapter_name]
         for p in model.parameters():
@@ -129,13 +130,13 @@ class RoadModel(nn.Module):
             else:
                 layer = wrapper_for(module)(module, adapter_name, config.variant, config.group_size,
                                             config.init_weights)
-                self._replace(path, layer)
+                self._replace(path, layer.train(module.training))
         for path in select_modules_to_save(self.model, config):
             module = self.model.get_submodule(path)
             if isinstance(module, ModulesToSaveWrapper):
                 module.add_adapter(adapter_name)
             else:
-                self._replace(path, ModulesToSaveWrapper(module, adapter_name))
+                self._replace(path, ModulesToSaveWrapper(module, adapter_name).train(module.training))
         self.peft_config[adapter_name] = config
         self._apply_active()
 
@@ -394,6 +395,10 @@ class RoadModel(nn.Module):
         for name in names:
             config = self.peft_config[name]
             fields = {**config.to_dict(), "inference_mode": True}
+            if config.layers_to_transform is not None or config.exclude_modules is not None:
+                # PEFT's RoadConfig has neither field: store the selection they made as exact paths.
+                fields.update(target_modules=sorted(p for p, layer in self.road_layers() if name in layer.road_theta),
+                              layers_to_transform=None, layers_pattern=None, exclude_modules=None)
             if config.base_model_name_or_path is None:
                 fields["base_model_name_or_path"] = base_name
             ckpt.write_adapter(ckpt.adapter_subdir(save_directory, name), RoadConfig.from_dict(fields),
@@ -422,6 +427,8 @@ class RoadModel(nn.Module):
         _check_tensors(expected_tensors(self.model, config), tensors, os.fspath(model_id))
         self._inject(adapter_name, config)
         self._load_tensors(adapter_name, tensors)
+        if not is_trainable:
+            self.eval()
 
     @torch.no_grad()
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:

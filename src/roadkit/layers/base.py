@@ -110,7 +110,8 @@ class RoadLayer(nn.Module):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into this layer; unmerge it before deleting it.")
         for store in (self.road_theta, self.road_alpha, self.variant, self.group_size):
-            store.pop(adapter_name, None)
+            if adapter_name in store:
+                del store[adapter_name]
         self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
         self._cache.clear()
         self._tables_for = None

@@ -36,7 +36,8 @@ class ModulesToSaveWrapper(nn.Module):
         self._set_requires_grad()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.modules_to_save.pop(adapter_name, None)
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = None
 
