@@ -200,14 +200,20 @@ class RoadModel(nn.Module):
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model inside this block (merged adapters are undone on the fly, not unmerged)."""
+        with self._set_on_adapter_modules("disable_adapters", True, reset=False):
+            yield
+
+    @contextmanager
+    def _set_on_adapter_modules(self, attr: str, value: Any, reset: Any) -> Iterator[None]:
+        """Set `attr` on every RoAd layer and modules-to-save wrapper for the duration of a block."""
         modules = [m for _, m in self.road_layers()] + [m for _, m in self._saved_wrappers()]
         for m in modules:
-            m.disable_adapters = True
+            setattr(m, attr, value)
         try:
             yield
         finally:
             for m in modules:
-                m.disable_adapters = False
+                setattr(m, attr, reset)
 
     def get_base_model(self) -> nn.Module:
         return self.model
@@ -309,15 +315,8 @@ class RoadModel(nn.Module):
         else:
             unique, index = tuple(names), self._check_indices(adapter_indices, len(names), batch_shape)
             index = index.to(device)
-        routing = Routing(unique, index)
-        modules = [m for _, m in self.road_layers()] + [m for _, m in self._saved_wrappers()]
-        for m in modules:
-            m.routing = routing
-        try:
+        with self._set_on_adapter_modules("routing", Routing(unique, index), reset=None):
             yield
-        finally:
-            for m in modules:
-                m.routing = None
 
     @staticmethod
     def _check_indices(indices: Any, n_names: int, batch_shape: Optional[tuple[int, ...]]) -> torch.Tensor:
