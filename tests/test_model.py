@@ -636,3 +636,44 @@ def test_half_precision_base(dtype, atol, llama, input_ids):
     merged = logits(rm, input_ids)
     assert merged.dtype == dtype
     torch.testing.assert_close(merged.float(), expected, atol=atol, rtol=0)
+
+
+# ---- per-token routing -----------------------------------------------------------------------
+
+
+def test_per_token_indices_equal_per_row_names(two, input_ids):
+    names = ["default", "__base__", "b", "default"]
+    per_row = logits(two, input_ids, adapter_names=names)
+    vocab = ["default", "b", "__base__"]
+    rows = torch.tensor([vocab.index(n) for n in names])
+    per_token = rows[:, None].expand(input_ids.shape)
+    close(logits(two, input_ids, adapter_names=vocab, adapter_indices=per_token), per_row, atol=1e-6)
+    close(logits(two, input_ids, adapter_names=vocab, adapter_indices=per_token.flatten()), per_row, atol=1e-6)
+    close(logits(two, input_ids, adapter_names=vocab, adapter_indices=rows), per_row, atol=1e-6)
+
+
+def test_per_token_indices_switch_adapter_inside_a_row(two, input_ids):
+    """A token's adapter changes that token's (causal) future only: earlier positions are unaffected."""
+    T = input_ids.shape[1]
+    idx = torch.zeros(input_ids.shape, dtype=torch.long)
+    idx[:, T // 2:] = 1
+    out = logits(two, input_ids, adapter_names=["default", "b"], adapter_indices=idx)
+    two.set_adapter("default")
+    only_default = logits(two, input_ids)
+    close(out[:, : T // 2], only_default[:, : T // 2], atol=1e-6)
+    assert differs(out[:, T // 2:], only_default[:, T // 2:])
+
+
+@pytest.mark.parametrize("indices, error, pattern", [
+    (torch.tensor([0, 1, 2, 0]), ValueError, r"adapter_indices must lie in \[0, 2\)"),
+    (torch.tensor([0.0, 1.0, 0.0, 1.0]), TypeError, "integer tensor"),
+    (torch.zeros(3, dtype=torch.long), ValueError, r"shape \(3,\).*\[batch\], \[batch, seq\] or flat \[tokens\]"),
+])
+def test_per_token_index_errors(two, input_ids, indices, error, pattern):
+    with pytest.raises(error, match=pattern):
+        logits(two, input_ids, adapter_names=["default", "b"], adapter_indices=indices)
+
+
+def test_adapter_indices_need_names(two, input_ids):
+    with pytest.raises(ValueError, match="adapter_indices needs adapter_names"):
+        logits(two, input_ids, adapter_indices=torch.zeros(4, dtype=torch.long))

@@ -315,7 +315,7 @@ class RoadModel(nn.Module):
         else:
             unique, index = tuple(names), self._check_indices(adapter_indices, len(names), batch_shape)
             index = index.to(device)
-        with self._set_on_adapter_modules("routing", Routing(unique, index), reset=None):
+        with self._set_on_adapter_modules("routing", Routing(unique, index, batch_shape), reset=None):
             yield
 
     @staticmethod

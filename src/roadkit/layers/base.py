@@ -22,10 +22,15 @@ BASE = "__base__"
 
 @dataclass(frozen=True, eq=False)
 class Routing:
-    """Which adapter each batch row (or token) uses: `index` points into `names`."""
+    """Which adapter each batch row (or token) uses: `index` points into `names`.
+
+    `batch_shape` is the (batch, seq) of the model input, when known: it lets per-row indices
+    reach layers that see the batch flattened to (batch * seq) rows (OPT's MLP, for one).
+    """
 
     names: tuple[str, ...]
     index: torch.Tensor
+    batch_shape: Optional[tuple[int, ...]] = None
 
 
 class RoadLayer(nn.Module):
@@ -200,8 +205,8 @@ class RoadLayer(nn.Module):
         """One gather and one fused pass per distinct group size, however many adapters share the batch."""
         dim = self.feature_dim % result.dim()
         index, lead = routing.index, result.shape[:dim]
-        if index.dim() == 1 and index.dim() < dim and index.numel() == lead.numel() != lead[0]:
-            index = index.view(lead)  # flat per-token indices for a (batch, seq, ...) output
+        if index.dim() > dim or tuple(lead[: index.dim()]) != tuple(index.shape):
+            index = self._reshape_index(index, lead, routing.batch_shape)
         if index.dim() > dim or tuple(lead[: index.dim()]) != tuple(index.shape):
             raise ValueError(
                 f"adapter routing of shape {tuple(index.shape)} does not match the leading dimensions of "
@@ -210,6 +215,17 @@ class RoadLayer(nn.Module):
         for g, c, s in self._tables(routing):
             result = F.rotate_indexed(result, (c, s), index, g, dim)
         return result
+
+    @staticmethod
+    def _reshape_index(index: torch.Tensor, lead: torch.Size, batch_shape: Optional[tuple[int, ...]]):
+        """Fit routing indices to an output whose leading axes are the tokens in another shape:
+        flat [tokens] indices on (batch, seq) outputs, or per-row indices on flattened (batch*seq) rows."""
+        if index.numel() == lead.numel():
+            return index.reshape(lead)
+        if batch_shape is not None and lead.numel() == torch.Size(batch_shape).numel():
+            per_token = index.reshape(tuple(index.shape) + (1,) * (len(batch_shape) - index.dim()))
+            return per_token.expand(batch_shape).reshape(lead)
+        return index
 
     # ---- merging -------------------------------------------------------------------------------
 
