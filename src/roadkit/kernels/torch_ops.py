@@ -16,37 +16,32 @@ from typing import Optional
 import torch
 
 
-def _views(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int):
-    """Split the feature axis of x, c and s into (groups, 2, half); return the views and the pair axis."""
-    dim = dim % x.dim()
-    trailing = x.dim() - dim - 1
-    half = group_size // 2
-    xv = x.unflatten(dim, (-1, 2, half))
-    tail = (1,) * trailing
-    cv = c.unflatten(-1, (-1, 2, half)).reshape(c.shape[:-1] + (-1, 2, half) + tail)
-    sv = s.unflatten(-1, (-1, 2, half)).reshape(s.shape[:-1] + (-1, 2, half) + tail)
-    return xv, cv, sv, dim + 1 - xv.dim()  # pair axis, counted from the end (same in every view)
-
-
-def _rotate_views(xv, cv, sv, pair: int, transpose: bool = False) -> torch.Tensor:
-    """R x (or R^T x) on split views; one output buffer, updated in place, in the coefficients' dtype."""
-    out = torch.mul(xv, cv)
-    x0, x1 = xv.select(pair, 0), xv.select(pair, 1)
-    o0, o1 = out.select(pair, 0), out.select(pair, 1)
-    if transpose:  # R^T: o0 = c0 x0 + s1 x1, o1 = c1 x1 - s0 x0
-        o0.addcmul_(x1, sv.select(pair, 1))
-        o1.addcmul_(x0, sv.select(pair, 0), value=-1)
-    else:
-        o0.addcmul_(x1, sv.select(pair, 0), value=-1)
-        o1.addcmul_(x0, sv.select(pair, 1))
-    return out
-
-
 def rotate_values(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1,
                   transpose: bool = False) -> torch.Tensor:
-    """R x along `dim`, computed in the coefficients' dtype, returned in the coefficients' dtype. No autograd."""
-    xv, cv, sv, pair = _views(x, c, s, group_size, dim)
-    return _rotate_views(xv, cv, sv, pair, transpose).flatten(pair - 1, pair + 1)
+    """R x (or R^T x) along `dim`, computed and returned in the coefficients' dtype. No autograd.
+
+    One output buffer: out = x * c, then each half gets its cross term added in place.
+    """
+    half = group_size // 2
+    trailing = x.dim() - 1 - dim % x.dim()
+    xv = x.unflatten(dim, (-1, 2, half))
+    cv = c.unflatten(-1, (-1, 2, half))
+    sv = s.unflatten(-1, (-1, 2, half))
+    if trailing:  # features not last (e.g. conv channels): coefficients broadcast over what follows
+        cv = cv[(...,) + (None,) * trailing]
+        sv = sv[(...,) + (None,) * trailing]
+    pair = -2 - trailing
+    out = torch.mul(xv, cv)
+    x0, x1 = xv.unbind(pair)
+    o0, o1 = out.unbind(pair)
+    s0, s1 = sv.unbind(pair)
+    if transpose:  # R^T: o0 = c0 x0 + s1 x1, o1 = c1 x1 - s0 x0
+        o0.addcmul_(x1, s1)
+        o1.addcmul_(x0, s0, value=-1)
+    else:  # R: o0 = c0 x0 - s0 x1, o1 = c1 x1 + s1 x0
+        o0.addcmul_(x1, s0, value=-1)
+        o1.addcmul_(x0, s1)
+    return out.flatten(pair - 1, pair + 1)
 
 
 def _reduce_to(full: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
@@ -62,7 +57,8 @@ def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, 
 
     When x already has the coefficients' dtype, nothing is allocated beyond the output.
     """
-    return rotate_values(x, c, s, group_size, dim).to(x.dtype)
+    out = rotate_values(x, c, s, group_size, dim)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: torch.Tensor, group_size: int,

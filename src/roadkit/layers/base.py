@@ -129,34 +129,35 @@ class RoadLayer(nn.Module):
     # ---- coefficients --------------------------------------------------------------------------
 
     def coefficients(self, adapter_name: str, dtype: Optional[torch.dtype] = None) -> F.Coefficients:
-        """(c, s) of one adapter; cached while its parameters are unchanged and no gradient is needed."""
+        """(c, s) of one adapter (in `dtype`, default the parameters'); cached while its parameters
+        are unchanged and no gradient is needed."""
         theta, alpha = self.road_theta[adapter_name], self.road_alpha[adapter_name]
+        variant, g = self.variant[adapter_name], self.group_size[adapter_name]
         if dtype is not None:
             theta, alpha = theta.to(dtype), alpha.to(dtype)
-        args = (self.variant[adapter_name], self.group_size[adapter_name], theta, alpha)
         if (torch.is_grad_enabled() and theta.requires_grad) or torch.compiler.is_compiling():
-            return F.coefficients(*args)
-        key = ("c", adapter_name, dtype) + self._version_key(adapter_name)
-        hit = self._cache.get(key[:3])
+            return F.coefficients(variant, g, theta, alpha)
+        key = self._param_key(adapter_name)
+        hit = self._cache.get((adapter_name, dtype))
         if hit is not None and hit[0] == key:
             return hit[1]
         with torch.no_grad():
-            value = F.coefficients(*args)
-        self._cache[key[:3]] = (key, value)
+            value = F.coefficients(variant, g, theta, alpha)
+        self._cache[(adapter_name, dtype)] = (key, value)
         return value
 
-    def _version_key(self, adapter_name: str) -> tuple:
-        """Changes whenever the adapter's parameters are replaced, updated in place or moved."""
+    def _param_key(self, adapter_name: str) -> tuple:
+        """Changes whenever the adapter's parameters are replaced (object and storage), moved (new
+        storage) or updated in place (version counter)."""
         theta, alpha = self.road_theta[adapter_name], self.road_alpha[adapter_name]
-        return (id(theta), theta._version, theta.device, theta.dtype,
-                id(alpha), alpha._version, alpha.device, alpha.dtype)
+        return (id(theta), theta.data_ptr(), theta._version, id(alpha), alpha.data_ptr(), alpha._version)
 
     def _table(self, names: tuple[str, ...], group_size: int) -> F.Coefficients:
         """Stacked coefficients, one row per name; identity for `__base__`, for adapters this layer
         lacks, and for adapters of another group size (those are applied in their own pass)."""
         used = [n for n in names if n in self.road_theta and self.group_size[n] == group_size]
-        key = ("table", names, group_size) + tuple(self._version_key(n) for n in used)
-        hit = self._cache.get(key[:3])
+        key = tuple(self._param_key(n) for n in used)
+        hit = self._cache.get(("table", names, group_size))
         if hit is not None and hit[0] == key:
             return hit[1]
         device = self.road_theta[used[0]].device
@@ -164,7 +165,7 @@ class RoadLayer(nn.Module):
         with torch.no_grad():
             rows = [self.coefficients(n) if n in used else ident for n in names]
             table = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
-        self._cache[key[:3]] = (key, table)
+        self._cache[("table", names, group_size)] = (key, table)
         return table
 
     # ---- forward -------------------------------------------------------------------------------
