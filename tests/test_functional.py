@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from roadkit import functional as F
+from roadkit import kernels
 
 VARIANTS = ["road_1", "road_2", "road_4"]
 
@@ -91,13 +92,26 @@ def test_per_row_coefficients_rotate_each_row_with_its_own_matrix():
         torch.testing.assert_close(y[i], x[i] @ dense(ci, si, g).T)
 
 
-def test_rotate_rows_is_left_multiplication():
-    g, d = 8, 16
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 1])  # 1: one group per chunk
+def test_rotate_rows_is_left_multiplication_in_place(chunk_bytes):
+    g, d = 8, 32
     coeffs = F.coefficients("road_1", g, *random_params("road_1", d))
     W = torch.randn(d, 5, dtype=torch.float64)
-    torch.testing.assert_close(F.rotate_rows(W, coeffs, g), dense(*coeffs, g) @ W)
+    out = kernels.rotate_rows_(W.clone(), *coeffs, g, chunk_bytes=chunk_bytes)
+    torch.testing.assert_close(out, dense(*coeffs, g) @ W)
     b = torch.randn(d, dtype=torch.float64)
-    torch.testing.assert_close(F.rotate_rows(b, coeffs, g), dense(*coeffs, g) @ b)
+    torch.testing.assert_close(F.rotate_rows_(b.clone(), coeffs, g), dense(*coeffs, g) @ b)
+    W3 = torch.randn(d, 3, 2, dtype=torch.float64)  # conv-shaped weight
+    expected = torch.einsum("ij,jkl->ikl", dense(*coeffs, g), W3)
+    torch.testing.assert_close(F.rotate_rows_(W3.clone(), coeffs, g), expected)
+
+
+def test_rotate_rows_of_half_precision_weight_computes_in_fp32():
+    g, d = 4, 8
+    coeffs = F.coefficients("road_2", g, *random_params("road_2", d, dtype=torch.float32))
+    W = torch.randn(d, 6).to(torch.bfloat16)
+    expected = (dense(*coeffs, g) @ W.float()).to(torch.bfloat16)
+    torch.testing.assert_close(F.rotate_rows_(W.clone(), coeffs, g), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -214,7 +228,7 @@ def test_merge_then_unmerge_restores_weights(variant, groups, half, d_in, seed):
     alpha = torch.rand(n, generator=gen, dtype=torch.float64) * 0.5 + 0.75
     W = torch.randn(d, d_in, generator=gen)
     coeffs = F.coefficients(variant, g, theta, alpha)
-    restored = F.rotate_rows(F.rotate_rows(W, coeffs, g), F.inverse(coeffs, g), g)
+    restored = F.rotate_rows_(F.rotate_rows_(W.clone(), coeffs, g), F.inverse(coeffs, g), g)
     torch.testing.assert_close(restored, W, rtol=1e-6, atol=1e-6)
 
 

@@ -193,14 +193,15 @@ def identity(out_features: int, dtype: torch.dtype = torch.float32, device=None)
             torch.zeros(out_features, dtype=dtype, device=device))
 
 
-def rotate_rows(weight: torch.Tensor, coeffs: Coefficients, group_size: int) -> torch.Tensor:
-    """R @ weight for a (d_out, ...) weight or a (d_out,) bias, elementwise over rows, in fp32 or better.
+def rotate_rows_(weight: torch.Tensor, coeffs: Coefficients, group_size: int) -> torch.Tensor:
+    """In place: weight <- R @ weight, for a (d_out, ...) weight or a (d_out,) bias. Returns weight.
 
-    This is merging: y = R (W h + b) = (R W) h + R b. No dense d_out x d_out matrix is formed.
+    This is merging: y = R (W h + b) = (R W) h + R b, elementwise over pairs of rows, with no dense
+    d_out x d_out matrix. The math runs in fp32 (fp64 for fp64 weights).
     """
     c, s = coeffs
-    work = torch.promote_types(weight.dtype, c.dtype)
-    return kernels.rotate_values(weight.to(work), c.to(work), s.to(work), group_size, dim=0).to(weight.dtype)
+    work = torch.promote_types(weight.dtype, torch.float32)
+    return kernels.rotate_rows_(weight, c.to(work), s.to(work), group_size)
 
 
 __all__ = [
@@ -216,5 +217,5 @@ __all__ = [
     "road",
     "rotate",
     "rotate_indexed",
-    "rotate_rows",
+    "rotate_rows_",
 ]

@@ -5,6 +5,7 @@ the autograd Functions on top):
     forward(x, c, s, g, dim)                    y = R x
     backward(gy, x, c, s, g, dim, need_gx)      (R^T gy, dc, ds)
     forward_indexed(x, c_tab, s_tab, idx, g, dim)   mixed batches: row/token i uses table row idx[i]
+and, for merging, the in-place `rotate_rows_(w, c, s, g)`: w <- R w over its first axis.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tenso
     return torch_ops.forward_indexed(x, c_table, s_table, index, group_size, dim)
 
 
-rotate_values = torch_ops.rotate_values
+# Merging runs once, not per token: the torch implementation serves every device.
+rotate_rows_ = torch_ops.rotate_rows_
 
-__all__ = ["backward", "forward", "forward_indexed", "rotate_values"]
+__all__ = ["backward", "forward", "forward_indexed", "rotate_rows_"]

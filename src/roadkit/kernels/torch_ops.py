@@ -89,3 +89,34 @@ def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tenso
     dim = dim % x.dim()
     shape = tuple(index.shape) + (1,) * (dim - index.dim()) + (c_table.shape[-1],)
     return forward(x, c_table[index].view(shape), s_table[index].view(shape), group_size, dim)
+
+
+def rotate_rows_(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int,
+                 chunk_bytes: int = 4 << 20) -> torch.Tensor:
+    """In place: w <- R w, for the output features on axis 0 of w (a weight or a bias).
+
+    Works through w a few groups at a time so that each chunk's temporaries stay in cache: the
+    weight is read and written about once. Math in the coefficients' dtype.
+    """
+    half = group_size // 2
+    wv = w.unflatten(0, (-1, 2, half))
+    tail = (None,) * (w.dim() - 1)
+    cv = c.unflatten(0, (-1, 2, half))[(...,) + tail]
+    sv = s.unflatten(0, (-1, 2, half))[(...,) + tail]
+    row_bytes = max(1, w[0].numel()) * c.element_size()
+    step = max(1, chunk_bytes // (group_size * row_bytes))
+    same = w.dtype == c.dtype
+    buf = torch.empty_like(wv[:step, 0]) if same else None  # one scratch chunk, reused (no page faults)
+    for start in range(0, wv.shape[0], step):
+        a, b = wv[start:start + step].unbind(1)
+        ca, cb = cv[start:start + step].unbind(1)
+        sa, sb = sv[start:start + step].unbind(1)
+        if same:
+            new_a = torch.mul(a, ca, out=buf[: a.shape[0]]).addcmul_(b, sa, value=-1)
+            b.mul_(cb).addcmul_(a, sb)
+            a.copy_(new_a)
+        else:  # half-precision weights: compute the chunk in the coefficients' dtype
+            af, bf = a.to(c.dtype), b.to(c.dtype)
+            a.copy_((af * ca).addcmul_(bf, sa, value=-1))
+            b.copy_((bf * cb).addcmul_(af, sb))
+    return w

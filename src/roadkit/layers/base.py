@@ -236,16 +236,20 @@ class RoadLayer(nn.Module):
         return [p for p in (getattr(base, "weight", None), getattr(base, "bias", None)) if p is not None]
 
     def _rotate_params(self, coeffs: F.Coefficients, group_size: int, check_finite: bool, name: str) -> None:
-        new = []
-        for p in self._merge_params():
-            moved = p.data.movedim(self.weight_feature_dim, 0) if p.dim() > 1 else p.data
-            value = F.rotate_rows(moved, coeffs, group_size)
-            if check_finite and not torch.isfinite(value).all():
-                raise ValueError(f"merging adapter {name!r} would put NaN or inf into the weights; nothing was changed.")
-            new.append(value.movedim(0, self.weight_feature_dim) if p.dim() > 1 else value)
-        with torch.no_grad():
-            for p, value in zip(self._merge_params(), new):
-                p.data.copy_(value)
+        """Rotate the output-feature rows of weight and bias in place; with `check_finite`, on copies
+        first, so NaN or inf leaves the weights untouched."""
+        params = [p.data.movedim(self.weight_feature_dim, 0) if p.dim() > 1 else p.data
+                  for p in self._merge_params()]
+        if check_finite:
+            new = [F.rotate_rows_(p.clone(), coeffs, group_size) for p in params]
+            if not all(torch.isfinite(v).all() for v in new):
+                raise ValueError(f"merging adapter {name!r} would put NaN or inf into the weights; "
+                                 "nothing was changed.")
+            for p, v in zip(params, new):
+                p.copy_(v)
+        else:
+            for p in params:
+                F.rotate_rows_(p, coeffs, group_size)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
