@@ -106,7 +106,7 @@ def test_rotate_rows_is_left_multiplication_in_place(chunk_bytes):
     torch.testing.assert_close(F.rotate_rows_(W3.clone(), coeffs, g), expected)
 
 
-def test_rotate_rows_of_half_precision_weight_computes_in_fp32():
+def test_rotate_rows_of_half_precision_weight_rounds_once():
     g, d = 4, 8
     coeffs = F.coefficients("road_2", g, *random_params("road_2", d, dtype=torch.float32))
     W = torch.randn(d, 6).to(torch.bfloat16)

@@ -197,11 +197,10 @@ def rotate_rows_(weight: torch.Tensor, coeffs: Coefficients, group_size: int) ->
     """In place: weight <- R @ weight, for a (d_out, ...) weight or a (d_out,) bias. Returns weight.
 
     This is merging: y = R (W h + b) = (R W) h + R b, elementwise over pairs of rows, with no dense
-    d_out x d_out matrix. The math runs in fp32 (fp64 for fp64 weights).
+    d_out x d_out matrix. The math runs in float64: the weight is rounded once, when stored.
     """
     c, s = coeffs
-    work = torch.promote_types(weight.dtype, torch.float32)
-    return kernels.rotate_rows_(weight, c.to(work), s.to(work), group_size)
+    return kernels.rotate_rows_(weight, c.to(torch.float64), s.to(torch.float64), group_size)
 
 
 __all__ = [

@@ -95,8 +95,10 @@ def rotate_rows_(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: 
                  chunk_bytes: int = 4 << 20) -> torch.Tensor:
     """In place: w <- R w, for the output features on axis 0 of w (a weight or a bias).
 
-    Works through w a few groups at a time so that each chunk's temporaries stay in cache: the
-    weight is read and written about once. Math in the coefficients' dtype.
+    The math runs in the coefficients' dtype (callers pass float64 so that merging and unmerging
+    round only once, on the final store). w is processed a few groups at a time through scratch
+    buffers reused across chunks, so the weight is read and written about once and the
+    temporaries stay in cache.
     """
     half = group_size // 2
     wv = w.unflatten(0, (-1, 2, half))
@@ -105,18 +107,14 @@ def rotate_rows_(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: 
     sv = s.unflatten(0, (-1, 2, half))[(...,) + tail]
     row_bytes = max(1, w[0].numel()) * c.element_size()
     step = max(1, chunk_bytes // (group_size * row_bytes))
-    same = w.dtype == c.dtype
-    buf = torch.empty_like(wv[:step, 0]) if same else None  # one scratch chunk, reused (no page faults)
+    scratch = torch.empty((3,) + tuple(wv[:step, 0].shape), dtype=c.dtype, device=w.device)
     for start in range(0, wv.shape[0], step):
         a, b = wv[start:start + step].unbind(1)
         ca, cb = cv[start:start + step].unbind(1)
         sa, sb = sv[start:start + step].unbind(1)
-        if same:
-            new_a = torch.mul(a, ca, out=buf[: a.shape[0]]).addcmul_(b, sa, value=-1)
-            b.mul_(cb).addcmul_(a, sb)
-            a.copy_(new_a)
-        else:  # half-precision weights: compute the chunk in the coefficients' dtype
-            af, bf = a.to(c.dtype), b.to(c.dtype)
-            a.copy_((af * ca).addcmul_(bf, sa, value=-1))
-            b.copy_((bf * cb).addcmul_(af, sb))
+        a_, b_, out = (t[: a.shape[0]] for t in scratch)
+        a_.copy_(a)
+        b_.copy_(b)
+        a.copy_(torch.mul(a_, ca, out=out).addcmul_(b_, sa, value=-1))
+        b.copy_(torch.mul(b_, cb, out=out).addcmul_(a_, sb))
     return w

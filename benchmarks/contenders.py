@@ -1,0 +1,159 @@
+"""Build the base model and the adapter contenders from deep copies of the same base weights.
+
+Contenders: the base model (no adapters), roadkit RoAd, PEFT RoAd (same config, same adapter
+numbers, copied from roadkit through the PEFT checkpoint keys), PEFT LoRA r=8. All adapters are
+non-identity (roadkit/PEFT RoAd ``init_weights=False``, LoRA ``init_lora_weights=False``).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+import roadkit
+
+from .settings import GROUP_SIZE, LORA_ALPHA, LORA_RANK, TARGET_MODULES, VARIANT, ModelSize
+
+BASE_ROW = "__base__"
+
+ROADKIT = "roadkit RoAd"
+PEFT_ROAD = "peft RoAd"
+PEFT_LORA = "peft LoRA r=8"
+BASE = "base"
+ADAPTER_CONTENDERS = (ROADKIT, PEFT_ROAD, PEFT_LORA)
+
+
+def adapter_name(i: int) -> str:
+    return f"a{i}"
+
+
+def build_llama(size: ModelSize, seed: int) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.heads,
+        max_position_embeddings=2048, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def roadkit_config(targets=TARGET_MODULES, task_type="CAUSAL_LM") -> roadkit.RoadConfig:
+    return roadkit.RoadConfig(variant=VARIANT, group_size=GROUP_SIZE, init_weights=False,
+                              target_modules=list(targets), task_type=task_type)
+
+
+def peft_road_config(targets=TARGET_MODULES, task_type="CAUSAL_LM"):
+    import peft
+
+    return peft.RoadConfig(variant=VARIANT, group_size=GROUP_SIZE, init_weights=False,
+                           target_modules=list(targets), task_type=task_type)
+
+
+def peft_lora_config(targets=TARGET_MODULES, task_type="CAUSAL_LM"):
+    import peft
+
+    return peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, init_lora_weights=False,
+                           target_modules=list(targets), task_type=task_type)
+
+
+def make_roadkit(base: nn.Module, n_adapters: int, targets=TARGET_MODULES, task_type="CAUSAL_LM"):
+    model = roadkit.get_peft_model(copy.deepcopy(base), roadkit_config(targets, task_type), adapter_name(0))
+    for i in range(1, n_adapters):
+        model.add_adapter(adapter_name(i), roadkit_config(targets, task_type))
+    model.set_adapter(adapter_name(0))
+    return model
+
+
+def make_peft_road_like(rk_model, base: nn.Module, n_adapters: int, targets=TARGET_MODULES,
+                        task_type="CAUSAL_LM"):
+    """PEFT RoAd with the *same* adapter numbers as `rk_model`: roadkit's `adapter_state_dict`
+    (PEFT's checkpoint keys) is loaded with PEFT's own `set_peft_model_state_dict`."""
+    import peft
+    from peft.utils import set_peft_model_state_dict
+
+    model = peft.get_peft_model(copy.deepcopy(base), peft_road_config(targets, task_type), adapter_name(0))
+    for i in range(1, n_adapters):
+        model.add_adapter(adapter_name(i), peft_road_config(targets, task_type))
+    for i in range(n_adapters):
+        state = rk_model.adapter_state_dict(adapter_name(i))
+        res = set_peft_model_state_dict(model, state, adapter_name=adapter_name(i))
+        unexpected = list(getattr(res, "unexpected_keys", []) or [])
+        if unexpected:
+            raise RuntimeError(f"PEFT did not accept roadkit's keys for {adapter_name(i)}: {unexpected[:5]}")
+    model.set_adapter(adapter_name(0))
+    return model
+
+
+def make_peft_lora(base: nn.Module, n_adapters: int, targets=TARGET_MODULES, task_type="CAUSAL_LM", seed=1):
+    import peft
+
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(copy.deepcopy(base), peft_lora_config(targets, task_type), adapter_name(0))
+    for i in range(1, n_adapters):
+        model.add_adapter(adapter_name(i), peft_lora_config(targets, task_type))
+    model.set_adapter(adapter_name(0))
+    return model
+
+
+def build_inference_contenders(base: nn.Module, n_adapters: int, seed: int) -> dict[str, nn.Module]:
+    """Base plus the three adapter contenders, each holding `n_adapters` distinct loaded adapters."""
+    torch.manual_seed(seed + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rk = make_roadkit(base, n_adapters)
+        pr = make_peft_road_like(rk, base, n_adapters)
+        lo = make_peft_lora(base, n_adapters, seed=seed + 2)
+    models = {BASE: copy.deepcopy(base), ROADKIT: rk, PEFT_ROAD: pr, PEFT_LORA: lo}
+    for m in models.values():
+        m.eval()
+    return models
+
+
+def count_adapters(model: nn.Module) -> int:
+    cfg = getattr(model, "peft_config", None)
+    return len(cfg) if cfg is not None else 0
+
+
+# ---- sanity: roadkit and PEFT RoAd must compute the same numbers before anything is timed -------
+
+
+def _logits(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+@torch.no_grad()
+def check_inference_parity(models: dict[str, nn.Module], vocab: int, n_adapters: int, seed: int,
+                           atol: float = 1e-4) -> dict:
+    """roadkit vs PEFT RoAd logits, on a mixed batch (several adapters and `__base__` rows) and on
+    the plain single-adapter path; `__base__` rows must equal the base model, adapters must not."""
+    rk, pr, base = models[ROADKIT], models[PEFT_ROAD], models[BASE]
+    g = torch.Generator().manual_seed(seed + 7)
+    names = [adapter_name(i % n_adapters) for i in range(min(n_adapters, 5))] + [BASE_ROW]
+    names = names + [adapter_name(n_adapters - 1)]
+    ids = torch.randint(3, vocab, (len(names), 12), generator=g)
+    mask = torch.ones_like(ids)
+    ref_base = _logits(base(input_ids=ids, attention_mask=mask))
+    a = _logits(rk(input_ids=ids, attention_mask=mask, adapter_names=names))
+    b = _logits(pr(input_ids=ids, attention_mask=mask, adapter_names=names))
+    mixed = (a - b).abs().max().item()
+    base_row = names.index(BASE_ROW)
+    base_diff = (a[base_row] - ref_base[base_row]).abs().max().item()
+    adapted_vs_base = (a[0] - ref_base[0]).abs().max().item()
+    a1 = _logits(rk(input_ids=ids, attention_mask=mask))
+    b1 = _logits(pr(input_ids=ids, attention_mask=mask))
+    single = (a1 - b1).abs().max().item()
+    result = {"mixed_batch_names": names, "max_abs_diff_mixed": mixed, "max_abs_diff_single": single,
+              "base_row_vs_base_model": base_diff, "adapted_row_vs_base_model": adapted_vs_base, "atol": atol}
+    if not (mixed <= atol and single <= atol and base_diff <= atol):
+        raise AssertionError(f"roadkit and PEFT RoAd disagree, refusing to benchmark: {result}")
+    if adapted_vs_base <= 10 * atol:
+        raise AssertionError(f"adapters look like the identity (init_weights=False expected): {result}")
+    return result

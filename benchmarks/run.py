@@ -1,0 +1,141 @@
+"""Entry point: ``python -m benchmarks.run [--quick] [--scenarios decode,prefill,train,merge] [--reps N]
+[--threads N] [--out DIR]``. See benchmarks/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import sys
+import time
+
+SCENARIOS = ("decode", "prefill", "train", "merge")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="small model and few reps: a smoke run (< 1 minute)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default: 5, quick: 3)")
+    p.add_argument("--warmup", type=int, default=None, help="warmup rounds before timing (default: 1)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
+    p.add_argument("--omp-wait-policy", choices=["default", "passive", "active"], default="default",
+                   help="OpenMP wait policy; 'passive' for machines shared with other busy processes")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: benchmarks/results, quick: benchmarks/results/quick)")
+    args = p.parse_args(argv)
+    args.scenarios = [x.strip() for x in args.scenarios.split(",") if x.strip()]
+    bad = [x for x in args.scenarios if x not in SCENARIOS]
+    if bad or not args.scenarios:
+        p.error(f"unknown scenario(s) {bad}; choose from {', '.join(SCENARIOS)}")
+    if args.reps is not None and args.reps < 1:
+        p.error("--reps must be >= 1")
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
+    return args
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def _cpu_pressure() -> str:
+    """Linux PSI line for CPU ("some avg10=..."): how often runnable tasks waited for a core."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return f.readline().strip()
+    except OSError:
+        return "n/a"
+
+
+def _set_omp_wait_policy(policy: str) -> bool:
+    """Apply --omp-wait-policy (must run before torch is imported); True if this set the variable.
+
+    "default" leaves OpenMP as it is (what users run). On a machine shared with other busy
+    processes, spinning OpenMP threads stall on descheduled peers (the same generate call took
+    10-50x longer and varied wildly on the 2-core machine this suite was written on): "passive"
+    makes waiting threads sleep, at the price of a wake-up per parallel op.
+    """
+    if policy == "default" or "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
+        return False
+    os.environ["OMP_WAIT_POLICY"] = policy.upper()
+    return True
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    omp_set_here = _set_omp_wait_policy(args.omp_wait_policy)
+    t_start = time.perf_counter()
+    load_start = _loadavg()
+    psi_start = _cpu_pressure()
+
+    import peft
+    import torch
+    import transformers
+
+    import roadkit
+
+    from . import report, scenarios
+    from .settings import FULL, QUICK
+    from .timing import log
+
+    settings = QUICK if args.quick else FULL
+    reps = args.reps if args.reps is not None else settings.reps
+    warmup = args.warmup if args.warmup is not None else settings.warmup
+    out_dir = args.out or os.path.join("benchmarks", "results", *(["quick"] if args.quick else []))
+    torch.set_num_threads(args.threads)
+
+    results = {"meta": {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)]),
+        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "roadkit": getattr(roadkit, "__version__", "?"), "python": platform.python_version(),
+        "platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(), "reps": reps, "warmup": warmup, "scenarios": args.scenarios,
+        "settings": dataclasses.asdict(settings),
+        "loadavg_start": load_start, "cpu_pressure_start": psi_start,
+        "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+                if os.environ.get(k) is not None},
+        "omp_wait_policy_set_by_harness": omp_set_here,
+    }, "scenarios": {}}
+
+    for name in SCENARIOS:
+        if name not in args.scenarios:
+            continue
+        log(f"=== {name} ({settings.name}, reps {reps}, warmup {warmup}, "
+            f"threads {torch.get_num_threads()}) ===")
+        t0 = time.perf_counter()
+        results["scenarios"][name] = getattr(scenarios, name)(settings, reps, warmup)
+        results["scenarios"][name]["seconds"] = time.perf_counter() - t0
+        log(f"=== {name} done in {results['scenarios'][name]['seconds']:.0f} s ===")
+        if name == "prefill" or (name == "decode" and "prefill" not in args.scenarios):
+            scenarios.release()  # the shared decode/prefill models are no longer needed
+
+    results["meta"]["loadavg_end"] = _loadavg()
+    results["meta"]["cpu_pressure_end"] = _cpu_pressure()
+    results["meta"]["total_seconds"] = time.perf_counter() - t_start
+    paths = report.write_all(results, out_dir)
+    print(report.markdown(results))
+    log(f"wrote {', '.join(paths)}; total {results['meta']['total_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

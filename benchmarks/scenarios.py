@@ -1,0 +1,338 @@
+"""The four scenarios. Each returns a JSON-ready dict with raw timings, summaries and ratios."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+import roadkit
+
+from . import contenders as C
+from .memory import saved_tensor_bytes
+from .settings import GROUP_SIZE, VARIANT, Settings
+from .timing import log, ratio_stats, run_interleaved, summarize
+
+
+def _summaries(times: dict, base_case: str | None, metric: str = "seconds") -> dict:
+    out = {}
+    for case, metrics in times.items():
+        xs = metrics[metric]
+        row = {"stats": summarize(xs)}
+        if base_case is not None:
+            row["ratio_to_base"] = ratio_stats(xs, times[base_case][metric])
+        out[case] = row
+    return out
+
+
+def _names(batch: int, k: int) -> list[str]:
+    """Rows assigned round-robin to k adapters."""
+    return [C.adapter_name(i % k) for i in range(batch)]
+
+
+# ---- shared by decode and prefill: one set of contenders, built once ---------------------------------
+
+_LM_CACHE: dict = {}
+
+
+def _n_adapters(s: Settings) -> int:
+    ks = [k for k in s.decode_ks if k <= s.decode_batch] + [k for k in s.prefill_ks if k <= s.prefill_batch]
+    return max(ks)
+
+
+def lm_contenders(s: Settings) -> tuple[dict[str, nn.Module], dict, int]:
+    """Base, roadkit, PEFT RoAd and PEFT LoRA on the same base weights, each with every adapter the
+    decode and prefill scenarios use loaded; checked for roadkit/PEFT RoAd parity once."""
+    key = (s.name, s.lm, s.seed)
+    if key not in _LM_CACHE:
+        _LM_CACHE.clear()
+        n = _n_adapters(s)
+        base = C.build_llama(s.lm, s.seed)
+        models = C.build_inference_contenders(base, n, s.seed)
+        del base
+        parity = C.check_inference_parity(models, s.lm.vocab, n, s.seed)
+        log(f"contenders built ({n} adapters each); roadkit vs PEFT RoAd logits: mixed "
+            f"{parity['max_abs_diff_mixed']:.2e}, single {parity['max_abs_diff_single']:.2e}")
+        _LM_CACHE[key] = (models, parity, n)
+    return _LM_CACHE[key]
+
+
+def release() -> None:
+    _LM_CACHE.clear()
+
+
+# ---- 1. decode --------------------------------------------------------------------------------------
+
+
+def decode(s: Settings, reps: int, warmup: int) -> dict:
+    ks = [k for k in s.decode_ks if k <= s.decode_batch]
+    models, parity, n_loaded = lm_contenders(s)
+
+    g = torch.Generator().manual_seed(s.seed + 11)
+    ids = torch.randint(3, s.lm.vocab, (s.decode_batch, s.prompt_len), generator=g)
+    mask = torch.ones_like(ids)
+    outputs: dict[str, torch.Tensor] = {}
+
+    def case(label: str, model: nn.Module, names, n_new: int):
+        def fn():
+            kw = {} if names is None else {"adapter_names": names}
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new,
+                                     min_new_tokens=n_new, do_sample=False, **kw)
+            if tuple(out.shape) != (s.decode_batch, s.prompt_len + n_new):
+                raise RuntimeError(f"{label}: generate returned shape {tuple(out.shape)}")
+            if n_new == s.new_tokens:
+                outputs[label] = out
+        return fn
+
+    specs, info = {}, {}
+    specs["base"] = (models[C.BASE], None)
+    info["base"] = {"contender": C.BASE, "k": 0, "mode": "base"}
+    for c in (C.ROADKIT, C.PEFT_ROAD):
+        label = f"{c} (1 adapter, unmerged)"
+        specs[label] = (models[c], None)
+        info[label] = {"contender": c, "k": 1, "mode": "single"}
+    for k in ks:
+        for c in C.ADAPTER_CONTENDERS:
+            label = f"{c} (k={k})"
+            specs[label] = (models[c], _names(s.decode_batch, k))
+            info[label] = {"contender": c, "k": k, "mode": "mixed"}
+    cases = {label: case(label, m, names, s.new_tokens) for label, (m, names) in specs.items()}
+    warm = {label: case(label, m, names, min(s.warmup_new_tokens, s.new_tokens))
+            for label, (m, names) in specs.items()}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = run_interleaved(cases, reps, warmup, label="decode", warm_cases=warm)
+
+    # Same computation => same greedy tokens (up to float ties): report agreement, do not assert.
+    agree = {}
+    for label, meta in info.items():
+        if meta["contender"] == C.ROADKIT:
+            twin = label.replace(C.ROADKIT, C.PEFT_ROAD)
+            a, b = outputs[label][:, s.prompt_len:], outputs[twin][:, s.prompt_len:]
+            agree[label.replace(C.ROADKIT + " ", "")] = (a == b).float().mean().item()
+    return {"setup": {"model": s.lm.as_dict(), "batch": s.decode_batch, "prompt_len": s.prompt_len,
+                      "new_tokens": s.new_tokens, "warmup_new_tokens": min(s.warmup_new_tokens, s.new_tokens),
+                      "ks": ks, "adapters_loaded": n_loaded,
+                      "call": ("model.generate(input_ids, attention_mask, adapter_names=..., "
+                               "max_new_tokens=N, min_new_tokens=N, do_sample=False) "
+                               "under torch.inference_mode()")},
+            "parity": parity, "greedy_token_agreement_roadkit_vs_peft_road": agree,
+            "cases": info, "raw": run["times"], "orders": run["orders"],
+            "summary": _summaries(run["times"], "base")}
+
+
+# ---- 2. prefill -------------------------------------------------------------------------------------
+
+
+def prefill(s: Settings, reps: int, warmup: int) -> dict:
+    ks = [k for k in s.prefill_ks if k <= s.prefill_batch]
+    models, parity, n_loaded = lm_contenders(s)
+    g = torch.Generator().manual_seed(s.seed + 13)
+    ids = torch.randint(3, s.lm.vocab, (s.prefill_batch, s.prefill_len), generator=g)
+    mask = torch.ones_like(ids)
+
+    def case(model, names):
+        def fn():
+            kw = {} if names is None else {"adapter_names": names}
+            with torch.inference_mode():
+                model(input_ids=ids, attention_mask=mask, logits_to_keep=1, **kw)
+        return fn
+
+    cases = {"base": case(models[C.BASE], None)}
+    info = {"base": {"contender": C.BASE, "k": 0, "mode": "base"}}
+    for c in C.ADAPTER_CONTENDERS:
+        label = f"{c} (1 adapter, unmerged)"
+        cases[label] = case(models[c], None)
+        info[label] = {"contender": c, "k": 1, "mode": "single"}
+    for k in ks:
+        for c in C.ADAPTER_CONTENDERS:
+            if k == 1:
+                continue
+            label = f"{c} (k={k})"
+            cases[label] = case(models[c], _names(s.prefill_batch, k))
+            info[label] = {"contender": c, "k": k, "mode": "mixed"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = run_interleaved(cases, reps, warmup, label="prefill")
+    return {"setup": {"model": s.lm.as_dict(), "batch": s.prefill_batch, "seq_len": s.prefill_len, "ks": ks,
+                      "adapters_loaded": n_loaded,
+                      "call": "model(input_ids, attention_mask, logits_to_keep=1[, adapter_names=...]) "
+                              "under torch.inference_mode()"},
+            "parity": parity, "cases": info, "raw": run["times"], "orders": run["orders"],
+            "summary": _summaries(run["times"], "base")}
+
+
+# ---- 3. train ---------------------------------------------------------------------------------------
+
+
+def _adapter_types(contender: str) -> tuple[type, ...]:
+    if contender == C.ROADKIT:
+        return (roadkit.RoadLayer,)
+    if contender in (C.PEFT_ROAD, C.PEFT_LORA):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return (BaseTunerLayer,)
+    return ()
+
+
+def train(s: Settings, reps: int, warmup: int) -> dict:
+    base = C.build_llama(s.train_model, s.seed)
+    torch.manual_seed(s.seed + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rk = C.make_roadkit(base, 1)
+        pr = C.make_peft_road_like(rk, base, 1)
+        lo = C.make_peft_lora(base, 1, seed=s.seed + 2)
+    models = {C.BASE: copy.deepcopy(base), C.ROADKIT: rk, C.PEFT_ROAD: pr, C.PEFT_LORA: lo}
+    del base
+    models[C.BASE].requires_grad_(False)  # frozen like the adapted models' base weights
+    for m in models.values():
+        m.train()
+    g = torch.Generator().manual_seed(s.seed + 17)
+    ids = torch.randint(3, s.train_model.vocab, (s.train_batch, s.train_len), generator=g)
+
+    # Parity in training mode: same loss, logits and adapter gradients before any optimizer step.
+    outs = {}
+    for c in (C.ROADKIT, C.PEFT_ROAD):
+        out = models[c](input_ids=ids, labels=ids)
+        out.loss.backward()
+        prefix = "model." if c == C.ROADKIT else "base_model.model."
+        grads = {n.removeprefix(prefix): p.grad.detach().clone()
+                 for n, p in models[c].named_parameters() if p.requires_grad}
+        outs[c] = (out.loss.detach(), out.logits.detach(), grads)
+        models[c].zero_grad(set_to_none=True)
+    (la, xa, ga), (lb, xb, gb) = outs[C.ROADKIT], outs[C.PEFT_ROAD]
+    if set(ga) != set(gb):
+        raise AssertionError(f"trainable parameters differ: {sorted(set(ga) ^ set(gb))[:6]}")
+    grad_rel = max((ga[n] - gb[n]).abs().max().item() / max(gb[n].abs().max().item(), 1e-30) for n in gb)
+    parity = {"loss_abs_diff": abs(la - lb).item(), "max_abs_diff_logits": (xa - xb).abs().max().item(),
+              "trainable_tensors": {c: len(o[2]) for c, o in outs.items()},
+              "max_rel_diff_adapter_grads": grad_rel}
+    if not (parity["max_abs_diff_logits"] <= 1e-4 and grad_rel <= 1e-3):
+        raise AssertionError(f"roadkit and PEFT RoAd disagree in training mode, refusing to benchmark: "
+                             f"{parity}")
+    log(f"train: parity ok, logits {parity['max_abs_diff_logits']:.2e}, grads rel {grad_rel:.2e}")
+    del outs
+
+    opts = {c: torch.optim.AdamW([p for p in models[c].parameters() if p.requires_grad], lr=1e-3)
+            for c in C.ADAPTER_CONTENDERS}
+    trainable = {c: sum(p.numel() for p in models[c].parameters() if p.requires_grad)
+                 for c in C.ADAPTER_CONTENDERS}
+
+    def base_forward():
+        m = models[C.BASE]
+        emb = m.get_input_embeddings()(ids).detach().requires_grad_(True)
+        return m(inputs_embeds=emb, labels=ids)
+
+    def base_step():
+        base_forward().loss.backward()
+
+    def adapter_step(c):
+        model, opt = models[c], opts[c]
+
+        def fn():
+            opt.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+        return fn
+
+    labels = {C.BASE: "base (frozen; fwd+bwd to input embeddings, no optimizer)"}
+    cases = {labels[C.BASE]: base_step}
+    info = {labels[C.BASE]: {"contender": C.BASE}}
+    for c in C.ADAPTER_CONTENDERS:
+        cases[c] = adapter_step(c)
+        info[c] = {"contender": c, "trainable_params": trainable[c]}
+
+    # Saved-for-backward bytes, measured on a separate (untimed) forward of every contender.
+    memory = {}
+    for label, meta in info.items():
+        c = meta["contender"]
+        fwd = base_forward if c == C.BASE else (lambda m=models[c]: m(input_ids=ids, labels=ids))
+        memory[label] = saved_tensor_bytes(models[c], _adapter_types(c), fwd)
+    base_total = memory[labels[C.BASE]]["total_bytes"]
+    for mem in memory.values():
+        mem["extra_vs_base_bytes"] = mem["total_bytes"] - base_total
+    log("train: saved-tensor accounting done")
+
+    run = run_interleaved(cases, reps, warmup, label="train")
+    models.clear()
+    opts.clear()
+    return {"setup": {"model": s.train_model.as_dict(), "batch": s.train_batch, "seq_len": s.train_len,
+                      "step": ("zero_grad; model(input_ids, labels=input_ids).loss.backward(); "
+                               "AdamW(lr=1e-3).step() on the adapter parameters")},
+            "parity": parity, "cases": info, "memory": memory, "raw": run["times"], "orders": run["orders"],
+            "summary": _summaries(run["times"], labels[C.BASE])}
+
+
+# ---- 4. merge ---------------------------------------------------------------------------------------
+
+
+def merge(s: Settings, reps: int, warmup: int) -> dict:
+    d = s.merge_dim
+    torch.manual_seed(s.seed + 3)
+    lin = nn.Linear(d, d)
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    torch.manual_seed(s.seed + 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rk = C.make_roadkit(nn.Sequential(lin), 1, targets=["0"], task_type=None)
+        pr = C.make_peft_road_like(rk, nn.Sequential(lin), 1, targets=["0"], task_type=None)
+    models = {C.ROADKIT: rk, C.PEFT_ROAD: pr}
+    layers = {C.ROADKIT: next(layer for _, layer in rk.road_layers()).get_base_layer(),
+              C.PEFT_ROAD: pr.get_base_model()[0].get_base_layer()}
+    for c, layer in layers.items():
+        assert layer is not lin and torch.equal(layer.weight, w0), c
+    x = torch.randn(4, d)
+    with torch.no_grad():
+        ya, yb = rk(x), pr(x)
+    parity = {"max_abs_diff_outputs": (ya - yb).abs().max().item()}
+    if parity["max_abs_diff_outputs"] > 1e-4:
+        raise AssertionError(f"roadkit and PEFT RoAd disagree on the merge layer: {parity}")
+
+    errors = {c: {"weight_rel": [], "bias_rel": []} for c in models}
+    merged_weights: dict[str, torch.Tensor] = {}
+
+    def case(c):
+        model, layer = models[c], layers[c]
+
+        def fn():
+            import time
+
+            with torch.no_grad():  # start every repetition from the original weights
+                layer.weight.data.copy_(w0)
+                layer.bias.data.copy_(b0)
+            t0 = time.perf_counter()
+            model.merge_adapter()
+            t1 = time.perf_counter()
+            if c not in merged_weights:
+                merged_weights[c] = layer.weight.detach().clone()
+            t2 = time.perf_counter()
+            model.unmerge_adapter()
+            t3 = time.perf_counter()
+            with torch.no_grad():
+                errors[c]["weight_rel"].append(((layer.weight - w0).abs().max() / w0.abs().max()).item())
+                errors[c]["bias_rel"].append(((layer.bias - b0).abs().max() / b0.abs().max()).item())
+            return {"merge": t1 - t0, "unmerge": t3 - t2, "merge+unmerge": (t1 - t0) + (t3 - t2)}
+        return fn
+
+    cases = {c: case(c) for c in models}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = run_interleaved(cases, reps, warmup, label="merge")
+    diff = merged_weights[C.ROADKIT] - merged_weights[C.PEFT_ROAD]
+    parity["max_abs_diff_merged_weights"] = diff.abs().max().item()
+    summary = {c: {m: summarize(v) for m, v in run["times"][c].items()} for c in models}
+    speedup = {m: summary[C.PEFT_ROAD][m]["median"] / summary[C.ROADKIT][m]["median"]
+               for m in ("merge", "unmerge", "merge+unmerge")}
+    return {"setup": {"layer": f"nn.Linear({d}, {d}) with bias, in nn.Sequential, target_modules=['0']",
+                      "adapter": f"{VARIANT}, group_size {GROUP_SIZE}, init_weights=False",
+                      "timed": ("merge_adapter() and unmerge_adapter(), weights reset to the original "
+                                "before each rep")},
+            "parity": parity, "raw": run["times"], "orders": run["orders"], "summary": summary,
+            "speedup_peft_over_roadkit": speedup,
+            "unmerge_error": {c: {k: max(v) for k, v in e.items()} for c, e in errors.items()},
+            "unmerge_error_all_reps": errors}
