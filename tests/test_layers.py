@@ -168,3 +168,16 @@ def test_routing_shape_mismatch_is_a_clear_error():
     layer.routing = Routing(("a",), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="does not match the leading dimensions"):
         layer(torch.randn(3, 6))
+
+
+def test_inference_cache_follows_dtype_moves_and_replaced_parameters():
+    layer = make_layer()
+    h = torch.randn(2, 6)
+    with torch.no_grad():
+        layer(h)  # fill the cache in fp32
+        layer.double()
+        y = layer(h.double())
+        assert y.dtype == torch.float64
+        torch.testing.assert_close(y, layer.base_layer(h.double()) @ R_of(layer, "a").T.double())
+        layer.road_alpha["a"] = nn.Parameter(torch.full_like(layer.road_alpha["a"], 2.0))
+        torch.testing.assert_close(layer(h.double()), layer.base_layer(h.double()) @ R_of(layer, "a").T.double())
