@@ -88,7 +88,9 @@ def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tenso
     """
     dim = dim % x.dim()
     shape = tuple(index.shape) + (1,) * (dim - index.dim()) + (c_table.shape[-1],)
-    return forward(x, c_table[index].view(shape), s_table[index].view(shape), group_size, dim)
+    flat = index.reshape(-1)  # index_select is several times faster than advanced indexing on CPU
+    return forward(x, c_table.index_select(0, flat).view(shape), s_table.index_select(0, flat).view(shape),
+                   group_size, dim)
 
 
 def rotate_rows_(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int,
