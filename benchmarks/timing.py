@@ -71,7 +71,7 @@ def summarize(xs: list[float]) -> dict:
 
 def ratio_stats(xs: list[float], base: list[float]) -> dict:
     """Ratio to the base case of the same run: of the medians, and per repetition (paired)."""
-    paired = sorted(x / b for x, b in zip(xs, base))
+    paired = sorted(x / b for x, b in zip(xs, base, strict=True))
     st = summarize(paired)
     return {"of_medians": statistics.median(xs) / statistics.median(base), "paired_median": st["median"],
             "paired_min": st["min"], "paired_max": st["max"], "paired_q1": st["q1"], "paired_q3": st["q3"]}

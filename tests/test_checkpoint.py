@@ -10,11 +10,11 @@ import stat
 
 import pytest
 import torch
+from conftest import tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import roadkit.checkpoint
-from conftest import tiny_llama
 from roadkit import ModulesToSaveWrapper, RoadConfig, RoadLayer, RoadModel, get_peft_model
 
 peft = pytest.importorskip("peft")
@@ -146,8 +146,8 @@ def snapshot(model: torch.nn.Module) -> dict:
     if isinstance(model, RoadModel):
         snap["peft_config"] = {k: v.to_dict() for k, v in model.peft_config.items()}
         snap["active"] = model.active_adapters
-        snap["layers"] = [(p, l.active_adapters, list(l.merged_adapters), sorted(l.road_theta))
-                          for p, l in model.road_layers()]
+        snap["layers"] = [(p, lyr.active_adapters, list(lyr.merged_adapters), sorted(lyr.road_theta))
+                          for p, lyr in model.road_layers()]
     return snap
 
 
@@ -370,7 +370,7 @@ def test_roundtrip(is_trainable, tmp_path, input_ids):
     assert loaded.active_adapters == ["default"]
 
     # Exact tensor round trip.
-    orig = {p: l for p, l in rm.road_layers()}
+    orig = dict(rm.road_layers())
     for path, layer in loaded.road_layers():
         for name in layer.road_theta:
             assert torch.equal(layer.road_theta[name], orig[path].road_theta[name])

@@ -25,7 +25,7 @@ def test_compiled_layer_trains_without_graph_breaks():
     layer.zero_grad()
     layer(x).square().sum().backward()
     want = [layer.road_theta["a"].grad, layer.road_alpha["b"].grad]
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 

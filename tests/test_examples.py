@@ -10,7 +10,6 @@ import copy
 
 import pytest
 import torch
-
 from conftest import tiny_llama
 
 

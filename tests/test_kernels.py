@@ -41,7 +41,7 @@ def test_backward_matches_torch(shape, g, dtype, max_programs, monkeypatch):
     got = triton_ops.backward(gy, x, c, s, g, need_gx=True)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert got[0].dtype == dtype
-    for w, o in zip(want, got):
+    for w, o in zip(want, got, strict=True):
         torch.testing.assert_close(o, w, rtol=tol, atol=tol)
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_functional import dense
 from torch import nn
 
 from roadkit import Linear
 from roadkit import functional as F
 from roadkit.layers import Routing
-
-from test_functional import dense
 
 
 def make_layer(variant="road_2", g=4, d_in=6, d_out=8, bias=True, seed=0, init_weights=False):

@@ -8,9 +8,9 @@ import types
 
 import pytest
 import torch
+from conftest import tiny_llama, tiny_mlp, tiny_opt
 from torch import nn
 
-from conftest import tiny_llama, tiny_mlp, tiny_opt
 from roadkit import ModulesToSaveWrapper, RoadConfig, RoadLayer, RoadModel, get_peft_model
 
 QV = ["q_proj", "v_proj"]
@@ -66,8 +66,8 @@ def snapshot(model: nn.Module) -> dict:
     if isinstance(model, RoadModel):
         snap["peft_config"] = {k: v.to_dict() for k, v in model.peft_config.items()}
         snap["active"] = model.active_adapters
-        snap["layers"] = [(p, l.active_adapters, list(l.merged_adapters), l.routing)
-                          for p, l in model.road_layers()]
+        snap["layers"] = [(p, lyr.active_adapters, list(lyr.merged_adapters), lyr.routing)
+                          for p, lyr in model.road_layers()]
     return snap
 
 
@@ -103,7 +103,7 @@ def two(llama):
 def test_trainable_parameter_counts(variant, llama, capsys):
     n_base = sum(p.numel() for p in llama.parameters())
     rm = get_peft_model(llama, RoadConfig(variant=variant, group_size=32, target_modules=QV))
-    outs = [l.get_base_layer().out_features for _, l in rm.road_layers()]
+    outs = [lyr.get_base_layer().out_features for _, lyr in rm.road_layers()]
     assert len(outs) == 2 * llama.config.num_hidden_layers
     want = sum(TRAINABLE_PER_LAYER[variant](d) for d in outs)
 
@@ -255,7 +255,7 @@ def test_disable_adapter_with_merged_adapter(two, llama_base, input_ids):
     two.set_adapter(["default", "b"])
     adapted = logits(two, input_ids)
     two.merge_adapter()
-    assert all(l.merged for _, l in two.road_layers())
+    assert all(lyr.merged for _, lyr in two.road_layers())
     close(logits(two, input_ids), adapted)
     merged_weights = {k: v.clone() for k, v in two.state_dict().items()}
     merged_q = two.model.model.layers[0].self_attn.q_proj.get_base_layer().weight
@@ -266,7 +266,7 @@ def test_disable_adapter_with_merged_adapter(two, llama_base, input_ids):
             assert torch.equal(v, merged_weights[k]), k
     for k, v in two.state_dict().items():
         assert torch.equal(v, merged_weights[k]), k
-    assert all(l.merged for _, l in two.road_layers())
+    assert all(lyr.merged for _, lyr in two.road_layers())
     close(logits(two, input_ids), adapted)
 
 
@@ -580,7 +580,7 @@ def test_mixed_batch_errors_before_compute(names, setup, error, pattern, counted
         rm(input_ids=input_ids, adapter_names=names)
     assert calls == []
     assert_unchanged(before, rm)
-    assert all(l.routing is None for _, l in rm.road_layers())
+    assert all(lyr.routing is None for _, lyr in rm.road_layers())
 
 
 def test_mixed_batch_positive_control(counted, llama_base, input_ids):
@@ -595,7 +595,7 @@ def test_mixed_batch_positive_control(counted, llama_base, input_ids):
     assert len(calls) == 1
     for i, n in enumerate(names):
         close(mixed[i], outs[n][i], atol=1e-6)
-    assert all(l.routing is None for _, l in rm.road_layers())
+    assert all(lyr.routing is None for _, lyr in rm.road_layers())
 
 
 # ---- half precision bases --------------------------------------------------------------------
@@ -620,7 +620,7 @@ def test_half_precision_base(dtype, atol, llama, input_ids):
     base_out = logits(ref_base, input_ids)
     ref = get_peft_model(ref_base, cfg).eval()
     with torch.no_grad():
-        for (path, layer), (rpath, rlayer) in zip(rm.road_layers(), ref.road_layers()):
+        for (path, layer), (rpath, rlayer) in zip(rm.road_layers(), ref.road_layers(), strict=True):
             assert path == rpath
             rlayer.road_theta["default"].copy_(layer.road_theta["default"])
             rlayer.road_alpha["default"].copy_(layer.road_alpha["default"])

@@ -172,7 +172,8 @@ def inverse(coeffs: Coefficients, group_size: int) -> Coefficients:
     sa, sb = _pairs(s, group_size)
     det = ca * cb + sa * sb
     if not torch.all(det != 0):
-        raise ValueError("this RoAd rotation is singular (some pair has c_a*c_b + s_a*s_b == 0); it cannot be inverted.")
+        raise ValueError("this RoAd rotation is singular (some pair has c_a*c_b + s_a*s_b == 0); "
+                         "it cannot be inverted.")
     return _join(cb / det, ca / det), _join(-sa / det, -sb / det)
 
 

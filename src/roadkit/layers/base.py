@@ -245,7 +245,7 @@ class RoadLayer(nn.Module):
             if not all(torch.isfinite(v).all() for v in new):
                 raise ValueError(f"merging adapter {name!r} would put NaN or inf into the weights; "
                                  "nothing was changed.")
-            for p, v in zip(params, new):
+            for p, v in zip(params, new, strict=True):
                 p.copy_(v)
         else:
             for p in params:
