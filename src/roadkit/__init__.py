@@ -1,9 +1,10 @@
 """roadkit: RoAd (2D rotary adaptation) adapters for PyTorch and Hugging Face models."""
 
 from .config import RoadConfig
-from .layers import Linear, ModulesToSaveWrapper, RoadLayer
+from .layers import Linear, ModulesToSaveWrapper, RoadLayer, TransformersConv1D
 from .model import RoadModel, get_peft_model
 
 __version__ = "0.1.0"
 
-__all__ = ["Linear", "ModulesToSaveWrapper", "RoadConfig", "RoadLayer", "RoadModel", "get_peft_model"]
+__all__ = ["Linear", "ModulesToSaveWrapper", "RoadConfig", "RoadLayer", "RoadModel", "TransformersConv1D",
+           "get_peft_model"]

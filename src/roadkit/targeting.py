@@ -98,7 +98,7 @@ def select_targets(model: nn.Module, config: RoadConfig) -> list[str]:
         if isinstance(module, ModulesToSaveWrapper):
             continue
         if wrapper_for(base) is None:
-            supported = ", ".join(t.__module__ + "." + t.__qualname__ for t, _ in LAYER_TYPES)
+            supported = ", ".join(wrapper.base_type for wrapper in LAYER_TYPES)
             raise ValueError(
                 f"target module {name!r} is a {type(base).__module__}.{type(base).__qualname__}, which RoAd "
                 f"cannot wrap; supported layer types: {supported}."

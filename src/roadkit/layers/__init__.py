@@ -7,25 +7,22 @@ from typing import Optional
 from torch import nn
 
 from .base import BASE, RoadLayer, Routing
-from .linear import Linear
+from .linear import Linear, TransformersConv1D
 from .saved import ModulesToSaveWrapper
 
-# Base layer type -> RoAd wrapper class. The first isinstance match wins.
-LAYER_TYPES: tuple[tuple[type, type[RoadLayer]], ...] = ((nn.Linear, Linear),)
+# Wrapper classes, each saying which base layers it `wraps`; the first match wins.
+LAYER_TYPES: tuple[type[Linear], ...] = (Linear, TransformersConv1D)
 
 
-def wrapper_for(module: nn.Module) -> Optional[type[RoadLayer]]:
+def wrapper_for(module: nn.Module) -> Optional[type[Linear]]:
     """The RoAd wrapper class for `module`, or None when RoAd cannot wrap it."""
-    for base_type, wrapper in LAYER_TYPES:
-        if isinstance(module, base_type):
-            return wrapper
-    return None
+    return next((wrapper for wrapper in LAYER_TYPES if wrapper.wraps(module)), None)
 
 
 def out_features_of(module: nn.Module) -> int:
     """Number of output features a RoAd wrapper would rotate."""
-    return module.out_features
+    return wrapper_for(module).features_of(module)
 
 
-__all__ = ["BASE", "LAYER_TYPES", "Linear", "ModulesToSaveWrapper", "RoadLayer", "Routing", "out_features_of",
-           "wrapper_for"]
+__all__ = ["BASE", "LAYER_TYPES", "Linear", "ModulesToSaveWrapper", "RoadLayer", "Routing", "TransformersConv1D",
+           "out_features_of", "wrapper_for"]

@@ -1,6 +1,8 @@
-"""RoAd on `nn.Linear`: rotate the output features of y = W h + b."""
+"""RoAd on linear layers: `nn.Linear` and transformers' `Conv1D` (GPT-2's linear with a transposed weight)."""
 
 from __future__ import annotations
+
+import sys
 
 from torch import nn
 
@@ -10,9 +12,44 @@ from .base import RoadLayer
 class Linear(RoadLayer):
     """An `nn.Linear` whose outputs are rotated by the active RoAd adapters."""
 
-    def __init__(self, base_layer: nn.Linear, adapter_name: str = "default", variant: str = "road_1",
+    base_type = "torch.nn.Linear"
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str = "default", variant: str = "road_1",
                  group_size: int = 64, init_weights: bool = True) -> None:
-        super().__init__(base_layer, base_layer.out_features)
-        self.in_features = base_layer.in_features
+        super().__init__(base_layer, self.features_of(base_layer))
+        self.in_features = self.in_features_of(base_layer)
         self.update_layer(adapter_name, variant, group_size, init_weights)
         self.set_adapter(adapter_name)
+
+    @staticmethod
+    def wraps(module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear)
+
+    @staticmethod
+    def features_of(module: nn.Module) -> int:
+        return module.out_features
+
+    @staticmethod
+    def in_features_of(module: nn.Module) -> int:
+        return module.in_features
+
+
+class TransformersConv1D(Linear):
+    """transformers' `Conv1D` (GPT-2, GPT-BigCode): y = x W + b with W of shape (in, out)."""
+
+    base_type = "transformers.pytorch_utils.Conv1D"
+    weight_feature_dim = 1
+
+    @staticmethod
+    def wraps(module: nn.Module) -> bool:
+        # A Conv1D instance exists only once transformers defined it: no import needed to check.
+        utils = sys.modules.get("transformers.pytorch_utils")
+        return utils is not None and isinstance(module, utils.Conv1D)
+
+    @staticmethod
+    def features_of(module: nn.Module) -> int:
+        return module.nf
+
+    @staticmethod
+    def in_features_of(module: nn.Module) -> int:
+        return module.weight.shape[0]
