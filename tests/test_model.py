@@ -677,3 +677,19 @@ def test_per_token_index_errors(two, input_ids, indices, error, pattern):
 def test_adapter_indices_need_names(two, input_ids):
     with pytest.raises(ValueError, match="adapter_indices needs adapter_names"):
         logits(two, input_ids, adapter_indices=torch.zeros(4, dtype=torch.long))
+
+
+# ---- tensor parallelism ------------------------------------------------------------------------
+
+
+def test_check_tensor_parallel_lists_layers_that_do_not_split(llama):
+    from roadkit import check_tensor_parallel
+
+    rm = get_peft_model(llama, RoadConfig(group_size=64, target_modules=["q_proj", "gate_proj"]))
+    assert check_tensor_parallel(rm, 1) == [] and check_tensor_parallel(rm, 2) == []
+    issues = check_tensor_parallel(rm, 4)  # q_proj: 128 / 4 = 32 features per rank, not a multiple of 64
+    assert sorted(i.module.rsplit(".", 1)[-1] for i in issues) == ["q_proj"] * llama.config.num_hidden_layers
+    assert "out_features=128 / tp_size=4 is not a multiple of group_size=64" in str(issues[0])
+    assert {i.module.rsplit(".", 1)[-1] for i in check_tensor_parallel(rm, 3)} == {"q_proj", "gate_proj"}
+    with pytest.raises(ValueError, match="tp_size must be a positive integer, got 0"):
+        check_tensor_parallel(rm, 0)

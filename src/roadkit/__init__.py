@@ -2,9 +2,9 @@
 
 from .config import RoadConfig
 from .layers import Linear, ModulesToSaveWrapper, RoadLayer, TransformersConv1D
-from .model import RoadModel, get_peft_model
+from .model import RoadModel, TensorParallelIssue, check_tensor_parallel, get_peft_model
 
 __version__ = "0.1.0"
 
-__all__ = ["Linear", "ModulesToSaveWrapper", "RoadConfig", "RoadLayer", "RoadModel", "TransformersConv1D",
-           "get_peft_model"]
+__all__ = ["Linear", "ModulesToSaveWrapper", "RoadConfig", "RoadLayer", "RoadModel", "TensorParallelIssue",
+           "TransformersConv1D", "check_tensor_parallel", "get_peft_model"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
@@ -440,6 +441,40 @@ class RoadModel(nn.Module):
                 module = wrapper.modules_to_save[adapter_name]
                 module.load_state_dict({k[len(ckpt.adapter_key(path, "")):]: v for k, v in tensors.items()
                                         if k.startswith(ckpt.adapter_key(path, ""))})
+
+
+@dataclass(frozen=True)
+class TensorParallelIssue:
+    """A RoAd layer whose per-rank output slice cannot hold whole rotation groups."""
+
+    module: str
+    adapter: str
+    out_features: int
+    group_size: int
+    tp_size: int
+
+    def __str__(self) -> str:
+        return (f"{self.module} (adapter {self.adapter!r}): out_features={self.out_features} / tp_size="
+                f"{self.tp_size} is not a multiple of group_size={self.group_size}")
+
+
+def check_tensor_parallel(model: RoadModel, tp_size: int) -> list[TensorParallelIssue]:
+    """RoAd layers (and adapters) that a tensor-parallel split of `tp_size` ranks would break.
+
+    A column-parallel layer gives each rank d_out / tp_size output features, and RoAd's pairs must
+    not straddle ranks: that needs d_out divisible by tp_size and d_out / tp_size by group_size.
+    Row-parallel layers (whose outputs are all-reduced, not split) are checked by the same rule, so
+    the answer errs on the safe side. An empty list means every layer splits cleanly.
+    """
+    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+        raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}.")
+    issues = []
+    for path, layer in model.road_layers():
+        for name, g in layer.group_size.items():
+            d = layer.out_features
+            if d % tp_size or (d // tp_size) % g:
+                issues.append(TensorParallelIssue(path, name, d, g, tp_size))
+    return issues
 
 
 def get_peft_model(model: nn.Module, peft_config: RoadConfig, adapter_name: str = ckpt.DEFAULT_ADAPTER) -> RoadModel:
