@@ -87,7 +87,8 @@ def select_targets(model: nn.Module, config: RoadConfig) -> list[str]:
     for name, module in _candidates(model):
         base = _base_of(module)
         if spec == ALL_LINEAR:
-            if wrapper_for(base) is None or base is head:
+            wrapper = wrapper_for(base)
+            if wrapper is None or not wrapper.linear_like or base is head:
                 continue
         elif not _matches(name, spec):
             continue

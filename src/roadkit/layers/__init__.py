@@ -7,14 +7,15 @@ from typing import Optional
 from torch import nn
 
 from .base import BASE, RoadLayer, Routing
+from .conv import Conv
 from .linear import Linear, TransformersConv1D
 from .saved import ModulesToSaveWrapper
 
 # Wrapper classes, each saying which base layers it `wraps`; the first match wins.
-LAYER_TYPES: tuple[type[Linear], ...] = (Linear, TransformersConv1D)
+LAYER_TYPES: tuple[type[RoadLayer], ...] = (Linear, TransformersConv1D, Conv)
 
 
-def wrapper_for(module: nn.Module) -> Optional[type[Linear]]:
+def wrapper_for(module: nn.Module) -> Optional[type[RoadLayer]]:
     """The RoAd wrapper class for `module`, or None when RoAd cannot wrap it."""
     return next((wrapper for wrapper in LAYER_TYPES if wrapper.wraps(module)), None)
 
@@ -24,5 +25,5 @@ def out_features_of(module: nn.Module) -> int:
     return wrapper_for(module).features_of(module)
 
 
-__all__ = ["BASE", "LAYER_TYPES", "Linear", "ModulesToSaveWrapper", "RoadLayer", "Routing", "TransformersConv1D",
-           "out_features_of", "wrapper_for"]
+__all__ = ["BASE", "LAYER_TYPES", "Conv", "Linear", "ModulesToSaveWrapper", "RoadLayer", "Routing",
+           "TransformersConv1D", "out_features_of", "wrapper_for"]

@@ -40,6 +40,18 @@ class RoadLayer(nn.Module):
     other_param_names: tuple[str, ...] = ("variant", "group_size")
     feature_dim: int = -1  # axis of the base output that holds the features
     weight_feature_dim: int = 0  # axis of weight (and bias) that holds the output features
+    base_type: str = ""  # the base layer type a subclass wraps, for messages
+    linear_like: bool = False  # selected by target_modules="all-linear"
+
+    @staticmethod
+    def wraps(module: nn.Module) -> bool:
+        """Whether this wrapper class can wrap `module` (each subclass says)."""
+        return False
+
+    @staticmethod
+    def features_of(module: nn.Module) -> int:
+        """How many output features of `module` the rotation acts on."""
+        raise NotImplementedError
 
     def __init__(self, base_layer: nn.Module, out_features: int) -> None:
         super().__init__()

@@ -13,6 +13,7 @@ class Linear(RoadLayer):
     """An `nn.Linear` whose outputs are rotated by the active RoAd adapters."""
 
     base_type = "torch.nn.Linear"
+    linear_like = True  # selected by target_modules="all-linear"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str = "default", variant: str = "road_1",
                  group_size: int = 64, init_weights: bool = True) -> None:

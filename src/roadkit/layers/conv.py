@@ -1,0 +1,34 @@
+"""RoAd on convolutions: rotate the output channels of `nn.Conv1d` / `nn.Conv2d` / `nn.Conv3d`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import RoadLayer
+
+
+class Conv(RoadLayer):
+    """A convolution whose output channels are rotated by the active RoAd adapters.
+
+    Channels sit at axis -(spatial dims + 1) of the output, so batched and unbatched inputs both
+    work; merging rotates the output-channel rows of the kernel and the bias.
+    """
+
+    base_type = "torch.nn.Conv1d / Conv2d / Conv3d"
+    linear_like = False
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str = "default", variant: str = "road_1",
+                 group_size: int = 64, init_weights: bool = True) -> None:
+        super().__init__(base_layer, self.features_of(base_layer))
+        self.feature_dim = -(base_layer.weight.dim() - 1)  # instance attribute: depends on the kind of conv
+        self.in_features = base_layer.in_channels
+        self.update_layer(adapter_name, variant, group_size, init_weights)
+        self.set_adapter(adapter_name)
+
+    @staticmethod
+    def wraps(module: nn.Module) -> bool:
+        return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+    @staticmethod
+    def features_of(module: nn.Module) -> int:
+        return module.out_channels
