@@ -444,11 +444,11 @@ def test_reserved_adapter_name(two, llama):
     (dict(target_modules=QV, layers_to_transform=[7]), [r"matched no adaptable module"]),
     (dict(target_modules=["input_layernorm"]),
      [r"input_layernorm", r"LlamaRMSNorm", r"cannot wrap", r"Linear"]),
-    (dict(target_modules=["embed_tokens"]), [r"embed_tokens", r"Embedding", r"cannot wrap"]),
+    (dict(target_modules=["rotary_emb"]), [r"rotary_emb", r"LlamaRotaryEmbedding", r"cannot wrap"]),
     (dict(target_modules=["up_proj", "down_proj"], group_size=256),
      [r"model\.layers\.0\.mlp\.down_proj", r"out_features=128", r"group_size=256"]),
     (dict(target_modules=QV, group_size=48), [r"q_proj", r"out_features=128", r"group_size=48"]),
-], ids=["no_match_list", "no_match_regex", "no_such_layer", "layernorm", "embedding", "divisible_late",
+], ids=["no_match_list", "no_match_regex", "no_such_layer", "layernorm", "rotary", "divisible_late",
         "divisible"])
 def test_targeting_errors_leave_model_untouched(cfg, patterns, llama):
     llama.train()

@@ -245,6 +245,7 @@ class RoadModel(nn.Module):
         """
         names = self._active if adapter_names is None else _as_list(adapter_names)
         self._check_known(names)
+        self._check_untied(names)
         done: list[tuple[RoadLayer, int]] = []
         try:
             for _, layer in self.road_layers():
@@ -255,6 +256,23 @@ class RoadModel(nn.Module):
             for layer, count in done:
                 layer.unmerge(last=count)
             raise
+
+    def _check_untied(self, names: list[str]) -> None:
+        """Refuse to merge into a weight another module shares (tied input/output embeddings):
+        merging would silently change that module too."""
+        owners: dict[int, set[str]] = {}
+        for module_name, module in self.model.named_modules():
+            for p in module.parameters(recurse=False):
+                owners.setdefault(p.data_ptr(), set()).add(module_name)
+        for path, layer in self.road_layers():
+            if not any(n in layer.road_theta and n not in layer.merged_adapters for n in names):
+                continue
+            for p in layer._merge_params():
+                others = sorted(owners.get(p.data_ptr(), set()) - {f"{path}.base_layer"})
+                if others:
+                    raise ValueError(f"cannot merge into {path!r}: its weight is shared with {others} (tied "
+                                     "weights), which merging would change too. Keep the adapter unmerged, or "
+                                     "untie the weights first. Nothing was merged.")
 
     def unmerge_adapter(self) -> None:
         """Restore the base weights of every layer with merged adapters."""

@@ -8,11 +8,12 @@ from torch import nn
 
 from .base import BASE, RoadLayer, Routing
 from .conv import Conv
+from .embedding import Embedding
 from .linear import Linear, TransformersConv1D
 from .saved import ModulesToSaveWrapper
 
 # Wrapper classes, each saying which base layers it `wraps`; the first match wins.
-LAYER_TYPES: tuple[type[RoadLayer], ...] = (Linear, TransformersConv1D, Conv)
+LAYER_TYPES: tuple[type[RoadLayer], ...] = (Linear, TransformersConv1D, Conv, Embedding)
 
 
 def wrapper_for(module: nn.Module) -> Optional[type[RoadLayer]]:
@@ -25,5 +26,5 @@ def out_features_of(module: nn.Module) -> int:
     return wrapper_for(module).features_of(module)
 
 
-__all__ = ["BASE", "LAYER_TYPES", "Conv", "Linear", "ModulesToSaveWrapper", "RoadLayer", "Routing",
+__all__ = ["BASE", "LAYER_TYPES", "Conv", "Embedding", "Linear", "ModulesToSaveWrapper", "RoadLayer", "Routing",
            "TransformersConv1D", "out_features_of", "wrapper_for"]
