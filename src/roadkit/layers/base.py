@@ -53,10 +53,18 @@ class RoadLayer(nn.Module):
         """How many output features of `module` the rotation acts on."""
         raise NotImplementedError
 
-    def __init__(self, base_layer: nn.Module, out_features: int) -> None:
+    @staticmethod
+    def in_features_of(module: nn.Module) -> int:
+        """The size of `module`'s input (for information, like nn.Linear.in_features)."""
+        raise NotImplementedError
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str = "default", variant: str = "road_1",
+                 group_size: int = 64, init_weights: bool = True) -> None:
+        """Wrap `base_layer` with one adapter, `adapter_name`, active."""
         super().__init__()
         self.base_layer = base_layer
-        self.out_features = out_features
+        self.out_features = self.features_of(base_layer)
+        self.in_features = self.in_features_of(base_layer)
         self.road_theta = nn.ParameterDict()
         self.road_alpha = nn.ParameterDict()
         self.variant: dict[str, str] = {}
@@ -68,6 +76,8 @@ class RoadLayer(nn.Module):
         self._cache: dict[Any, Any] = {}
         self._tables_for: Optional[Routing] = None
         self._tables_value: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.update_layer(adapter_name, variant, group_size, init_weights)
+        self.set_adapter(adapter_name)
 
     # ---- adapters ------------------------------------------------------------------------------
 

@@ -19,11 +19,8 @@ class Conv(RoadLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str = "default", variant: str = "road_1",
                  group_size: int = 64, init_weights: bool = True) -> None:
-        super().__init__(base_layer, self.features_of(base_layer))
-        self.feature_dim = -(base_layer.weight.dim() - 1)  # instance attribute: depends on the kind of conv
-        self.in_features = base_layer.in_channels
-        self.update_layer(adapter_name, variant, group_size, init_weights)
-        self.set_adapter(adapter_name)
+        super().__init__(base_layer, adapter_name, variant, group_size, init_weights)
+        self.feature_dim = -(base_layer.weight.dim() - 1)  # channels precede the 1, 2 or 3 spatial axes
 
     @staticmethod
     def wraps(module: nn.Module) -> bool:
@@ -32,3 +29,7 @@ class Conv(RoadLayer):
     @staticmethod
     def features_of(module: nn.Module) -> int:
         return module.out_channels
+
+    @staticmethod
+    def in_features_of(module: nn.Module) -> int:
+        return module.in_channels

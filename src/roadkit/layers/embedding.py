@@ -17,13 +17,6 @@ class Embedding(RoadLayer):
     base_type = "torch.nn.Embedding"
     weight_feature_dim = 1
 
-    def __init__(self, base_layer: nn.Embedding, adapter_name: str = "default", variant: str = "road_1",
-                 group_size: int = 64, init_weights: bool = True) -> None:
-        super().__init__(base_layer, self.features_of(base_layer))
-        self.in_features = base_layer.num_embeddings
-        self.update_layer(adapter_name, variant, group_size, init_weights)
-        self.set_adapter(adapter_name)
-
     @staticmethod
     def wraps(module: nn.Module) -> bool:
         return isinstance(module, nn.Embedding)
@@ -31,3 +24,7 @@ class Embedding(RoadLayer):
     @staticmethod
     def features_of(module: nn.Module) -> int:
         return module.embedding_dim
+
+    @staticmethod
+    def in_features_of(module: nn.Module) -> int:
+        return module.num_embeddings

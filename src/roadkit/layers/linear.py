@@ -15,13 +15,6 @@ class Linear(RoadLayer):
     base_type = "torch.nn.Linear"
     linear_like = True  # selected by target_modules="all-linear"
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str = "default", variant: str = "road_1",
-                 group_size: int = 64, init_weights: bool = True) -> None:
-        super().__init__(base_layer, self.features_of(base_layer))
-        self.in_features = self.in_features_of(base_layer)
-        self.update_layer(adapter_name, variant, group_size, init_weights)
-        self.set_adapter(adapter_name)
-
     @staticmethod
     def wraps(module: nn.Module) -> bool:
         return isinstance(module, nn.Linear)
