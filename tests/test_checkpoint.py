@@ -82,6 +82,17 @@ def same_logits(reference, model, ids: torch.Tensor) -> None:
         model.float()
 
 
+def adapter_logits(model, ids: torch.Tensor, base_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Logits of "default" and "other", checked to differ from the base and from each other."""
+    out = {}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        out[name] = logits(model, ids)
+    assert (out["default"] - base_logits).abs().max() > 1e-2
+    assert (out["other"] - out["default"]).abs().max() > 1e-2
+    return out
+
+
 def perturb_(module: torch.nn.Module, seed: int) -> None:
     """Move a saved module's weights away from the base so a head copy is distinguishable."""
     g = torch.Generator().manual_seed(seed)
@@ -167,15 +178,9 @@ def assert_unchanged(before: dict, model: torch.nn.Module) -> None:
 @pytest.mark.parametrize("setup", sorted(SETUPS))
 def test_peft_directory_loads_in_roadkit(setup, tmp_path, input_ids):
     pm = build_peft(setup)
-    expected = {}
-    for name in ("default", "other"):
-        pm.set_adapter(name)
-        expected[name] = logits(pm, input_ids)
     with pm.disable_adapter():
         base_logits = logits(pm, input_ids)
-    # Sanity: the adapters are not the identity, and the two differ.
-    assert (expected["default"] - base_logits).abs().max() > 1e-2
-    assert (expected["other"] - expected["default"]).abs().max() > 1e-2
+    expected = adapter_logits(pm, input_ids, base_logits)
     pm.save_pretrained(tmp_path)
     assert os.path.isfile(tmp_path / "other" / WEIGHTS)
 
@@ -204,13 +209,7 @@ def test_peft_directory_loads_in_roadkit(setup, tmp_path, input_ids):
 @pytest.mark.parametrize("setup", sorted(SETUPS))
 def test_roadkit_directory_loads_in_peft(setup, tmp_path, input_ids):
     rm = build_roadkit(setup)
-    expected = {}
-    for name in ("default", "other"):
-        rm.set_adapter(name)
-        expected[name] = logits(rm, input_ids)
-    base_logits = logits(SETUPS[setup]["builder"](), input_ids)
-    assert (expected["default"] - base_logits).abs().max() > 1e-2
-    assert (expected["other"] - expected["default"]).abs().max() > 1e-2
+    expected = adapter_logits(rm, input_ids, logits(SETUPS[setup]["builder"](), input_ids))
     rm.save_pretrained(tmp_path)
 
     pm = peft.PeftModel.from_pretrained(SETUPS[setup]["builder"](), tmp_path)
@@ -631,3 +630,16 @@ def test_saved_files_get_ordinary_permissions(tmp_path):
     want = stat.S_IMODE(os.stat(reference).st_mode)
     for rel in (CONFIG, WEIGHTS, os.path.join("other", CONFIG), os.path.join("other", WEIGHTS)):
         assert stat.S_IMODE(os.stat(tmp_path / rel).st_mode) == want, rel
+
+
+def test_legacy_bin_weights_load(tmp_path, input_ids):
+    """Older PEFT versions wrote adapter_model.bin (torch.save) instead of safetensors."""
+    rm = build_roadkit("causal_lm")
+    rm.set_adapter("default")
+    expected = logits(rm, input_ids)
+    rm.save_pretrained(tmp_path, selected_adapters=["default"])
+    weights = load_file(tmp_path / WEIGHTS)
+    os.remove(tmp_path / WEIGHTS)
+    torch.save(weights, tmp_path / "adapter_model.bin")
+    loaded = RoadModel.from_pretrained(SETUPS["causal_lm"]["builder"](), tmp_path)
+    close(logits(loaded, input_ids), expected)

@@ -36,8 +36,6 @@ class Routing:
 class RoadLayer(nn.Module):
     """Base class of RoAd-wrapped layers: per-adapter `road_theta` / `road_alpha`, merging, mixed batches."""
 
-    adapter_layer_names: tuple[str, ...] = ("road_theta", "road_alpha")
-    other_param_names: tuple[str, ...] = ("variant", "group_size")
     feature_dim: int = -1  # axis of the base output that holds the features
     weight_feature_dim: int = 0  # axis of weight (and bias) that holds the output features
     base_type: str = ""  # the base layer type a subclass wraps, for messages
@@ -87,10 +85,6 @@ class RoadLayer(nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         return list(self._active_adapters)
-
-    @property
-    def active_adapter(self) -> list[str]:
-        return self.active_adapters
 
     @property
     def merged(self) -> bool:
