@@ -1,7 +1,17 @@
 """roadkit: RoAd (2D rotary adaptation) adapters for PyTorch and Hugging Face models."""
 
+from .compose import compose
 from .config import RoadConfig
-from .layers import Conv, Embedding, Linear, ModulesToSaveWrapper, RoadLayer, TransformersConv1D
+from .layers import (
+    Conv,
+    Embedding,
+    Linear,
+    Linear4bit,
+    Linear8bitLt,
+    ModulesToSaveWrapper,
+    RoadLayer,
+    TransformersConv1D,
+)
 from .model import RoadModel, TensorParallelIssue, check_tensor_parallel, get_peft_model
 
 __version__ = "0.1.0"
@@ -10,12 +20,25 @@ __all__ = [
     "Conv",
     "Embedding",
     "Linear",
+    "Linear4bit",
+    "Linear8bitLt",
     "ModulesToSaveWrapper",
     "RoadConfig",
     "RoadLayer",
     "RoadModel",
+    "RoadTrainer",
     "TensorParallelIssue",
     "TransformersConv1D",
     "check_tensor_parallel",
+    "compose",
     "get_peft_model",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """`RoadTrainer` is imported on first use: `transformers.Trainer` takes seconds to import and needs accelerate."""
+    if name == "RoadTrainer":
+        from .trainer import RoadTrainer
+
+        return RoadTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from .fileio import atomic_write_bytes
+from .subspace import normalize_spec
 
 PEFT_TYPE = "ROAD"
 CONFIG_NAME = "adapter_config.json"
@@ -16,7 +17,7 @@ VARIANTS = ("road_1", "road_2", "road_4")
 # Heads that a sequence-classification adapter must train and save alongside the rotations.
 SEQ_CLS_HEADS = ("classifier", "score")
 # Fields PEFT's RoadConfig lacks; written only when set.
-ROADKIT_ONLY = ("exclude_modules", "layers_to_transform", "layers_pattern")
+ROADKIT_ONLY = ("exclude_modules", "layers_to_transform", "layers_pattern", "subspace")
 # The PEFT version whose file layout we write; PEFT reads this key only for information.
 PEFT_FORMAT_VERSION = "0.17.0"
 
@@ -66,6 +67,10 @@ class RoadConfig:
         layers_pattern: name(s) of the module list holding the layers, e.g. "layers" or "h".
         modules_to_save: further modules trained in full and saved with the adapter (e.g. a head).
         task_type: PEFT task type; "SEQ_CLS" adds "classifier" and "score" to modules_to_save.
+        subspace: restrict the adapter to some rotation pairs of every layer; the others stay exactly
+            the identity and are not parameters at all. {"shard": k, "num_shards": n} (or "k/n"),
+            {"fraction": f, "seed": s}, {"pairs": [...]}; see `roadkit.subspace`. A roadkit key:
+            PEFT loads the saved tensors (identity outside the subspace) and ignores it.
     """
 
     variant: str = "road_1"
@@ -80,6 +85,7 @@ class RoadConfig:
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
     inference_mode: bool = False
+    subspace: Optional[dict[str, Any]] = None
     peft_type: str = field(default=PEFT_TYPE, init=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +108,7 @@ class RoadConfig:
                 raise ValueError(f"RoadConfig.layers_to_transform must be a layer index or a list of "
                                  f"non-negative layer indices, got {ltt!r}.")
             self.layers_to_transform = list(items)
+        self.subspace = normalize_spec(self.subspace)
         if self.task_type == "SEQ_CLS":
             extra = [h for h in SEQ_CLS_HEADS if h not in (self.modules_to_save or [])]
             self.modules_to_save = (self.modules_to_save or []) + extra

@@ -188,6 +188,29 @@ def compose(first: Coefficients, second: Coefficients, group_size: int) -> Coeff
     return c, s
 
 
+def expand_parameters(theta: torch.Tensor, alpha: torch.Tensor, variant: str, to_variant: str,
+                      group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same rotation's (theta, alpha) in a larger variant (road_1 -> road_2 -> road_4), exactly:
+    road_1's per-pair values serve both features of the pair; road_2's per-feature values fill both
+    of road_4's slots."""
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    variant, to_variant = normalize_variant(variant), normalize_variant(to_variant)
+    if order[to_variant] < order[variant]:
+        raise ValueError(f"cannot express {variant} parameters as {to_variant}: only road_1 -> road_2 -> road_4.")
+    if variant == "road_1" and to_variant != "road_1":
+        theta, alpha = (t.unflatten(0, (-1, 1, group_size // 2)).expand(-1, 2, -1).flatten() for t in (theta, alpha))
+        variant = "road_2"
+    if variant == "road_2" and to_variant == "road_4":
+        theta, alpha = (t.unflatten(0, (-1, 1, group_size)).expand(-1, 2, -1).flatten() for t in (theta, alpha))
+    return theta, alpha
+
+
+def polar(coeffs: Coefficients) -> tuple[torch.Tensor, torch.Tensor]:
+    """road_2 parameters of any per-feature (c, s): theta = atan2(s, c), alpha = |(c, s)| (>= 0)."""
+    c, s = coeffs
+    return torch.atan2(s, c), torch.hypot(c, s)
+
+
 def identity(out_features: int, dtype: torch.dtype = torch.float32, device=None) -> Coefficients:
     """Coefficients of the identity rotation (what `__base__` rows use)."""
     return (torch.ones(out_features, dtype=dtype, device=device),
@@ -211,9 +234,11 @@ __all__ = [
     "coefficient_grads",
     "coefficients",
     "compose",
+    "expand_parameters",
     "identity",
     "inverse",
     "parameter_length",
+    "polar",
     "road",
     "rotate",
     "rotate_indexed",

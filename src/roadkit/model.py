@@ -14,6 +14,7 @@ from . import checkpoint as ckpt
 from .config import RoadConfig
 from .functional import check_group_size, parameter_length
 from .layers import BASE, ModulesToSaveWrapper, RoadLayer, Routing, out_features_of, wrapper_for
+from .subspace import free_entries, outside_count
 from .targeting import select_modules_to_save, select_targets
 
 
@@ -29,12 +30,25 @@ def _saved_original(module: nn.Module) -> nn.Module:
     return module.original_module if isinstance(module, ModulesToSaveWrapper) else module
 
 
+def _base_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a layer computes in: its `compute_dtype` (bitsandbytes 4-bit), else its first
+    floating-point parameter's, else float32."""
+    if isinstance(getattr(module, "compute_dtype", None), torch.dtype):
+        return module.compute_dtype
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 def expected_tensors(model: nn.Module, config: RoadConfig) -> dict[str, torch.Size]:
-    """Every tensor key (and shape) an adapter with `config` has on `model`; validates group sizes."""
+    """Every tensor key (and shape) an adapter with `config` has on `model`; validates group sizes
+    and the subspace."""
     shapes: dict[str, torch.Size] = {}
     for path in select_targets(model, config):
         n_out = out_features_of(_base_of(model.get_submodule(path)))
         check_group_size(n_out, config.group_size, where=f"target module {path!r}")
+        free_entries(config.subspace, config.variant, config.group_size, n_out, where=f"target module {path!r}")
         n = torch.Size([parameter_length(config.variant, n_out)])
         shapes[ckpt.adapter_key(path, "road_theta")] = n
         shapes[ckpt.adapter_key(path, "road_alpha")] = n
@@ -42,6 +56,23 @@ def expected_tensors(model: nn.Module, config: RoadConfig) -> dict[str, torch.Si
         for pname, t in _saved_original(model.get_submodule(path)).state_dict().items():
             shapes[ckpt.adapter_key(path, pname)] = t.shape
     return shapes
+
+
+def _check_subspace(model: nn.Module, config: RoadConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse adapter tensors that move pairs outside the adapter's subspace (they would be dropped)."""
+    if config.subspace is None:
+        return
+    bad = []
+    for path in select_targets(model, config):
+        n_out = out_features_of(_base_of(model.get_submodule(path)))
+        free = free_entries(config.subspace, config.variant, config.group_size, n_out)
+        count = outside_count(tensors[ckpt.adapter_key(path, "road_theta")],
+                              tensors[ckpt.adapter_key(path, "road_alpha")], free)
+        if count:
+            bad.append(f"{path} ({count} entries)")
+    if bad:
+        raise ValueError(f"adapter at {source!r} has subspace={config.subspace} but is not the identity outside "
+                         f"it in: {', '.join(bad)}. The model was left unchanged.")
 
 
 def _check_tensors(expected: dict[str, torch.Size], tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -64,7 +95,10 @@ def _check_tensors(expected: dict[str, torch.Size], tensors: dict[str, torch.Ten
 class RoadModel(nn.Module):
     """A model with RoAd adapters. Attribute access falls through to the wrapped model."""
 
-    def __init__(self, model: nn.Module, config: RoadConfig, adapter_name: str = ckpt.DEFAULT_ADAPTER) -> None:
+    def __init__(self, model: nn.Module, config: RoadConfig, adapter_name: str = ckpt.DEFAULT_ADAPTER,
+                 autocast_adapter_dtype: bool = True) -> None:
+        """Wrap `model` with a fresh adapter. Adapter parameters are float32 (`autocast_adapter_dtype`,
+        the default, which trains well under bf16/fp16 bases) or, if False, each base layer's dtype."""
         super().__init__()
         self._check_config(config)
         self._check_new_name(adapter_name, existing=())
@@ -72,10 +106,13 @@ class RoadModel(nn.Module):
         self.model = model
         self.training = model.training
         self.peft_config: dict[str, RoadConfig] = {}
+        self.autocast_adapter_dtype = autocast_adapter_dtype
         self._active: list[str] = [adapter_name]
         for p in model.parameters():
             p.requires_grad_(False)
         self._inject(adapter_name, config)
+        if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+            self._inputs_require_grad()  # checkpointing was switched on before wrapping
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -97,6 +134,9 @@ class RoadModel(nn.Module):
             raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}.")
         if adapter_name == BASE:
             raise ValueError(f"{BASE!r} is reserved for 'no adapter' in mixed batches; choose another name.")
+        if hasattr(nn.ParameterDict(), adapter_name):  # it would shadow a method of the adapters' dicts
+            raise ValueError(f"adapter name {adapter_name!r} is reserved (an attribute of torch's ParameterDict, "
+                             "which holds the adapters); choose another name.")
         if adapter_name in existing:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; existing: {sorted(existing)}.")
 
@@ -126,11 +166,12 @@ class RoadModel(nn.Module):
         """Wrap (or extend) every target and every module to save. Callers validated `config` first."""
         for path in select_targets(self.model, config):
             module = self.model.get_submodule(path)
+            dtype = None if self.autocast_adapter_dtype else _base_dtype(_base_of(module))
+            args = (adapter_name, config.variant, config.group_size, config.init_weights, config.subspace, dtype)
             if isinstance(module, RoadLayer):
-                module.update_layer(adapter_name, config.variant, config.group_size, config.init_weights)
+                module.update_layer(*args)
             else:
-                layer = wrapper_for(module)(module, adapter_name, config.variant, config.group_size,
-                                            config.init_weights)
+                layer = wrapper_for(module)(module, *args)
                 self._replace(path, layer.train(module.training))
         for path in select_modules_to_save(self.model, config):
             module = self.model.get_submodule(path)
@@ -168,12 +209,19 @@ class RoadModel(nn.Module):
     def active_adapter(self) -> Union[str, list[str]]:
         return self._active[0] if len(self._active) == 1 else list(self._active)
 
-    def add_adapter(self, adapter_name: str, config: RoadConfig) -> None:
-        """Add an adapter (inactive and not trainable until `set_adapter`)."""
+    def add_adapter(self, adapter_name: str, config: RoadConfig,
+                    state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Add an adapter (inactive and not trainable until `set_adapter`), fresh or with the tensors
+        of `state_dict` (PEFT keys, as `adapter_state_dict` returns them); checked before any change."""
         self._check_config(config)
         self._check_new_name(adapter_name, existing=self.peft_config)
-        expected_tensors(self.model, config)
+        expected = expected_tensors(self.model, config)
+        if state_dict is not None:
+            _check_tensors(expected, state_dict, "the given state_dict")
+            _check_subspace(self.model, config, state_dict, "the given state_dict")
         self._inject(adapter_name, config)
+        if state_dict is not None:
+            self._load_tensors(adapter_name, state_dict)
 
     def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
         """Activate one adapter, or several applied in the given order."""
@@ -234,6 +282,41 @@ class RoadModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    # ---- gradient checkpointing ------------------------------------------------------------------
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None,
+                                      **kwargs: Any) -> None:
+        """The wrapped model's gradient checkpointing, made safe for a frozen base (see `_inputs_require_grad`)."""
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+        self._inputs_require_grad()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,
+                                        **kwargs: Any) -> None:
+        """transformers 5's name for `gradient_checkpointing_enable` (what its `Trainer` calls)."""
+        enable = getattr(self.model, "activation_checkpointing_enable", None)
+        if enable is None:  # transformers 4
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                                     **kwargs)
+        else:
+            enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+        self._inputs_require_grad()
+
+    def _inputs_require_grad(self) -> None:
+        """Make the input embeddings' output require grad, as PEFT does.
+
+        Reentrant checkpointing (`use_reentrant=True`) only tracks gradients through a block if one of
+        its tensor inputs requires grad. With the base frozen none does, so the RoAd parameters inside
+        checkpointed blocks would get no gradient. transformers 5 does this itself for models whose
+        main input is `input_ids`, not for others (vision, audio) nor in transformers 4. Idempotent.
+        """
+        if getattr(self.model, "_require_grads_hook", None) is not None:
+            return  # already done (by transformers or by an earlier call)
+        if hasattr(self.model, "enable_input_require_grads"):
+            self.model.enable_input_require_grads()
+        elif getattr(self.model, "get_input_embeddings", lambda: None)() is not None:  # a plain torch model
+            self.model._require_grads_hook = self.model.get_input_embeddings().register_forward_hook(
+                lambda _module, _inputs, output: output.requires_grad_(True))
 
     # ---- merging -------------------------------------------------------------------------------
 
@@ -394,8 +477,9 @@ class RoadModel(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for path, layer in self.road_layers():
             if adapter_name in layer.road_theta:
-                out[ckpt.adapter_key(path, "road_theta")] = layer.road_theta[adapter_name].detach()
-                out[ckpt.adapter_key(path, "road_alpha")] = layer.road_alpha[adapter_name].detach()
+                theta, alpha = layer.parameters_of(adapter_name)
+                out[ckpt.adapter_key(path, "road_theta")] = theta.detach()
+                out[ckpt.adapter_key(path, "road_alpha")] = alpha.detach()
         for path, wrapper in self._saved_wrappers():
             if adapter_name in wrapper.modules_to_save:
                 for pname, t in wrapper.modules_to_save[adapter_name].state_dict().items():
@@ -425,12 +509,14 @@ class RoadModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike],
                         adapter_name: str = ckpt.DEFAULT_ADAPTER, is_trainable: bool = False,
-                        subfolder: Optional[str] = None, revision: Optional[str] = None) -> "RoadModel":
+                        subfolder: Optional[str] = None, revision: Optional[str] = None,
+                        autocast_adapter_dtype: bool = True) -> "RoadModel":
         """Wrap `model` with the adapter saved at `model_id` (a directory or a Hub id)."""
         config, tensors = ckpt.read_adapter(model_id, subfolder, revision)
         config.inference_mode = not is_trainable
         _check_tensors(expected_tensors(model, config), tensors, os.fspath(model_id))
-        wrapped = cls(model, config, adapter_name)
+        _check_subspace(model, config, tensors, os.fspath(model_id))
+        wrapped = cls(model, config, adapter_name, autocast_adapter_dtype)
         wrapped._load_tensors(adapter_name, tensors)
         if not is_trainable:
             wrapped.eval()
@@ -443,6 +529,7 @@ class RoadModel(nn.Module):
         config, tensors = ckpt.read_adapter(model_id, subfolder, revision)
         config.inference_mode = not is_trainable
         _check_tensors(expected_tensors(self.model, config), tensors, os.fspath(model_id))
+        _check_subspace(self.model, config, tensors, os.fspath(model_id))
         self._inject(adapter_name, config)
         self._load_tensors(adapter_name, tensors)
         if not is_trainable:
@@ -452,8 +539,8 @@ class RoadModel(nn.Module):
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         for path, layer in self.road_layers():
             if adapter_name in layer.road_theta:
-                layer.road_theta[adapter_name].copy_(tensors[ckpt.adapter_key(path, "road_theta")])
-                layer.road_alpha[adapter_name].copy_(tensors[ckpt.adapter_key(path, "road_alpha")])
+                layer.load_parameters(adapter_name, tensors[ckpt.adapter_key(path, "road_theta")],
+                                      tensors[ckpt.adapter_key(path, "road_alpha")])
         for path, wrapper in self._saved_wrappers():
             if adapter_name in wrapper.modules_to_save:
                 module = wrapper.modules_to_save[adapter_name]
@@ -495,6 +582,11 @@ def check_tensor_parallel(model: RoadModel, tp_size: int) -> list[TensorParallel
     return issues
 
 
-def get_peft_model(model: nn.Module, peft_config: RoadConfig, adapter_name: str = ckpt.DEFAULT_ADAPTER) -> RoadModel:
-    """Wrap `model` with a fresh RoAd adapter (PEFT's entry point, for RoAd)."""
-    return RoadModel(model, peft_config, adapter_name)
+def get_peft_model(model: nn.Module, peft_config: RoadConfig, adapter_name: str = ckpt.DEFAULT_ADAPTER,
+                   autocast_adapter_dtype: bool = True) -> RoadModel:
+    """Wrap `model` with a fresh RoAd adapter (PEFT's entry point, for RoAd).
+
+    `autocast_adapter_dtype=False` keeps adapter parameters in the base layers' dtype (e.g. bf16)
+    instead of float32, as in PEFT.
+    """
+    return RoadModel(model, peft_config, adapter_name, autocast_adapter_dtype)

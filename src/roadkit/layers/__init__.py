@@ -7,13 +7,15 @@ from typing import Optional
 from torch import nn
 
 from .base import BASE, RoadLayer, Routing
+from .bnb import Linear4bit, Linear8bitLt
 from .conv import Conv
 from .embedding import Embedding
 from .linear import Linear, TransformersConv1D
 from .saved import ModulesToSaveWrapper
 
-# Wrapper classes, each saying which base layers it `wraps`; the first match wins.
-LAYER_TYPES: tuple[type[RoadLayer], ...] = (Linear, TransformersConv1D, Conv, Embedding)
+# Wrapper classes, each saying which base layers it `wraps`; the first match wins (bitsandbytes' layers
+# subclass nn.Linear, so their wrappers come before `Linear`).
+LAYER_TYPES: tuple[type[RoadLayer], ...] = (Linear8bitLt, Linear4bit, Linear, TransformersConv1D, Conv, Embedding)
 
 
 def wrapper_for(module: nn.Module) -> Optional[type[RoadLayer]]:
@@ -26,5 +28,5 @@ def out_features_of(module: nn.Module) -> int:
     return wrapper_for(module).features_of(module)
 
 
-__all__ = ["BASE", "LAYER_TYPES", "Conv", "Embedding", "Linear", "ModulesToSaveWrapper", "RoadLayer", "Routing",
-           "TransformersConv1D", "out_features_of", "wrapper_for"]
+__all__ = ["BASE", "LAYER_TYPES", "Conv", "Embedding", "Linear", "Linear4bit", "Linear8bitLt", "ModulesToSaveWrapper",
+           "RoadLayer", "Routing", "TransformersConv1D", "out_features_of", "wrapper_for"]

@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import functional as F
 from ..config import normalize_variant
+from ..subspace import Spec, free_entries
 
 BASE = "__base__"
 
@@ -57,8 +58,9 @@ class RoadLayer(nn.Module):
         raise NotImplementedError
 
     def __init__(self, base_layer: nn.Module, adapter_name: str = "default", variant: str = "road_1",
-                 group_size: int = 64, init_weights: bool = True) -> None:
-        """Wrap `base_layer` with one adapter, `adapter_name`, active."""
+                 group_size: int = 64, init_weights: bool = True, subspace: Optional[Spec] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
+        """Wrap `base_layer` with one adapter, `adapter_name`, active (see `update_layer`)."""
         super().__init__()
         self.base_layer = base_layer
         self.out_features = self.features_of(base_layer)
@@ -67,6 +69,7 @@ class RoadLayer(nn.Module):
         self.road_alpha = nn.ParameterDict()
         self.variant: dict[str, str] = {}
         self.group_size: dict[str, int] = {}
+        self.free: dict[str, Optional[torch.Tensor]] = {}  # subspace adapters: parameter entries they own
         self._active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
@@ -74,7 +77,7 @@ class RoadLayer(nn.Module):
         self._cache: dict[Any, Any] = {}
         self._tables_for: Optional[Routing] = None
         self._tables_value: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        self.update_layer(adapter_name, variant, group_size, init_weights)
+        self.update_layer(adapter_name, variant, group_size, init_weights, subspace, dtype)
         self.set_adapter(adapter_name)
 
     # ---- adapters ------------------------------------------------------------------------------
@@ -91,16 +94,23 @@ class RoadLayer(nn.Module):
         return bool(self.merged_adapters)
 
     def update_layer(self, adapter_name: str, variant: str = "road_1", group_size: int = 64,
-                     init_weights: bool = True) -> None:
-        """Create (or re-create) the parameters of `adapter_name` on the base layer's device, in fp32."""
+                     init_weights: bool = True, subspace: Optional[Spec] = None,
+                     dtype: Optional[torch.dtype] = None) -> None:
+        """Create (or re-create) the parameters of `adapter_name` on the base layer's device.
+
+        `dtype` defaults to float32. With a `subspace`, the parameters hold only the entries of the
+        pairs the adapter owns (`free`); every other pair is the identity and cannot change.
+        """
         variant = normalize_variant(variant)
         F.check_group_size(self.out_features, group_size, where=type(self).__name__)
-        n = F.parameter_length(variant, self.out_features)
-        device = self._base_device()
-        self.road_theta[adapter_name] = nn.Parameter(torch.empty(n, device=device, dtype=torch.float32))
-        self.road_alpha[adapter_name] = nn.Parameter(torch.empty(n, device=device, dtype=torch.float32))
+        free = free_entries(subspace, variant, group_size, self.out_features, where=type(self).__name__)
+        n = F.parameter_length(variant, self.out_features) if free is None else len(free)
+        device, dtype = self._base_device(), dtype or torch.float32
+        self.road_theta[adapter_name] = nn.Parameter(torch.empty(n, device=device, dtype=dtype))
+        self.road_alpha[adapter_name] = nn.Parameter(torch.empty(n, device=device, dtype=dtype))
         self.variant[adapter_name] = variant
         self.group_size[adapter_name] = group_size
+        self.free[adapter_name] = free
         self.reset_parameters(adapter_name, init_weights)
         self._set_requires_grad()
 
@@ -130,7 +140,7 @@ class RoadLayer(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into this layer; unmerge it before deleting it.")
-        for store in (self.road_theta, self.road_alpha, self.variant, self.group_size):
+        for store in (self.road_theta, self.road_alpha, self.variant, self.group_size, self.free):
             if adapter_name in store:
                 del store[adapter_name]
         self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
@@ -142,25 +152,51 @@ class RoadLayer(nn.Module):
             return p.device
         return torch.device("cpu")
 
+    # ---- parameters ----------------------------------------------------------------------------
+
+    def parameters_of(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-length (theta, alpha) of one adapter, as PEFT stores them; for a subspace adapter, the
+        identity (0, 1) with its own entries scattered in (differentiably)."""
+        theta, alpha = self.road_theta[adapter_name], self.road_alpha[adapter_name]
+        free = self.free[adapter_name]
+        if free is None:
+            return theta, alpha
+        free = free.to(theta.device)
+        n = F.parameter_length(self.variant[adapter_name], self.out_features)
+        return (theta.new_zeros(n).index_copy(0, free, theta), alpha.new_ones(n).index_copy(0, free, alpha))
+
+    @torch.no_grad()
+    def load_parameters(self, adapter_name: str, theta: torch.Tensor, alpha: torch.Tensor) -> None:
+        """Copy full-length (theta, alpha) in; a subspace adapter keeps only its own entries (callers
+        check with `subspace.outside_count` first that the rest is the identity)."""
+        free = self.free[adapter_name]
+        if free is not None:
+            theta, alpha = theta[free], alpha[free]
+        self.road_theta[adapter_name].copy_(theta)
+        self.road_alpha[adapter_name].copy_(alpha)
+
     # ---- coefficients --------------------------------------------------------------------------
 
     def coefficients(self, adapter_name: str, dtype: Optional[torch.dtype] = None) -> F.Coefficients:
         """(c, s) of one adapter (in `dtype`, default the parameters'); cached while its parameters
         are unchanged and no gradient is needed."""
-        theta, alpha = self.road_theta[adapter_name], self.road_alpha[adapter_name]
-        variant, g = self.variant[adapter_name], self.group_size[adapter_name]
-        if dtype is not None:
-            theta, alpha = theta.to(dtype), alpha.to(dtype)
-        if (torch.is_grad_enabled() and theta.requires_grad) or torch.compiler.is_compiling():
-            return F.coefficients(variant, g, theta, alpha)
+        if (torch.is_grad_enabled() and self.road_theta[adapter_name].requires_grad) \
+                or torch.compiler.is_compiling():
+            return self._coefficients(adapter_name, dtype)
         key = self._param_key(adapter_name)
         hit = self._cache.get((adapter_name, dtype))
         if hit is not None and hit[0] == key:
             return hit[1]
         with torch.no_grad():
-            value = F.coefficients(variant, g, theta, alpha)
+            value = self._coefficients(adapter_name, dtype)
         self._cache[(adapter_name, dtype)] = (key, value)
         return value
+
+    def _coefficients(self, adapter_name: str, dtype: Optional[torch.dtype]) -> F.Coefficients:
+        theta, alpha = self.parameters_of(adapter_name)
+        if dtype is not None:
+            theta, alpha = theta.to(dtype), alpha.to(dtype)
+        return F.coefficients(self.variant[adapter_name], self.group_size[adapter_name], theta, alpha)
 
     def _param_key(self, adapter_name: str) -> tuple:
         """Changes whenever the adapter's parameters are replaced (object and storage), moved (new
@@ -176,10 +212,11 @@ class RoadLayer(nn.Module):
         hit = self._cache.get(("table", names, group_size))
         if hit is not None and hit[0] == key:
             return hit[1]
-        device = self.road_theta[used[0]].device
-        ident = F.identity(self.out_features, device=device)
         with torch.no_grad():
-            rows = [self.coefficients(n) if n in used else ident for n in names]
+            coeffs = {n: self.coefficients(n) for n in used}
+            c0 = coeffs[used[0]][0]
+            ident = F.identity(self.out_features, dtype=c0.dtype, device=c0.device)
+            rows = [coeffs.get(n, ident) for n in names]
             table = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
         self._cache[("table", names, group_size)] = (key, table)
         return table
@@ -195,9 +232,9 @@ class RoadLayer(nn.Module):
         for name in self._active_adapters:
             if name not in self.road_theta or name in self.merged_adapters:
                 continue
-            theta, alpha, g = self.road_theta[name], self.road_alpha[name], self.group_size[name]
-            if (torch.is_grad_enabled() and theta.requires_grad) or torch.compiler.is_compiling():
-                result = F.road(result, self.variant[name], g, theta, alpha, self.feature_dim)
+            g = self.group_size[name]
+            if (torch.is_grad_enabled() and self.road_theta[name].requires_grad) or torch.compiler.is_compiling():
+                result = F.road(result, self.variant[name], g, *self.parameters_of(name), self.feature_dim)
             else:  # inference: coefficients cached while the parameters are unchanged
                 result = F.rotate(result, self.coefficients(name), g, self.feature_dim)
         return result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from .base import RoadLayer
@@ -17,9 +19,8 @@ class Conv(RoadLayer):
     base_type = "torch.nn.Conv1d / Conv2d / Conv3d"
     linear_like = False
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str = "default", variant: str = "road_1",
-                 group_size: int = 64, init_weights: bool = True) -> None:
-        super().__init__(base_layer, adapter_name, variant, group_size, init_weights)
+    def __init__(self, base_layer: nn.Module, *args: Any, **kwargs: Any) -> None:
+        super().__init__(base_layer, *args, **kwargs)
         self.feature_dim = -(base_layer.weight.dim() - 1)  # channels precede the 1, 2 or 3 spatial axes
 
     @staticmethod

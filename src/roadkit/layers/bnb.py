@@ -1,0 +1,171 @@
+"""RoAd on bitsandbytes' quantized linear layers: `Linear8bitLt` (LLM.int8()) and `Linear4bit` (nf4 / fp4).
+
+The forward pass rotates whatever the quantized layer returns (in its output dtype). Quantized rows
+cannot be rotated in place, so merging and unmerging dequantize the weight to float32, rotate its
+rows and the bias with the exact elementwise merge, and quantize the result again with the layer's
+own settings, once per call however many adapters it folds in. That second rounding moves outputs
+slightly (measured in the README, "Quantized bases"), so both warn. `merge_and_unload` returns the
+quantized layers with their requantized weights, not dense ones: the model stays as small as it was.
+
+bitsandbytes stays optional: these classes recognise their base layers through `sys.modules` (such a
+layer can exist only once bitsandbytes is imported) and import it only when they hold one.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .base import RoadLayer
+
+
+def _bnb_layer_class(name: str) -> Optional[type]:
+    """`bitsandbytes.nn.<name>` if bitsandbytes has been imported, else None (never imports it)."""
+    module = sys.modules.get("bitsandbytes.nn")
+    return getattr(module, name, None) if module is not None else None
+
+
+class _QuantizedLinear(RoadLayer):
+    """What the bitsandbytes wrappers share: merging through a float copy of the weight.
+
+    Subclasses say how to read their weight as a float tensor (`_dequantize`) and how to store one
+    back (`_quantize`). While a merge or unmerge runs, `_merge_params` hands `RoadLayer` float32
+    working copies of weight and bias, so its row rotation and its NaN/inf check run unchanged; the
+    copies are stored back once, at the end, and only if some adapter was merged or unmerged.
+    """
+
+    linear_like = True  # selected by target_modules="all-linear"
+    _work: Optional[list[torch.Tensor]] = None  # float32 [weight, bias] while a merge or unmerge runs
+    _work_dtype: torch.dtype = torch.float32  # the dtype the weight is quantized from
+
+    @staticmethod
+    def features_of(module: nn.Module) -> int:
+        return module.out_features
+
+    @staticmethod
+    def in_features_of(module: nn.Module) -> int:
+        return module.in_features
+
+    def _dequantize(self) -> torch.Tensor:
+        """The weight as a new (out_features, in_features) float tensor; `_quantize` gets it back in this dtype."""
+        raise NotImplementedError
+
+    def _quantize(self, weight: torch.Tensor) -> None:
+        """Replace the base layer's weight by `weight` quantized with the layer's settings."""
+        raise NotImplementedError
+
+    def _merge_params(self) -> list[torch.Tensor]:
+        """Outside a merge: the base layer's parameters. During one: float32 copies (made on first use)."""
+        if self._work is None:
+            return super()._merge_params()
+        if not self._work:
+            weight = self._dequantize()
+            self._work_dtype = weight.dtype
+            bias = self.base_layer.bias
+            self._work = [weight.to(torch.float32)]
+            if bias is not None:
+                self._work.append(bias.data.to(torch.float32, copy=True))
+        return self._work
+
+    @contextmanager
+    def _float_weights(self, action: str) -> Iterator[None]:
+        """Run one merge or unmerge on float copies; requantize once if it changed `merged_adapters`."""
+        before = list(self.merged_adapters)
+        self._work = []
+        try:
+            yield
+        finally:
+            work, self._work = self._work, None
+            if self.merged_adapters != before:  # also after an error, so weights match the bookkeeping
+                with torch.no_grad():
+                    self._quantize(work[0].to(self._work_dtype))
+                    if len(work) > 1:
+                        self.base_layer.bias.data.copy_(work[1])
+        if self.merged_adapters != before:  # stacklevel: this generator, contextlib, merge(), its caller
+            warnings.warn(f"{action} RoAd adapters requantizes the weight of a {self.base_type} layer; outputs "
+                          "change slightly by the rounding (see the README, 'Quantized bases').", stacklevel=4)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """`RoadLayer.merge` through a float copy of the weight, requantized once at the end (warns).
+
+        With `safe_merge`, NaN or inf leaves the quantized weight untouched, byte for byte.
+        """
+        with self._float_weights("merging"):
+            super().merge(safe_merge, adapter_names)
+
+    def unmerge(self, last: Optional[int] = None) -> None:
+        """`RoadLayer.unmerge` through a float copy of the weight, requantized once at the end (warns)."""
+        with self._float_weights("unmerging"):
+            super().unmerge(last)
+
+
+class Linear8bitLt(_QuantizedLinear):
+    """A bitsandbytes `Linear8bitLt` (int8 rows with per-row scales) rotated by the active RoAd adapters."""
+
+    base_type = "bitsandbytes.nn.Linear8bitLt"
+
+    @staticmethod
+    def wraps(module: nn.Module) -> bool:
+        cls = _bnb_layer_class("Linear8bitLt")
+        return cls is not None and isinstance(module, cls)
+
+    def _dequantize(self) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        weight, state = self.base_layer.weight, self.base_layer.state
+        if weight.dtype != torch.int8:  # has_fp16_weights: float weights, quantized on the fly
+            return weight.data.clone()
+        # The scales live on the weight until the first forward moves them to the layer's state.
+        scb = weight.SCB if weight.SCB is not None else state.SCB
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scb)
+
+    def _quantize(self, weight: torch.Tensor) -> None:
+        import bitsandbytes as bnb
+
+        base = self.base_layer
+        if base.weight.dtype != torch.int8:
+            base.weight.data.copy_(weight)
+        else:  # as Int8Params quantizes: per-row absmax of the fp16 weight
+            cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+            base.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+        base.state.reset_grads()  # drop the int8 copy cached in the state; the next forward takes the new one
+
+
+class Linear4bit(_QuantizedLinear):
+    """A bitsandbytes `Linear4bit` (nf4 or fp4 blocks) rotated by the active RoAd adapters."""
+
+    base_type = "bitsandbytes.nn.Linear4bit"
+
+    @staticmethod
+    def wraps(module: nn.Module) -> bool:
+        cls = _bnb_layer_class("Linear4bit")
+        return cls is not None and isinstance(module, cls)
+
+    def _dequantize(self) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        weight = self.base_layer.weight
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs at the first inference call;
+            # unpack a copy (the inverse edits the state it is given).
+            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        return bnb.functional.dequantize_4bit(data, state)
+
+    def _quantize(self, weight: torch.Tensor) -> None:
+        import bitsandbytes as bnb
+
+        base, old = self.base_layer, self.base_layer.weight
+        data, state = bnb.functional.quantize_4bit(weight.contiguous(), blocksize=old.blocksize,
+                                                   compress_statistics=old.compress_statistics,
+                                                   quant_type=old.quant_type, quant_storage=old.quant_storage)
+        base.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=old.blocksize,
+                                        compress_statistics=old.compress_statistics, quant_type=old.quant_type,
+                                        quant_storage=old.quant_storage, module=base, bnb_quantized=True)
+        base.quant_state = state

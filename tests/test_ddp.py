@@ -1,0 +1,121 @@
+"""Data parallel training on 2 CPU processes (gloo) ends with the same adapter as one process on the same batches.
+
+Each rank takes half of every global batch; the loss is a mean over equally many tokens per rank,
+and DDP averages gradients, so both runs take the same optimizer steps. Tested with torch DDP
+directly, and with `examples/accelerate_train.py` under `accelerate launch`. The DDP model also
+holds an inactive second adapter whose parameters do not require grad: DDP must leave it alone
+without `find_unused_parameters`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import tiny_llama
+from safetensors.torch import load_file, save_file
+
+from roadkit import RoadConfig, RoadModel, get_peft_model
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 3
+GLOBAL_BATCH = 4
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def build() -> RoadModel:
+    model = tiny_llama(hidden=64, layers=2)
+    torch.manual_seed(1)
+    model = get_peft_model(model, RoadConfig(variant="road_2", group_size=32, target_modules="all-linear",
+                                             init_weights=False))
+    model.add_adapter("inactive", RoadConfig(variant="road_1", group_size=32, target_modules=["q_proj"],
+                                             init_weights=False))
+    return model.train()
+
+
+def batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 96, (GLOBAL_BATCH, 10), generator=g) for _ in range(STEPS)]
+
+
+def adapters(model: RoadModel) -> dict[str, torch.Tensor]:
+    return {f"{name}/{k}": t.detach().clone().contiguous() for name in model.peft_config
+            for k, t in model.adapter_state_dict(name).items()}
+
+
+def train(rank: int, world_size: int, port: int, out_dir: str) -> dict[str, torch.Tensor]:
+    """N optimizer steps; rank r of `world_size` takes rows [r*b, (r+1)*b) of each global batch."""
+    torch.set_num_threads(1)
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        model = build()
+        net = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+        for ids in batches():
+            local = ids.chunk(world_size)[rank]
+            net(input_ids=local, labels=local).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        result = adapters(model)
+        if out_dir:
+            save_file(result, os.path.join(out_dir, f"rank{rank}.safetensors"))
+        return result
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_ranks_match_one_process(tmp_path):
+    ranks = mp.spawn(train, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False)
+    single = train(0, 1, 0, "")  # while the ranks start up
+    while not ranks.join():
+        pass
+    start = adapters(build())
+    for rank in (0, 1):
+        got = load_file(tmp_path / f"rank{rank}.safetensors")
+        assert set(got) == set(single)
+        for k in single:
+            torch.testing.assert_close(got[k], single[k], rtol=0, atol=1e-6, msg=f"rank {rank}: {k}")
+            if k.startswith("inactive/"):
+                assert torch.equal(got[k], start[k]), k  # never trained
+            else:
+                assert not torch.equal(got[k], start[k]), k  # trained
+
+
+def test_accelerate_example_two_processes_match_one(tmp_path):
+    pytest.importorskip("accelerate")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}  # no user accelerate config
+    script = [str(ROOT / "examples" / "accelerate_train.py"), "--steps", "3", "--batch-size", "4", "--cpu"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    procs = {name: subprocess.Popen(prefix + script + ["--output", str(tmp_path / name)], env=env, cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, prefix in (("one", [sys.executable]), ("two", launch))}  # both at once
+    runs = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        runs[name] = stdout
+    assert "(1 process(es))" in runs["one"] and "(2 process(es))" in runs["two"]
+    one = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert set(one) == set(two) and any((t != 1).any() for k, t in one.items() if k.endswith("road_alpha"))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6, msg=k)
+    assert RoadConfig.from_pretrained(tmp_path / "two").variant == "road_1"
