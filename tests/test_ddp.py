@@ -60,7 +60,7 @@ def train(rank: int, world_size: int, port: int, out_dir: str) -> dict[str, torc
         model = build()
         net = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+        optimizer = torch.optim.AdamW(trainable, lr=1e-3)
         for ids in batches():
             local = ids.chunk(world_size)[rank]
             net(input_ids=local, labels=local).loss.backward()
@@ -101,7 +101,8 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
 def test_accelerate_example_two_processes_match_one(tmp_path):
     pytest.importorskip("accelerate")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}  # no user accelerate config
-    script = [str(ROOT / "examples" / "accelerate_train.py"), "--steps", "3", "--batch-size", "4", "--cpu"]
+    script = [str(ROOT / "examples" / "accelerate_train.py"), "--steps", "3", "--batch-size", "4", "--lr", "2e-3",
+              "--cpu"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     procs = {name: subprocess.Popen(prefix + script + ["--output", str(tmp_path / name)], env=env, cwd=ROOT,

@@ -107,10 +107,12 @@ def test_group_size_must_divide_out_features():
         Linear(nn.Linear(3, 10), "a", "road_1", 4)
 
 
-def test_inference_cache_follows_in_place_updates():
-    layer = make_layer()
+@pytest.mark.parametrize("fused", [False, True])  # fused steps leave version counters alone
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_inference_cache_follows_in_place_updates(fused, mode):
+    layer = make_layer().train(mode == "train")
     h = torch.randn(2, 6)
-    opt = torch.optim.SGD([layer.road_theta["a"], layer.road_alpha["a"]], lr=0.5)
+    opt = torch.optim.AdamW([layer.road_theta["a"], layer.road_alpha["a"]], lr=0.5, fused=fused)
     with torch.no_grad():
         before = layer(h)
     layer(h).pow(2).sum().backward()

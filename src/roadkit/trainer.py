@@ -113,7 +113,8 @@ class RoadTrainer(Trainer):
         model = self.model if model is None else model
         if model is None:
             return None
-        unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile, on any accelerate version
         return unwrapped if isinstance(unwrapped, RoadModel) else None
 
     def _set_signature_columns_if_needed(self) -> None:

@@ -13,12 +13,26 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import functional as F
 from ..config import normalize_variant
 from ..subspace import Spec, free_entries
 
 BASE = "__base__"
+
+# Optimizer steps taken in this process. Fused optimizers (AdamW(fused=True), the HF Trainer's
+# default) update parameters without bumping their version counters, so the coefficient cache
+# keys on this count too: any optimizer step invalidates it.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(*_: Any) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 @dataclass(frozen=True, eq=False)
@@ -178,9 +192,9 @@ class RoadLayer(nn.Module):
     # ---- coefficients --------------------------------------------------------------------------
 
     def coefficients(self, adapter_name: str, dtype: Optional[torch.dtype] = None) -> F.Coefficients:
-        """(c, s) of one adapter (in `dtype`, default the parameters'); cached while its parameters
-        are unchanged and no gradient is needed."""
-        if (torch.is_grad_enabled() and self.road_theta[adapter_name].requires_grad) \
+        """(c, s) of one adapter (in `dtype`, default the parameters'); cached in eval mode, while its
+        parameters are unchanged and no gradient is needed (the serving path)."""
+        if self.training or (torch.is_grad_enabled() and self.road_theta[adapter_name].requires_grad) \
                 or torch.compiler.is_compiling():
             return self._coefficients(adapter_name, dtype)
         key = self._param_key(adapter_name)
@@ -200,9 +214,10 @@ class RoadLayer(nn.Module):
 
     def _param_key(self, adapter_name: str) -> tuple:
         """Changes whenever the adapter's parameters are replaced (object and storage), moved (new
-        storage) or updated in place (version counter)."""
+        storage), updated in place (version counter) or stepped by any optimizer."""
         theta, alpha = self.road_theta[adapter_name], self.road_alpha[adapter_name]
-        return (id(theta), theta.data_ptr(), theta._version, id(alpha), alpha.data_ptr(), alpha._version)
+        return (id(theta), theta.data_ptr(), theta._version, id(alpha), alpha.data_ptr(), alpha._version,
+                _optimizer_steps)
 
     def _table(self, names: tuple[str, ...], group_size: int) -> F.Coefficients:
         """Stacked coefficients, one row per name; identity for `__base__`, for adapters this layer
