@@ -55,6 +55,16 @@ def tiny_mlp(seed: int = 0) -> MLP:
     return MLP(seed=seed).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and spinning threads slow a file down many
+    times over when the machine is busy; the previous setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def llama_base():
     return tiny_llama()

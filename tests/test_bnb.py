@@ -28,7 +28,10 @@ from roadkit import Linear4bit, Linear8bitLt, RoadConfig, RoadModel, get_peft_mo
 
 # bitsandbytes logs a line per int8 matmul of a float32 input; tests run many of those.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 KINDS = ["nf4", "fp4", "int8"]
 VARIANTS = ["road_1", "road_2", "road_4"]
@@ -41,12 +44,6 @@ UNMERGE_TOL = {"nf4": 0.25, "fp4": 0.3, "int8": 0.02}
 WRAPPER = {"nf4": Linear4bit, "fp4": Linear4bit, "int8": Linear8bitLt}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def quantized(layer: nn.Linear, kind: str, compress_statistics: bool = True) -> nn.Module:

@@ -23,6 +23,7 @@ from roadkit.subspace import entries_of, features_of, normalize_spec, pairs_of
 peft = pytest.importorskip("peft")
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
     pytest.mark.filterwarnings("ignore:Unexpected keyword arguments:UserWarning"),  # PEFT on `subspace`
 ]
@@ -32,12 +33,6 @@ QV = ["q_proj", "v_proj"]
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

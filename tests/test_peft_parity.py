@@ -24,7 +24,10 @@ from torch import nn
 peft = pytest.importorskip("peft")
 
 # PEFT calls a transformers helper that is deprecated in the installed transformers.
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 from conftest import tiny_mlp, tiny_opt  # noqa: E402
 
@@ -77,14 +80,6 @@ TASK_TYPE = {"llama": "CAUSAL_LM", "opt": "CAUSAL_LM", "mlp": None}
 # ---- models and inputs ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning threads slow the file down many
-    times over when the machine is busy; the previous setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

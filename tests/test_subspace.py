@@ -27,6 +27,7 @@ from roadkit.subspace import entries_of, features_of, normalize_spec, outside_co
 peft = pytest.importorskip("peft")
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     # PEFT calls a transformers helper deprecated in the installed transformers, and warns about the
     # roadkit-only `subspace` key (which it is meant to ignore).
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
@@ -38,12 +39,6 @@ PER_PAIR = {"road_1": 1, "road_2": 2, "road_4": 4}  # entries of theta (and of a
 TARGETS = ["q_proj", "v_proj", "up_proj"]  # out_features 128, 128, 256 on the tiny Llama
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---- references ------------------------------------------------------------------------------------
