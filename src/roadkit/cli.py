@@ -1,0 +1,406 @@
+"""The `roadkit` command: argument parsing, one-line errors and exit codes; library modules do the work.
+
+Every subcommand is a `Command` in `COMMANDS` (name, help, arguments, function); adding one is
+writing its two functions and appending it there. A command returns its exit code. Errors a user
+can fix (missing or malformed files, a model that does not fit the adapter, an existing output)
+print one line on stderr and exit with 1; Ctrl-C exits with 130 (argparse's usage errors, with 2).
+Commands that write a directory write it whole or not at all (`outputs.staged_directory`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from .loading import is_local, one_line
+
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
+
+
+class CommandError(Exception):
+    """A problem with the command line or its inputs, reported as one line."""
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ---- train -------------------------------------------------------------------------------------
+
+# Arguments a resumed run takes from the interrupted one; giving a different value is an error.
+RUN_FIXED = ("model", "data", "eval_data", "variant", "group_size", "targets", "lr", "batch_size", "max_length",
+             "bf16", "seed", "warmup_steps", "eval_every")
+TRAIN_DEFAULTS = {"variant": "road_1", "group_size": 64, "targets": None, "lr": 1e-3, "epochs": 1, "max_steps": None,
+                  "batch_size": 8, "max_length": 512, "bf16": False, "seed": 0, "warmup_steps": 0, "eval_every": None,
+                  "eval_data": None}
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="base model: a local directory or a Hugging Face Hub id")
+    p.add_argument("--data", help="training data, JSONL: {\"text\": ...} or {\"prompt\": ..., \"completion\": ...} "
+                                  "per line (with a prompt, the loss covers the completion only)")
+    p.add_argument("--eval-data", help="held-out JSONL data; its loss is reported during training")
+    p.add_argument("--output", required=True, help="run directory to write: the adapter (PEFT layout), "
+                                                   "training_log.json, loss_curve.png, trainer_state.pt")
+    p.add_argument("--variant", help="road_1 (default), road_2 or road_4")
+    p.add_argument("--group-size", type=int, help="features rotate in pairs inside groups of this size (default 64)")
+    p.add_argument("--targets", help="comma-separated module names (e.g. q_proj,v_proj), or all-linear "
+                                     "(default: the architecture's usual targets)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3), decayed linearly to 0")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 0)")
+    p.add_argument("--epochs", type=int, help="passes over the data (default 1)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
+    p.add_argument("--batch-size", type=int, help="rows per step (default 8)")
+    p.add_argument("--max-length", type=int, help="tokens per row; longer rows are cut (default 512)")
+    p.add_argument("--bf16", action="store_true", default=None, help="load the base model in bfloat16 "
+                                                                      "(the adapter stays float32)")
+    p.add_argument("--eval-every", type=int, help="steps between evaluations (default: about 10 per run)")
+    p.add_argument("--seed", type=int, help="seed of the data order (default 0)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted (or finished) run in --output; "
+                                                         "--max-steps / --epochs may extend it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _model_ref(name: str) -> str:
+    return os.path.abspath(name) if is_local(name) else name
+
+
+def _targets(value: Optional[str]) -> Any:
+    if value is None or value == "all-linear":
+        return value
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise CommandError("--targets needs module names, e.g. --targets q_proj,v_proj, or all-linear.")
+    return names
+
+
+def _train_run_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """The run's settings (fresh, or those of the run being resumed) and, when resuming, its saved state."""
+    from .config import normalize_variant
+    from .outputs import check_output
+    from .train import load_state
+
+    given = {key: getattr(args, key) for key in (*TRAIN_DEFAULTS, "model", "data")}
+    if given["model"] is not None:
+        given["model"] = _model_ref(given["model"])
+    for key in ("data", "eval_data"):
+        if given[key] is not None:
+            given[key] = os.path.abspath(given[key])
+    if given["variant"] is not None:
+        given["variant"] = normalize_variant(given["variant"])
+    given["targets"] = _targets(given["targets"])
+    if not args.resume:
+        missing = [f"--{k}" for k in ("model", "data") if given[k] is None]
+        if missing:
+            raise CommandError(f"{' and '.join(missing)} required (or --resume to continue a run).")
+        hint = "pass --resume to continue it or --overwrite to replace it"
+        check_output(args.output, args.overwrite, inputs=[given["model"], given["data"]], hint=hint)
+        run = {k: (TRAIN_DEFAULTS[k] if given[k] is None else given[k]) for k in given}
+        run["data_sha256"] = _file_digest(run["data"]) if os.path.isfile(run["data"]) else None
+        return run, None
+    if not os.path.isdir(args.output):
+        raise CommandError(f"--resume: no run directory {args.output!r} to continue.")
+    state = load_state(args.output)
+    run = dict(state.get("run") or {})
+    if "data" not in run:
+        raise CommandError(f"--resume: {args.output!r} was not written by `roadkit train`.")
+    for key in RUN_FIXED:
+        if given[key] is not None and given[key] != run.get(key):
+            raise CommandError(f"--resume: --{key.replace('_', '-')} {given[key]} differs from the run's "
+                               f"{run.get(key)}; leave it out to use the run's.")
+    if given["max_steps"] is not None:
+        run["max_steps"] = given["max_steps"]
+    elif given["epochs"] is not None:
+        run.update(epochs=given["epochs"], max_steps=None)
+    if not os.path.isfile(run["data"]) or _file_digest(run["data"]) != run["data_sha256"]:
+        raise CommandError(f"--resume: the training data {run['data']} is missing or changed since the run "
+                           "started; resuming needs the same data.")
+    return run, state
+
+
+def _load_samples(path: str, tokenizer: Any, max_length: int) -> list:
+    from .data import DataError, read_jsonl, tokenize_all
+
+    samples, dropped = tokenize_all(tokenizer, read_jsonl(path), max_length)
+    if not samples:
+        raise DataError(f"{path}: no row keeps a completion token within --max-length {max_length}.")
+    if dropped:
+        shown = ", ".join(map(str, dropped[:10])) + (", ..." if len(dropped) > 10 else "")
+        print(f"warning: {path}: skipped {len(dropped)} rows whose prompt fills --max-length {max_length} "
+              f"(lines {shown}).", file=sys.stderr)
+    return samples
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import RoadConfig
+    from .data import read_jsonl
+    from .loading import load_causal_lm, load_tokenizer, pick_device, quiet_transformers
+    from .model import RoadModel, get_peft_model
+    from .outputs import staged_directory
+    from .train import COMPLETED, TrainConfig, Trainer, write_run
+
+    run, state = _train_run_settings(args)
+    for path in filter(None, (run["data"], run["eval_data"])):
+        read_jsonl(path)  # malformed data fails now, before the model loads
+    config = RoadConfig(variant=run["variant"], group_size=run["group_size"], target_modules=run["targets"])
+    train_config = TrainConfig(lr=run["lr"], epochs=run["epochs"], max_steps=run["max_steps"],
+                               batch_size=run["batch_size"], warmup_steps=run["warmup_steps"],
+                               eval_every=run["eval_every"], seed=run["seed"])
+    quiet_transformers()
+    tokenizer = load_tokenizer(run["model"])
+    base = load_causal_lm(run["model"], dtype=torch.bfloat16 if run["bf16"] else None, device=pick_device(args.device))
+    model = (RoadModel.from_pretrained(base, args.output, is_trainable=True) if state
+             else get_peft_model(base, config))
+    train = _load_samples(run["data"], tokenizer, run["max_length"])
+    held_out = _load_samples(run["eval_data"], tokenizer, run["max_length"]) if run["eval_data"] else None
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    trainer = Trainer(model, train, train_config, pad_id, held_out)
+    if state:
+        trainer.load_state_dict(state)
+        if trainer.step >= trainer.total_steps:
+            print(f"nothing to do: the run in {args.output} has done {trainer.step} of {trainer.total_steps} steps; "
+                  "pass a larger --max-steps or --epochs to continue it.")
+            return EXIT_OK
+    trainable = sum(p.numel() for p in trainer.params)
+    print(f"training {trainable:,d} adapter parameters for {trainer.total_steps} steps "
+          f"({len(train)} rows, batch {train_config.batch_size})"
+          + (f", from step {trainer.step}" if state else "") + "; Ctrl-C saves a checkpoint.", flush=True)
+    start = time.perf_counter()
+    with staged_directory(args.output) as stage:
+        status = trainer.fit(progress=False if args.no_progress else None)
+        write_run(stage, model, trainer, status, run)
+    seconds = time.perf_counter() - start
+    if status != COMPLETED:
+        print(f"interrupted at step {trainer.step}/{trainer.total_steps}; checkpoint saved in {args.output}. "
+              f"Continue with: roadkit train --output {args.output} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    last = trainer.log["train"][-1]["loss"] if trainer.log["train"] else float("nan")
+    summary = f"done: {trainer.step} steps in {seconds:.1f} s, last train loss {last:.4f}"
+    if trainer.log["eval"]:
+        summary += (f", eval loss {trainer.log['eval'][0]['loss']:.4f} before training -> "
+                    f"{trainer.log['eval'][-1]['loss']:.4f}")
+    print(f"{summary}\nwrote {args.output}")
+    return EXIT_OK
+
+
+# ---- merge -------------------------------------------------------------------------------------
+
+
+def _merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base model: a local directory or a Hugging Face Hub id")
+    p.add_argument("--adapter", required=True, help="adapter directory (PEFT layout)")
+    p.add_argument("--output", required=True, help="directory for the merged model (safetensors + tokenizer)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .checkpoint import read_adapter
+    from .export import merge_adapter, save_merged
+    from .loading import load_causal_lm, load_tokenizer, quiet_transformers
+    from .outputs import check_output, staged_directory
+
+    check_output(args.output, args.overwrite, inputs=[args.model, args.adapter])
+    _check_adapter_dir(args.adapter)
+    read_adapter(args.adapter)  # a broken adapter fails now, before the model loads
+    quiet_transformers()
+    tokenizer = load_tokenizer(args.model, required=False)
+    base = load_causal_lm(args.model, dtype="auto")
+    merged, difference = merge_adapter(base, args.adapter)
+    with staged_directory(args.output) as stage:
+        save_merged(merged, tokenizer, stage)
+    print(f"merged {args.adapter} into {args.model}; largest logit difference from base + adapter on a probe "
+          f"batch: {difference:.3g}\nwrote {args.output}" + ("" if tokenizer is not None else " (no tokenizer)"))
+    return EXIT_OK
+
+
+def _check_adapter_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise CommandError(f"adapter directory {path!r} does not exist.")
+
+
+# ---- generate ----------------------------------------------------------------------------------
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base model: a local directory or a Hugging Face Hub id")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="load the adapter in DIR under NAME (repeatable)")
+    p.add_argument("--prompt", action="append", required=True, metavar="[NAME:]TEXT",
+                   help="a prompt, optionally prefixed by the adapter it uses (base or __base__ for none); "
+                        "without a prefix it uses the only adapter, or the base when there is none. "
+                        "Repeatable: all prompts run in one mixed batch")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
+    p.add_argument("--bf16", action="store_true", help="load the base model in bfloat16")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {adapter, prompt, completion}")
+
+
+def _parse_adapters(specs: Sequence[str]) -> dict[str, str]:
+    from .generation import BASE_ALIASES
+
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise CommandError(f"--adapter {spec!r}: expected NAME=DIR, e.g. --adapter upper=runs/upper.")
+        if name in BASE_ALIASES or "." in name or ":" in name:
+            raise CommandError(f"--adapter {spec!r}: {name!r} cannot name an adapter.")
+        if name in adapters:
+            raise CommandError(f"--adapter: the name {name!r} is given twice.")
+        _check_adapter_dir(path)
+        adapters[name] = path
+    return adapters
+
+
+def _parse_prompts(specs: Sequence[str], adapters: Sequence[str]) -> list[tuple[str, str]]:
+    """(adapter name, prompt) pairs; a prefix counts as an adapter only if it names one (or the base)."""
+    from .generation import BASE_ALIASES
+
+    out = []
+    for spec in specs:
+        name, sep, text = spec.partition(":")
+        if sep and (name in adapters or name in BASE_ALIASES):
+            out.append((name, text))
+        elif len(adapters) > 1:
+            raise CommandError(f"--prompt {spec!r} does not say which adapter it uses; write NAME:TEXT with NAME "
+                               f"one of {', '.join([*adapters, 'base'])}.")
+        else:
+            out.append((adapters[0] if adapters else "base", spec))
+    return out
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .generation import generate
+    from .loading import load_causal_lm, load_tokenizer, pick_device, quiet_transformers
+    from .model import RoadModel
+
+    if args.max_new_tokens < 1:
+        raise CommandError("--max-new-tokens must be at least 1.")
+    adapters = _parse_adapters(args.adapter)
+    prompts = _parse_prompts(args.prompt, list(adapters))
+    quiet_transformers()
+    tokenizer = load_tokenizer(args.model)
+    model = load_causal_lm(args.model, dtype=torch.bfloat16 if args.bf16 else None, device=pick_device(args.device))
+    names = None
+    if adapters:
+        items = iter(adapters.items())
+        first, path = next(items)
+        model = RoadModel.from_pretrained(model, path, adapter_name=first)
+        for name, path in items:
+            model.load_adapter(path, adapter_name=name)
+        names = [name for name, _ in prompts]
+    texts = generate(model, tokenizer, [text for _, text in prompts], names, args.max_new_tokens)
+    rows = [{"adapter": name, "prompt": text, "completion": out} for (name, text), out in zip(prompts, texts,
+                                                                                                strict=True)]
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        width = max(len(r["adapter"]) for r in rows)
+        for r in rows:
+            print(f"{r['adapter']:<{width}} | {r['prompt']!r} -> {r['completion']!r}")
+    return EXIT_OK
+
+
+# ---- inspect -----------------------------------------------------------------------------------
+
+
+def _inspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", metavar="DIR", help="adapter directory (PEFT layout)")
+    p.add_argument("--plot", metavar="PNG", help="write heatmaps of angles and scales by layer and feature group")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspect import format_table, inspect_adapter, plot_report
+
+    _check_adapter_dir(args.adapter)
+    if args.plot:
+        if os.path.exists(args.plot) and not args.overwrite:
+            raise CommandError(f"--plot {args.plot!r} already exists; pass --overwrite to replace it.")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+            raise CommandError(f"--plot {args.plot!r}: its directory does not exist.")
+    report = inspect_adapter(args.adapter)
+    print(format_table(report))
+    if args.plot:
+        plot_report(report, args.plot, title=f"{args.adapter}: {report.config.variant}, "
+                                             f"group_size {report.config.group_size}")
+        print(f"wrote {args.plot}")
+    return EXIT_OK
+
+
+# ---- demo --------------------------------------------------------------------------------------
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", default="roadkit-demo", help="directory to write (default: ./roadkit-demo)")
+    p.add_argument("--fast", action="store_true", help="a shorter run (fewer steps), for smoke tests")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, fast=args.fast, overwrite=args.overwrite)
+    return EXIT_OK
+
+
+# ---- entry point -------------------------------------------------------------------------------
+
+COMMANDS = [
+    Command("train", "train a RoAd adapter on JSONL data", _train_arguments, _train),
+    Command("merge", "merge an adapter into its base model, as a standalone transformers model", _merge_arguments,
+            _merge),
+    Command("generate", "generate from several adapters (and the base) in one mixed batch", _generate_arguments,
+            _generate),
+    Command("inspect", "per-layer table (and heatmaps) of a saved adapter", _inspect_arguments, _inspect),
+    Command("demo", "offline end-to-end demo on a tiny model (about a minute on 2 CPU cores)", _demo_arguments,
+            _demo),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one subparser per entry of `COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="roadkit", description="Train, inspect, merge and serve RoAd adapters.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run `roadkit ARGS`; returns the exit code (0 ok, 1 error, 2 bad usage, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"roadkit {args.command}: interrupted; nothing was written.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CommandError, ValueError, OSError) as err:  # DataError, LoadError, OutputExistsError among them
+        print(f"roadkit {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_ERROR

@@ -1,0 +1,42 @@
+"""A standalone transformers model with an adapter merged into its weights.
+
+The merged model computes what base + adapter computes, with no roadkit needed to load it. Its
+logits are compared with the adapted model's on a probe batch before the merge is written.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Union
+
+import torch
+
+from .model import RoadModel
+
+PathLike = Union[str, os.PathLike]
+
+
+def probe_batch(model: Any, length: int = 16, rows: int = 2) -> torch.Tensor:
+    """Fixed pseudo-random token ids for comparing two models' logits."""
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (rows, length), generator=generator)
+
+
+@torch.no_grad()
+def merge_adapter(base: Any, adapter_dir: PathLike) -> tuple[Any, float]:
+    """Merge the adapter saved in `adapter_dir` into `base` (changed in place); returns the plain model
+    and the largest absolute logit difference between it and base + adapter on a probe batch."""
+    model = RoadModel.from_pretrained(base, adapter_dir)
+    ids = probe_batch(base).to(next(base.parameters()).device)
+    adapted = model(input_ids=ids).logits.float()
+    merged = model.merge_and_unload()
+    difference = float((merged(input_ids=ids).logits.float() - adapted).abs().max())
+    return merged, difference
+
+
+def save_merged(model: Any, tokenizer: Any, directory: PathLike) -> None:
+    """Write a merged model as safetensors, with the tokenizer when there is one."""
+    model.save_pretrained(directory)  # safetensors: the default since transformers 4.35
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)

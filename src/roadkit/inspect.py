@@ -1,0 +1,131 @@
+"""What a saved adapter holds, layer by layer: sizes, parameters, rotation angles and scales.
+
+Reads the adapter directory alone (no base model): every RoAd layer's `road_theta` / `road_alpha`
+pair, with the layer's output width recovered from the variant (road_1 stores d/2 values per
+layer, road_2 d, road_4 2d). Per feature group the statistics follow the layout of
+`functional.coefficients`, which keeps each group's entries contiguous.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import RoadConfig
+
+THETA, ALPHA = ".road_theta", ".road_alpha"
+# Stored values per output feature, by variant.
+VALUES_PER_FEATURE = {"road_1": 0.5, "road_2": 1, "road_4": 2}
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One RoAd layer of a saved adapter. Angles are in degrees; `*_by_group` have one entry per group."""
+
+    module: str
+    variant: str
+    group_size: int
+    out_features: int
+    parameters: int
+    mean_abs_angle: float
+    alpha_min: float
+    alpha_max: float
+    angle_by_group: list[float]
+    alpha_by_group: list[float]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of each of the layer's `road_theta` and `road_alpha`."""
+        return (int(self.out_features * VALUES_PER_FEATURE[self.variant]),)
+
+
+@dataclass(frozen=True)
+class AdapterReport:
+    """A saved adapter: its config, its RoAd layers, and how many further (modules_to_save) values it holds."""
+
+    config: RoadConfig
+    layers: list[LayerStats]
+    other_parameters: int
+
+    @property
+    def parameters(self) -> int:
+        return sum(layer.parameters for layer in self.layers) + self.other_parameters
+
+
+def inspect_adapter(directory: Union[str, os.PathLike]) -> AdapterReport:
+    """Per-layer statistics of the adapter saved in `directory`."""
+    config, tensors = ckpt.read_adapter(directory)
+    layers, other = [], 0
+    for key in sorted(tensors, key=_natural):
+        if key.endswith(THETA):
+            path = key[len(ckpt.KEY_PREFIX):-len(THETA)]
+            alpha_key = key[:-len(THETA)] + ALPHA
+            if alpha_key not in tensors:
+                raise ValueError(f"{os.fspath(directory)}: {key} has no matching {alpha_key}.")
+            layers.append(_layer_stats(path, config, tensors[key], tensors[alpha_key]))
+        elif not key.endswith(ALPHA):
+            other += tensors[key].numel()
+    if not layers:
+        raise ValueError(f"{os.fspath(directory)}: the adapter holds no RoAd layers (no *{THETA} tensors).")
+    return AdapterReport(config, layers, other)
+
+
+def _natural(key: str) -> list:
+    """Sort key that orders "layers.2" before "layers.10"."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", key)]
+
+
+def _layer_stats(path: str, config: RoadConfig, theta: torch.Tensor, alpha: torch.Tensor) -> LayerStats:
+    theta, alpha = theta.detach().double().flatten(), alpha.detach().double().flatten()
+    out_features = int(theta.numel() / VALUES_PER_FEATURE[config.variant])
+    groups = max(1, out_features // config.group_size)
+    if theta.numel() % groups or theta.shape != alpha.shape:
+        raise ValueError(f"layer {path}: road_theta {tuple(theta.shape)} / road_alpha {tuple(alpha.shape)} do "
+                         f"not fit variant {config.variant} with group_size {config.group_size}.")
+    degrees = torch.rad2deg(theta.abs())
+    return LayerStats(
+        module=path, variant=config.variant, group_size=config.group_size, out_features=out_features,
+        parameters=theta.numel() + alpha.numel(), mean_abs_angle=float(degrees.mean()),
+        alpha_min=float(alpha.min()), alpha_max=float(alpha.max()),
+        angle_by_group=degrees.view(groups, -1).mean(1).tolist(),
+        alpha_by_group=alpha.view(groups, -1).mean(1).tolist(),
+    )
+
+
+def format_table(report: AdapterReport) -> str:
+    """A plain-text table, one row per layer, and a totals line."""
+    header = ("layer", "d_out", "theta/alpha", "variant", "group", "params", "mean |theta| deg", "alpha range")
+    rows = [(s.module, str(s.out_features), "x".join(map(str, s.shape)), s.variant, str(s.group_size),
+             f"{s.parameters:,d}", f"{s.mean_abs_angle:.3f}", f"{s.alpha_min:.4f} .. {s.alpha_max:.4f}")
+            for s in report.layers]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    right = {1, 2, 4, 5, 6}
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths,
+                                                                                                 strict=True)))
+
+    out = [line(header), "  ".join("-" * w for w in widths), *map(line, rows)]
+    angles = [s.mean_abs_angle for s in report.layers]
+    summary = (f"{len(report.layers)} RoAd layers, {report.parameters:,d} parameters, mean |theta| "
+               f"{sum(angles) / len(angles):.3f} deg (max layer {max(angles):.3f})")
+    if report.other_parameters:
+        summary += f"; {report.other_parameters:,d} of them in modules_to_save"
+    out.append(summary)
+    return "\n".join(out)
+
+
+def plot_report(report: AdapterReport, path: Union[str, os.PathLike], title: str = "") -> None:
+    """Heatmaps of mean |theta| and mean alpha by layer and feature group, as a PNG."""
+    from .plots import adapter_heatmap
+
+    layers = report.layers
+    adapter_heatmap([s.module for s in layers], [s.angle_by_group for s in layers],
+                    [s.alpha_by_group for s in layers], path,
+                    title=title or f"{report.config.variant}, group_size {report.config.group_size}")
+

@@ -1,0 +1,259 @@
+"""The `roadkit` command line, run as `python -m roadkit ...` subprocesses on a tiny model in tmp_path.
+
+Each subprocess pays for importing torch (and transformers where a model loads), so runs are shared:
+one training run serves the inspect, merge, generate and peft tests, and the bad-input cases run
+side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from roadkit.demo import build_model, build_tokenizer, task_examples
+
+# One thread per subprocess: the models are tiny, and the cases run side by side on a few cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+PNG = b"\x89PNG\r\n\x1a\n"
+TRAIN_ARGS = ["--targets", "all-linear", "--max-steps", "6", "--batch-size", "4", "--lr", "1e-2", "--eval-every", "3"]
+
+
+def roadkit(*args: str, cwd, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "roadkit", *map(str, args)], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start(*args: str, cwd) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "roadkit", *map(str, args)], cwd=cwd, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tiny Llama with a character tokenizer, and prompt/completion data, in one directory."""
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, hidden_size=64, num_layers=1, intermediate_size=128)
+    model.save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    for split, n in (("train", 24), ("eval", 8)):
+        write_jsonl(root / f"{split}.jsonl", [{"prompt": e.prompt, "completion": e.completion}
+                                              for e in task_examples("upper", split, n)])
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(work):
+    """One `roadkit train` run (6 steps, all-linear)."""
+    result = roadkit("train", "--model", "tiny", "--data", "train.jsonl", "--eval-data", "eval.jsonl",
+                     "--output", "run", *TRAIN_ARGS, cwd=work)
+    assert result.returncode == 0, result.stderr
+    return work / "run", result
+
+
+def load_tiny(work):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(work / "tiny").eval()
+
+
+def probe():
+    return torch.randint(4, 60, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+def test_train_writes_a_run_that_roadkit_and_peft_load(work, trained):
+    run, result = trained
+    assert {"adapter_config.json", "adapter_model.safetensors", "training_log.json", "loss_curve.png",
+            "trainer_state.pt"} <= set(os.listdir(run))
+    assert "wrote run" in result.stdout
+    log = json.loads((run / "training_log.json").read_text())
+    assert log["status"] == "completed" and log["step"] == log["total_steps"] == 6
+    assert [e["step"] for e in log["train"]] == [1, 2, 3, 4, 5, 6]
+    assert [e["step"] for e in log["eval"]] == [0, 3, 6]
+    assert log["eval"][-1]["loss"] < log["eval"][0]["loss"]
+    assert (run / "loss_curve.png").read_bytes().startswith(PNG)
+
+    from peft import PeftModel
+
+    from roadkit import RoadModel
+
+    ours = RoadModel.from_pretrained(load_tiny(work), run)
+    theirs = PeftModel.from_pretrained(load_tiny(work), run).eval()
+    with torch.no_grad():
+        adapted, base = ours(input_ids=probe()).logits, load_tiny(work)(input_ids=probe()).logits
+        torch.testing.assert_close(theirs(input_ids=probe()).logits, adapted, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(adapted, base)
+
+
+def test_inspect_prints_a_table_and_writes_heatmaps(work, trained):
+    result = roadkit("inspect", "run", "--plot", "heat.png", cwd=work)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:4] == ["layer", "d_out", "theta/alpha", "variant"]
+    rows = [line for line in lines if line.startswith("model.layers.")]
+    assert len(rows) == 7 and all("road_1" in r for r in rows)  # q k v o gate up down
+    assert "7 RoAd layers" in result.stdout
+    assert (work / "heat.png").read_bytes().startswith(PNG)
+
+
+def test_merge_writes_a_model_that_reproduces_the_adapted_logits(work, trained):
+    result = roadkit("merge", "--model", "tiny", "--adapter", "run", "--output", "merged", cwd=work)
+    assert result.returncode == 0, result.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from roadkit import RoadModel
+
+    merged = AutoModelForCausalLM.from_pretrained(work / "merged").eval()
+    assert any(name.endswith(".safetensors") for name in os.listdir(work / "merged"))
+    assert AutoTokenizer.from_pretrained(work / "merged")("ab").input_ids == build_tokenizer()("ab").input_ids
+    adapted = RoadModel.from_pretrained(load_tiny(work), work / "run")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=probe()).logits, adapted(input_ids=probe()).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_generate_mixed_batch_equals_single_runs(work, trained):
+    from roadkit import RoadConfig, RoadModel, get_peft_model
+    from roadkit.generation import generate
+
+    torch.manual_seed(0)  # a second, random (not identity) adapter, so routing visibly matters
+    get_peft_model(load_tiny(work), RoadConfig(target_modules="all-linear", init_weights=False)).save_pretrained(
+        work / "random")
+    prompts = [("a", "kitten ->"), ("b", "kitten ->"), ("base", "kitten ->"), ("b", "bo ->"), ("__base__", "mu ->")]
+    result = roadkit("generate", "--model", "tiny", "--adapter", "a=run", "--adapter", "b=random", "--json",
+                     "--max-new-tokens", "6", *[x for name, text in prompts for x in ("--prompt", f"{name}:{text}")],
+                     cwd=work)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [(r["adapter"], r["prompt"]) for r in rows] == prompts
+    tokenizer = build_tokenizer()
+    for (name, text), row in zip(prompts, rows, strict=True):
+        if name in ("base", "__base__"):
+            model = load_tiny(work)
+        else:
+            model = RoadModel.from_pretrained(load_tiny(work), work / ("run" if name == "a" else "random"))
+        assert generate(model, tokenizer, [text], None, max_new_tokens=6) == [row["completion"]], (name, text)
+    assert rows[1]["completion"] != rows[2]["completion"]
+
+
+TRAIN_1 = ["train", "--model", "tiny", "--data", "train.jsonl", "--max-steps", "1"]
+BAD_INPUTS = {  # name: (arguments, what the one-line message says, an output directory that must not appear)
+    "missing data": (["train", "--model", "tiny", "--data", "nope.jsonl", "--output", "o1"],
+                     "nope.jsonl: no such file", "o1"),
+    "malformed jsonl": (["train", "--model", "tiny", "--data", "bad.jsonl", "--output", "o2"],
+                        "bad.jsonl:3: not valid JSON", "o2"),
+    "missing model": (["train", "--model", "./nomodel", "--data", "train.jsonl", "--output", "o3"],
+                      "nomodel' does not exist", "o3"),
+    "absent targets": ([*TRAIN_1, "--targets", "nonexistent_proj", "--output", "o4"], "nonexistent_proj", "o4"),
+    "group size": ([*TRAIN_1, "--group-size", "48", "--output", "o5"], "not divisible by group_size=48", "o5"),
+    "existing output": ([*TRAIN_1, "--output", "taken"], "already exists", None),
+    "missing adapter": (["merge", "--model", "tiny", "--adapter", "noadapter", "--output", "o6"],
+                        "'noadapter' does not exist", "o6"),
+    "not an adapter": (["merge", "--model", "tiny", "--adapter", "tiny", "--output", "o7"],
+                       "no adapter_config.json", "o7"),
+    "unrouted prompt": (["generate", "--model", "tiny", "--adapter", "a=run", "--adapter", "b=run", "--prompt",
+                         "x:hello"], "does not say which adapter", None),
+    "resume nothing": (["train", "--output", "o8", "--resume"], "no run directory", "o8"),
+    "resume with other settings": (["train", "--output", "run", "--resume", "--lr", "0.5"],
+                                   "--lr 0.5 differs from the run's 0.01", None),
+    "inspect a model": (["inspect", "tiny"], "no adapter_config.json", None),
+}
+# These run as real `python -m roadkit` processes (side by side); the rest call `roadkit.cli.main` in this
+# process, which is the same code minus the interpreter start (2-3 s each).
+IN_SUBPROCESS = ("malformed jsonl", "group size", "existing output", "unrouted prompt")
+
+
+@pytest.fixture
+def bad_input_files(work, trained):
+    (work / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a" "completion": "b"}\n')
+    (work / "taken").mkdir(exist_ok=True)
+    (work / "taken" / "keep.txt").write_text("mine")
+    run = trained[0]
+    before = {name: (run / name).read_bytes() for name in os.listdir(run)}
+    yield work
+    assert (work / "taken" / "keep.txt").read_text() == "mine"
+    assert {name: (run / name).read_bytes() for name in os.listdir(run)} == before
+    assert not [n for n in os.listdir(work) if ".tmp-" in n or ".old-" in n]
+
+
+def check_failure(name: str, code: int, err: str, work) -> None:
+    _, message, output = BAD_INPUTS[name]
+    assert code == 1, (name, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (name, err)
+    assert err.startswith("roadkit ") and ": error: " in err and message in err, (name, err)
+    assert output is None or not (work / output).exists(), name
+
+
+def test_bad_inputs_in_subprocesses(bad_input_files):
+    work = bad_input_files
+    procs = {name: start(*BAD_INPUTS[name][0], cwd=work) for name in IN_SUBPROCESS}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=180)
+        check_failure(name, proc.returncode, err, work)
+
+
+@pytest.mark.parametrize("name", [n for n in BAD_INPUTS if n not in IN_SUBPROCESS])
+def test_bad_inputs_in_process(name, bad_input_files, monkeypatch, capsys):
+    from transformers.utils import logging
+
+    from roadkit.cli import main
+
+    monkeypatch.chdir(bad_input_files)
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    try:
+        code = main(BAD_INPUTS[name][0])
+    finally:  # the command quiets transformers; leave this process as it was
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+    check_failure(name, code, capsys.readouterr().err, bad_input_files)
+
+
+def test_sigint_saves_a_checkpoint_that_resume_continues(work):
+    proc = start("train", "--model", "tiny", "--data", "train.jsonl", "--eval-data", "eval.jsonl", "--eval-every", "1",
+                 "--output", "interrupted", "--max-steps", "100000", "--batch-size", "4", cwd=work)
+    seen = [proc.stdout.readline() for _ in range(2)]  # the plan, then the first eval: the loop is running
+    assert "Ctrl-C saves a checkpoint" in seen[0] and seen[1].startswith("step 1/100000"), (seen, proc.poll())
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in err and "--resume" in err
+    log = json.loads((work / "interrupted" / "training_log.json").read_text())
+    assert log["status"] == "interrupted" and log["step"] >= 1
+    steps = log["step"]
+
+    result = roadkit("train", "--output", "interrupted", "--resume", "--max-steps", steps + 2, cwd=work)
+    assert result.returncode == 0, result.stderr
+    log = json.loads((work / "interrupted" / "training_log.json").read_text())
+    assert log["status"] == "completed" and log["step"] == steps + 2
+    assert [e["step"] for e in log["train"]] == list(range(1, steps + 3))
+
+
+def test_demo_fast(tmp_path):
+    started = time.perf_counter()
+    result = roadkit("demo", "--fast", "--output", "demo", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "demo"
+    assert str(out) in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    for task, numbers in summary["tasks"].items():
+        assert numbers["eval_loss_after"] < 0.8 * numbers["eval_loss_before"], (task, numbers)
+        assert (out / "adapters" / task / "adapter_model.safetensors").is_file()
+    assert summary["merge"]["max_abs_logit_difference"] < 1e-4 and summary["merge"]["same_generations"]
+    assert {"base", "upper", "reverse", "prompt"} == set(summary["mixed_batch"][0])
+    for name in ("summary.md", "loss_curves.png", "angles_upper.png", "merged-upper/config.json",
+                 "base/tokenizer.json"):
+        assert (out / name).is_file(), name
+    print(f"demo --fast took {time.perf_counter() - started:.1f} s")

@@ -1,0 +1,91 @@
+"""JSONL reading and validation, completion-only labels, padding for training and for generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from roadkit.data import IGNORE_INDEX, DataError, Example, collate, read_jsonl, tokenize, tokenize_all
+from roadkit.demo import build_tokenizer
+from roadkit.generation import left_padded
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_read_jsonl_rows_and_blank_lines(tmp_path):
+    rows = [json.dumps({"text": "abc"}), "", json.dumps({"prompt": "p", "completion": "c"})]
+    path = write(tmp_path / "d.jsonl", rows)
+    assert read_jsonl(path) == [Example("", "abc", 1), Example("p", "c", 3)]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "a"', "not valid JSON"),
+    ('["a"]', "expected a JSON object"),
+    ('{"prompt": "a"}', "expected {\"text\""),
+    ('{"text": 3}', "'text' must be a string"),
+    ('{"text": ""}', "'text' is empty"),
+    ('{"text": "a", "prompt": "b", "completion": "c"}', "both 'text' and 'prompt'"),
+    ('{"prompt": "a", "completion": ""}', "'completion' is empty"),
+])
+def test_read_jsonl_errors_name_file_and_line(tmp_path, line, message):
+    path = write(tmp_path / "bad.jsonl", [json.dumps({"text": "fine"}), line])
+    with pytest.raises(DataError, match="bad.jsonl:2: ") as err:
+        read_jsonl(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_read_jsonl_missing_empty_and_binary(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        read_jsonl(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="no rows"):
+        read_jsonl(write(tmp_path / "empty.jsonl", ["", "  "]))
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_jsonl(tmp_path / "bin.jsonl")
+
+
+def test_completion_only_labels(tokenizer):
+    sample = tokenize(tokenizer, Example("ab ->", " AB"), max_length=64)
+    prompt = tokenizer("ab ->").input_ids
+    assert sample.input_ids == prompt + tokenizer(" AB", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    assert sample.labels[:len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert sample.labels[len(prompt):] == sample.input_ids[len(prompt):]
+
+
+def test_text_rows_label_every_token_after_bos(tokenizer):
+    sample = tokenize(tokenizer, Example("", "hello"), max_length=64)
+    assert sample.input_ids[0] == tokenizer.bos_token_id and sample.labels[0] == IGNORE_INDEX
+    assert sample.labels[1:] == sample.input_ids[1:] and sample.input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_truncation_drops_rows_without_a_completion_token(tokenizer):
+    rows = [Example("a long prompt ->", " X", 1), Example("p", " X", 2)]
+    samples, dropped = tokenize_all(tokenizer, rows, max_length=6)
+    assert dropped == [1] and [s.line for s in samples] == [2]
+    assert all(len(s.input_ids) <= 6 for s in samples)
+
+
+def test_collate_right_pads_and_masks(tokenizer):
+    samples, _ = tokenize_all(tokenizer, [Example("a", " b"), Example("abc", " d")], 64)
+    batch = collate(samples, pad_id=tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, 7)
+    assert batch["attention_mask"][0].tolist() == [1, 1, 1, 1, 1, 0, 0]  # <s> a _ b </s> + 2 pads
+    assert batch["labels"][0, 5:].tolist() == [IGNORE_INDEX] * 2
+    assert batch["input_ids"][0, 5:].tolist() == [tokenizer.pad_token_id] * 2
+
+
+def test_left_padding_for_generation(tokenizer):
+    batch = left_padded(tokenizer, ["a", "abc"])
+    assert batch["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert batch["input_ids"][0, :2].tolist() == [tokenizer.pad_token_id] * 2
+    assert torch.equal(batch["input_ids"][1], torch.tensor(tokenizer("abc").input_ids))

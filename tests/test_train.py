@@ -1,0 +1,125 @@
+"""The plain training loop: learning, schedule, evaluation, stop requests and exact resumption."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+from roadkit import RoadConfig, get_peft_model
+from roadkit.data import tokenize_all
+from roadkit.demo import build_model, build_tokenizer, task_examples
+from roadkit.train import COMPLETED, INTERRUPTED, TrainConfig, Trainer, load_state, save_state, write_run
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = build_tokenizer()
+    base = build_model(tokenizer, hidden_size=64, num_layers=1, intermediate_size=128)
+    train, _ = tokenize_all(tokenizer, task_examples("upper", "train", 24), 64)
+    held_out, _ = tokenize_all(tokenizer, task_examples("upper", "eval", 8), 64)
+    return tokenizer, base, train, held_out
+
+
+def make(setup, steps=6, **kwargs):
+    tokenizer, base, train, held_out = setup
+    model = get_peft_model(copy.deepcopy(base), RoadConfig(group_size=64, target_modules="all-linear"))
+    config = TrainConfig(lr=1e-2, max_steps=steps, batch_size=4, eval_every=3, **kwargs)
+    return model, Trainer(model, train, config, tokenizer.pad_token_id, held_out)
+
+
+def adapter(model):
+    return {k: v.clone() for k, v in model.adapter_state_dict().items()}
+
+
+def test_fit_learns_and_logs(setup):
+    model, trainer = make(setup, steps=12)
+    assert trainer.fit(progress=False) == COMPLETED
+    assert [e["step"] for e in trainer.log["train"]] == list(range(1, 13))
+    assert [e["step"] for e in trainer.log["eval"]] == [0, 3, 6, 9, 12]
+    assert trainer.log["eval"][-1]["loss"] < trainer.log["eval"][0]["loss"]
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.0  # linear decay reaches zero at the last step
+    assert all(p.grad is None for p in trainer.params)
+
+
+def test_epochs_and_warmup(setup):
+    _, trainer = make(setup, steps=None, warmup_steps=2)
+    trainer.config.max_steps = None
+    assert trainer.total_steps == 6  # 24 rows / batch 4, one epoch
+    assert [trainer._lr_factor(s) for s in range(4)] == [0.5, 1.0, 1.0, 0.75]
+
+
+def test_stop_request_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
+    reference, trainer = make(setup)
+    trainer.fit(progress=False)
+
+    model, first = make(setup)
+    original = first.train_step
+
+    def step_then_stop(samples):
+        loss = original(samples)
+        first.stop_requested = first.stop_requested or len(first.log["train"]) == 2  # stop after step 3
+        return loss
+
+    first.train_step = step_then_stop
+    assert first.fit(progress=False) == INTERRUPTED and first.step == 3
+    write_run(tmp_path / "run", model, first, INTERRUPTED, {"note": "test"})
+    assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.pt", "training_log.json",
+            "loss_curve.png"} <= set(os.listdir(tmp_path / "run"))
+
+    tokenizer, base, train, held_out = setup
+    from roadkit import RoadModel
+
+    resumed = RoadModel.from_pretrained(copy.deepcopy(base), tmp_path / "run", is_trainable=True)
+    second = Trainer(resumed, train, first.config, tokenizer.pad_token_id, held_out)
+    state = load_state(tmp_path / "run")
+    assert state["run"] == {"note": "test"} and state["status"] == INTERRUPTED
+    second.load_state_dict(state)
+    assert second.fit(progress=False) == COMPLETED
+    want, got = adapter(reference), adapter(resumed)
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
+    assert [e["step"] for e in second.log["train"]] == list(range(1, 7))
+    assert [e["loss"] for e in second.log["train"]] == pytest.approx([e["loss"] for e in trainer.log["train"]])
+    assert [e["step"] for e in second.log["eval"]] == [0, 3, 6]  # the eval at 3, cut short by the stop, is redone
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
+def test_sigint_requests_a_stop_and_restores_the_handler(setup):
+    _, trainer = make(setup, steps=50)
+    original = trainer.train_step
+
+    def step(samples):
+        loss = original(samples)
+        if trainer.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    trainer.train_step = step
+    before = signal.getsignal(signal.SIGINT)
+    assert trainer.fit(progress=False) == INTERRUPTED
+    assert trainer.step == 2 and signal.getsignal(signal.SIGINT) is before
+
+
+def test_state_round_trip(tmp_path, setup):
+    _, trainer = make(setup)
+    save_state(tmp_path, trainer.state_dict())
+    assert load_state(tmp_path)["step"] == 0
+    with pytest.raises(FileNotFoundError, match="not a roadkit training run"):
+        load_state(tmp_path / "nowhere")
+
+
+def test_rejects_bad_settings(setup):
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="learning rate"):
+        TrainConfig(lr=0)
+    tokenizer, base, train, _ = setup
+    frozen = copy.deepcopy(base).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        Trainer(frozen, train, TrainConfig(), tokenizer.pad_token_id)
