@@ -325,6 +325,44 @@ def _generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- compose -----------------------------------------------------------------------------------
+
+
+def _compose_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR",
+                   help="an input adapter directory (repeatable; for sequential, applied in the order given)")
+    p.add_argument("--mode", choices=("sequential", "union", "interpolate"), default="sequential",
+                   help="sequential: one adapter equal to applying each in turn (default); union: adapters "
+                        "trained in disjoint subspaces, each pair from its owner; interpolate: weighted angles "
+                        "and log-scales")
+    p.add_argument("--weights", help="interpolate only: comma-separated weights, one per --adapter "
+                                     "(default: equal)")
+    p.add_argument("--output", required=True, help="directory for the composed adapter (PEFT layout)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
+
+
+def _compose(args: argparse.Namespace) -> int:
+    from .checkpoint import read_adapter, write_adapter
+    from .compose import Adapter, compose_adapters
+    from .outputs import check_output, staged_directory
+
+    adapters = _parse_adapters(args.adapter)
+    check_output(args.output, args.overwrite, inputs=list(adapters.values()))
+    weights = None
+    if args.weights is not None:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise CommandError(f"--weights {args.weights!r}: expected comma-separated numbers, e.g. 0.5,0.5.") from None
+    inputs = [Adapter(name, *read_adapter(path)) for name, path in adapters.items()]
+    config, tensors = compose_adapters(inputs, args.mode, weights)
+    with staged_directory(args.output) as stage:
+        write_adapter(stage, config, tensors)
+    print(f"composed {', '.join(adapters)} ({args.mode}) into a {config.variant} adapter over {len(tensors) // 2} "
+          f"layers\nwrote {args.output}")
+    return EXIT_OK
+
+
 # ---- inspect -----------------------------------------------------------------------------------
 
 
@@ -376,6 +414,8 @@ COMMANDS = [
             _merge),
     Command("generate", "generate from several adapters (and the base) in one mixed batch", _generate_arguments,
             _generate),
+    Command("compose", "compose saved adapters into one (sequential, union or interpolate)", _compose_arguments,
+            _compose),
     Command("inspect", "per-layer table (and heatmaps) of a saved adapter", _inspect_arguments, _inspect),
     Command("demo", "offline end-to-end demo on a tiny model (about a minute on 2 CPU cores)", _demo_arguments,
             _demo),

@@ -11,11 +11,14 @@ combine in closed form:
 - "interpolate": a weighted sum of angles and of log-scales (alpha = prod alpha_i ** w_i), in the
   largest variant among the inputs. Weight 0.5 on one adapter halves its rotation angles.
 
-A layer an adapter does not target counts as the identity for it.
+A layer an adapter does not target counts as the identity for it. `compose_adapters` works on
+saved adapters alone (configs and PEFT-keyed tensors, no model): the CLI's `roadkit compose`.
+`compose` does the same for adapters loaded in a `RoadModel` and adds the result to it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -24,71 +27,117 @@ from . import checkpoint as ckpt
 from . import functional as F
 from .config import VARIANTS, RoadConfig
 from .model import RoadModel
-from .subspace import entries_of, features_of, pairs_of
+from .subspace import entries_of, features_of, free_entries, outside_count, pairs_of
 
 MODES = ("sequential", "union", "interpolate")
 _Params = tuple[torch.Tensor, torch.Tensor]
+_PARAMS = ("road_theta", "road_alpha")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One input to a composition: a name (for messages), its config and its tensors under PEFT's keys."""
+
+    name: str
+    config: RoadConfig
+    tensors: dict[str, torch.Tensor]
 
 
 def compose(model: RoadModel, adapters: Sequence[str], new_name: str, mode: str = "sequential",
             weights: Optional[Sequence[float]] = None) -> RoadConfig:
-    """Add `new_name` to `model`: the composition of `adapters` (in order) by `mode`.
+    """Add `new_name` to `model`: the composition of its `adapters` (in order) by `mode`.
 
     The new adapter is added inactive (activate it with `model.set_adapter`); its config is returned.
     Everything is checked before the model changes.
     """
     if not isinstance(model, RoadModel):
         raise TypeError(f"compose needs a roadkit RoadModel, got {type(model).__name__}.")
-    if mode not in MODES:
-        raise ValueError(f"compose mode={mode!r} is not supported; allowed: {', '.join(MODES)}.")
     names = [adapters] if isinstance(adapters, str) else list(adapters)
-    if not names:
-        raise ValueError("compose needs at least one adapter name.")
     model._check_known(names)
     model._check_new_name(new_name, existing=model.peft_config)
-    configs = [model.peft_config[n] for n in names]
-    w = _check_weights(mode, weights, len(names))
-    saving = [n for n, c in zip(names, configs, strict=True) if c.modules_to_save]
+    inputs = [Adapter(n, model.peft_config[n], model.adapter_state_dict(n)) for n in names]
+    config, tensors = compose_adapters(inputs, mode, weights)
+    model.add_adapter(new_name, config, state_dict=tensors)
+    return config
+
+
+def compose_adapters(adapters: Sequence[Adapter], mode: str = "sequential",
+                     weights: Optional[Sequence[float]] = None) -> tuple[RoadConfig, dict[str, torch.Tensor]]:
+    """The composition of saved adapters (in order) by `mode`: its config and tensors (PEFT keys)."""
+    if mode not in MODES:
+        raise ValueError(f"compose mode={mode!r} is not supported; allowed: {', '.join(MODES)}.")
+    adapters = list(adapters)
+    if not adapters:
+        raise ValueError("compose needs at least one adapter.")
+    w = _check_weights(mode, weights, len(adapters))
+    saving = [a.name for a in adapters if a.config.modules_to_save
+              or any(not k.endswith(_PARAMS) for k in a.tensors)]
     if saving:
         raise ValueError(f"adapters {saving} train whole modules (modules_to_save), which have no rotation to "
                          "compose; compose adapters without modules_to_save.")
-    sizes = sorted({c.group_size for c in configs})
-    if len(sizes) > 1:
-        raise ValueError(f"compose needs adapters with one group_size (their pairs must coincide); got "
-                         f"{dict(zip(names, [c.group_size for c in configs], strict=True))}.")
-    g = sizes[0]
-    layers = {path: layer for path, layer in model.road_layers() if any(n in layer.road_theta for n in names)}
+    sizes = {a.name: a.config.group_size for a in adapters}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"compose needs adapters with one group_size (their pairs must coincide); got {sizes}.")
+    g = adapters[0].config.group_size
+    layers = _layers(adapters)
+    _check_inside_subspaces(adapters, layers)
 
     if mode == "sequential":
-        variant = "road_1" if all(c.variant == "road_1" for c in configs) else "road_2"
+        variant = "road_1" if all(a.config.variant == "road_1" for a in adapters) else "road_2"
     elif mode == "union":
-        _check_disjoint(names, configs, layers)
-        same = len({c.variant for c in configs}) == 1
-        variant = configs[0].variant if same else "road_2"
+        _check_disjoint(adapters, layers)
+        same = len({a.config.variant for a in adapters}) == 1
+        variant = adapters[0].config.variant if same else "road_2"
     else:
-        variant = max((c.variant for c in configs), key=VARIANTS.index)
+        variant = max((a.config.variant for a in adapters), key=VARIANTS.index)
     # Every mode leaves the pairs that no input owns at the identity.
-    subspace = None if any(c.subspace is None for c in configs) else _union_spec([c.subspace for c in configs])
+    specs = [a.config.subspace for a in adapters]
+    subspace = None if any(spec is None for spec in specs) else _union_spec(specs)
 
     tensors: dict[str, torch.Tensor] = {}
-    for path, layer in layers.items():
-        present = [(n, c) for n, c in zip(names, configs, strict=True) if n in layer.road_theta]
+    for path, d_out in layers.items():
+        present = [(a, wi) for a, wi in zip(adapters, w or [None] * len(adapters), strict=True)
+                   if ckpt.adapter_key(path, "road_theta") in a.tensors]
         if mode == "sequential":
-            theta, alpha = _sequential(layer, [n for n, _ in present], variant, g)
+            theta, alpha = _sequential(path, [a for a, _ in present], d_out, variant, g)
         elif mode == "union":
-            theta, alpha = _union(layer, present, variant, g)
-        else:  # weights by position: a name given twice counts with both its weights
-            weighted = [(n, c, wi) for n, c, wi in zip(names, configs, w, strict=True) if n in layer.road_theta]
-            theta, alpha = _interpolate(layer, path, weighted, variant, g)
-        dtype = layer.road_theta[present[0][0]].dtype
+            theta, alpha = _union(path, [a for a, _ in present], d_out, variant, g)
+        else:  # weights by position: an adapter given twice counts with both its weights
+            theta, alpha = _interpolate(path, present, variant, g)
+        dtype = present[0][0].tensors[ckpt.adapter_key(path, "road_theta")].dtype
         tensors[ckpt.adapter_key(path, "road_theta")] = theta.to(dtype)
         tensors[ckpt.adapter_key(path, "road_alpha")] = alpha.to(dtype)
 
+    first = adapters[0].config
     config = RoadConfig(variant=variant, group_size=g, target_modules=sorted(layers), subspace=subspace,
-                        base_model_name_or_path=configs[0].base_model_name_or_path,
-                        task_type=configs[0].task_type, inference_mode=True)
-    model.add_adapter(new_name, config, state_dict=tensors)
-    return config
+                        base_model_name_or_path=first.base_model_name_or_path, task_type=first.task_type,
+                        inference_mode=True)
+    return config, tensors
+
+
+def _layers(adapters: Sequence[Adapter]) -> dict[str, int]:
+    """Every layer path any adapter targets, with its output size (read off the tensor lengths)."""
+    per_entry = {"road_1": 2.0, "road_2": 1.0, "road_4": 0.5}  # features per parameter entry
+    out: dict[str, int] = {}
+    for a in adapters:
+        for key, t in a.tensors.items():
+            if key.endswith(".road_theta"):
+                path = key[len(ckpt.KEY_PREFIX):-len(".road_theta")]
+                out[path] = int(t.numel() * per_entry[a.config.variant])
+    return dict(sorted(out.items()))
+
+
+def _check_inside_subspaces(adapters: Sequence[Adapter], layers: dict[str, int]) -> None:
+    """Refuse tensors that move pairs outside their adapter's declared subspace (as loading does)."""
+    for a in adapters:
+        for path, d_out in layers.items():
+            key = ckpt.adapter_key(path, "road_theta")
+            if a.config.subspace is None or key not in a.tensors:
+                continue
+            free = free_entries(a.config.subspace, a.config.variant, a.config.group_size, d_out, path)
+            if outside_count(*_params64(a, path), free):
+                raise ValueError(f"adapter {a.name!r} has subspace={a.config.subspace} but is not the identity "
+                                 f"outside it in {path}.")
 
 
 def _check_weights(mode: str, weights: Optional[Sequence[float]], n: int) -> list[float]:
@@ -105,71 +154,75 @@ def _check_weights(mode: str, weights: Optional[Sequence[float]], n: int) -> lis
     return [float(x) for x in w]
 
 
-def _params64(layer, name: str) -> _Params:
-    theta, alpha = layer.parameters_of(name)
-    return theta.detach().to(torch.float64), alpha.detach().to(torch.float64)
+def _params64(a: Adapter, path: str) -> _Params:
+    return tuple(a.tensors[ckpt.adapter_key(path, p)].detach().to(torch.float64) for p in _PARAMS)
 
 
-def _sequential(layer, names: list[str], variant: str, g: int) -> _Params:
+def _coefficients64(a: Adapter, path: str) -> F.Coefficients:
+    return F.coefficients(a.config.variant, a.config.group_size, *_params64(a, path))
+
+
+def _sequential(path: str, adapters: list[Adapter], d_out: int, variant: str, g: int) -> _Params:
     if variant == "road_1":  # the product of same-pair rotations: angles add, scales multiply
-        theta = sum(_params64(layer, n)[0] for n in names)
-        alpha = torch.stack([_params64(layer, n)[1] for n in names]).prod(0)
-        return theta, alpha
-    acc = F.identity(layer.out_features, dtype=torch.float64, device=layer.road_theta[names[0]].device)
-    for n in names:
-        acc = F.compose(acc, layer.coefficients(n, dtype=torch.float64), g)
+        params = [_params64(a, path) for a in adapters]
+        return sum(t for t, _ in params), torch.stack([a for _, a in params]).prod(0)
+    acc = F.identity(d_out, dtype=torch.float64, device=_device(adapters[0], path))
+    for a in adapters:
+        acc = F.compose(acc, _coefficients64(a, path), g)
     return F.polar(acc)
 
 
-def _check_disjoint(names: list[str], configs: list[RoadConfig], layers: dict) -> None:
+def _device(a: Adapter, path: str) -> torch.device:
+    return a.tensors[ckpt.adapter_key(path, "road_theta")].device
+
+
+def _check_disjoint(adapters: Sequence[Adapter], layers: dict[str, int]) -> None:
     overlaps = []
-    for path, layer in layers.items():
+    for path, d_out in layers.items():
         owned: dict[int, str] = {}
-        for n, c in zip(names, configs, strict=True):
-            if n not in layer.road_theta:
+        for a in adapters:
+            if ckpt.adapter_key(path, "road_theta") not in a.tensors:
                 continue
-            pairs = pairs_of(c.subspace, layer.out_features // 2, path)
-            clash = sorted(p for p in pairs.tolist() if p in owned)
+            pairs = pairs_of(a.config.subspace, d_out // 2, path).tolist()
+            clash = sorted(p for p in pairs if p in owned)
             if clash:
                 shown = ", ".join(map(str, clash[:8])) + (f" ... ({len(clash)} pairs)" if len(clash) > 8 else "")
-                overlaps.append(f"{path}: {owned[clash[0]]!r} and {n!r} share pairs {shown}")
-            owned.update(dict.fromkeys(pairs.tolist(), n))
+                overlaps.append(f"{path}: {owned[clash[0]]!r} and {a.name!r} share pairs {shown}")
+            owned.update(dict.fromkeys(pairs, a.name))
     if overlaps:
         raise ValueError("union needs adapters in disjoint subspaces (RoadConfig.subspace), but they overlap:\n  "
                          + "\n  ".join(overlaps))
 
 
-def _union(layer, present: list[tuple[str, RoadConfig]], variant: str, g: int) -> _Params:
-    n_pairs = layer.out_features // 2
-    device = layer.road_theta[present[0][0]].device
-    if all(c.variant == variant for _, c in present):  # copy each owner's own entries
-        n = F.parameter_length(variant, layer.out_features)
+def _union(path: str, adapters: list[Adapter], d_out: int, variant: str, g: int) -> _Params:
+    device, n_pairs = _device(adapters[0], path), d_out // 2
+    if all(a.config.variant == variant for a in adapters):  # copy each owner's own entries
+        n = F.parameter_length(variant, d_out)
         theta = torch.zeros(n, dtype=torch.float64, device=device)
         alpha = torch.ones(n, dtype=torch.float64, device=device)
-        for name, c in present:
-            idx = entries_of(variant, g, pairs_of(c.subspace, n_pairs)).to(device)
-            t, a = _params64(layer, name)
-            theta[idx], alpha[idx] = t[idx], a[idx]
+        for a in adapters:
+            idx = entries_of(variant, g, pairs_of(a.config.subspace, n_pairs)).to(device)
+            t, al = _params64(a, path)
+            theta[idx], alpha[idx] = t[idx], al[idx]
         return theta, alpha
-    c_out, s_out = F.identity(layer.out_features, dtype=torch.float64, device=device)
-    for name, c in present:  # mixed variants: per-feature coefficients, then road_2's polar form
-        idx = features_of(pairs_of(c.subspace, n_pairs), g).to(device)
-        cc, ss = layer.coefficients(name, dtype=torch.float64)
+    c_out, s_out = F.identity(d_out, dtype=torch.float64, device=device)
+    for a in adapters:  # mixed variants: per-feature coefficients, then road_2's polar form
+        idx = features_of(pairs_of(a.config.subspace, n_pairs), g).to(device)
+        cc, ss = _coefficients64(a, path)
         c_out[idx], s_out[idx] = cc[idx], ss[idx]
     return F.polar((c_out, s_out))
 
 
-def _interpolate(layer, path: str, weighted: list[tuple[str, RoadConfig, float]], variant: str,
-                 g: int) -> _Params:
+def _interpolate(path: str, weighted: list[tuple[Adapter, float]], variant: str, g: int) -> _Params:
     theta = alpha_log = 0.0
-    for name, c, weight in weighted:
-        t, a = _params64(layer, name)
-        if not bool((a > 0).all()):  # counted on the adapter's own entries, before any expansion
-            raise ValueError(f"interpolate works on log-scales, but adapter {name!r} has alpha <= 0 in {path} "
-                             f"({int((a <= 0).sum())} entries).")
-        t, a = F.expand_parameters(t, a, c.variant, variant, g)
+    for a, weight in weighted:
+        t, al = _params64(a, path)
+        if not bool((al > 0).all()):  # counted on the adapter's own entries, before any expansion
+            raise ValueError(f"interpolate works on log-scales, but adapter {a.name!r} has alpha <= 0 in {path} "
+                             f"({int((al <= 0).sum())} entries).")
+        t, al = F.expand_parameters(t, al, a.config.variant, variant, g)
         theta = theta + weight * t
-        alpha_log = alpha_log + weight * torch.log(a)
+        alpha_log = alpha_log + weight * torch.log(al)
     return theta, torch.exp(alpha_log)
 
 
