@@ -1,6 +1,6 @@
 """roadkit: RoAd (2D rotary adaptation) adapters for PyTorch and Hugging Face models."""
 
-from .compose import compose
+from .compose import SavedAdapter, compose, compose_adapters
 from .config import RoadConfig
 from .layers import (
     Conv,
@@ -27,10 +27,12 @@ __all__ = [
     "RoadLayer",
     "RoadModel",
     "RoadTrainer",
+    "SavedAdapter",
     "TensorParallelIssue",
     "TransformersConv1D",
     "check_tensor_parallel",
     "compose",
+    "compose_adapters",
     "get_peft_model",
 ]
 

@@ -343,7 +343,7 @@ def _compose_arguments(p: argparse.ArgumentParser) -> None:
 
 def _compose(args: argparse.Namespace) -> int:
     from .checkpoint import read_adapter, write_adapter
-    from .compose import Adapter, compose_adapters
+    from .compose import SavedAdapter, compose_adapters
     from .outputs import check_output, staged_directory
 
     adapters = _parse_adapters(args.adapter)
@@ -354,7 +354,7 @@ def _compose(args: argparse.Namespace) -> int:
             weights = [float(w) for w in args.weights.split(",")]
         except ValueError:
             raise CommandError(f"--weights {args.weights!r}: expected comma-separated numbers, e.g. 0.5,0.5.") from None
-    inputs = [Adapter(name, *read_adapter(path)) for name, path in adapters.items()]
+    inputs = [SavedAdapter(name, *read_adapter(path)) for name, path in adapters.items()]
     config, tensors = compose_adapters(inputs, args.mode, weights)
     with staged_directory(args.output) as stage:
         write_adapter(stage, config, tensors)

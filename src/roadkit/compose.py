@@ -35,7 +35,7 @@ _PARAMS = ("road_theta", "road_alpha")
 
 
 @dataclass(frozen=True)
-class Adapter:
+class SavedAdapter:
     """One input to a composition: a name (for messages), its config and its tensors under PEFT's keys."""
 
     name: str
@@ -55,13 +55,13 @@ def compose(model: RoadModel, adapters: Sequence[str], new_name: str, mode: str 
     names = [adapters] if isinstance(adapters, str) else list(adapters)
     model._check_known(names)
     model._check_new_name(new_name, existing=model.peft_config)
-    inputs = [Adapter(n, model.peft_config[n], model.adapter_state_dict(n)) for n in names]
+    inputs = [SavedAdapter(n, model.peft_config[n], model.adapter_state_dict(n)) for n in names]
     config, tensors = compose_adapters(inputs, mode, weights)
     model.add_adapter(new_name, config, state_dict=tensors)
     return config
 
 
-def compose_adapters(adapters: Sequence[Adapter], mode: str = "sequential",
+def compose_adapters(adapters: Sequence[SavedAdapter], mode: str = "sequential",
                      weights: Optional[Sequence[float]] = None) -> tuple[RoadConfig, dict[str, torch.Tensor]]:
     """The composition of saved adapters (in order) by `mode`: its config and tensors (PEFT keys)."""
     if mode not in MODES:
@@ -115,7 +115,7 @@ def compose_adapters(adapters: Sequence[Adapter], mode: str = "sequential",
     return config, tensors
 
 
-def _layers(adapters: Sequence[Adapter]) -> dict[str, int]:
+def _layers(adapters: Sequence[SavedAdapter]) -> dict[str, int]:
     """Every layer path any adapter targets, with its output size (read off the tensor lengths)."""
     per_entry = {"road_1": 2.0, "road_2": 1.0, "road_4": 0.5}  # features per parameter entry
     out: dict[str, int] = {}
@@ -127,7 +127,7 @@ def _layers(adapters: Sequence[Adapter]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def _check_inside_subspaces(adapters: Sequence[Adapter], layers: dict[str, int]) -> None:
+def _check_inside_subspaces(adapters: Sequence[SavedAdapter], layers: dict[str, int]) -> None:
     """Refuse tensors that move pairs outside their adapter's declared subspace (as loading does)."""
     for a in adapters:
         for path, d_out in layers.items():
@@ -154,15 +154,15 @@ def _check_weights(mode: str, weights: Optional[Sequence[float]], n: int) -> lis
     return [float(x) for x in w]
 
 
-def _params64(a: Adapter, path: str) -> _Params:
+def _params64(a: SavedAdapter, path: str) -> _Params:
     return tuple(a.tensors[ckpt.adapter_key(path, p)].detach().to(torch.float64) for p in _PARAMS)
 
 
-def _coefficients64(a: Adapter, path: str) -> F.Coefficients:
+def _coefficients64(a: SavedAdapter, path: str) -> F.Coefficients:
     return F.coefficients(a.config.variant, a.config.group_size, *_params64(a, path))
 
 
-def _sequential(path: str, adapters: list[Adapter], d_out: int, variant: str, g: int) -> _Params:
+def _sequential(path: str, adapters: list[SavedAdapter], d_out: int, variant: str, g: int) -> _Params:
     if variant == "road_1":  # the product of same-pair rotations: angles add, scales multiply
         params = [_params64(a, path) for a in adapters]
         return sum(t for t, _ in params), torch.stack([a for _, a in params]).prod(0)
@@ -172,11 +172,11 @@ def _sequential(path: str, adapters: list[Adapter], d_out: int, variant: str, g:
     return F.polar(acc)
 
 
-def _device(a: Adapter, path: str) -> torch.device:
+def _device(a: SavedAdapter, path: str) -> torch.device:
     return a.tensors[ckpt.adapter_key(path, "road_theta")].device
 
 
-def _check_disjoint(adapters: Sequence[Adapter], layers: dict[str, int]) -> None:
+def _check_disjoint(adapters: Sequence[SavedAdapter], layers: dict[str, int]) -> None:
     overlaps = []
     for path, d_out in layers.items():
         owned: dict[int, str] = {}
@@ -194,7 +194,7 @@ def _check_disjoint(adapters: Sequence[Adapter], layers: dict[str, int]) -> None
                          + "\n  ".join(overlaps))
 
 
-def _union(path: str, adapters: list[Adapter], d_out: int, variant: str, g: int) -> _Params:
+def _union(path: str, adapters: list[SavedAdapter], d_out: int, variant: str, g: int) -> _Params:
     device, n_pairs = _device(adapters[0], path), d_out // 2
     if all(a.config.variant == variant for a in adapters):  # copy each owner's own entries
         n = F.parameter_length(variant, d_out)
@@ -213,7 +213,7 @@ def _union(path: str, adapters: list[Adapter], d_out: int, variant: str, g: int)
     return F.polar((c_out, s_out))
 
 
-def _interpolate(path: str, weighted: list[tuple[Adapter, float]], variant: str, g: int) -> _Params:
+def _interpolate(path: str, weighted: list[tuple[SavedAdapter, float]], variant: str, g: int) -> _Params:
     theta = alpha_log = 0.0
     for a, weight in weighted:
         t, al = _params64(a, path)
