@@ -122,3 +122,14 @@ def test_tampered_subspace_adapter_is_refused(saved, tmp_path, capsys):
                  "--output", str(tmp_path / "out")])
     assert code == 1 and "not the identity outside" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_adapters_of_different_base_models_are_refused(saved, tmp_path, capsys):
+    root, _ = saved
+    other = tiny_llama(hidden=64)
+    get_peft_model(other, RoadConfig(group_size=8, target_modules=QV)).save_pretrained(tmp_path / "other")
+    code = main(["compose", "--adapter", f"a={root / 'a'}", "--adapter", f"o={tmp_path / 'other'}",
+                 "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "disagree on the size of layer" in err and "different base models" in err
+    assert not (tmp_path / "out").exists()

@@ -331,13 +331,14 @@ def test_entries_of_against_brute_force(variant, g):
 
 
 def test_outside_count():
-    free = entries_of("road_2", 4, torch.tensor([1]))  # features 1 and 3
+    spec = normalize_spec([1])  # pair 1 of a road_2 layer with 8 features in groups of 4: features 1 and 3
+    free = entries_of("road_2", 4, torch.tensor([1]))
     theta, alpha = torch.zeros(8), torch.ones(8)
     theta[free], alpha[free] = 0.3, 2.0
-    assert outside_count(theta, alpha, free) == 0
-    assert outside_count(theta, alpha, None) == 0
+    assert outside_count(spec, "road_2", 4, 8, theta, alpha) == 0
+    assert outside_count(None, "road_2", 4, 8, theta, alpha) == 0
     theta[0], alpha[5] = 1e-30, 0.5
-    assert outside_count(theta, alpha, free) == 2
+    assert outside_count(spec, "road_2", 4, 8, theta, alpha) == 2
 
 
 # ---- adapters on a model ---------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from . import functional as F
 from .config import VARIANTS, RoadConfig
 from .model import RoadModel
-from .subspace import entries_of, features_of, free_entries, outside_count, pairs_of
+from .subspace import entries_of, features_of, outside_count, pairs_of
 
 MODES = ("sequential", "union", "interpolate")
 _Params = tuple[torch.Tensor, torch.Tensor]
@@ -116,14 +116,20 @@ def compose_adapters(adapters: Sequence[SavedAdapter], mode: str = "sequential",
 
 
 def _layers(adapters: Sequence[SavedAdapter]) -> dict[str, int]:
-    """Every layer path any adapter targets, with its output size (read off the tensor lengths)."""
-    per_entry = {"road_1": 2.0, "road_2": 1.0, "road_4": 0.5}  # features per parameter entry
+    """Every layer path any adapter targets, with its output size (read off the tensor lengths, which
+    must agree between adapters: they must be adapters of one base model)."""
     out: dict[str, int] = {}
+    seen: dict[str, str] = {}
     for a in adapters:
         for key, t in a.tensors.items():
-            if key.endswith(".road_theta"):
-                path = key[len(ckpt.KEY_PREFIX):-len(".road_theta")]
-                out[path] = int(t.numel() * per_entry[a.config.variant])
+            if not key.endswith(".road_theta"):
+                continue
+            path, d_out = key[len(ckpt.KEY_PREFIX):-len(".road_theta")], F.out_features_for(a.config.variant, t.numel())
+            F.check_group_size(d_out, a.config.group_size, where=f"adapter {a.name!r}, layer {path}")
+            if out.setdefault(path, d_out) != d_out:
+                raise ValueError(f"adapters {seen[path]!r} and {a.name!r} disagree on the size of layer {path} "
+                                 f"({out[path]} vs {d_out} features): they were trained on different base models.")
+            seen.setdefault(path, a.name)
     return dict(sorted(out.items()))
 
 
@@ -134,8 +140,8 @@ def _check_inside_subspaces(adapters: Sequence[SavedAdapter], layers: dict[str, 
             key = ckpt.adapter_key(path, "road_theta")
             if a.config.subspace is None or key not in a.tensors:
                 continue
-            free = free_entries(a.config.subspace, a.config.variant, a.config.group_size, d_out, path)
-            if outside_count(*_params64(a, path), free):
+            if outside_count(a.config.subspace, a.config.variant, a.config.group_size, d_out, *_params64(a, path),
+                             where=path):
                 raise ValueError(f"adapter {a.name!r} has subspace={a.config.subspace} but is not the identity "
                                  f"outside it in {path}.")
 

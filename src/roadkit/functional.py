@@ -27,6 +27,11 @@ def parameter_length(variant: str, out_features: int) -> int:
     ]
 
 
+def out_features_for(variant: str, length: int) -> int:
+    """The layer output size whose parameters have `length` entries (the inverse of `parameter_length`)."""
+    return {"road_1": 2 * length, "road_2": length, "road_4": length // 2}[normalize_variant(variant)]
+
+
 def check_group_size(out_features: int, group_size: int, where: str = "layer") -> None:
     """Raise if `group_size` cannot pair the `out_features` of `where`."""
     if group_size <= 0 or group_size % 2 or out_features % group_size:
@@ -237,6 +242,7 @@ __all__ = [
     "expand_parameters",
     "identity",
     "inverse",
+    "out_features_for",
     "parameter_length",
     "polar",
     "road",

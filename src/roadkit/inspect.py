@@ -17,10 +17,9 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import RoadConfig
+from .functional import out_features_for, parameter_length
 
 THETA, ALPHA = ".road_theta", ".road_alpha"
-# Stored values per output feature, by variant.
-VALUES_PER_FEATURE = {"road_1": 0.5, "road_2": 1, "road_4": 2}
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class LayerStats:
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of each of the layer's `road_theta` and `road_alpha`."""
-        return (int(self.out_features * VALUES_PER_FEATURE[self.variant]),)
+        return (parameter_length(self.variant, self.out_features),)
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ def _natural(key: str) -> list:
 
 def _layer_stats(path: str, config: RoadConfig, theta: torch.Tensor, alpha: torch.Tensor) -> LayerStats:
     theta, alpha = theta.detach().double().flatten(), alpha.detach().double().flatten()
-    out_features = int(theta.numel() / VALUES_PER_FEATURE[config.variant])
+    out_features = out_features_for(config.variant, theta.numel())
     groups = max(1, out_features // config.group_size)
     if theta.numel() % groups or theta.shape != alpha.shape:
         raise ValueError(f"layer {path}: road_theta {tuple(theta.shape)} / road_alpha {tuple(alpha.shape)} do "

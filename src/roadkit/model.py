@@ -65,9 +65,8 @@ def _check_subspace(model: nn.Module, config: RoadConfig, tensors: dict[str, tor
     bad = []
     for path in select_targets(model, config):
         n_out = out_features_of(_base_of(model.get_submodule(path)))
-        free = free_entries(config.subspace, config.variant, config.group_size, n_out)
-        count = outside_count(tensors[ckpt.adapter_key(path, "road_theta")],
-                              tensors[ckpt.adapter_key(path, "road_alpha")], free)
+        theta, alpha = (tensors[ckpt.adapter_key(path, p)] for p in ("road_theta", "road_alpha"))
+        count = outside_count(config.subspace, config.variant, config.group_size, n_out, theta, alpha)
         if count:
             bad.append(f"{path} ({count} entries)")
     if bad:

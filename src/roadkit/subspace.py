@@ -125,8 +125,11 @@ def free_entries(spec: Optional[Spec], variant: str, group_size: int, out_featur
     return entries_of(variant, group_size, pairs)
 
 
-def outside_count(theta: torch.Tensor, alpha: torch.Tensor, free: Optional[torch.Tensor]) -> int:
-    """How many entries of full-length (theta, alpha) outside `free` are not the identity (0, 1)."""
+def outside_count(spec: Optional[Spec], variant: str, group_size: int, out_features: int, theta: torch.Tensor,
+                  alpha: torch.Tensor, where: str = "layer") -> int:
+    """How many entries of a layer's full-length (theta, alpha) lie outside the subspace `spec` and
+    are not the identity (0, 1): what a file must not have to be loaded as this subspace adapter."""
+    free = free_entries(spec, variant, group_size, out_features, where)
     if free is None:
         return 0
     outside = torch.ones(theta.numel(), dtype=torch.bool)
