@@ -257,3 +257,210 @@ def test_demo_fast(tmp_path):
                  "base/tokenizer.json"):
         assert (out / name).is_file(), name
     print(f"demo --fast took {time.perf_counter() - started:.1f} s")
+
+
+# ---- in-process regressions: `roadkit.cli.main` in this process ---------------------------------
+
+
+def cli(args, capsys, cwd, monkeypatch):
+    """`roadkit ARGS` in this process, in `cwd`; returns (exit code, stdout, stderr)."""
+    from transformers.utils import logging
+
+    from roadkit.cli import main
+
+    monkeypatch.chdir(cwd)
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    try:
+        code = main([str(a) for a in args])
+    finally:  # the command quiets transformers; leave this process as it was
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+SMALL = ["--model", "tiny", "--data", "train.jsonl", "--targets", "all-linear", "--batch-size", "4", "--lr", "1e-2",
+         "--no-progress", "--device", "cpu"]
+
+
+def one_line_error(code, err, *fragments):
+    assert code == 1, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert all(f in err for f in fragments), err
+
+
+def no_leftovers(parent):
+    return not [n for n in os.listdir(parent) if ".tmp-" in n or ".old-" in n]
+
+
+def test_resume_keeps_user_files_extends_the_schedule_and_checks_eval_data(work, tmp_path, capsys, monkeypatch):
+    eval_copy = write_jsonl(tmp_path / "eval.jsonl", [json.loads(line) for line in
+                                                      (work / "eval.jsonl").read_text().splitlines()])
+    code, _, err = cli(["train", *SMALL, "--eval-data", eval_copy, "--max-steps", "2", "--output", tmp_path / "r"],
+                       capsys, work, monkeypatch)
+    assert code == 0, err
+    run = tmp_path / "r"
+    code, _, err = cli(["inspect", run, "--plot", run / "angles.png"], capsys, work, monkeypatch)
+    assert code == 0, err
+    (run / "notes").mkdir()
+    (run / "notes" / "mine.txt").write_text("mine")
+
+    code, out, err = cli(["train", "--output", run, "--resume", "--max-steps", "4"], capsys, work, monkeypatch)
+    assert code == 0, err
+    assert "done: 2 steps" in out  # this session's steps, not the run's 4
+    assert (run / "angles.png").read_bytes().startswith(PNG) and (run / "notes" / "mine.txt").read_text() == "mine"
+    log = json.loads((run / "training_log.json").read_text())
+    assert log["step"] == 4
+    # the new steps follow the new (4-step) schedule, not the finished 2-step one (lr 0)
+    assert [e["lr"] for e in log["train"][2:]] == pytest.approx([1e-2 * 2 / 4, 1e-2 * 1 / 4])
+    assert no_leftovers(tmp_path)
+
+    eval_copy.write_text(eval_copy.read_text() + json.dumps({"prompt": "x ->", "completion": " X"}) + "\n")
+    code, _, err = cli(["train", "--output", run, "--resume", "--max-steps", "6"], capsys, work, monkeypatch)
+    one_line_error(code, err, "held-out data", "changed")
+
+    (run / "trainer_state.pt").write_bytes((run / "trainer_state.pt").read_bytes()[:200])  # truncated
+    code, _, err = cli(["train", "--output", run, "--resume", "--max-steps", "6"], capsys, work, monkeypatch)
+    one_line_error(code, err, "trainer_state.pt")
+    assert (run / "angles.png").is_file() and (run / "notes" / "mine.txt").is_file()
+
+
+def test_overwrite_refuses_an_output_that_holds_the_eval_data(work, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o"
+    out.mkdir()
+    held_out = write_jsonl(out / "eval.jsonl", [{"prompt": "a ->", "completion": " A"}])
+    code, _, err = cli(["train", *SMALL, "--eval-data", held_out, "--max-steps", "1", "--output", out, "--overwrite"],
+                       capsys, work, monkeypatch)
+    one_line_error(code, err, "holds the input")
+    assert held_out.is_file()
+
+
+def test_ctrl_c_while_saving_keeps_the_completed_run(work, tmp_path, capsys, monkeypatch):
+    import roadkit.train
+
+    write_run = roadkit.train.write_run
+
+    def interrupted_write(directory, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # even twice
+        write_run(directory, *args, **kwargs)
+
+    monkeypatch.setattr(roadkit.train, "write_run", interrupted_write)
+    code, out, err = cli(["train", *SMALL, "--max-steps", "1", "--output", tmp_path / "r"], capsys, work, monkeypatch)
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "training_log.json").read_text())["status"] == "completed"
+    assert no_leftovers(tmp_path)
+
+
+def test_sigterm_saves_a_checkpoint_and_no_staging_dir_exists_while_training(work, tmp_path, capsys, monkeypatch):
+    from roadkit.train import Trainer
+
+    def sigterm_kills(signum, frame):
+        raise SystemExit("SIGTERM was not handled by roadkit")
+
+    original, seen = Trainer.train_step, []
+
+    def step(self, samples):
+        seen.append(sorted(os.listdir(tmp_path)))
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, samples)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    previous = signal.signal(signal.SIGTERM, sigterm_kills)
+    try:
+        code, _, err = cli(["train", *SMALL, "--max-steps", "50", "--output", tmp_path / "r"], capsys, work,
+                           monkeypatch)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 130, err
+    assert seen and all(entries == [] for entries in seen), seen  # nothing beside the target while training
+    log = json.loads((tmp_path / "r" / "training_log.json").read_text())
+    assert log["status"] == "interrupted" and log["step"] == 2
+    assert no_leftovers(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def gpt2_short(work):
+    """A tiny GPT-2 (learned positions) with a context of 32 tokens, and rows longer than that."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=64, n_layer=1, n_head=4,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(work / "gpt2short")
+    tokenizer.save_pretrained(work / "gpt2short")
+    write_jsonl(work / "long.jsonl", [{"text": "abcdefghij " * 6}, {"prompt": "abc ->", "completion": " ABC"}])
+    return work / "gpt2short"
+
+
+def test_rows_longer_than_the_context_are_cut_at_it(work, gpt2_short, tmp_path, capsys, monkeypatch):
+    args = ["train", "--model", gpt2_short, "--data", "long.jsonl", "--max-steps", "1", "--no-progress",
+            "--targets", "all-linear", "--device", "cpu"]
+    code, _, err = cli([*args, "--output", tmp_path / "a"], capsys, work, monkeypatch)
+    assert code == 0, err
+    code, _, err = cli([*args, "--max-length", "100", "--output", tmp_path / "b"], capsys, work, monkeypatch)
+    assert code == 0, err
+    assert [line for line in err.splitlines() if line.startswith("warning:")] == [
+        "warning: --max-length 100 exceeds the model's context of 32 tokens; rows are cut at 32."]
+
+    code, _, err = cli(["generate", "--model", gpt2_short, "--prompt", "abc ->", "--max-new-tokens", "30"], capsys,
+                       work, monkeypatch)
+    one_line_error(code, err, "context of 32 tokens")
+
+
+@pytest.mark.parametrize(("device", "message"), [("cuda:7", "has no cuda device"), ("bogus", "not a device name")])
+def test_unusable_device_is_a_one_line_error(work, tmp_path, capsys, monkeypatch, device, message):
+    if torch.cuda.is_available() and device.startswith("cuda"):
+        message = "only"
+    args = ["train", "--model", "tiny", "--data", "train.jsonl", "--output", tmp_path / "r", "--device", device]
+    code, _, err = cli(args, capsys, work, monkeypatch)
+    one_line_error(code, err, message)
+    assert not (tmp_path / "r").exists()
+
+
+def test_truncated_adapter_is_a_one_line_error(work, trained, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained[0], broken)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, _, err = cli(["generate", "--model", "tiny", "--adapter", f"a={broken}", "--prompt", "ab ->"], capsys,
+                       work, monkeypatch)
+    one_line_error(code, err, "adapter_model.safetensors")
+    code, _, err = cli(["merge", "--model", "tiny", "--adapter", broken, "--output", tmp_path / "m"], capsys,
+                       work, monkeypatch)
+    one_line_error(code, err, "adapter_model.safetensors")
+
+
+def test_an_adapter_of_another_base_gets_a_warning(work, trained, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    shutil.copytree(work / "tiny", tmp_path / "copy")
+    args = ["generate", "--adapter", "a=run", "--prompt", "ab ->", "--max-new-tokens", "2"]
+    code, _, err = cli([*args, "--model", tmp_path / "copy"], capsys, work, monkeypatch)
+    assert code == 0, err
+    assert err.count("\n") == 1 and err.startswith("warning: adapter run was trained on ") and "copy" in err, err
+    code, _, err = cli([*args, "--model", "./tiny/"], capsys, work, monkeypatch)  # the same directory
+    assert code == 0 and "warning" not in err, err
+
+
+def test_subspace_adapters_from_the_cli_compose_by_union(work, tmp_path, capsys, monkeypatch):
+    from roadkit import RoadConfig
+
+    for shard in (0, 1):
+        code, _, err = cli(["train", *SMALL, "--max-steps", "1", "--subspace", f"{shard}/2",
+                            "--output", tmp_path / f"s{shard}"], capsys, work, monkeypatch)
+        assert code == 0, err
+        assert RoadConfig.from_pretrained(tmp_path / f"s{shard}").subspace == {"shard": shard, "num_shards": 2}
+    code, _, err = cli(["compose", "--adapter", f"a={tmp_path / 's0'}", "--adapter", f"b={tmp_path / 's1'}",
+                        "--mode", "union", "--output", tmp_path / "both"], capsys, work, monkeypatch)
+    assert code == 0, err
+    code, _, err = cli(["train", "--output", tmp_path / "s0", "--resume", "--subspace", "1/2", "--max-steps", "2"],
+                       capsys, work, monkeypatch)
+    one_line_error(code, err, "--subspace")
+    code, _, err = cli(["train", *SMALL, "--subspace", "half", "--output", tmp_path / "x"], capsys, work, monkeypatch)
+    one_line_error(code, err, "--subspace 'half'")

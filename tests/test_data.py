@@ -89,3 +89,34 @@ def test_left_padding_for_generation(tokenizer):
     assert batch["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
     assert batch["input_ids"][0, :2].tolist() == [tokenizer.pad_token_id] * 2
     assert torch.equal(batch["input_ids"][1], torch.tensor(tokenizer("abc").input_ids))
+
+
+def test_prompts_tokenize_the_same_in_training_and_generation():
+    from tokenizers import processors
+
+    from roadkit.data import prompt_ids
+
+    eos_after = build_tokenizer()  # a tokenizer that ends every text with EOS
+    vocab = eos_after.get_vocab()
+    eos_after._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])])
+    assert eos_after("ab").input_ids[-1] == eos_after.eos_token_id
+    sample = tokenize(eos_after, Example("ab ->", " AB"), max_length=64)
+    prompt = [i for i, label in zip(sample.input_ids, sample.labels, strict=True) if label == IGNORE_INDEX]
+    assert prompt == prompt_ids(eos_after, "ab ->") and prompt[-1] != eos_after.eos_token_id
+    assert left_padded(eos_after, ["ab ->"])["input_ids"][0].tolist() == prompt
+
+
+def test_pad_token_fallbacks(tokenizer):
+    import copy
+
+    from roadkit.data import pad_token_id
+
+    assert pad_token_id(tokenizer) == tokenizer.pad_token_id
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    assert pad_token_id(no_pad) == tokenizer.eos_token_id
+    no_pad.eos_token = None
+    assert pad_token_id(no_pad, default=0) == 0
+    with pytest.raises(ValueError, match="neither a pad nor an end-of-sequence"):
+        pad_token_id(no_pad)

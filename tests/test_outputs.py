@@ -53,3 +53,34 @@ def test_check_output(tmp_path):
     (tmp_path / "exists" / "model").mkdir()
     with pytest.raises(ValueError, match="holds the input"):
         check_output(tmp_path / "exists", overwrite=True, inputs=[tmp_path / "exists" / "model"])
+
+
+def test_keep_existing_copies_the_users_files_into_the_new_directory(tmp_path):
+    target = tmp_path / "out"
+    (target / "sub").mkdir(parents=True)
+    (target / "run.txt").write_text("old run")
+    (target / "mine.png").write_text("mine")
+    (target / "sub" / "notes.txt").write_text("notes")
+    with pytest.raises(RuntimeError), staged_directory(target, keep_existing=True) as stage:
+        (tmp_path / stage / "run.txt").write_text("half")
+        raise RuntimeError("boom")
+    assert (target / "run.txt").read_text() == "old run" and leftovers(tmp_path) == []
+    with staged_directory(target, keep_existing=True) as stage:
+        (tmp_path / stage / "run.txt").write_text("new run")
+    assert (target / "run.txt").read_text() == "new run"
+    assert (target / "mine.png").read_text() == "mine" and (target / "sub" / "notes.txt").read_text() == "notes"
+    assert leftovers(tmp_path) == []
+
+
+def test_a_missing_local_model_is_not_reported_as_only_a_hub_error(tmp_path, monkeypatch):
+    import transformers
+
+    from roadkit.loading import LoadError, load_causal_lm
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LoadError, match="no local directory 'models/tiny' exists, so it was tried as a Hugging Face"):
+        load_causal_lm("models/tiny")

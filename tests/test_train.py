@@ -123,3 +123,47 @@ def test_rejects_bad_settings(setup):
     frozen = copy.deepcopy(base).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         Trainer(frozen, train, TrainConfig(), tokenizer.pad_token_id)
+
+
+def test_resume_with_a_longer_schedule_recomputes_the_learning_rate(setup):
+    _, finished = make(setup, steps=2)
+    assert finished.fit(progress=False) == COMPLETED
+    assert finished.optimizer.param_groups[0]["lr"] == 0.0
+    _, longer = make(setup, steps=4)
+    longer.load_state_dict(finished.state_dict())
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 2 / 4)
+    assert longer.scheduler.get_last_lr() == pytest.approx([1e-2 * 2 / 4])
+    longer.fit(progress=False)
+    assert [e["lr"] for e in longer.log["train"]] == pytest.approx([1e-2, 1e-2 / 2, 1e-2 / 2, 1e-2 / 4])
+
+
+def test_damaged_state_is_a_value_error_naming_the_file(tmp_path, setup):
+    _, trainer = make(setup)
+    save_state(tmp_path, trainer.state_dict())
+    path = tmp_path / "trainer_state.pt"
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ValueError, match="trainer_state.pt"):
+        load_state(tmp_path)
+
+
+def test_write_run_without_steps_draws_no_empty_legend(tmp_path, setup):
+    import warnings
+
+    model, trainer = make(setup)
+    trainer.eval_data = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_run(tmp_path / "run", model, trainer, INTERRUPTED, {})
+    assert (tmp_path / "run" / "loss_curve.png").is_file()
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
+def test_deferred_stop_signals_records_and_restores(setup):
+    from roadkit.train import deferred_stop_signals
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with deferred_stop_signals() as received:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert received == [signal.SIGINT, signal.SIGTERM]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -73,9 +73,14 @@ def read_adapter(model_id: PathLike, subfolder: Optional[str] = None,
     weights = os.path.join(directory, WEIGHTS_NAME)
     legacy = os.path.join(directory, LEGACY_WEIGHTS_NAME)
     if os.path.isfile(weights):
-        tensors = load_file(weights, device="cpu")
+        path, read = weights, lambda: load_file(weights, device="cpu")
     elif os.path.isfile(legacy):
-        tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+        path, read = legacy, lambda: torch.load(legacy, map_location="cpu", weights_only=True)
     else:
         raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory!r}.")
+    try:
+        tensors = read()
+    except Exception as err:  # truncated or corrupt: SafetensorError, RuntimeError, EOFError, UnpicklingError...
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"{path}: cannot read the adapter weights ({message}); the file is damaged.") from err
     return config, tensors

@@ -10,7 +10,6 @@ Commands that write a directory write it whole or not at all (`outputs.staged_di
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -37,13 +36,6 @@ class Command:
 
 # ---- train -------------------------------------------------------------------------------------
 
-# Arguments a resumed run takes from the interrupted one; giving a different value is an error.
-RUN_FIXED = ("model", "data", "eval_data", "variant", "group_size", "targets", "lr", "batch_size", "max_length",
-             "bf16", "seed", "warmup_steps", "eval_every")
-TRAIN_DEFAULTS = {"variant": "road_1", "group_size": 64, "targets": None, "lr": 1e-3, "epochs": 1, "max_steps": None,
-                  "batch_size": 8, "max_length": 512, "bf16": False, "seed": 0, "warmup_steps": 0, "eval_every": None,
-                  "eval_data": None}
-
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model: a local directory or a Hugging Face Hub id")
@@ -56,12 +48,17 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, help="features rotate in pairs inside groups of this size (default 64)")
     p.add_argument("--targets", help="comma-separated module names (e.g. q_proj,v_proj), or all-linear "
                                      "(default: the architecture's usual targets)")
+    p.add_argument("--subspace", metavar="SPEC", help="train only some rotation pairs of every layer, for "
+                                                      "`roadkit compose --mode union`: a shard k/n (e.g. 0/2), a "
+                                                      "fraction (e.g. 0.5, random pairs, seed 0) or comma-separated "
+                                                      "pair indices (default: all pairs)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3), decayed linearly to 0")
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 0)")
     p.add_argument("--epochs", type=int, help="passes over the data (default 1)")
     p.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
     p.add_argument("--batch-size", type=int, help="rows per step (default 8)")
-    p.add_argument("--max-length", type=int, help="tokens per row; longer rows are cut (default 512)")
+    p.add_argument("--max-length", type=int, help="tokens per row; longer rows are cut (default 512, or the "
+                                                  "model's context when that is shorter)")
     p.add_argument("--bf16", action="store_true", default=None, help="load the base model in bfloat16 "
                                                                       "(the adapter stays float32)")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (default: about 10 per run)")
@@ -71,14 +68,6 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                                                          "--max-steps / --epochs may extend it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _model_ref(name: str) -> str:
@@ -94,13 +83,33 @@ def _targets(value: Optional[str]) -> Any:
     return names
 
 
+def _subspace(value: Optional[str]) -> Optional[dict[str, Any]]:
+    """--subspace: "k/n" (a shard), a fraction ("0.5"), or comma-separated pair indices ("0,3,5"), normalised."""
+    from .subspace import normalize_spec
+
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        if "/" in text:
+            spec: Any = text
+        elif any(c in text for c in ".eE"):
+            spec = float(text)
+        else:
+            spec = [int(p) for p in text.split(",")]
+        return normalize_spec(spec)
+    except (ValueError, TypeError):
+        raise CommandError(f"--subspace {value!r}: expected a shard k/n (e.g. 0/2), a fraction in (0, 1] (e.g. "
+                           "0.5) or comma-separated pair indices (e.g. 0,1,5).") from None
+
+
 def _train_run_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
     """The run's settings (fresh, or those of the run being resumed) and, when resuming, its saved state."""
     from .config import normalize_variant
     from .outputs import check_output
-    from .train import load_state
+    from .train import RUN_DEFAULTS, run_settings
 
-    given = {key: getattr(args, key) for key in (*TRAIN_DEFAULTS, "model", "data")}
+    given = {key: getattr(args, key) for key in (*RUN_DEFAULTS, "model", "data")}
     if given["model"] is not None:
         given["model"] = _model_ref(given["model"])
     for key in ("data", "eval_data"):
@@ -109,74 +118,60 @@ def _train_run_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Optio
     if given["variant"] is not None:
         given["variant"] = normalize_variant(given["variant"])
     given["targets"] = _targets(given["targets"])
+    given["subspace"] = _subspace(given["subspace"])
     if not args.resume:
         missing = [f"--{k}" for k in ("model", "data") if given[k] is None]
         if missing:
             raise CommandError(f"{' and '.join(missing)} required (or --resume to continue a run).")
         hint = "pass --resume to continue it or --overwrite to replace it"
-        check_output(args.output, args.overwrite, inputs=[given["model"], given["data"]], hint=hint)
-        run = {k: (TRAIN_DEFAULTS[k] if given[k] is None else given[k]) for k in given}
-        run["data_sha256"] = _file_digest(run["data"]) if os.path.isfile(run["data"]) else None
-        return run, None
-    if not os.path.isdir(args.output):
+        inputs = [given[k] for k in ("model", "data", "eval_data") if given[k] is not None]
+        check_output(args.output, args.overwrite, inputs=inputs, hint=hint)
+    elif not os.path.isdir(args.output):
         raise CommandError(f"--resume: no run directory {args.output!r} to continue.")
-    state = load_state(args.output)
-    run = dict(state.get("run") or {})
-    if "data" not in run:
-        raise CommandError(f"--resume: {args.output!r} was not written by `roadkit train`.")
-    for key in RUN_FIXED:
-        if given[key] is not None and given[key] != run.get(key):
-            raise CommandError(f"--resume: --{key.replace('_', '-')} {given[key]} differs from the run's "
-                               f"{run.get(key)}; leave it out to use the run's.")
-    if given["max_steps"] is not None:
-        run["max_steps"] = given["max_steps"]
-    elif given["epochs"] is not None:
-        run.update(epochs=given["epochs"], max_steps=None)
-    if not os.path.isfile(run["data"]) or _file_digest(run["data"]) != run["data_sha256"]:
-        raise CommandError(f"--resume: the training data {run['data']} is missing or changed since the run "
-                           "started; resuming needs the same data.")
-    return run, state
+    return run_settings(given, args.output, args.resume)
 
 
-def _load_samples(path: str, tokenizer: Any, max_length: int) -> list:
-    from .data import DataError, read_jsonl, tokenize_all
+def _max_length(model: Any, run: dict[str, Any], given: Optional[int]) -> int:
+    """--max-length, capped at the model's context (with a warning when it was given explicitly)."""
+    from .generation import context_length
 
-    samples, dropped = tokenize_all(tokenizer, read_jsonl(path), max_length)
-    if not samples:
-        raise DataError(f"{path}: no row keeps a completion token within --max-length {max_length}.")
-    if dropped:
-        shown = ", ".join(map(str, dropped[:10])) + (", ..." if len(dropped) > 10 else "")
-        print(f"warning: {path}: skipped {len(dropped)} rows whose prompt fills --max-length {max_length} "
-              f"(lines {shown}).", file=sys.stderr)
-    return samples
+    context = context_length(model)
+    if context is None or run["max_length"] <= context:
+        return run["max_length"]
+    if given is not None:
+        print(f"warning: --max-length {run['max_length']} exceeds the model's context of {context} tokens; "
+              f"rows are cut at {context}.", file=sys.stderr)
+    return context
 
 
 def _train(args: argparse.Namespace) -> int:
     import torch
 
     from .config import RoadConfig
-    from .data import read_jsonl
+    from .data import load_samples, pad_token_id, read_jsonl
     from .loading import load_causal_lm, load_tokenizer, pick_device, quiet_transformers
     from .model import RoadModel, get_peft_model
     from .outputs import staged_directory
-    from .train import COMPLETED, TrainConfig, Trainer, write_run
+    from .train import COMPLETED, TrainConfig, Trainer, deferred_stop_signals, write_run
 
     run, state = _train_run_settings(args)
     for path in filter(None, (run["data"], run["eval_data"])):
         read_jsonl(path)  # malformed data fails now, before the model loads
-    config = RoadConfig(variant=run["variant"], group_size=run["group_size"], target_modules=run["targets"])
+    config = RoadConfig(variant=run["variant"], group_size=run["group_size"], target_modules=run["targets"],
+                        subspace=run["subspace"])
     train_config = TrainConfig(lr=run["lr"], epochs=run["epochs"], max_steps=run["max_steps"],
                                batch_size=run["batch_size"], warmup_steps=run["warmup_steps"],
                                eval_every=run["eval_every"], seed=run["seed"])
+    device = pick_device(args.device)
     quiet_transformers()
     tokenizer = load_tokenizer(run["model"])
-    base = load_causal_lm(run["model"], dtype=torch.bfloat16 if run["bf16"] else None, device=pick_device(args.device))
+    base = load_causal_lm(run["model"], dtype=torch.bfloat16 if run["bf16"] else None, device=device)
     model = (RoadModel.from_pretrained(base, args.output, is_trainable=True) if state
              else get_peft_model(base, config))
-    train = _load_samples(run["data"], tokenizer, run["max_length"])
-    held_out = _load_samples(run["eval_data"], tokenizer, run["max_length"]) if run["eval_data"] else None
-    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
-    trainer = Trainer(model, train, train_config, pad_id, held_out)
+    max_length = _max_length(base, run, args.max_length)
+    train = load_samples(run["data"], tokenizer, max_length)
+    held_out = load_samples(run["eval_data"], tokenizer, max_length) if run["eval_data"] else None
+    trainer = Trainer(model, train, train_config, pad_token_id(tokenizer, default=0), held_out)
     if state:
         trainer.load_state_dict(state)
         if trainer.step >= trainer.total_steps:
@@ -184,20 +179,27 @@ def _train(args: argparse.Namespace) -> int:
                   "pass a larger --max-steps or --epochs to continue it.")
             return EXIT_OK
     trainable = sum(p.numel() for p in trainer.params)
+    first_step = trainer.step
     print(f"training {trainable:,d} adapter parameters for {trainer.total_steps} steps "
           f"({len(train)} rows, batch {train_config.batch_size})"
           + (f", from step {trainer.step}" if state else "") + "; Ctrl-C saves a checkpoint.", flush=True)
     start = time.perf_counter()
-    with staged_directory(args.output) as stage:
+    # Signals are only recorded from here until the run directory is in place (fit() handles its own:
+    # a first Ctrl-C or SIGTERM stops training to save a checkpoint), so none can throw a run away mid-save.
+    with deferred_stop_signals():
         status = trainer.fit(progress=False if args.no_progress else None)
-        write_run(stage, model, trainer, status, run)
-    seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        with staged_directory(args.output, keep_existing=bool(state)) as stage:
+            write_run(stage, model, trainer, status, run)
     if status != COMPLETED:
         print(f"interrupted at step {trainer.step}/{trainer.total_steps}; checkpoint saved in {args.output}. "
               f"Continue with: roadkit train --output {args.output} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     last = trainer.log["train"][-1]["loss"] if trainer.log["train"] else float("nan")
-    summary = f"done: {trainer.step} steps in {seconds:.1f} s, last train loss {last:.4f}"
+    summary = f"done: {trainer.step - first_step} steps in {seconds:.1f} s"
+    if first_step:
+        summary += f" (steps {first_step + 1}-{trainer.step} of the run)"
+    summary += f", last train loss {last:.4f}"
     if trainer.log["eval"]:
         summary += (f", eval loss {trainer.log['eval'][0]['loss']:.4f} before training -> "
                     f"{trainer.log['eval'][-1]['loss']:.4f}")
@@ -224,6 +226,7 @@ def _merge(args: argparse.Namespace) -> int:
     check_output(args.output, args.overwrite, inputs=[args.model, args.adapter])
     _check_adapter_dir(args.adapter)
     read_adapter(args.adapter)  # a broken adapter fails now, before the model loads
+    _warn_if_other_base(args.adapter, args.model)
     quiet_transformers()
     tokenizer = load_tokenizer(args.model, required=False)
     base = load_causal_lm(args.model, dtype="auto")
@@ -238,6 +241,22 @@ def _merge(args: argparse.Namespace) -> int:
 def _check_adapter_dir(path: str) -> None:
     if not os.path.isdir(path):
         raise CommandError(f"adapter directory {path!r} does not exist.")
+
+
+def _warn_if_other_base(adapter: str, model: str) -> None:
+    """A one-line warning when the adapter records a base model other than --model (not an error: the same
+    model may live at another path, or be a copy)."""
+    from .config import CONFIG_NAME
+    from .loading import same_model
+
+    try:
+        with open(os.path.join(adapter, CONFIG_NAME), encoding="utf-8") as fh:
+            recorded = json.load(fh).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return  # reading the adapter reports a broken config
+    if isinstance(recorded, str) and recorded and not same_model(recorded, model):
+        print(f"warning: adapter {adapter} was trained on {recorded}, not on --model {model}; loading it anyway.",
+              file=sys.stderr)
 
 
 # ---- generate ----------------------------------------------------------------------------------
@@ -302,9 +321,12 @@ def _generate(args: argparse.Namespace) -> int:
         raise CommandError("--max-new-tokens must be at least 1.")
     adapters = _parse_adapters(args.adapter)
     prompts = _parse_prompts(args.prompt, list(adapters))
+    device = pick_device(args.device)
+    for path in adapters.values():
+        _warn_if_other_base(path, args.model)
     quiet_transformers()
     tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(args.model, dtype=torch.bfloat16 if args.bf16 else None, device=pick_device(args.device))
+    model = load_causal_lm(args.model, dtype=torch.bfloat16 if args.bf16 else None, device=device)
     names = None
     if adapters:
         items = iter(adapters.items())

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -87,15 +88,32 @@ def _parse_row(line: str, where: str, number: int) -> Example:
     return Example(row["prompt"], row["completion"], number)
 
 
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of a prompt, the same in training and in generation: with the tokenizer's special
+    tokens (BOS), but without a trailing EOS (tokenizers that end every text with one)."""
+    ids = list(tokenizer(prompt).input_ids)
+    eos = tokenizer.eos_token_id
+    if eos is not None and ids and ids[-1] == eos and eos != tokenizer.bos_token_id:
+        ids = ids[:-1]
+    return ids
+
+
+def pad_token_id(tokenizer: Any, default: Optional[int] = None) -> int:
+    """The id to pad with: the tokenizer's pad token, else its end-of-sequence token, else `default`
+    (ValueError when that is None too)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, default):
+        if candidate is not None:
+            return int(candidate)
+    raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token to pad with.")
+
+
 def tokenize(tokenizer: Any, example: Example, max_length: int) -> Sample:
     """Token ids of prompt + completion + EOS, cut to `max_length`; the prompt's tokens get no label.
 
     The prompt is tokenized with the tokenizer's special tokens (BOS), the completion without.
     """
     eos = tokenizer.eos_token_id
-    prompt = tokenizer(example.prompt).input_ids
-    if eos is not None and prompt and prompt[-1] == eos and eos != tokenizer.bos_token_id:
-        prompt = prompt[:-1]  # tokenizers that end every text with EOS: the prompt must not
+    prompt = prompt_ids(tokenizer, example.prompt)
     completion = tokenizer(example.completion, add_special_tokens=False).input_ids
     if eos is not None:
         completion = completion + [eos]
@@ -115,6 +133,20 @@ def tokenize_all(tokenizer: Any, examples: Sequence[Example], max_length: int) -
         else:
             dropped.append(example.line)
     return samples, dropped
+
+
+def load_samples(path: Union[str, os.PathLike], tokenizer: Any, max_length: int) -> list[Sample]:
+    """Read and tokenize a JSONL file for training; DataError when no row keeps a completion token within
+    `max_length`, and a one-line warning on stderr naming the lines of the rows that were skipped."""
+    name = os.fspath(path)
+    samples, dropped = tokenize_all(tokenizer, read_jsonl(name), max_length)
+    if not samples:
+        raise DataError(f"{name}: no row keeps a completion token within --max-length {max_length}.")
+    if dropped:
+        shown = ", ".join(map(str, dropped[:10])) + (", ..." if len(dropped) > 10 else "")
+        print(f"warning: {name}: skipped {len(dropped)} rows whose prompt fills --max-length {max_length} "
+              f"(lines {shown}).", file=sys.stderr)
+    return samples
 
 
 def collate(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:

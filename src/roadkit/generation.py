@@ -6,18 +6,30 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .data import pad_token_id, prompt_ids
 from .layers import BASE
 
 BASE_ALIASES = ("base", BASE)  # what a user may write for "no adapter"
 
 
+def context_length(model: Any) -> Optional[int]:
+    """The most positions the model takes (`max_position_embeddings` or `n_positions` of its config), or None
+    when its config does not say."""
+    config = getattr(model, "config", None)
+    if config is None and hasattr(model, "get_base_model"):
+        config = getattr(model.get_base_model(), "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def left_padded(tokenizer: Any, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     """Tokenize prompts padded on the left, so every row's last prompt token sits at the end and a
     decoder-only model continues all rows in step."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token to pad prompts with.")
-    rows = [tokenizer(p).input_ids for p in prompts]
+    pad = pad_token_id(tokenizer)
+    rows = [prompt_ids(tokenizer, p) for p in prompts]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -39,6 +51,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], adapter_names: 
     if not prompts:
         return []
     batch = left_padded(tokenizer, prompts)
+    context = context_length(model)
+    if context is not None and batch["input_ids"].shape[1] + max_new_tokens > context:
+        raise ValueError(f"the longest prompt ({batch['input_ids'].shape[1]} tokens) plus {max_new_tokens} new "
+                         f"tokens exceeds the model's context of {context} tokens; shorten the prompt or generate "
+                         "fewer tokens.")
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     kwargs: dict[str, Any] = {}
@@ -46,8 +63,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], adapter_names: 
         if len(adapter_names) != len(prompts):
             raise ValueError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts.")
         kwargs["adapter_names"] = [BASE if n in BASE_ALIASES else n for n in adapter_names]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = model.generate(**batch, **kwargs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+    out = model.generate(**batch, **kwargs, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=pad_token_id(tokenizer),
                          eos_token_id=tokenizer.eos_token_id)
     new = out[:, batch["input_ids"].shape[1]:]
     return tokenizer.batch_decode(new, skip_special_tokens=True)

@@ -43,6 +43,22 @@ def _existing(name_or_path: Union[str, os.PathLike]) -> str:
     return name
 
 
+def _not_local(name: str) -> str:
+    """For an error message: a name that is no local path was tried as a Hub id; say so first."""
+    if os.path.exists(name):
+        return ""
+    return f"no local directory {name!r} exists, so it was tried as a Hugging Face Hub id: "
+
+
+def same_model(a: Union[str, os.PathLike], b: Union[str, os.PathLike]) -> bool:
+    """Whether two model references name the same model: local directories by their resolved absolute
+    paths, Hub ids by their text."""
+    a, b = os.fspath(a), os.fspath(b)
+    if os.path.isdir(a) or os.path.isdir(b):
+        return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+    return a.rstrip("/") == b.rstrip("/")
+
+
 def load_causal_lm(name_or_path: Union[str, os.PathLike], dtype: Union[torch.dtype, str, None] = None,
                    device: Union[str, torch.device, None] = None) -> Any:
     """`AutoModelForCausalLM.from_pretrained`, in eval mode; `dtype=None` means float32."""
@@ -55,7 +71,8 @@ def load_causal_lm(name_or_path: Union[str, os.PathLike], dtype: Union[torch.dty
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **{dtype_key: dtype or torch.float32})
     except (OSError, ValueError, KeyError) as err:
-        raise LoadError(f"cannot load a causal language model from {name!r}: {one_line(err)}") from err
+        raise LoadError(f"cannot load a causal language model from {name!r}: {_not_local(name)}{one_line(err)}"
+                        ) from err
     if device is not None:
         model.to(device)
     return model.eval()
@@ -74,12 +91,27 @@ def load_tokenizer(name_or_path: Union[str, os.PathLike], required: bool = True)
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, KeyError) as err:
         if required:
-            raise LoadError(f"cannot load a tokenizer from {name!r}: {one_line(err)}") from err
+            raise LoadError(f"cannot load a tokenizer from {name!r}: {_not_local(name)}{one_line(err)}") from err
         return None
 
 
 def pick_device(requested: Optional[str] = None) -> torch.device:
-    """The requested device, else CUDA when available, else the CPU."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The requested device, else CUDA when available, else the CPU. ValueError for a device name torch
+    does not know, or a device this machine (or this build of torch) does not have."""
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ValueError(f"--device {requested!r} is not a device name (cpu, cuda, cuda:1, mps, ...).") from err
+    if device.type == "cpu" or device.type == "meta":
+        return device
+    backend = getattr(torch, device.type, None) if device.type != "mps" else getattr(torch.backends, "mps", None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ValueError(f"--device {requested!r}: this machine (or this build of torch) has no {device.type} "
+                         "device; use --device cpu.")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise ValueError(f"--device {requested!r}: there are only {count()} {device.type} devices.")
+    return device

@@ -42,11 +42,13 @@ def check_output(target: PathLike, overwrite: bool, inputs: Iterable[PathLike] =
 
 
 @contextmanager
-def staged_directory(target: PathLike) -> Iterator[str]:
+def staged_directory(target: PathLike, keep_existing: bool = False) -> Iterator[str]:
     """Yield an empty temporary directory beside `target`; on normal exit it replaces `target`.
 
     On an exception the temporary directory is removed and `target` is left as it was. The swap
-    moves the old target aside, renames the new one in, then deletes the old one.
+    moves the old target aside, renames the new one in, then deletes the old one. With
+    `keep_existing`, the entries of an existing `target` that the new directory lacks (files the
+    user put there) are copied into it before the swap, so only the files written anew change.
     """
     path = os.path.abspath(os.fspath(target))
     parent, name = os.path.split(path)
@@ -54,7 +56,11 @@ def staged_directory(target: PathLike) -> Iterator[str]:
     staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     try:
         yield staging
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; give what os.makedirs would
+        if keep_existing and os.path.isdir(path):
+            _copy_missing(path, staging)
+            shutil.copymode(path, staging)
+        else:
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; give what os.makedirs would
         if not os.path.isdir(path):
             os.replace(staging, path)
             return
@@ -71,6 +77,19 @@ def staged_directory(target: PathLike) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _copy_missing(source: str, destination: str) -> None:
+    """Copy the entries of `source` that `destination` lacks (recursively inside directories both have)."""
+    for name in os.listdir(source):
+        src, dst = os.path.join(source, name), os.path.join(destination, name)
+        if os.path.isdir(src) and not os.path.islink(src):
+            if os.path.isdir(dst) and not os.path.islink(dst):
+                _copy_missing(src, dst)
+            elif not os.path.lexists(dst):
+                shutil.copytree(src, dst, symlinks=True)
+        elif not os.path.lexists(dst):
+            shutil.copy2(src, dst, follow_symlinks=False)
 
 
 def _umask() -> int:

@@ -61,7 +61,8 @@ def loss_curves(runs: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]],
         ax.set_ylabel("mean token loss")
         ax.set_title(name if len(runs) > 1 else title)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # an empty log draws no lines, and needs no legend
+            ax.legend()
     if len(runs) > 1:
         fig.suptitle(title)
     _save(fig, path)

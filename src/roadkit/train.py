@@ -3,9 +3,9 @@
 `Trainer` trains whatever parameters of a model require grad (a `RoadModel` leaves only its active
 adapters trainable) on tokenized `Sample`s with a token-level cross-entropy. Batches follow a
 fixed shuffled order per epoch (seeded by `seed + epoch`), so a run resumed at step k sees the
-same batches an uninterrupted run would. The first Ctrl-C (SIGINT) asks the loop to stop after
-the current step, leaving the model, optimizer and schedule consistent for a checkpoint; a
-second one aborts at once.
+same batches an uninterrupted run would. The first Ctrl-C (SIGINT) or SIGTERM asks the loop to
+stop after the current step, leaving the model, optimizer and schedule consistent for a
+checkpoint; a second one aborts at once.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import nn
 
 from .data import IGNORE_INDEX, Sample, collate
 from .fileio import atomic_write_bytes
+from .loading import one_line
 
 STATE_NAME = "trainer_state.pt"
 LOG_NAME = "training_log.json"
@@ -215,6 +216,12 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+        # The saved learning rates follow the saved schedule; a resumed run may have a longer one
+        # (a larger max_steps or epochs), so recompute them from this trainer's schedule.
+        self.scheduler.last_epoch = self.step
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base_lr * self._lr_factor(self.step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.log = {"train": list(state["log"]["train"]), "eval": list(state["log"]["eval"])}
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -234,31 +241,68 @@ def load_state(directory: Union[str, os.PathLike]) -> dict[str, Any]:
     path = os.path.join(directory, STATE_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{os.fspath(directory)!r} holds no {STATE_NAME}: not a roadkit training run.")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or corrupt: torch raises RuntimeError, EOFError, UnpicklingError...
+        raise ValueError(f"{path}: cannot read the trainer state ({one_line(err)}); the file is damaged.") from err
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{path}: not a roadkit trainer state.")
+    return state
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
+
+
+@contextmanager
+def _handle_signals(handler: Any) -> Iterator[None]:
+    """Install `handler` for SIGINT and SIGTERM, and restore the previous handlers afterwards. Signal
+    handlers exist only in the main thread; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            if before is None:  # installed outside Python: the closest default
+                before = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+            signal.signal(signum, before)
 
 
 @contextmanager
 def _sigint_requests_stop(trainer: Trainer) -> Iterator[None]:
-    """While training, the first SIGINT sets `trainer.stop_requested`; the second raises KeyboardInterrupt.
-    Signal handlers exist only in the main thread; elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    """While training, the first SIGINT or SIGTERM sets `trainer.stop_requested`; the second raises
+    KeyboardInterrupt."""
 
     def request_stop(signum: int, frame: Any) -> None:
         if trainer.stop_requested:
             raise KeyboardInterrupt
         trainer.stop_requested = True
-        print("\nCtrl-C: stopping after this step to save a checkpoint (Ctrl-C again aborts without one).",
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step to save a checkpoint (Ctrl-C again aborts without one).",
               file=sys.stderr, flush=True)
 
-    previous = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, request_stop)
-    try:
+    with _handle_signals(request_stop):
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
+
+@contextmanager
+def deferred_stop_signals() -> Iterator[list[int]]:
+    """While the block runs, SIGINT and SIGTERM are only recorded (in the yielded list), never raised:
+    for writing a finished or interrupted run, which a signal must not throw away halfway. A
+    `Trainer.fit` inside the block installs its own handlers for the training loop and puts these back."""
+    received: list[int] = []
+
+    def record(signum: int, frame: Any) -> None:
+        if not received:
+            print("\nsaving the run; it stops once the files are in place.", file=sys.stderr, flush=True)
+        received.append(signum)
+
+    with _handle_signals(record):
+        yield received
 
 
 def write_run(directory: Union[str, os.PathLike], model: nn.Module, trainer: Trainer, status: str,
@@ -274,3 +318,50 @@ def write_run(directory: Union[str, os.PathLike], model: nn.Module, trainer: Tra
     atomic_write_bytes(os.path.join(directory, LOG_NAME), (json.dumps(log, indent=1) + "\n").encode())
     loss_curves({"run": trainer.log}, os.path.join(directory, CURVE_NAME),
                 title=f"training loss ({status} at step {trainer.step}/{trainer.total_steps})")
+
+
+# ---- run settings (what `roadkit train` stores in a run and checks on --resume) ------------------
+
+# Settings a resumed run takes from the interrupted one; giving a different value is an error.
+RUN_FIXED = ("model", "data", "eval_data", "variant", "group_size", "targets", "subspace", "lr", "batch_size",
+             "max_length", "bf16", "seed", "warmup_steps", "eval_every")
+RUN_DEFAULTS: dict[str, Any] = {"variant": "road_1", "group_size": 64, "targets": None, "subspace": None, "lr": 1e-3,
+                                "epochs": 1, "max_steps": None, "batch_size": 8, "max_length": 512, "bf16": False,
+                                "seed": 0, "warmup_steps": 0, "eval_every": None, "eval_data": None}
+_DATA_FILES = (("data", "data_sha256", "training data"), ("eval_data", "eval_data_sha256", "held-out data"))
+
+
+def run_settings(given: dict[str, Any], output: Union[str, os.PathLike],
+                 resume: bool) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """The settings of a run: `given` (None for "not given") over `RUN_DEFAULTS` for a new run, or, with
+    `resume`, the settings stored in `output`'s trainer state, which `given` may only extend (`max_steps`,
+    `epochs`); returns them with that saved state (None for a new run). Paths must already be absolute.
+    Raises ValueError when a resumed run's settings or data files differ from the stored ones."""
+    from .fileio import file_sha256
+
+    if not resume:
+        run = {k: (RUN_DEFAULTS[k] if given.get(k) is None else given[k]) for k in (*RUN_DEFAULTS, "model", "data")}
+        for key, digest, _ in _DATA_FILES:
+            run[digest] = file_sha256(run[key]) if run[key] is not None and os.path.isfile(run[key]) else None
+        return run, None
+    state = load_state(output)
+    run = dict(state.get("run") or {})
+    if "data" not in run:
+        raise ValueError(f"--resume: {os.fspath(output)!r} was not written by `roadkit train`.")
+    run.setdefault("subspace", None)  # runs from before --subspace trained every pair
+    for key in RUN_FIXED:
+        if given.get(key) is not None and given[key] != run.get(key):
+            shown = given[key] if not isinstance(given[key], dict) else json.dumps(given[key])
+            raise ValueError(f"--resume: --{key.replace('_', '-')} {shown} differs from the run's "
+                             f"{run.get(key)}; leave it out to use the run's.")
+    if given.get("max_steps") is not None:
+        run["max_steps"] = given["max_steps"]
+    elif given.get("epochs") is not None:
+        run.update(epochs=given["epochs"], max_steps=None)
+    for key, digest, what in _DATA_FILES:
+        if run.get(key) is None or digest not in run:  # no such file, or a run that did not record it
+            continue
+        if not os.path.isfile(run[key]) or file_sha256(run[key]) != run[digest]:
+            raise ValueError(f"--resume: the {what} {run[key]} is missing or changed since the run started; "
+                             "resuming needs the same data.")
+    return run, state
