@@ -9,20 +9,19 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save
 
 from .config import CONFIG_NAME, RoadConfig
-from .fileio import atomic_write_bytes
+from .fileio import PathLike, atomic_write_bytes
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 DEFAULT_ADAPTER = "default"
 
-PathLike = Union[str, os.PathLike]
 
 
 def adapter_key(module_path: str, param: str) -> str:

@@ -6,14 +6,12 @@ logits are compared with the adapted model's on a probe batch before the merge i
 
 from __future__ import annotations
 
-import os
-from typing import Any, Union
+from typing import Any
 
 import torch
 
+from .fileio import PathLike
 from .model import RoadModel
-
-PathLike = Union[str, os.PathLike]
 
 
 def probe_batch(model: Any, length: int = 16, rows: int = 2) -> torch.Tensor:

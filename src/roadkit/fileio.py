@@ -6,16 +6,23 @@ import os
 import tempfile
 from typing import Union
 
+PathLike = Union[str, os.PathLike]
 
-def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`."""
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -27,7 +34,7 @@ def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
         raise
 
 
-def file_sha256(path: Union[str, os.PathLike]) -> str:
+def file_sha256(path: PathLike) -> str:
     """The SHA-256 of a file's bytes, as hex."""
     import hashlib
 

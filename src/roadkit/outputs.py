@@ -12,9 +12,9 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Union
+from typing import Iterable, Iterator
 
-PathLike = Union[str, os.PathLike]
+from .fileio import PathLike, current_umask
 
 
 class OutputExistsError(FileExistsError):
@@ -60,7 +60,7 @@ def staged_directory(target: PathLike, keep_existing: bool = False) -> Iterator[
             _copy_missing(path, staging)
             shutil.copymode(path, staging)
         else:
-            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; give what os.makedirs would
+            os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700; give what os.makedirs would
         if not os.path.isdir(path):
             os.replace(staging, path)
             return
@@ -91,8 +91,3 @@ def _copy_missing(source: str, destination: str) -> None:
         elif not os.path.lexists(dst):
             shutil.copy2(src, dst, follow_symlinks=False)
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import io
 import math
-import os
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Sequence
 
-from .fileio import atomic_write_bytes
-
-PathLike = Union[str, os.PathLike]
+from .fileio import PathLike, atomic_write_bytes
 
 
 def _save(fig, path: PathLike) -> None:
