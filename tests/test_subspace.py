@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_model import snapshot
 from torch import nn
 
 import roadkit.functional as F
@@ -101,18 +102,6 @@ def entry_owner_map(variant: str, g: int, d_out: int, seed: int = 0) -> dict[int
         assert all({i, j} <= {a[p], b[p]} for i, j in changed)  # only inside the pair's 2x2 block
         owner[e] = p
     return owner
-
-
-def snapshot(model: nn.Module) -> dict:
-    snap = {
-        "modules": [(n, type(m)) for n, m in model.named_modules()],
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-    }
-    if isinstance(model, RoadModel):
-        snap["peft_config"] = {k: v.to_dict() for k, v in model.peft_config.items()}
-        snap["active"] = model.active_adapters
-    return snap
 
 
 def assert_unchanged(before: dict, model: nn.Module) -> None:

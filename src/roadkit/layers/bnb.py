@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .base import RoadLayer
+from .linear import Linear
 
 
 def _bnb_layer_class(name: str) -> Optional[type]:
@@ -31,7 +31,7 @@ def _bnb_layer_class(name: str) -> Optional[type]:
     return getattr(module, name, None) if module is not None else None
 
 
-class _QuantizedLinear(RoadLayer):
+class _QuantizedLinear(Linear):
     """What the bitsandbytes wrappers share: merging through a float copy of the weight.
 
     Subclasses say how to read their weight as a float tensor (`_dequantize`) and how to store one
@@ -40,17 +40,8 @@ class _QuantizedLinear(RoadLayer):
     copies are stored back once, at the end, and only if some adapter was merged or unmerged.
     """
 
-    linear_like = True  # selected by target_modules="all-linear"
     _work: Optional[list[torch.Tensor]] = None  # float32 [weight, bias] while a merge or unmerge runs
     _work_dtype: torch.dtype = torch.float32  # the dtype the weight is quantized from
-
-    @staticmethod
-    def features_of(module: nn.Module) -> int:
-        return module.out_features
-
-    @staticmethod
-    def in_features_of(module: nn.Module) -> int:
-        return module.in_features
 
     def _dequantize(self) -> torch.Tensor:
         """The weight as a new (out_features, in_features) float tensor; `_quantize` gets it back in this dtype."""
