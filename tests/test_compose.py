@@ -15,6 +15,8 @@ import re
 
 import pytest
 import torch
+from test_model import assert_unchanged, snapshot
+from test_subspace import train_steps
 from torch import nn
 
 from roadkit import RoadConfig, RoadModel, compose, get_peft_model
@@ -99,27 +101,6 @@ def full_params(rm: RoadModel, name: str) -> dict[str, tuple[torch.Tensor, torch
 
 def paths_of(rm: RoadModel, name: str) -> list[str]:
     return sorted(p for p, layer in rm.road_layers() if name in layer.road_theta)
-
-
-def snapshot(rm: RoadModel) -> dict:
-    return {
-        "modules": [(n, type(m)) for n, m in rm.named_modules()],
-        "state": {k: v.detach().clone() for k, v in rm.state_dict().items()},
-        "grad": {n: p.requires_grad for n, p in rm.named_parameters()},
-        "peft_config": {k: v.to_dict() for k, v in rm.peft_config.items()},
-        "active": rm.active_adapters,
-    }
-
-
-def assert_unchanged(before: dict, rm: RoadModel) -> None:
-    after = snapshot(rm)
-    assert after["modules"] == before["modules"]
-    assert list(after["peft_config"]) == list(before["peft_config"])
-    assert after["state"].keys() == before["state"].keys()
-    for k, v in before["state"].items():
-        assert torch.equal(after["state"][k], v), f"{k} changed"
-    for key in ("grad", "peft_config", "active"):
-        assert after[key] == before[key], key
 
 
 def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -364,17 +345,7 @@ def test_union_then_training_keeps_unowned_pairs_identity(llama_base, tmp_path):
     assert tm.get_nb_trainable_parameters()[0] == 4 * 2 * len(owned) * 2  # 4 layers, theta+alpha, 2 per pair
     before = full_params(tm, "u")
     params = [p for p in tm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    x = torch.randint(0, 96, (4, 10), generator=torch.Generator().manual_seed(0))
-    tm.train()
-    losses = []
-    for _ in range(5):
-        loss = tm(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    tm.eval()
+    losses = train_steps(tm, params, 5)
     assert losses[-1] < losses[0]
     idx_out, idx_in = entries_of("road_2", 8, shard2), entries_of("road_2", 8, owned)
     feats_out = features_of(shard2, 8)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_model import snapshot
+from test_model import assert_unchanged, snapshot
 from torch import nn
 
 import roadkit.functional as F
@@ -102,16 +102,6 @@ def entry_owner_map(variant: str, g: int, d_out: int, seed: int = 0) -> dict[int
         assert all({i, j} <= {a[p], b[p]} for i, j in changed)  # only inside the pair's 2x2 block
         owner[e] = p
     return owner
-
-
-def assert_unchanged(before: dict, model: nn.Module) -> None:
-    after = snapshot(model)
-    assert after["modules"] == before["modules"]
-    assert after["state"].keys() == before["state"].keys()
-    for k, v in before["state"].items():
-        assert torch.equal(after["state"][k], v), f"{k} changed"
-    for key in ("grad", "peft_config", "active"):
-        assert after.get(key) == before.get(key), key
 
 
 def no_road(model: nn.Module) -> bool:
@@ -330,6 +320,23 @@ def test_outside_count():
     assert outside_count(spec, "road_2", 4, 8, theta, alpha) == 2
 
 
+def train_steps(model: nn.Module, params: list, steps: int) -> list[float]:
+    """`steps` AdamW steps (weight decay 0.1, which must not move anything outside a subspace) on a
+    fixed batch, in train mode; returns the losses."""
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    ids = torch.randint(0, 96, (4, 10), generator=torch.Generator().manual_seed(0))
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
 # ---- adapters on a model ---------------------------------------------------------------------------
 
 
@@ -414,17 +421,7 @@ def test_training_keeps_outside_pairs_identity(llama_base, variant, init_weights
 
     params = [p for p in rm.parameters() if p.requires_grad]
     assert sum(p.numel() for p in params) == 2 * expected
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    ids = torch.randint(0, 96, (4, 10), generator=torch.Generator().manual_seed(0))
-    rm.train()
-    losses = []
-    for _ in range(6):
-        loss = rm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    rm.eval()
+    losses = train_steps(rm, params, 6)
     assert losses[-1] < losses[0], losses
 
     assert_identity_outside(rm, "default")
