@@ -14,7 +14,7 @@ inputs alone.
 It reports held-out loss (mean per completion token) on both tasks for base, A, B, union and joint,
 and the share of A's improvement on task 1 (and of B's on task 2) that the union keeps.
 
-    python examples/composition.py [--fast] [--steps N] [--replay N] [--output composition.json]
+    python examples/composition.py [--fast] [--steps N] [--lr LR] [--replay N] [--output composition.json]
 """
 
 from __future__ import annotations
@@ -120,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast", action="store_true", help="a reduced run (for tests)")
     parser.add_argument("--replay", type=int, default=0, metavar="N", help="rehearse up to N pretraining rows")
     parser.add_argument("--steps", type=int, help="training steps per adapter (default: 300, or 30 with --fast)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: 5e-3, or 1e-2 with --fast)")
     parser.add_argument("--output", help="write the result as JSON here")
     args = parser.parse_args(argv)
     settings = {**SETTINGS["fast" if args.fast else "full"], "replay": args.replay}
-    result = run({**settings, "steps": args.steps or settings["steps"]})
+    result = run({**settings, "steps": args.steps or settings["steps"], "lr": args.lr or settings["lr"]})
     print(markdown(result))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:
