@@ -80,3 +80,22 @@ def llama(llama_base):
 def input_ids():
     g = torch.Generator().manual_seed(123)
     return torch.randint(0, 96, (4, 9), generator=g)
+
+
+def train_steps(model: nn.Module, input_ids: torch.Tensor, steps: int, lr: float = 1e-2,
+                weight_decay: float = 0.0) -> list[float]:
+    """`steps` AdamW steps on the trainable parameters, language-modelling `input_ids`, in train mode
+    (the previous mode is restored). Gradients are zeroed, not freed, so tests can see which
+    parameters received one. Returns the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    was_training = model.training
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        losses.append(loss.item())
+    model.train(was_training)
+    return losses

@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_llama, train_steps
 from test_functional import dense
 from torch import nn
 
@@ -164,16 +164,7 @@ def test_bfloat16_output_of_a_4bit_layer_is_rotated_in_bfloat16():
 def test_training_moves_only_theta_and_alpha_and_lowers_the_loss(bases, kind):
     rm = get_peft_model(copy.deepcopy(bases[kind]), all_linear("road_4", init_weights=True))
     frozen = {n: t.clone() for n, t in rm.state_dict().items() if "road_" not in n}
-    rm.train()
-    x = ids(4, 16)
-    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=2e-2)
-    losses = []
-    for _ in range(12):
-        loss = rm(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        losses.append(loss.item())
+    losses = train_steps(rm, ids(4, 16), 12, lr=2e-2)
     assert losses[-1] < 0.95 * losses[0]
     with_grad = {n for n, p in rm.named_parameters() if p.grad is not None}
     assert with_grad and all(".road_theta." in n or ".road_alpha." in n for n in with_grad)

@@ -15,8 +15,8 @@ import re
 
 import pytest
 import torch
+from conftest import train_steps
 from test_model import assert_unchanged, snapshot
-from test_subspace import train_steps
 from torch import nn
 
 from roadkit import RoadConfig, RoadModel, compose, get_peft_model
@@ -344,8 +344,9 @@ def test_union_then_training_keeps_unowned_pairs_identity(llama_base, tmp_path):
     assert len(owned) + len(shard2) == 64
     assert tm.get_nb_trainable_parameters()[0] == 4 * 2 * len(owned) * 2  # 4 layers, theta+alpha, 2 per pair
     before = full_params(tm, "u")
-    params = [p for p in tm.parameters() if p.requires_grad]
-    losses = train_steps(tm, params, 5)
+    tm.eval()
+    losses = train_steps(tm, torch.randint(0, 96, (4, 10), generator=torch.Generator().manual_seed(0)), 5,
+                         weight_decay=0.1)
     assert losses[-1] < losses[0]
     idx_out, idx_in = entries_of("road_2", 8, shard2), entries_of("road_2", 8, owned)
     feats_out = features_of(shard2, 8)

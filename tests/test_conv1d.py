@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import train_steps
 from test_functional import dense
 
 from roadkit import RoadConfig, RoadModel, TransformersConv1D, get_peft_model
@@ -92,16 +93,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_a_few_training_steps_lower_the_loss():
     rm = get_peft_model(tiny_gpt2(), RoadConfig(variant="road_4", group_size=64, target_modules="all-linear"))
-    rm.train()
-    x = ids(4, 16)
-    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(15):
-        loss = rm(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(rm, ids(4, 16), 15)
     assert losses[-1] < 0.95 * losses[0]
     assert all(p.grad is None for n, p in rm.named_parameters() if "road_" not in n)
 

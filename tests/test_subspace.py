@@ -16,6 +16,7 @@ import re
 
 import pytest
 import torch
+from conftest import train_steps
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_model import assert_unchanged, snapshot
@@ -320,23 +321,6 @@ def test_outside_count():
     assert outside_count(spec, "road_2", 4, 8, theta, alpha) == 2
 
 
-def train_steps(model: nn.Module, params: list, steps: int) -> list[float]:
-    """`steps` AdamW steps (weight decay 0.1, which must not move anything outside a subspace) on a
-    fixed batch, in train mode; returns the losses."""
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    ids = torch.randint(0, 96, (4, 10), generator=torch.Generator().manual_seed(0))
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
 # ---- adapters on a model ---------------------------------------------------------------------------
 
 
@@ -421,7 +405,9 @@ def test_training_keeps_outside_pairs_identity(llama_base, variant, init_weights
 
     params = [p for p in rm.parameters() if p.requires_grad]
     assert sum(p.numel() for p in params) == 2 * expected
-    losses = train_steps(rm, params, 6)
+    rm.eval()  # eval afterwards too: the checks below read the inference path
+    losses = train_steps(rm, torch.randint(0, 96, (4, 10), generator=torch.Generator().manual_seed(0)), 6,
+                         weight_decay=0.1)  # weight decay must not move anything outside the subspace
     assert losses[-1] < losses[0], losses
 
     assert_identity_outside(rm, "default")

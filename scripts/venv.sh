@@ -1,0 +1,7 @@
+# Sourced by the other scripts: create and activate .venv, install CPU torch first (an unpinned torch
+# pulls gigabytes of CUDA packages), then roadkit in editable mode with the extras given as "$1".
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".${1:+[$1]}"
