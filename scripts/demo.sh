@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/venv.sh
+setup_venv
 roadkit demo --output roadkit-demo --overwrite "$@"
