@@ -114,6 +114,31 @@ def test_rotate_rows_of_half_precision_weight_rounds_once():
     torch.testing.assert_close(F.rotate_rows_(W.clone(), coeffs, g), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("variant", ["road_2", "road_4"])
+def test_rotate_rows_of_general_blocks_rounds_fp32_weights_once(variant):
+    # Blocks that are not scaled rotations can be ill-conditioned: their merge runs in float64 so
+    # that unmerging amplifies one rounding only. fp32 math would differ here in many elements.
+    g, d = 64, 256
+    coeffs = F.coefficients(variant, g, *random_params(variant, d, dtype=torch.float64))
+    W = torch.randn(d, 512)
+    expected = (dense(*coeffs, g) @ W.double()).float()
+    torch.testing.assert_close(F.rotate_rows_(W.clone(), coeffs, g), expected, rtol=0, atol=0)
+
+
+def test_rotate_rows_of_scaled_rotations_runs_in_the_weight_dtype():
+    # road_1 blocks are scaled rotations (condition number 1): fp32 math, within a couple of ulps.
+    g, d = 64, 256
+    coeffs = F.coefficients("road_1", g, *random_params("road_1", d, dtype=torch.float64))
+    W = torch.randn(d, 512)
+    expected = dense(*coeffs, g) @ W.double()
+    out = F.rotate_rows_(W.clone(), coeffs, g)
+    assert not torch.equal(out, expected.float())  # not the float64 path: some elements round differently
+    ulp = torch.finfo(torch.float32).eps * expected.abs().max()
+    assert (out.double() - expected).abs().max() <= 2 * ulp
+    restored = F.rotate_rows_(out, F.inverse(coeffs, g), g)
+    assert ((restored - W).abs().max() / W.abs().max()).item() <= 1e-6
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_inverse_is_dense_inverse(variant):
     g, d = 4, 16

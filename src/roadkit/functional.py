@@ -226,10 +226,19 @@ def rotate_rows_(weight: torch.Tensor, coeffs: Coefficients, group_size: int) ->
     """In place: weight <- R @ weight, for a (d_out, ...) weight or a (d_out,) bias. Returns weight.
 
     This is merging: y = R (W h + b) = (R W) h + R b, elementwise over pairs of rows, with no dense
-    d_out x d_out matrix. The math runs in float64: the weight is rounded once, when stored.
+    d_out x d_out matrix.
+
+    Precision follows the conditioning of R. Blocks that are scaled rotations (c0 = c1 and
+    s0 = s1, as road_1's always are) have condition number 1: math in the weight's dtype (at least
+    float32) rounds each element a couple of ulps at most, and unmerging cannot amplify that.
+    Other blocks can be nearly singular, and unmerging multiplies the merged weight's rounding by
+    their condition number, so their math runs in float64 and the weight is rounded once.
     """
     c, s = coeffs
-    return kernels.rotate_rows_(weight, c.to(torch.float64), s.to(torch.float64), group_size)
+    half = group_size // 2
+    cv, sv = c.unflatten(-1, (-1, 2, half)), s.unflatten(-1, (-1, 2, half))
+    scaled_rotation = torch.equal(cv[:, 0], cv[:, 1]) and torch.equal(sv[:, 0], sv[:, 1])
+    return kernels.rotate_rows_(weight, c, s, group_size, dtype=None if scaled_rotation else torch.float64)
 
 
 __all__ = [

@@ -94,29 +94,38 @@ def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tenso
 
 
 def rotate_rows_(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int,
-                 chunk_bytes: int = 4 << 20) -> torch.Tensor:
+                 dtype: Optional[torch.dtype] = None, chunk_bytes: int = 4 << 20) -> torch.Tensor:
     """In place: w <- R w, for the output features on axis 0 of w (a weight or a bias).
 
-    The math runs in the coefficients' dtype (callers pass float64 so that merging and unmerging
-    round only once, on the final store). w is processed a few groups at a time through scratch
-    buffers reused across chunks, so the weight is read and written about once and the
-    temporaries stay in cache.
+    The math runs in `dtype` (default: w's dtype, at least float32). In w's own dtype each chunk is
+    rotated in place with one half-size scratch; otherwise through scratch in `dtype`, rounded once
+    on the store. w is processed a few groups at a time, so each chunk is read and written about
+    once while it is in cache.
     """
+    dtype = dtype or torch.promote_types(w.dtype, torch.float32)
     half = group_size // 2
     wv = w.unflatten(0, (-1, 2, half))
     tail = (None,) * (w.dim() - 1)
-    cv = c.unflatten(0, (-1, 2, half))[(...,) + tail]
-    sv = s.unflatten(0, (-1, 2, half))[(...,) + tail]
-    row_bytes = max(1, w[0].numel()) * c.element_size()
+    cv = c.to(dtype).unflatten(0, (-1, 2, half))[(...,) + tail]
+    sv = s.to(dtype).unflatten(0, (-1, 2, half))[(...,) + tail]
+    row_bytes = max(1, w[0].numel()) * torch.finfo(dtype).bits // 8
     step = max(1, chunk_bytes // (group_size * row_bytes))
-    scratch = torch.empty((3,) + tuple(wv[:step, 0].shape), dtype=c.dtype, device=w.device)
+    native = w.dtype == dtype  # rotate in place, keeping only the first half of each pair aside
+    scratch = torch.empty((1 if native else 3,) + tuple(wv[:step, 0].shape), dtype=dtype, device=w.device)
     for start in range(0, wv.shape[0], step):
         a, b = wv[start:start + step].unbind(1)
         ca, cb = cv[start:start + step].unbind(1)
         sa, sb = sv[start:start + step].unbind(1)
-        a_, b_, out = (t[: a.shape[0]] for t in scratch)
-        a_.copy_(a)
-        b_.copy_(b)
-        a.copy_(torch.mul(a_, ca, out=out).addcmul_(b_, sa, value=-1))
-        b.copy_(torch.mul(b_, cb, out=out).addcmul_(a_, sb))
+        n = a.shape[0]
+        if native:
+            a_ = scratch[0, :n].copy_(a)
+            a.mul_(ca).addcmul_(b, sa, value=-1)
+            b.mul_(cb).addcmul_(a_, sb)
+        else:
+            a_, b_, out = (t[:n] for t in scratch)
+            a_.copy_(a)
+            b_.copy_(b)
+            a.copy_(torch.mul(a_, ca, out=out).addcmul_(b_, sa, value=-1))
+            b.copy_(torch.mul(b_, cb, out=out).addcmul_(a_, sb))
     return w
+

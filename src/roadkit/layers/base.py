@@ -328,7 +328,7 @@ class RoadLayer(nn.Module):
         """
         names = self._active_adapters if adapter_names is None else list(adapter_names)
         names = [n for n in names if n in self.road_theta and n not in self.merged_adapters]
-        for name in names:  # merges compose: R_k ... R_1 W, each step exact in float64
+        for name in names:  # merges compose: R_k ... R_1 W (coefficients computed in float64)
             coeffs = self.coefficients(name, dtype=torch.float64)
             self._rotate_params(coeffs, self.group_size[name], safe_merge, name)
             self.merged_adapters.append(name)

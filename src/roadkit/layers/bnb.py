@@ -1,7 +1,7 @@
 """RoAd on bitsandbytes' quantized linear layers: `Linear8bitLt` (LLM.int8()) and `Linear4bit` (nf4 / fp4).
 
 The forward pass rotates whatever the quantized layer returns (in its output dtype). Quantized rows
-cannot be rotated in place, so merging and unmerging dequantize the weight to float32, rotate its
+cannot be rotated in place, so merging and unmerging dequantize the weight to float64, rotate its
 rows and the bias with the exact elementwise merge, and quantize the result again with the layer's
 own settings, once per call however many adapters it folds in. That second rounding moves outputs
 slightly (measured in the README, "Quantized bases"), so both warn. `merge_and_unload` returns the
@@ -40,7 +40,7 @@ class _QuantizedLinear(Linear):
     copies are stored back once, at the end, and only if some adapter was merged or unmerged.
     """
 
-    _work: Optional[list[torch.Tensor]] = None  # float32 [weight, bias] while a merge or unmerge runs
+    _work: Optional[list[torch.Tensor]] = None  # float64 [weight, bias] while a merge or unmerge runs
     _work_dtype: torch.dtype = torch.float32  # the dtype the weight is quantized from
 
     def _dequantize(self) -> torch.Tensor:
@@ -52,16 +52,18 @@ class _QuantizedLinear(Linear):
         raise NotImplementedError
 
     def _merge_params(self) -> list[torch.Tensor]:
-        """Outside a merge: the base layer's parameters. During one: float32 copies (made on first use)."""
+        """Outside a merge: the base layer's parameters. During one: float64 copies (made on first use),
+        so the weight is rounded once, by the requantization; the dequantize/quantize round trip
+        costs far more than the float64 math."""
         if self._work is None:
             return super()._merge_params()
         if not self._work:
             weight = self._dequantize()
             self._work_dtype = weight.dtype
             bias = self.base_layer.bias
-            self._work = [weight.to(torch.float32)]
+            self._work = [weight.to(torch.float64)]
             if bias is not None:
-                self._work.append(bias.data.to(torch.float32, copy=True))
+                self._work.append(bias.data.to(torch.float64, copy=True))
         return self._work
 
     @contextmanager
