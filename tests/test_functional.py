@@ -92,6 +92,33 @@ def test_per_row_coefficients_rotate_each_row_with_its_own_matrix():
         torch.testing.assert_close(y[i], x[i] @ dense(ci, si, g).T)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("g, d", [(2, 6), (4, 8), (8, 8), (64, 256)])  # (8, 8): one group
+def test_shifted_layout_equals_dense_matrix(variant, g, d):
+    coeffs = F.coefficients(variant, g, *random_params(variant, d))
+    x = torch.randn(3, 5, d, dtype=torch.float64)
+    y = F.rotate(x, coeffs, g, sines=F.shifted_sines(coeffs[1], g))
+    torch.testing.assert_close(y, x @ dense(*coeffs, g).T)
+    # and bit for bit what the half-by-half layout gives, in fp32 too
+    c32, s32 = (t.float() for t in coeffs)
+    x32 = x.float()
+    assert torch.equal(F.rotate(x32, (c32, s32), g, sines=F.shifted_sines(s32, g)), F.rotate(x32, (c32, s32), g))
+
+
+def test_shifted_layout_with_per_row_tables_and_low_precision_input():
+    g, d = 4, 8
+    rows = [F.coefficients("road_4", g, *random_params("road_4", d, seed=i, dtype=torch.float32)) for i in range(3)]
+    tables = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+    index = torch.tensor([2, 0, 2, 1])
+    x = torch.randn(4, 5, d).to(torch.bfloat16)
+    y = F.rotate_indexed(x, tables, index, g, sines=F.shifted_sines(tables[1], g))
+    assert y.dtype == torch.bfloat16
+    for i, k in enumerate(index.tolist()):
+        expected = (x[i].float() @ dense(*rows[k], g).T).to(torch.bfloat16)
+        torch.testing.assert_close(y[i], expected, rtol=0, atol=0)  # fp32 math, one rounding
+    torch.testing.assert_close(y, F.rotate_indexed(x, tables, index, g), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("chunk_bytes", [1 << 20, 1])  # 1: one group per chunk
 def test_rotate_rows_is_left_multiplication_in_place(chunk_bytes):
     g, d = 8, 32

@@ -182,3 +182,23 @@ def test_inference_cache_follows_dtype_moves_and_replaced_parameters():
         torch.testing.assert_close(y, layer.base_layer(h.double()) @ R_of(layer, "a").T.double())
         layer.road_alpha["a"] = nn.Parameter(torch.full_like(layer.road_alpha["a"], 2.0))
         torch.testing.assert_close(layer(h.double()), layer.base_layer(h.double()) @ R_of(layer, "a").T.double())
+
+
+def test_serving_path_follows_adapter_switches_merges_and_deletions():
+    # eval + no_grad takes the cached serving path; every change of state must reach it
+    layer = make_layer().eval()
+    layer.update_layer("b", "road_1", 4, init_weights=False)
+    h = torch.randn(3, 6)
+    with torch.no_grad():
+        x = layer.base_layer(h)
+        torch.testing.assert_close(layer(h), x @ R_of(layer, "a").T)
+        layer.set_adapter(["a", "b"])
+        torch.testing.assert_close(layer(h), x @ (R_of(layer, "b") @ R_of(layer, "a")).T)
+        layer.merge(adapter_names=["a"])  # a now lives in the weights; only b is applied on top
+        merged_x = layer.base_layer(h)
+        torch.testing.assert_close(merged_x, x @ R_of(layer, "a").T, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer(h), merged_x @ R_of(layer, "b").T)
+        layer.unmerge()
+        layer.set_adapter("b")
+        layer.delete_adapter("a")
+        torch.testing.assert_close(layer(h), layer.base_layer(h) @ R_of(layer, "b").T)

@@ -52,18 +52,65 @@ def _reduce_to(full: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
     return full.sum_to_size(shape)
 
 
-def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1) -> torch.Tensor:
+def shifted_sines(s: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sine coefficients laid out for `rotate_shifted`: (s_up, s_down), each (..., d - g/2).
+
+    s_up[f] = -s[f] where f is in the first half of its group (y0 = c0 x0 - s0 x1), else 0;
+    s_down[f] = s[f + g/2] where f + g/2 is in the second half (y1 = c1 x1 + s1 x0), else 0.
+    """
+    half = group_size // 2
+    sv = s.unflatten(-1, (-1, 2, half))
+    up, down = torch.zeros_like(sv), torch.zeros_like(sv)
+    up.select(-2, 0).copy_(sv.select(-2, 0)).neg_()
+    down.select(-2, 1).copy_(sv.select(-2, 1))
+    d = s.shape[-1]
+    return up.flatten(-3)[..., : d - half].contiguous(), down.flatten(-3)[..., half:].contiguous()
+
+
+def rotate_shifted(x: torch.Tensor, c: torch.Tensor, sines: tuple[torch.Tensor, torch.Tensor],
+                   group_size: int) -> torch.Tensor:
+    """R x for features on the last axis, as three ops over long contiguous rows. No autograd.
+
+    Each feature's partner sits g/2 away, so the cross terms are two windows of x shifted by g/2
+    against the output, weighted by `shifted_sines` (zero where a window pairs features of two
+    different halves). `rotate_values` addresses the halves directly, which on CPU means inner
+    loops of g/2 elements; here every loop runs over d - g/2, which costs about as much as one
+    elementwise multiply. Finite inputs give the same result; an inf or NaN feature can also
+    reach, through its zero weights, the feature g/2 away in the neighbouring group (the next
+    layer's matmul would spread it to every feature anyway).
+    """
+    half, d = group_size // 2, x.shape[-1]
+    s_up, s_down = sines
+    out = torch.mul(x, c)
+    out[..., : d - half].addcmul_(x[..., half:], s_up)
+    out[..., half:].addcmul_(x[..., : d - half], s_down)
+    return out
+
+
+def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1,
+            sines: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """y = R x along `dim`: math in the coefficients' dtype, result in x's dtype. No autograd.
 
-    When x already has the coefficients' dtype, nothing is allocated beyond the output.
+    With `sines` (`shifted_sines(s)`, precomputed by callers that reuse coefficients) and the
+    features last, the faster `rotate_shifted` runs. When x already has the coefficients' dtype,
+    nothing is allocated beyond the output.
     """
-    out = rotate_values(x, c, s, group_size, dim)
+    if sines is not None and dim % x.dim() == x.dim() - 1:
+        return _in_dtype_of(x, rotate_shifted(x, c, sines, group_size))
+    return _in_dtype_of(x, rotate_values(x, c, s, group_size, dim))
+
+
+def _in_dtype_of(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: torch.Tensor, group_size: int,
              dim: int, need_gx: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(dx = R^T gy, dc, ds) of y = R x; dc and ds (reduced to c's shape) only when x is given."""
+    """(dx = R^T gy, dc, ds) of y = R x; dc and ds (reduced to c's shape) only when x is given.
+
+    dc sums gy * x; ds sums gy0 * x1 and gy1 * x0 half by half and stacks the reduced halves, so no
+    product is ever stacked or negated at full size.
+    """
     dim = dim % gy.dim()
     gx = rotate_values(gy, c, s, group_size, dim, transpose=True).to(gy.dtype) if need_gx else None
     if x is None:
@@ -73,24 +120,33 @@ def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: to
     gyv = gy.to(c.dtype).unflatten(dim, (-1, 2, half))
     pair = dim + 1
     gc = _reduce_to((gyv * xv).flatten(dim, dim + 2), dim, c.shape)
-    # y0 = c0 x0 - s0 x1 and y1 = c1 x1 + s1 x0
-    gsv = torch.stack((gyv.select(pair, 0) * xv.select(pair, 1).neg(),
-                       gyv.select(pair, 1) * xv.select(pair, 0)), dim=pair)
-    gs = _reduce_to(gsv.flatten(dim, dim + 2), dim, s.shape)
+    (x0, x1), (g0, g1) = xv.unbind(pair), gyv.unbind(pair)
+    half_shape = s.unflatten(-1, (-1, 2, half)).select(-2, 0).shape
+    gs0 = _reduce_to(g0 * x1, dim + 1, half_shape)  # y0 = c0 x0 - s0 x1: the sign goes on after the sum
+    gs1 = _reduce_to(g1 * x0, dim + 1, half_shape)
+    gs = torch.stack((gs0.neg_(), gs1), dim=-2).flatten(-3)
     return gx, gc, gs
 
 
 def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
-                    group_size: int, dim: int = -1) -> torch.Tensor:
+                    group_size: int, dim: int = -1,
+                    sines_table: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Mixed batches: gather each row's (or token's) coefficients by `index`, then one fused pass.
 
     `index` covers a prefix of the axes before `dim` (per batch row) or all of them (per token).
+    `sines_table` is `shifted_sines(s_table)`, for the faster pass when the features are last.
     """
     dim = dim % x.dim()
-    shape = tuple(index.shape) + (1,) * (dim - index.dim()) + (c_table.shape[-1],)
+    lead = tuple(index.shape) + (1,) * (dim - index.dim())
     flat = index.reshape(-1)  # index_select is several times faster than advanced indexing on CPU
-    return forward(x, c_table.index_select(0, flat).view(shape), s_table.index_select(0, flat).view(shape),
-                   group_size, dim)
+
+    def rows(table: torch.Tensor) -> torch.Tensor:
+        return table.index_select(0, flat).view(lead + (table.shape[-1],))
+
+    if sines_table is not None and dim == x.dim() - 1:
+        sines = (rows(sines_table[0]), rows(sines_table[1]))
+        return _in_dtype_of(x, rotate_shifted(x, rows(c_table), sines, group_size))
+    return forward(x, rows(c_table), rows(s_table), group_size, dim)
 
 
 def rotate_rows_(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int,

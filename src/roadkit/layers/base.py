@@ -35,6 +35,16 @@ def _count_optimizer_step(*_: Any) -> None:
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A rotation as the inference paths apply it: coefficients (one adapter's, or a table with a
+    row per adapter for mixed batches), the sines in the kernels' fast layout, and the group size."""
+
+    coeffs: F.Coefficients
+    sines: F.Coefficients
+    group_size: int
+
+
 @dataclass(frozen=True, eq=False)
 class Routing:
     """Which adapter each batch row (or token) uses: `index` points into `names`.
@@ -90,7 +100,8 @@ class RoadLayer(nn.Module):
         self.routing: Optional[Routing] = None  # set by the model wrapper for one mixed-batch call
         self._cache: dict[Any, Any] = {}
         self._tables_for: Optional[Routing] = None
-        self._tables_value: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._tables_value: list[_Prepared] = []
+        self._serving: Optional[tuple[tuple, list[_Prepared]]] = None
         self.update_layer(adapter_name, variant, group_size, init_weights, subspace, dtype)
         self.set_adapter(adapter_name)
 
@@ -160,6 +171,7 @@ class RoadLayer(nn.Module):
         self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
         self._cache.clear()
         self._tables_for = None
+        self._serving = None
 
     def _base_device(self) -> torch.device:
         for p in self.base_layer.parameters():
@@ -215,11 +227,13 @@ class RoadLayer(nn.Module):
     def _param_key(self, adapter_name: str) -> tuple:
         """Changes whenever the adapter's parameters are replaced (object and storage), moved (new
         storage), updated in place (version counter) or stepped by any optimizer."""
-        theta, alpha = self.road_theta[adapter_name], self.road_alpha[adapter_name]
+        # The ParameterDicts' own dicts: this runs on every serving call, after a matmul has pushed
+        # the interpreter out of cache, so it avoids nn.Module's attribute machinery.
+        theta, alpha = self.road_theta._parameters[adapter_name], self.road_alpha._parameters[adapter_name]
         return (id(theta), theta.data_ptr(), theta._version, id(alpha), alpha.data_ptr(), alpha._version,
                 _optimizer_steps)
 
-    def _table(self, names: tuple[str, ...], group_size: int) -> F.Coefficients:
+    def _table(self, names: tuple[str, ...], group_size: int) -> _Prepared:
         """Stacked coefficients, one row per name; identity for `__base__`, for adapters this layer
         lacks, and for adapters of another group size (those are applied in their own pass)."""
         used = [n for n in names if n in self.road_theta and self.group_size[n] == group_size]
@@ -232,7 +246,9 @@ class RoadLayer(nn.Module):
             c0 = coeffs[used[0]][0]
             ident = F.identity(self.out_features, dtype=c0.dtype, device=c0.device)
             rows = [coeffs.get(n, ident) for n in names]
-            table = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+            s_table = torch.stack([r[1] for r in rows])
+            table = _Prepared((torch.stack([r[0] for r in rows]), s_table), F.shifted_sines(s_table, group_size),
+                              group_size)
         self._cache[("table", names, group_size)] = (key, table)
         return table
 
@@ -244,6 +260,10 @@ class RoadLayer(nn.Module):
             return self._undo_merged(result)
         if self.routing is not None:
             return self._mixed_forward(result, self.routing)
+        if not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            for r in self._serving_rotations():
+                result = F.rotate(result, r.coeffs, r.group_size, self.feature_dim, r.sines)
+            return result
         for name in self._active_adapters:
             if name not in self.road_theta or name in self.merged_adapters:
                 continue
@@ -254,6 +274,23 @@ class RoadLayer(nn.Module):
                 result = F.rotate(result, self.coefficients(name), g, self.feature_dim)
         return result
 
+    def _serving_rotations(self) -> list[_Prepared]:
+        """The rotations of the active, unmerged adapters, in order: the eval-mode, no-grad path.
+
+        One cache entry for the whole layer, checked with one tuple comparison per call, so serving
+        pays almost no Python beyond the rotation itself.
+        """
+        names = tuple(n for n in self._active_adapters if n in self.road_theta._parameters)
+        key = (names, tuple(self.merged_adapters)) + tuple(self._param_key(n) for n in names)
+        if self._serving is None or self._serving[0] != key:
+            rotations = []
+            for name in (n for n in names if n not in self.merged_adapters):
+                c, s = self.coefficients(name)
+                g = self.group_size[name]
+                rotations.append(_Prepared((c, s), F.shifted_sines(s, g), g))
+            self._serving = (key, rotations)
+        return self._serving[1]
+
     def _undo_merged(self, result: torch.Tensor) -> torch.Tensor:
         """Base output of a layer whose weights hold merged adapters, without touching the weights."""
         for name in reversed(self.merged_adapters):
@@ -261,12 +298,12 @@ class RoadLayer(nn.Module):
             result = F.rotate(result, inv, self.group_size[name], self.feature_dim)
         return result
 
-    def _tables(self, routing: Routing) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(group size, c table, s table) for this routing; built once per model call, so decode
-        steps of one `generate` pay no per-adapter bookkeeping."""
+    def _tables(self, routing: Routing) -> list[_Prepared]:
+        """The coefficient tables for this routing, one per group size; built once per model call,
+        so decode steps of one `generate` pay no per-adapter bookkeeping."""
         if self._tables_for is not routing:
             sizes = sorted({self.group_size[n] for n in routing.names if n in self.road_theta})
-            self._tables_value = [(g, *self._table(routing.names, g)) for g in sizes]
+            self._tables_value = [self._table(routing.names, g) for g in sizes]
             self._tables_for = routing
         return self._tables_value
 
@@ -281,8 +318,8 @@ class RoadLayer(nn.Module):
                 f"adapter routing of shape {tuple(index.shape)} does not match the leading dimensions of "
                 f"this layer's output {tuple(result.shape)}: give one adapter per batch row (or per token)."
             )
-        for g, c, s in self._tables(routing):
-            result = F.rotate_indexed(result, (c, s), index, g, dim)
+        for t in self._tables(routing):
+            result = F.rotate_indexed(result, t.coeffs, index, t.group_size, dim, t.sines)
         return result
 
     @staticmethod
