@@ -1,8 +1,10 @@
 """Build the base model and the adapter contenders from deep copies of the same base weights.
 
-Contenders: the base model (no adapters), roadkit RoAd, PEFT RoAd (same config, same adapter
-numbers, copied from roadkit through the PEFT checkpoint keys), PEFT LoRA r=8. All adapters are
-non-identity (roadkit/PEFT RoAd ``init_weights=False``, LoRA ``init_lora_weights=False``).
+Contenders: the base model (no adapters), the floor (the base model plus one elementwise multiply
+after each targeted layer: what any unmerged output-side adapter costs at least), roadkit RoAd,
+PEFT RoAd (same config, same adapter numbers, copied from roadkit through the PEFT checkpoint
+keys), PEFT LoRA r=8. All adapters are non-identity (roadkit/PEFT RoAd ``init_weights=False``,
+LoRA ``init_lora_weights=False``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ ROADKIT = "roadkit RoAd"
 PEFT_ROAD = "peft RoAd"
 PEFT_LORA = "peft LoRA r=8"
 BASE = "base"
+FLOOR = "floor: base + 1 multiply/layer"
 ADAPTER_CONTENDERS = (ROADKIT, PEFT_ROAD, PEFT_LORA)
 
 
@@ -103,15 +106,30 @@ def make_peft_lora(base: nn.Module, n_adapters: int, targets=TARGET_MODULES, tas
     return model
 
 
+def make_floor(base: nn.Module, targets=TARGET_MODULES) -> nn.Module:
+    """The base model with each targeted layer's output multiplied by a fixed per-feature vector
+    (a forward hook): the cheapest conceivable unmerged adapter on layer outputs. Whatever it costs
+    over the base model is a floor that no eager implementation of RoAd (or IA3, or LoRA) can beat,
+    since each needs at least one elementwise op after the layer."""
+    model = copy.deepcopy(base)
+    gen = torch.Generator().manual_seed(0)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            scale = 1 + 0.01 * torch.randn(module.out_features, generator=gen)
+            module.register_forward_hook(lambda _m, _inp, out, scale=scale: out.mul(scale))
+    return model
+
+
 def build_inference_contenders(base: nn.Module, n_adapters: int, seed: int) -> dict[str, nn.Module]:
-    """Base plus the three adapter contenders, each holding `n_adapters` distinct loaded adapters."""
+    """Base, the floor model and the three adapter contenders, each adapter contender holding
+    `n_adapters` distinct loaded adapters."""
     torch.manual_seed(seed + 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rk = make_roadkit(base, n_adapters)
         pr = make_peft_road_like(rk, base, n_adapters)
         lo = make_peft_lora(base, n_adapters, seed=seed + 2)
-    models = {BASE: copy.deepcopy(base), ROADKIT: rk, PEFT_ROAD: pr, PEFT_LORA: lo}
+    models = {BASE: copy.deepcopy(base), FLOOR: make_floor(base), ROADKIT: rk, PEFT_ROAD: pr, PEFT_LORA: lo}
     for m in models.values():
         m.eval()
     return models

@@ -193,6 +193,9 @@ def plot_decode(results: dict, path: str) -> bool:
                 ax.plot([1], [r["summary"][case]["ratio_to_base"]["of_medians"]], marker="s", mfc="none",
                         ms=9, color=colors[c], linestyle="none", label=f"{c} (1 adapter, unmerged)")
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="base model")
+    if C.FLOOR in r["summary"]:
+        ax.axhline(r["summary"][C.FLOOR]["ratio_to_base"]["of_medians"], color="black", linestyle=":",
+                   linewidth=1, label="floor: one elementwise multiply per adapted layer")
     lo_y, hi_y = ax.get_ylim()
     ax.set_ylim(min(lo_y, 0.9), max(hi_y, 1.1))
     ax.set_xscale("log", base=2)

@@ -90,6 +90,8 @@ def decode(s: Settings, reps: int, warmup: int) -> dict:
     specs, info = {}, {}
     specs["base"] = (models[C.BASE], None)
     info["base"] = {"contender": C.BASE, "k": 0, "mode": "base"}
+    specs[C.FLOOR] = (models[C.FLOOR], None)
+    info[C.FLOOR] = {"contender": C.FLOOR, "k": 1, "mode": "floor"}
     for c in (C.ROADKIT, C.PEFT_ROAD):
         label = f"{c} (1 adapter, unmerged)"
         specs[label] = (models[c], None)
@@ -142,8 +144,9 @@ def prefill(s: Settings, reps: int, warmup: int) -> dict:
                 model(input_ids=ids, attention_mask=mask, logits_to_keep=1, **kw)
         return fn
 
-    cases = {"base": case(models[C.BASE], None)}
-    info = {"base": {"contender": C.BASE, "k": 0, "mode": "base"}}
+    cases = {"base": case(models[C.BASE], None), C.FLOOR: case(models[C.FLOOR], None)}
+    info = {"base": {"contender": C.BASE, "k": 0, "mode": "base"},
+            C.FLOOR: {"contender": C.FLOOR, "k": 1, "mode": "floor"}}
     for c in C.ADAPTER_CONTENDERS:
         label = f"{c} (1 adapter, unmerged)"
         cases[label] = case(models[c], None)
