@@ -97,12 +97,13 @@ def test_per_row_coefficients_rotate_each_row_with_its_own_matrix():
 def test_shifted_layout_equals_dense_matrix(variant, g, d):
     coeffs = F.coefficients(variant, g, *random_params(variant, d))
     x = torch.randn(3, 5, d, dtype=torch.float64)
-    y = F.rotate(x, coeffs, g, sines=F.shifted_sines(coeffs[1], g))
+    y = F.rotate(x, coeffs, g, shifted=F.shifted_layout(coeffs, g))
     torch.testing.assert_close(y, x @ dense(*coeffs, g).T)
     # and bit for bit what the half-by-half layout gives, in fp32 too
     c32, s32 = (t.float() for t in coeffs)
     x32 = x.float()
-    assert torch.equal(F.rotate(x32, (c32, s32), g, sines=F.shifted_sines(s32, g)), F.rotate(x32, (c32, s32), g))
+    shifted = F.shifted_layout((c32, s32), g)
+    assert torch.equal(F.rotate(x32, (c32, s32), g, shifted=shifted), F.rotate(x32, (c32, s32), g))
 
 
 def test_shifted_layout_with_per_row_tables_and_low_precision_input():
@@ -111,7 +112,7 @@ def test_shifted_layout_with_per_row_tables_and_low_precision_input():
     tables = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
     index = torch.tensor([2, 0, 2, 1])
     x = torch.randn(4, 5, d).to(torch.bfloat16)
-    y = F.rotate_indexed(x, tables, index, g, sines=F.shifted_sines(tables[1], g))
+    y = F.rotate_indexed(x, tables, index, g, shifted=F.shifted_layout(tables, g))
     assert y.dtype == torch.bfloat16
     for i, k in enumerate(index.tolist()):
         expected = (x[i].float() @ dense(*rows[k], g).T).to(torch.bfloat16)

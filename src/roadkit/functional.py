@@ -130,17 +130,17 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 def rotate(x: torch.Tensor, coeffs: Coefficients, group_size: int, dim: int = -1,
-           sines: Optional[Coefficients] = None) -> torch.Tensor:
+           shifted: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Apply the rotation (c, s) to the feature axis `dim` of x: y = x*c + rot(x)*s.
 
     Math in the coefficients' dtype, result in x's dtype; differentiable in x, c and s.
-    `sines` (`shifted_sines(s, group_size)`) speeds up the no-grad torch path for callers that
-    reuse (c, s) across calls.
+    `shifted` (`shifted_layout(coeffs, group_size)`) speeds up the no-grad torch path for
+    callers that reuse (c, s) across calls.
     """
     c, s = coeffs
     if _needs_grad(x, c, s):
         return _Rotate.apply(x, c, s, group_size, dim)
-    return kernels.forward(x, c, s, group_size, dim, sines)
+    return kernels.forward(x, c, s, group_size, dim, shifted)
 
 
 def road(x: torch.Tensor, variant: str, group_size: int, theta: torch.Tensor, alpha: torch.Tensor,
@@ -155,19 +155,19 @@ def road(x: torch.Tensor, variant: str, group_size: int, theta: torch.Tensor, al
 
 
 def rotate_indexed(x: torch.Tensor, tables: Coefficients, index: torch.Tensor, group_size: int,
-                   dim: int = -1, sines: Optional[Coefficients] = None) -> torch.Tensor:
+                   dim: int = -1, shifted: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mixed batches: rotate each row (or token) of x by the coefficient row `index` selects.
 
     `tables` are (c, s) of shape (n_adapters, d_out); `index` has the shape of the leading axes of
     x before `dim` (per token) or a prefix of them (per batch row). Cost is independent of
-    n_adapters. Inference only (no autograd). `sines` is `shifted_sines` of the s table.
+    n_adapters. Inference only (no autograd). `shifted` is `shifted_layout(tables, group_size)`.
     """
-    return kernels.forward_indexed(x, tables[0], tables[1], index, group_size, dim, sines)
+    return kernels.forward_indexed(x, tables[0], tables[1], index, group_size, dim, shifted)
 
 
-def shifted_sines(s: torch.Tensor, group_size: int) -> Coefficients:
-    """s in the layout of the torch kernel's fast path (see `kernels.torch_ops.rotate_shifted`)."""
-    return kernels.shifted_sines(s, group_size)
+def shifted_layout(coeffs: Coefficients, group_size: int) -> torch.Tensor:
+    """(c, s) packed for the torch kernel's fast path (see `kernels.torch_ops.rotate_shifted`)."""
+    return kernels.shifted_layout(*coeffs, group_size)
 
 
 def _pairs(v: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,5 +268,5 @@ __all__ = [
     "rotate",
     "rotate_indexed",
     "rotate_rows_",
-    "shifted_sines",
+    "shifted_layout",
 ]

@@ -6,8 +6,8 @@ the autograd Functions on top):
     backward(gy, x, c, s, g, dim, need_gx)      (R^T gy, dc, ds)
     forward_indexed(x, c_tab, s_tab, idx, g, dim)   mixed batches: row/token i uses table row idx[i]
 and, for merging, the in-place `rotate_rows_(w, c, s, g)`: w <- R w over its first axis.
-`forward` and `forward_indexed` also take the sines in `shifted_sines` layout, which the torch
-path turns into fewer, longer loops (callers that reuse coefficients compute it once).
+`forward` and `forward_indexed` also take the coefficients packed by `shifted_layout`, which the
+torch path turns into fewer, longer loops (callers that reuse coefficients pack them once).
 """
 
 from __future__ import annotations
@@ -37,16 +37,16 @@ def _triton_for(x: torch.Tensor, dim: int):
 
 
 def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1,
-            sines: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+            shifted: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = R x along `dim`, result in x's dtype; c and s are per feature (d,) or per row (..., d).
 
-    `sines` (`shifted_sines(s, group_size)`) lets the torch path use its faster layout; callers
-    that reuse coefficients (the serving cache) compute it once.
+    `shifted` (`shifted_layout(c, s, group_size)`) lets the torch path use its faster layout;
+    callers that reuse coefficients (the serving cache) pack them once.
     """
     ops = _triton_for(x, dim) if c.dim() == 1 else None
     if ops is not None:
         return ops.forward(x, c, s, group_size)
-    return torch_ops.forward(x, c, s, group_size, dim, sines)
+    return torch_ops.forward(x, c, s, group_size, dim, shifted)
 
 
 def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: torch.Tensor, group_size: int,
@@ -60,18 +60,18 @@ def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: to
 
 def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
                     group_size: int, dim: int = -1,
-                    sines_table: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                    shifted_table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mixed batches: each row (or token) of x uses its own row of the coefficient tables."""
     ops = _triton_for(x, dim)
     if ops is not None:
         return ops.forward_indexed(x, c_table, s_table, index, group_size)
-    return torch_ops.forward_indexed(x, c_table, s_table, index, group_size, dim, sines_table)
+    return torch_ops.forward_indexed(x, c_table, s_table, index, group_size, dim, shifted_table)
 
 
-shifted_sines = torch_ops.shifted_sines
+shifted_layout = torch_ops.shifted_layout
 
 
 # Merging runs once, not per token: the torch implementation serves every device.
 rotate_rows_ = torch_ops.rotate_rows_
 
-__all__ = ["backward", "forward", "forward_indexed", "rotate_rows_", "shifted_sines"]
+__all__ = ["backward", "forward", "forward_indexed", "rotate_rows_", "shifted_layout"]

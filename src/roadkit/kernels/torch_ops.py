@@ -52,51 +52,53 @@ def _reduce_to(full: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
     return full.sum_to_size(shape)
 
 
-def shifted_sines(s: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sine coefficients laid out for `rotate_shifted`: (s_up, s_down), each (..., d - g/2).
+def shifted_layout(c: torch.Tensor, s: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The coefficients packed for `rotate_shifted`: one (..., 3, d) tensor, so a mixed batch
+    gathers each row's coefficients with a single `index_select`.
 
-    s_up[f] = -s[f] where f is in the first half of its group (y0 = c0 x0 - s0 x1), else 0;
-    s_down[f] = s[f + g/2] where f + g/2 is in the second half (y1 = c1 x1 + s1 x0), else 0.
+    Row 0 is c. Row 1 holds s_up[f] = -s[f] where f is in the first half of its group
+    (y0 = c0 x0 - s0 x1), else 0; row 2 holds s_down[f] = s[f + g/2] where f + g/2 is in the second
+    half (y1 = c1 x1 + s1 x0), else 0. Rows 1 and 2 use their first d - g/2 entries.
     """
     half = group_size // 2
+    out = torch.zeros(s.shape[:-1] + (3, s.shape[-1]), dtype=s.dtype, device=s.device)
+    out.select(-2, 0).copy_(c)
     sv = s.unflatten(-1, (-1, 2, half))
-    up, down = torch.zeros_like(sv), torch.zeros_like(sv)
-    up.select(-2, 0).copy_(sv.select(-2, 0)).neg_()
-    down.select(-2, 1).copy_(sv.select(-2, 1))
-    d = s.shape[-1]
-    return up.flatten(-3)[..., : d - half].contiguous(), down.flatten(-3)[..., half:].contiguous()
+    first_halves = [out.select(-2, row).unflatten(-1, (-1, 2, half)).select(-2, 0) for row in (1, 2)]
+    first_halves[0].copy_(sv.select(-2, 0)).neg_()  # entry f: output f, partner f + g/2
+    first_halves[1].copy_(sv.select(-2, 1))  # entry f: output f + g/2, partner f
+    return out
 
 
-def rotate_shifted(x: torch.Tensor, c: torch.Tensor, sines: tuple[torch.Tensor, torch.Tensor],
-                   group_size: int) -> torch.Tensor:
+def rotate_shifted(x: torch.Tensor, shifted: torch.Tensor, group_size: int) -> torch.Tensor:
     """R x for features on the last axis, as three ops over long contiguous rows. No autograd.
 
     Each feature's partner sits g/2 away, so the cross terms are two windows of x shifted by g/2
-    against the output, weighted by `shifted_sines` (zero where a window pairs features of two
-    different halves). `rotate_values` addresses the halves directly, which on CPU means inner
-    loops of g/2 elements; here every loop runs over d - g/2, which costs about as much as one
-    elementwise multiply. Finite inputs give the same result; an inf or NaN feature can also
-    reach, through its zero weights, the feature g/2 away in the neighbouring group (the next
-    layer's matmul would spread it to every feature anyway).
+    against the output, weighted by the zero-padded sines of `shifted_layout`. `rotate_values`
+    addresses the halves directly, which on CPU means inner loops of g/2 elements; here every
+    loop runs over d - g/2, which costs about as much as one elementwise multiply. Finite inputs
+    give the same result; an inf or NaN feature can also reach, through its zero weights, the
+    feature g/2 away in the neighbouring group (the next layer's matmul would spread it to every
+    feature anyway).
     """
     half, d = group_size // 2, x.shape[-1]
-    s_up, s_down = sines
+    c, s_up, s_down = shifted.unbind(-2)
     out = torch.mul(x, c)
-    out[..., : d - half].addcmul_(x[..., half:], s_up)
-    out[..., half:].addcmul_(x[..., : d - half], s_down)
+    out[..., : d - half].addcmul_(x[..., half:], s_up[..., : d - half])
+    out[..., half:].addcmul_(x[..., : d - half], s_down[..., : d - half])
     return out
 
 
 def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1,
-            sines: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+            shifted: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = R x along `dim`: math in the coefficients' dtype, result in x's dtype. No autograd.
 
-    With `sines` (`shifted_sines(s)`, precomputed by callers that reuse coefficients) and the
-    features last, the faster `rotate_shifted` runs. When x already has the coefficients' dtype,
-    nothing is allocated beyond the output.
+    With `shifted` (`shifted_layout(c, s)`, precomputed by callers that reuse coefficients) and
+    the features last, the faster `rotate_shifted` runs. When x already has the coefficients'
+    dtype, nothing is allocated beyond the output.
     """
-    if sines is not None and dim % x.dim() == x.dim() - 1:
-        return _in_dtype_of(x, rotate_shifted(x, c, sines, group_size))
+    if shifted is not None and dim % x.dim() == x.dim() - 1:
+        return _in_dtype_of(x, rotate_shifted(x, shifted, group_size))
     return _in_dtype_of(x, rotate_values(x, c, s, group_size, dim))
 
 
@@ -129,24 +131,22 @@ def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: to
 
 
 def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
-                    group_size: int, dim: int = -1,
-                    sines_table: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                    group_size: int, dim: int = -1, shifted_table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mixed batches: gather each row's (or token's) coefficients by `index`, then one fused pass.
 
     `index` covers a prefix of the axes before `dim` (per batch row) or all of them (per token).
-    `sines_table` is `shifted_sines(s_table)`, for the faster pass when the features are last.
+    `shifted_table` is `shifted_layout(c_table, s_table)`: with the features last, each row's
+    coefficients then come with one gather and go through the faster pass.
     """
     dim = dim % x.dim()
     lead = tuple(index.shape) + (1,) * (dim - index.dim())
     flat = index.reshape(-1)  # index_select is several times faster than advanced indexing on CPU
-
-    def rows(table: torch.Tensor) -> torch.Tensor:
-        return table.index_select(0, flat).view(lead + (table.shape[-1],))
-
-    if sines_table is not None and dim == x.dim() - 1:
-        sines = (rows(sines_table[0]), rows(sines_table[1]))
-        return _in_dtype_of(x, rotate_shifted(x, rows(c_table), sines, group_size))
-    return forward(x, rows(c_table), rows(s_table), group_size, dim)
+    if shifted_table is not None and dim == x.dim() - 1:
+        rows = shifted_table.index_select(0, flat).view(lead + tuple(shifted_table.shape[1:]))
+        return _in_dtype_of(x, rotate_shifted(x, rows, group_size))
+    c = c_table.index_select(0, flat).view(lead + (c_table.shape[-1],))
+    s = s_table.index_select(0, flat).view(lead + (s_table.shape[-1],))
+    return forward(x, c, s, group_size, dim)
 
 
 def rotate_rows_(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int,

@@ -38,10 +38,10 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 @dataclass(frozen=True)
 class _Prepared:
     """A rotation as the inference paths apply it: coefficients (one adapter's, or a table with a
-    row per adapter for mixed batches), the sines in the kernels' fast layout, and the group size."""
+    row per adapter for mixed batches), the same packed in the kernels' fast layout, and the group size."""
 
     coeffs: F.Coefficients
-    sines: F.Coefficients
+    shifted: torch.Tensor
     group_size: int
 
 
@@ -247,8 +247,8 @@ class RoadLayer(nn.Module):
             ident = F.identity(self.out_features, dtype=c0.dtype, device=c0.device)
             rows = [coeffs.get(n, ident) for n in names]
             s_table = torch.stack([r[1] for r in rows])
-            table = _Prepared((torch.stack([r[0] for r in rows]), s_table), F.shifted_sines(s_table, group_size),
-                              group_size)
+            tables = (torch.stack([r[0] for r in rows]), s_table)
+            table = _Prepared(tables, F.shifted_layout(tables, group_size), group_size)
         self._cache[("table", names, group_size)] = (key, table)
         return table
 
@@ -262,7 +262,7 @@ class RoadLayer(nn.Module):
             return self._mixed_forward(result, self.routing)
         if not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()):
             for r in self._serving_rotations():
-                result = F.rotate(result, r.coeffs, r.group_size, self.feature_dim, r.sines)
+                result = F.rotate(result, r.coeffs, r.group_size, self.feature_dim, r.shifted)
             return result
         for name in self._active_adapters:
             if name not in self.road_theta or name in self.merged_adapters:
@@ -287,7 +287,7 @@ class RoadLayer(nn.Module):
             for name in (n for n in names if n not in self.merged_adapters):
                 c, s = self.coefficients(name)
                 g = self.group_size[name]
-                rotations.append(_Prepared((c, s), F.shifted_sines(s, g), g))
+                rotations.append(_Prepared((c, s), F.shifted_layout((c, s), g), g))
             self._serving = (key, rotations)
         return self._serving[1]
 
@@ -319,7 +319,7 @@ class RoadLayer(nn.Module):
                 f"this layer's output {tuple(result.shape)}: give one adapter per batch row (or per token)."
             )
         for t in self._tables(routing):
-            result = F.rotate_indexed(result, t.coeffs, index, t.group_size, dim, t.sines)
+            result = F.rotate_indexed(result, t.coeffs, index, t.group_size, dim, t.shifted)
         return result
 
     @staticmethod
