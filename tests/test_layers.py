@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from test_functional import dense
@@ -202,3 +204,47 @@ def test_serving_path_follows_adapter_switches_merges_and_deletions():
         layer.set_adapter("b")
         layer.delete_adapter("a")
         torch.testing.assert_close(layer(h), layer.base_layer(h) @ R_of(layer, "b").T)
+
+
+def test_mixed_batch_tables_follow_updates_assign_loads_and_moves():
+    layer = make_layer().eval()
+    layer.update_layer("b", "road_1", 4, init_weights=False)
+    h = torch.randn(2, 6)
+
+    def check():
+        with torch.no_grad():
+            layer.routing = Routing(("a", "b"), torch.tensor([0, 1]))
+            y = layer(h)
+            layer.routing = None
+            x = layer.base_layer(h)
+        torch.testing.assert_close(y[0], R_of(layer, "a").to(x.dtype) @ x[0])
+        torch.testing.assert_close(y[1], R_of(layer, "b").to(x.dtype) @ x[1])
+
+    check()
+    with torch.no_grad():
+        layer.road_theta["b"].add_(0.3)  # in place: version counter
+    check()
+    state = {k: v + 0.1 if "road_alpha" in k else v for k, v in layer.state_dict().items()}
+    layer.load_state_dict(state, assign=True)  # replaces the Parameter objects
+    check()
+    layer.double()  # a move: new storage, same objects, no version bump
+    h = h.double()
+    check()
+
+
+def test_mixed_batch_tables_are_bounded_for_ever_changing_adapter_lists():
+    # continuous batching: a new combination of adapters on most calls must not grow memory
+    layer = make_layer().eval()
+    for i in range(6):
+        layer.update_layer(f"b{i}", "road_1", 4, init_weights=False)
+    names = ["a"] + [f"b{i}" for i in range(6)]
+    h = torch.randn(3, 6)
+    with torch.no_grad():
+        for combo in itertools.permutations(names, 3):
+            layer.routing = Routing(combo, torch.tensor([0, 1, 2]))
+            y = layer(h)
+        layer.routing = None
+        x = layer.base_layer(h)
+    assert len(layer._mixed_cache) <= 16
+    for row, name in enumerate(combo):  # the last call is still right
+        torch.testing.assert_close(y[row], R_of(layer, name) @ x[row])

@@ -13,7 +13,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import RoadConfig
 from .functional import check_group_size, parameter_length
-from .layers import BASE, ModulesToSaveWrapper, RoadLayer, Routing, out_features_of, wrapper_for
+from .layers import BASE, AdapterParameters, ModulesToSaveWrapper, RoadLayer, Routing, out_features_of, wrapper_for
 from .subspace import free_entries, outside_count
 from .targeting import select_modules_to_save, select_targets
 
@@ -133,7 +133,7 @@ class RoadModel(nn.Module):
             raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}.")
         if adapter_name == BASE:
             raise ValueError(f"{BASE!r} is reserved for 'no adapter' in mixed batches; choose another name.")
-        if hasattr(nn.ParameterDict(), adapter_name):  # it would shadow a method of the adapters' dicts
+        if hasattr(AdapterParameters(), adapter_name):  # it would shadow an attribute of the adapters' dicts
             raise ValueError(f"adapter name {adapter_name!r} is reserved (an attribute of torch's ParameterDict, "
                              "which holds the adapters); choose another name.")
         if adapter_name in existing:
@@ -251,10 +251,16 @@ class RoadModel(nn.Module):
         with self._set_on_adapter_modules("disable_adapters", True, reset=False):
             yield
 
+    def _adapter_modules(self) -> list[Union[RoadLayer, ModulesToSaveWrapper]]:
+        """Every RoAd layer and modules-to-save wrapper, in one walk over the model."""
+        return [m for m in self.model.modules() if isinstance(m, (RoadLayer, ModulesToSaveWrapper))]
+
     @contextmanager
-    def _set_on_adapter_modules(self, attr: str, value: Any, reset: Any) -> Iterator[None]:
-        """Set `attr` on every RoAd layer and modules-to-save wrapper for the duration of a block."""
-        modules = [m for _, m in self.road_layers()] + [m for _, m in self._saved_wrappers()]
+    def _set_on_adapter_modules(self, attr: str, value: Any, reset: Any,
+                                modules: Optional[list[nn.Module]] = None) -> Iterator[None]:
+        """Set `attr` on every RoAd layer and modules-to-save wrapper (or on `modules`, when the caller
+        already has them) for the duration of a block."""
+        modules = self._adapter_modules() if modules is None else modules
         for m in modules:
             setattr(m, attr, value)
         try:
@@ -403,7 +409,8 @@ class RoadModel(nn.Module):
         if unknown:
             raise ValueError(f"unknown adapter(s) in adapter_names: {unknown}; available: "
                              f"{sorted(self.peft_config)} and {BASE!r}.")
-        merged = sorted({n for _, layer in self.road_layers() for n in layer.merged_adapters})
+        modules = self._adapter_modules()  # one walk over the model per call: this runs per decode step
+        merged = sorted({n for m in modules if isinstance(m, RoadLayer) for n in m.merged_adapters})
         if merged:
             raise ValueError(f"adapters {merged} are merged into the weights; call unmerge_adapter() before "
                              "mixed-adapter batches.")
@@ -411,12 +418,13 @@ class RoadModel(nn.Module):
         if adapter_indices is None:
             if batch_shape is not None and len(names) != batch_shape[0]:
                 raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_shape[0]} rows.")
-            unique = tuple(dict.fromkeys(names))
-            index = torch.tensor([unique.index(n) for n in names], device=device)
+            position = {n: i for i, n in enumerate(dict.fromkeys(names))}
+            unique = tuple(position)
+            index = torch.tensor([position[n] for n in names], device=device)
         else:
             unique, index = tuple(names), self._check_indices(adapter_indices, len(names), batch_shape)
             index = index.to(device)
-        with self._set_on_adapter_modules("routing", Routing(unique, index, batch_shape), reset=None):
+        with self._set_on_adapter_modules("routing", Routing(unique, index, batch_shape), reset=None, modules=modules):
             yield
 
     @staticmethod

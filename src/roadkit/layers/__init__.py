@@ -6,7 +6,7 @@ from typing import Optional
 
 from torch import nn
 
-from .base import BASE, RoadLayer, Routing
+from .base import BASE, AdapterParameters, RoadLayer, Routing
 from .bnb import Linear4bit, Linear8bitLt
 from .conv import Conv
 from .embedding import Embedding
@@ -28,5 +28,19 @@ def out_features_of(module: nn.Module) -> int:
     return wrapper_for(module).features_of(module)
 
 
-__all__ = ["BASE", "LAYER_TYPES", "Conv", "Embedding", "Linear", "Linear4bit", "Linear8bitLt", "ModulesToSaveWrapper",
-           "RoadLayer", "Routing", "TransformersConv1D", "out_features_of", "wrapper_for"]
+__all__ = [
+    "BASE",
+    "LAYER_TYPES",
+    "AdapterParameters",
+    "Conv",
+    "Embedding",
+    "Linear",
+    "Linear4bit",
+    "Linear8bitLt",
+    "ModulesToSaveWrapper",
+    "RoadLayer",
+    "Routing",
+    "TransformersConv1D",
+    "out_features_of",
+    "wrapper_for",
+]

@@ -8,6 +8,7 @@ output, `weight_feature_dim` of the parameters that merging rotates) and how man
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Union
 
@@ -33,6 +34,23 @@ def _count_optimizer_step(*_: Any) -> None:
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
+
+_MIXED_CACHE_ENTRIES = 16  # per layer: coefficient tables of the most recent adapter lists
+
+
+class AdapterParameters(nn.ParameterDict):
+    """An `nn.ParameterDict` that counts the entries put in or taken out (`generation`), so the
+    layer's caches can tell with one integer that a parameter object was replaced or deleted."""
+
+    generation: int = 0
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, "generation", self.generation + 1)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        object.__setattr__(self, "generation", self.generation + 1)
+        super().__delattr__(name)
 
 
 @dataclass(frozen=True)
@@ -89,8 +107,9 @@ class RoadLayer(nn.Module):
         self.base_layer = base_layer
         self.out_features = self.features_of(base_layer)
         self.in_features = self.in_features_of(base_layer)
-        self.road_theta = nn.ParameterDict()
-        self.road_alpha = nn.ParameterDict()
+        self.road_theta = AdapterParameters()
+        self.road_alpha = AdapterParameters()
+        self._moves = 0  # dtype and device moves (`_apply`): they change storage without a version bump
         self.variant: dict[str, str] = {}
         self.group_size: dict[str, int] = {}
         self.free: dict[str, Optional[torch.Tensor]] = {}  # subspace adapters: parameter entries they own
@@ -98,7 +117,10 @@ class RoadLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self.routing: Optional[Routing] = None  # set by the model wrapper for one mixed-batch call
-        self._cache: dict[Any, Any] = {}
+        self._cache: dict[Any, Any] = {}  # per adapter: (name, dtype) -> (stamp, coefficients)
+        # per routing's adapter list: the coefficient tables, least recently used first. Bounded:
+        # a server with continuous batching sees a new combination of adapters on most calls.
+        self._mixed_cache: OrderedDict[Any, Any] = OrderedDict()
         self._tables_for: Optional[Routing] = None
         self._tables_value: list[_Prepared] = []
         self._serving: Optional[tuple[tuple, list[_Prepared]]] = None
@@ -170,6 +192,7 @@ class RoadLayer(nn.Module):
                 del store[adapter_name]
         self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
         self._cache.clear()
+        self._mixed_cache.clear()
         self._tables_for = None
         self._serving = None
 
@@ -209,7 +232,7 @@ class RoadLayer(nn.Module):
         if self.training or (torch.is_grad_enabled() and self.road_theta[adapter_name].requires_grad) \
                 or torch.compiler.is_compiling():
             return self._coefficients(adapter_name, dtype)
-        key = self._param_key(adapter_name)
+        key = self._stamp((adapter_name,))
         hit = self._cache.get((adapter_name, dtype))
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -224,23 +247,33 @@ class RoadLayer(nn.Module):
             theta, alpha = theta.to(dtype), alpha.to(dtype)
         return F.coefficients(self.variant[adapter_name], self.group_size[adapter_name], theta, alpha)
 
-    def _param_key(self, adapter_name: str) -> tuple:
-        """Changes whenever the adapter's parameters are replaced (object and storage), moved (new
-        storage), updated in place (version counter) or stepped by any optimizer."""
-        # The ParameterDicts' own dicts: this runs on every serving call, after a matmul has pushed
-        # the interpreter out of cache, so it avoids nn.Module's attribute machinery.
-        theta, alpha = self.road_theta._parameters[adapter_name], self.road_alpha._parameters[adapter_name]
-        return (id(theta), theta.data_ptr(), theta._version, id(alpha), alpha.data_ptr(), alpha._version,
-                _optimizer_steps)
+    def _stamp(self, names: Iterable[str]) -> tuple:
+        """Changes whenever these adapters' parameters may have: an optimizer step (any optimizer,
+        fused ones included), an in-place update (their version counters only grow, so their sum
+        grows too), a replaced or deleted entry (`AdapterParameters.generation`) or a dtype or
+        device move. Edits through `.data` bypass version counters; make them under
+        `torch.no_grad()` instead.
+
+        It is checked on every inference call, after a matmul has pushed the interpreter out of
+        cache, so it reads plain dicts and integers only.
+        """
+        theta, alpha = self.road_theta, self.road_alpha
+        tp, ap = theta._parameters, alpha._parameters
+        return (_optimizer_steps, self._moves, theta.generation, alpha.generation,
+                sum(tp[n]._version + ap[n]._version for n in names))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> RoadLayer:
+        self._moves += 1
+        return super()._apply(fn, recurse)
 
     def _table(self, names: tuple[str, ...], group_size: int) -> _Prepared:
         """Stacked coefficients, one row per name; identity for `__base__`, for adapters this layer
         lacks, and for adapters of another group size (those are applied in their own pass)."""
-        used = [n for n in names if n in self.road_theta and self.group_size[n] == group_size]
-        key = tuple(self._param_key(n) for n in used)
-        hit = self._cache.get(("table", names, group_size))
-        if hit is not None and hit[0] == key:
+        hit = self._mixed_get(("table", names, group_size))
+        if hit is not None and hit[0] == self._stamp(hit[2]):
             return hit[1]
+        used = [n for n in names if n in self.road_theta and self.group_size[n] == group_size]
+        key = self._stamp(used)
         with torch.no_grad():
             coeffs = {n: self.coefficients(n) for n in used}
             c0 = coeffs[used[0]][0]
@@ -249,8 +282,20 @@ class RoadLayer(nn.Module):
             s_table = torch.stack([r[1] for r in rows])
             tables = (torch.stack([r[0] for r in rows]), s_table)
             table = _Prepared(tables, F.shifted_layout(tables, group_size), group_size)
-        self._cache[("table", names, group_size)] = (key, table)
+        self._mixed_put(("table", names, group_size), (key, table, used))
         return table
+
+    def _mixed_get(self, key: Any) -> Any:
+        hit = self._mixed_cache.get(key)
+        if hit is not None:
+            self._mixed_cache.move_to_end(key)
+        return hit
+
+    def _mixed_put(self, key: Any, value: Any) -> None:
+        self._mixed_cache[key] = value
+        self._mixed_cache.move_to_end(key)
+        while len(self._mixed_cache) > _MIXED_CACHE_ENTRIES:
+            self._mixed_cache.popitem(last=False)
 
     # ---- forward -------------------------------------------------------------------------------
 
@@ -281,7 +326,7 @@ class RoadLayer(nn.Module):
         pays almost no Python beyond the rotation itself.
         """
         names = tuple(n for n in self._active_adapters if n in self.road_theta._parameters)
-        key = (names, tuple(self.merged_adapters)) + tuple(self._param_key(n) for n in names)
+        key = (names, tuple(self.merged_adapters), self._stamp(names))
         if self._serving is None or self._serving[0] != key:
             rotations = []
             for name in (n for n in names if n not in self.merged_adapters):
@@ -302,8 +347,12 @@ class RoadLayer(nn.Module):
         """The coefficient tables for this routing, one per group size; built once per model call,
         so decode steps of one `generate` pay no per-adapter bookkeeping."""
         if self._tables_for is not routing:
-            sizes = sorted({self.group_size[n] for n in routing.names if n in self.road_theta})
-            self._tables_value = [self._table(routing.names, g) for g in sizes]
+            hit = self._mixed_get(("sizes", routing.names))
+            if hit is None or hit[0] != self.road_theta.generation:  # adapters added, deleted or re-created
+                sizes = sorted({self.group_size[n] for n in routing.names if n in self.road_theta._parameters})
+                hit = (self.road_theta.generation, sizes)
+                self._mixed_put(("sizes", routing.names), hit)
+            self._tables_value = [self._table(routing.names, g) for g in hit[1]]
             self._tables_for = routing
         return self._tables_value
 
