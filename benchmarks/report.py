@@ -103,6 +103,15 @@ def _decode_section(r: dict) -> list[str]:
     return out
 
 
+def _step_section(r: dict) -> list[str]:
+    su = r["setup"]
+    out = [f"## step: one decode step of a serving loop, batch {su['batch']}, cache of {su['cache_len']} tokens", "",
+           _para(f"Same model and loaded adapters as decode. Each call: `{su['call']}`; routing is set on",
+                 "every call, as a server stepping its own batch does (generate sets it once).",
+                 f"{su['rounds']} interleaved rounds."), ""]
+    return out + _timing_table(r, "ms", 1e3) + [""]
+
+
 def _prefill_section(r: dict) -> list[str]:
     su, par = r["setup"], r["parity"]
     out = [f"## prefill: forward of batch {su['batch']} x {su['seq_len']} tokens", "",
@@ -160,7 +169,7 @@ def _merge_section(r: dict) -> list[str]:
 
 def markdown(results: dict) -> str:
     out = ["# roadkit benchmark results", ""] + _meta_lines(results["meta"])
-    sections = {"decode": _decode_section, "prefill": _prefill_section, "train": _train_section,
+    sections = {"decode": _decode_section, "step": _step_section, "prefill": _prefill_section, "train": _train_section,
                 "merge": _merge_section}
     for name, section in sections.items():
         if name in results["scenarios"]:

@@ -1,4 +1,4 @@
-"""Entry point: ``python -m benchmarks.run [--quick] [--scenarios decode,prefill,train,merge] [--reps N]
+"""Entry point: ``python -m benchmarks.run [--quick] [--scenarios decode,step,prefill,train,merge] [--reps N]
 [--threads N] [--out DIR]``. See benchmarks/README.md."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import platform
 import sys
 import time
 
-SCENARIOS = ("decode", "prefill", "train", "merge")
+SCENARIOS = ("decode", "step", "prefill", "train", "merge")
+LM_SCENARIOS = ("decode", "step", "prefill")  # these share one set of models
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -116,6 +117,7 @@ def main(argv=None) -> int:
         "omp_wait_policy_set_by_harness": omp_set_here,
     }, "scenarios": {}}
 
+    last_lm = next((x for x in reversed(SCENARIOS) if x in LM_SCENARIOS and x in args.scenarios), None)
     for name in SCENARIOS:
         if name not in args.scenarios:
             continue
@@ -125,8 +127,8 @@ def main(argv=None) -> int:
         results["scenarios"][name] = getattr(scenarios, name)(settings, reps, warmup)
         results["scenarios"][name]["seconds"] = time.perf_counter() - t0
         log(f"=== {name} done in {results['scenarios'][name]['seconds']:.0f} s ===")
-        if name == "prefill" or (name == "decode" and "prefill" not in args.scenarios):
-            scenarios.release()  # the shared decode/prefill models are no longer needed
+        if name == last_lm:
+            scenarios.release()  # the models the LM scenarios share are no longer needed
 
     results["meta"]["loadavg_end"] = _loadavg()
     results["meta"]["cpu_pressure_end"] = _cpu_pressure()

@@ -1,4 +1,4 @@
-"""The four scenarios. Each returns a JSON-ready dict with raw timings, summaries and ratios."""
+"""The five scenarios. Each returns a JSON-ready dict with raw timings, summaries and ratios."""
 
 from __future__ import annotations
 
@@ -127,7 +127,60 @@ def decode(s: Settings, reps: int, warmup: int) -> dict:
             "summary": _summaries(run["times"], "base")}
 
 
-# ---- 2. prefill -------------------------------------------------------------------------------------
+# ---- 2. step: a serving loop's decode step -----------------------------------------------------------
+
+STEP_ROUNDS_PER_REP = 8  # one step is short: each repetition times this many interleaved rounds
+
+
+def step(s: Settings, reps: int, warmup: int) -> dict:
+    """One decode step as a serving loop runs it: `model(next_tokens, past_key_values=cache,
+    adapter_names=...)` on every call, so each call pays its own routing (generate sets it once).
+
+    The cache holds the prompt (prefilled once per case, untimed); each timed call appends one token
+    and the cache is cropped back, so every call sees the same length. Many short, interleaved
+    rounds give tighter ratios than a few long generate calls on a noisy machine.
+    """
+    ks = [k for k in s.decode_ks if k <= s.decode_batch]
+    models, parity, n_loaded = lm_contenders(s)
+    g = torch.Generator().manual_seed(s.seed + 19)
+    ids = torch.randint(3, s.lm.vocab, (s.decode_batch, s.prompt_len), generator=g)
+    nxt = torch.randint(3, s.lm.vocab, (s.decode_batch, 1), generator=g)
+
+    def case(model: nn.Module, names):
+        kw = {} if names is None else {"adapter_names": names}
+        with torch.inference_mode():
+            cache = model(input_ids=ids, use_cache=True, **kw).past_key_values
+
+        def fn():
+            with torch.inference_mode():
+                model(input_ids=nxt, past_key_values=cache, use_cache=True, **kw)
+                cache.crop(-1)
+        return fn
+
+    cases = {"base": case(models[C.BASE], None), C.FLOOR: case(models[C.FLOOR], None)}
+    info = {"base": {"contender": C.BASE, "k": 0, "mode": "base"},
+            C.FLOOR: {"contender": C.FLOOR, "k": 1, "mode": "floor"}}
+    for c in (C.ROADKIT, C.PEFT_ROAD):
+        label = f"{c} (1 adapter, unmerged)"
+        cases[label] = case(models[c], None)
+        info[label] = {"contender": c, "k": 1, "mode": "single"}
+    for k in ks:
+        for c in C.ADAPTER_CONTENDERS:
+            label = f"{c} (k={k})"
+            cases[label] = case(models[c], _names(s.decode_batch, k))
+            info[label] = {"contender": c, "k": k, "mode": "mixed"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = run_interleaved(cases, reps * STEP_ROUNDS_PER_REP, warmup, label="step")
+    return {"setup": {"model": s.lm.as_dict(), "batch": s.decode_batch, "cache_len": s.prompt_len, "ks": ks,
+                      "adapters_loaded": n_loaded, "rounds": reps * STEP_ROUNDS_PER_REP,
+                      "call": ("model(input_ids=next_tokens, past_key_values=cache, use_cache=True"
+                               "[, adapter_names=...]) under torch.inference_mode(); cache.crop(-1)")},
+            "parity": parity, "cases": info, "raw": run["times"], "orders": run["orders"],
+            "summary": _summaries(run["times"], "base")}
+
+
+# ---- 3. prefill -------------------------------------------------------------------------------------
 
 
 def prefill(s: Settings, reps: int, warmup: int) -> dict:
@@ -169,7 +222,7 @@ def prefill(s: Settings, reps: int, warmup: int) -> dict:
             "summary": _summaries(run["times"], "base")}
 
 
-# ---- 3. train ---------------------------------------------------------------------------------------
+# ---- 4. train ---------------------------------------------------------------------------------------
 
 
 def _adapter_types(contender: str) -> tuple[type, ...]:
@@ -271,7 +324,7 @@ def train(s: Settings, reps: int, warmup: int) -> dict:
             "summary": _summaries(run["times"], labels[C.BASE])}
 
 
-# ---- 4. merge ---------------------------------------------------------------------------------------
+# ---- 5. merge ---------------------------------------------------------------------------------------
 
 
 def merge(s: Settings, reps: int, warmup: int) -> dict:
