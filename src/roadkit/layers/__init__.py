@@ -28,19 +28,5 @@ def out_features_of(module: nn.Module) -> int:
     return wrapper_for(module).features_of(module)
 
 
-__all__ = [
-    "BASE",
-    "LAYER_TYPES",
-    "AdapterParameters",
-    "Conv",
-    "Embedding",
-    "Linear",
-    "Linear4bit",
-    "Linear8bitLt",
-    "ModulesToSaveWrapper",
-    "RoadLayer",
-    "Routing",
-    "TransformersConv1D",
-    "out_features_of",
-    "wrapper_for",
-]
+__all__ = ["BASE", "LAYER_TYPES", "AdapterParameters", "Conv", "Embedding", "Linear", "Linear4bit", "Linear8bitLt",
+           "ModulesToSaveWrapper", "RoadLayer", "Routing", "TransformersConv1D", "out_features_of", "wrapper_for"]
