@@ -35,7 +35,7 @@ def _count_optimizer_step(*_: Any) -> None:
 
 register_optimizer_step_post_hook(_count_optimizer_step)
 
-_MIXED_CACHE_ENTRIES = 16  # per layer: coefficient tables of the most recent adapter lists
+_MIXED_CACHE_ENTRIES = 16  # per layer: entries (group sizes, tables) for the most recent adapter lists
 
 
 class AdapterParameters(nn.ParameterDict):

@@ -35,13 +35,19 @@ class _QuantizedLinear(Linear):
     """What the bitsandbytes wrappers share: merging through a float copy of the weight.
 
     Subclasses say how to read their weight as a float tensor (`_dequantize`) and how to store one
-    back (`_quantize`). While a merge or unmerge runs, `_merge_params` hands `RoadLayer` float32
-    working copies of weight and bias, so its row rotation and its NaN/inf check run unchanged; the
-    copies are stored back once, at the end, and only if some adapter was merged or unmerged.
+    back (`_quantize`), and name their bitsandbytes class in `base_type`. While a merge or unmerge
+    runs, `_merge_params` hands `RoadLayer` float64 working copies of weight and bias, so its row
+    rotation and its NaN/inf check run unchanged; the copies are stored back once, at the end, and
+    only if some adapter was merged or unmerged.
     """
 
     _work: Optional[list[torch.Tensor]] = None  # float64 [weight, bias] while a merge or unmerge runs
     _work_dtype: torch.dtype = torch.float32  # the dtype the weight is quantized from
+
+    @classmethod
+    def wraps(cls, module: nn.Module) -> bool:
+        bnb_class = _bnb_layer_class(cls.base_type.rsplit(".", 1)[-1])
+        return bnb_class is not None and isinstance(module, bnb_class)
 
     def _dequantize(self) -> torch.Tensor:
         """The weight as a new (out_features, in_features) float tensor; `_quantize` gets it back in this dtype."""
@@ -103,11 +109,6 @@ class Linear8bitLt(_QuantizedLinear):
 
     base_type = "bitsandbytes.nn.Linear8bitLt"
 
-    @staticmethod
-    def wraps(module: nn.Module) -> bool:
-        cls = _bnb_layer_class("Linear8bitLt")
-        return cls is not None and isinstance(module, cls)
-
     def _dequantize(self) -> torch.Tensor:
         import bitsandbytes as bnb
 
@@ -134,11 +135,6 @@ class Linear4bit(_QuantizedLinear):
     """A bitsandbytes `Linear4bit` (nf4 or fp4 blocks) rotated by the active RoAd adapters."""
 
     base_type = "bitsandbytes.nn.Linear4bit"
-
-    @staticmethod
-    def wraps(module: nn.Module) -> bool:
-        cls = _bnb_layer_class("Linear4bit")
-        return cls is not None and isinstance(module, cls)
 
     def _dequantize(self) -> torch.Tensor:
         import bitsandbytes as bnb
