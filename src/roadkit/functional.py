@@ -102,22 +102,21 @@ class _Rotate(torch.autograd.Function):
 class _Road(torch.autograd.Function):
     """y = R(theta, alpha) x in one fused pass, straight from the adapter parameters.
 
-    Saves only x (when the parameters need gradients); the coefficients are recomputed in
-    backward from theta and alpha, which are parameters and cost no memory to keep.
+    Of the activations it saves only x (when the parameters need gradients). The coefficients
+    (c, s) are kept too: two vectors of d_out, which spares the backward recomputing them.
     """
 
     @staticmethod
     def forward(ctx, x, theta, alpha, variant, group_size, dim):
         ctx.variant, ctx.group_size, ctx.dim = variant, group_size, dim
         need_params = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        ctx.save_for_backward(x if need_params else None, theta, alpha)
         c, s = coefficients(variant, group_size, theta, alpha)
+        ctx.save_for_backward(x if need_params else None, theta, alpha, c, s)
         return kernels.forward(x, c, s, group_size, dim)
 
     @staticmethod
     def backward(ctx, gy):
-        x, theta, alpha = ctx.saved_tensors
-        c, s = coefficients(ctx.variant, ctx.group_size, theta, alpha)
+        x, theta, alpha, c, s = ctx.saved_tensors
         gx, gc, gs = kernels.backward(gy, x, c, s, ctx.group_size, ctx.dim, ctx.needs_input_grad[0])
         d_theta = d_alpha = None
         if x is not None:
