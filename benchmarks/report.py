@@ -132,6 +132,10 @@ def _train_section(r: dict) -> list[str]:
                  f"Parity: logits {par['max_abs_diff_logits']:.1e}, adapter grads (rel)",
                  f"{par['max_rel_diff_adapter_grads']:.1e}."), ""]
     out += _timing_table(r, "ms", 1e3, first_col="contender")
+    v = r["roadkit_over_peft_road"]
+    out += ["", _para(f"roadkit's step time over PEFT RoAd's, {r['rounds']} interleaved rounds: per-round ratio",
+                      f"median **{v['paired_median']:.3f}** (quartiles {v['paired_q1']:.3f} – {v['paired_q3']:.3f}),",
+                      f"ratio of medians {v['of_medians']:.3f}.")]
     out += ["", "Bytes saved for backward during the forward (unique storages; parameters excluded):", "",
             ("| contender | trainable params | adapter layers "
             "| saved inside adapter layers, outside base layer (MB) "

@@ -235,7 +235,15 @@ def _adapter_types(contender: str) -> tuple[type, ...]:
     return ()
 
 
+TRAIN_ROUNDS_PER_REP = 4  # a step is short next to its run-to-run noise: more rounds, tighter ratios
+
+
 def train(s: Settings, reps: int, warmup: int) -> dict:
+    """One optimizer step of each contender, interleaved, plus the bytes each saves for backward.
+
+    Besides the ratios to the frozen base model, reports roadkit's step time over PEFT RoAd's per
+    round (paired), the comparison the training-speed target is stated in.
+    """
     base = C.build_llama(s.train_model, s.seed)
     torch.manual_seed(s.seed + 1)
     with warnings.catch_warnings():
@@ -314,13 +322,15 @@ def train(s: Settings, reps: int, warmup: int) -> dict:
         mem["extra_vs_base_bytes"] = mem["total_bytes"] - base_total
     log("train: saved-tensor accounting done")
 
-    run = run_interleaved(cases, reps, warmup, label="train")
+    run = run_interleaved(cases, reps * TRAIN_ROUNDS_PER_REP, warmup, label="train")
+    vs_peft = ratio_stats(run["times"][C.ROADKIT]["seconds"], run["times"][C.PEFT_ROAD]["seconds"])
     models.clear()
     opts.clear()
     return {"setup": {"model": s.train_model.as_dict(), "batch": s.train_batch, "seq_len": s.train_len,
                       "step": ("zero_grad; model(input_ids, labels=input_ids).loss.backward(); "
                                "AdamW(lr=1e-3).step() on the adapter parameters")},
-            "parity": parity, "cases": info, "memory": memory, "raw": run["times"], "orders": run["orders"],
+            "rounds": reps * TRAIN_ROUNDS_PER_REP, "parity": parity, "cases": info, "memory": memory,
+            "roadkit_over_peft_road": vs_peft, "raw": run["times"], "orders": run["orders"],
             "summary": _summaries(run["times"], labels[C.BASE])}
 
 
