@@ -33,7 +33,8 @@ def adapter_name(i: int) -> str:
     return f"a{i}"
 
 
-def build_llama(size: ModelSize, seed: int) -> nn.Module:
+def build_llama(size: ModelSize, seed: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Random-weight Llama of `size`, initialised directly on `device`, then cast to `dtype`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -43,7 +44,8 @@ def build_llama(size: ModelSize, seed: int) -> nn.Module:
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
     model.generation_config.pad_token_id = 0
     return model
 
@@ -115,7 +117,7 @@ def make_floor(base: nn.Module, targets=TARGET_MODULES) -> nn.Module:
     gen = torch.Generator().manual_seed(0)
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            scale = 1 + 0.01 * torch.randn(module.out_features, generator=gen)
+            scale = (1 + 0.01 * torch.randn(module.out_features, generator=gen)).to(module.weight)
             module.register_forward_hook(lambda _m, _inp, out, scale=scale: out.mul(scale))
     return model
 
@@ -156,7 +158,7 @@ def check_inference_parity(models: dict[str, nn.Module], vocab: int, n_adapters:
     g = torch.Generator().manual_seed(seed + 7)
     names = [adapter_name(i % n_adapters) for i in range(min(n_adapters, 5))] + [BASE_ROW]
     names = names + [adapter_name(n_adapters - 1)]
-    ids = torch.randint(3, vocab, (len(names), 12), generator=g)
+    ids = torch.randint(3, vocab, (len(names), 12), generator=g).to(next(base.parameters()).device)
     mask = torch.ones_like(ids)
     ref_base = _logits(base(input_ids=ids, attention_mask=mask))
     a = _logits(rk(input_ids=ids, attention_mask=mask, adapter_names=names))

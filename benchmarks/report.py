@@ -44,6 +44,13 @@ def _para(*parts: str) -> str:
     return " ".join(parts)
 
 
+def _device(meta: dict) -> str:
+    gpu = meta.get("gpu")
+    if not gpu:
+        return meta.get("device", "cpu")
+    return f"{gpu['name']} ({gpu['memory_gib']} GiB), CUDA {gpu['cuda']}, Triton {gpu['triton']}"
+
+
 def _busy(meta: dict) -> bool:
     psi = [_psi_avg10(meta.get(k)) for k in ("cpu_pressure_start", "cpu_pressure_end")]
     load = [meta[k][0] for k in ("loadavg_start", "loadavg_end") if meta.get(k)]
@@ -61,6 +68,8 @@ def _meta_lines(meta: dict) -> list[str]:
               f"roadkit {meta['roadkit']}, python {meta['python']}"),
         _para(f"- CPU: {meta['cpu']} ({meta['cpu_count']} cores visible), torch threads {meta['threads']},",
               f"threading env: {env}"),
+        _para(f"- device: {_device(meta)}; model and kernel dtype {meta.get('dtype', 'float32')}",
+              "(train and merge: float32)"),
         _para(f"- machine load: load average at start {meta['loadavg_start']}, at end {meta['loadavg_end']};",
               f"CPU pressure (PSI) at start `{meta.get('cpu_pressure_start')}`,",
               f"at end `{meta.get('cpu_pressure_end')}`"),
@@ -80,16 +89,17 @@ def _meta_lines(meta: dict) -> list[str]:
     return out + [""]
 
 
-def _model(m: dict) -> str:
+def _model(m: dict, dtype: str = "float32") -> str:
     return (f"Llama {m['layers']} layers, hidden {m['hidden']}, intermediate {m['intermediate']}, "
-            f"{m['heads']} heads, vocab {m['vocab']}")
+            f"{m['heads']} heads, vocab {m['vocab']}, {dtype}")
 
 
 def _decode_section(r: dict) -> list[str]:
     su, par = r["setup"], r["parity"]
     title = f"## decode: generate {su['new_tokens']} tokens, batch {su['batch']}, prompt {su['prompt_len']}"
     out = [title, "",
-           _para(f"{_model(su['model'])}; {su['adapters_loaded']} adapters loaded per adapter model;",
+           _para(f"{_model(su['model'], su.get('dtype', 'float32'))};",
+                 f"{su['adapters_loaded']} adapters loaded per adapter model;",
                  "rows round-robin over k adapters (`adapter_names=`);",
                  '"1 adapter, unmerged" = the active adapter, no `adapter_names`.',
                  f"Warmup calls generate {su['warmup_new_tokens']} tokens.",
@@ -171,10 +181,27 @@ def _merge_section(r: dict) -> list[str]:
     return out
 
 
+def _kernels_section(r: dict) -> list[str]:
+    su = r["setup"]
+    out = [f"## kernels: one ({su['shape'][0]} x {su['shape'][1]}) {su['dtype']} tensor on {su['device']}", "",
+           _para(f"Implementation: **{su['implementation']}**; {su['adapter']}; each sample times",
+                 f"{su['calls_per_sample']} calls. Bandwidth = {su['bytes']}, over the median time.",
+                 "Largest error against a float64 reference (relative to the largest value):",
+                 ", ".join(f"{k} {v:.1e}" for k, v in r["max_rel_error_vs_float64"].items()) + "."), "",
+           "| op | median (ms) | min – max (ms) | bytes moved (MiB) | GB/s | × copy bandwidth |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for label, row in r["summary"].items():
+        st = row["stats"]
+        cells = [label, _fmt(st["median"], 1e3), f"{_fmt(st['min'], 1e3)} – {_fmt(st['max'], 1e3)}",
+                 f"{row['bytes'] / MB:.0f}", f"{row['gb_per_s']:.1f}", f"**{row['fraction_of_copy_bandwidth']:.2f}**"]
+        out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def markdown(results: dict) -> str:
     out = ["# roadkit benchmark results", ""] + _meta_lines(results["meta"])
     sections = {"decode": _decode_section, "step": _step_section, "prefill": _prefill_section, "train": _train_section,
-                "merge": _merge_section}
+                "merge": _merge_section, "kernels": _kernels_section}
     for name, section in sections.items():
         if name in results["scenarios"]:
             out += section(results["scenarios"][name])

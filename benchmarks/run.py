@@ -1,5 +1,5 @@
-"""Entry point: ``python -m benchmarks.run [--quick] [--scenarios decode,step,prefill,train,merge] [--reps N]
-[--threads N] [--out DIR]``. See benchmarks/README.md."""
+"""Entry point: ``python -m benchmarks.run [--quick | --gpu] [--scenarios decode,step,prefill,train,merge,kernels]
+[--reps N] [--dtype D] [--threads N] [--out DIR]``. See benchmarks/README.md."""
 
 from __future__ import annotations
 
@@ -11,17 +11,23 @@ import platform
 import sys
 import time
 
-SCENARIOS = ("decode", "step", "prefill", "train", "merge")
+SCENARIOS = ("decode", "step", "prefill", "train", "merge", "kernels")
 LM_SCENARIOS = ("decode", "step", "prefill")  # these share one set of models
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="small model and few reps: a smoke run (< 1 minute)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small model and few reps: a smoke run (< 1 minute)")
+    size.add_argument("--gpu", action="store_true",
+                      help="on CUDA: a ~1.2B-parameter Llama in bfloat16, 256 MiB kernel tensors")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default: 5, quick: 3)")
     p.add_argument("--warmup", type=int, default=None, help="warmup rounds before timing (default: 1)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the decode/step/prefill model and the kernels tensors "
+                        "(default: float32; --gpu: bfloat16)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
     p.add_argument("--omp-wait-policy", choices=["default", "passive", "active"], default="default",
                    help="OpenMP wait policy; 'passive' for machines shared with other busy processes")
@@ -48,6 +54,17 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _gpu_info(torch) -> dict:
+    props = torch.cuda.get_device_properties(0)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda, "triton": triton_version}
 
 
 def _loadavg() -> list[float]:
@@ -94,14 +111,20 @@ def main(argv=None) -> int:
     import roadkit
 
     from . import report, scenarios
-    from .settings import FULL, QUICK
+    from .settings import FULL, GPU, QUICK
     from .timing import log
 
-    settings = QUICK if args.quick else FULL
+    settings = QUICK if args.quick else GPU if args.gpu else FULL
+    if args.dtype is not None:
+        settings = dataclasses.replace(settings, dtype=args.dtype)
     reps = args.reps if args.reps is not None else settings.reps
     warmup = args.warmup if args.warmup is not None else settings.warmup
-    out_dir = args.out or os.path.join("benchmarks", "results", *(["quick"] if args.quick else []))
+    sub = [settings.name] if settings.name != FULL.name else []
+    out_dir = args.out or os.path.join("benchmarks", "results", *sub)
     torch.set_num_threads(args.threads)
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        print("error: --gpu needs a CUDA device, and torch.cuda.is_available() is False here.", file=sys.stderr)
+        return 2
 
     results = {"meta": {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -109,6 +132,8 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
         "roadkit": getattr(roadkit, "__version__", "?"), "python": platform.python_version(),
         "platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+        "device": settings.device, "dtype": settings.dtype,
+        "gpu": _gpu_info(torch) if settings.device == "cuda" else None,
         "threads": torch.get_num_threads(), "reps": reps, "warmup": warmup, "scenarios": args.scenarios,
         "settings": dataclasses.asdict(settings),
         "loadavg_start": load_start, "cpu_pressure_start": psi_start,

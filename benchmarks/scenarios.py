@@ -1,8 +1,13 @@
-"""The five scenarios. Each returns a JSON-ready dict with raw timings, summaries and ratios."""
+"""The scenarios. Each returns a JSON-ready dict with raw timings, summaries and ratios.
+
+Everything runs on the settings' device; every timed call ends with a device synchronisation, so
+wall-clock time covers the work the call queued on a GPU.
+"""
 
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 
 import torch
@@ -12,7 +17,7 @@ import roadkit
 
 from . import contenders as C
 from .memory import saved_tensor_bytes
-from .settings import GROUP_SIZE, VARIANT, Settings
+from .settings import GROUP_SIZE, VARIANT, Settings, parity_atol
 from .timing import log, ratio_stats, run_interleaved, summarize
 
 
@@ -25,6 +30,12 @@ def _summaries(times: dict, base_case: str | None, metric: str = "seconds") -> d
             row["ratio_to_base"] = ratio_stats(xs, times[base_case][metric])
         out[case] = row
     return out
+
+
+def _sync(s: Settings) -> None:
+    """Wait for the work queued on the settings' device (a no-op on CPU)."""
+    if torch.device(s.device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _names(batch: int, k: int) -> list[str]:
@@ -49,10 +60,10 @@ def lm_contenders(s: Settings) -> tuple[dict[str, nn.Module], dict, int]:
     if key not in _LM_CACHE:
         _LM_CACHE.clear()
         n = _n_adapters(s)
-        base = C.build_llama(s.lm, s.seed)
+        base = C.build_llama(s.lm, s.seed, s.device, getattr(torch, s.dtype))
         models = C.build_inference_contenders(base, n, s.seed)
         del base
-        parity = C.check_inference_parity(models, s.lm.vocab, n, s.seed)
+        parity = C.check_inference_parity(models, s.lm.vocab, n, s.seed, atol=parity_atol(s.dtype))
         log(f"contenders built ({n} adapters each); roadkit vs PEFT RoAd logits: mixed "
             f"{parity['max_abs_diff_mixed']:.2e}, single {parity['max_abs_diff_single']:.2e}")
         _LM_CACHE[key] = (models, parity, n)
@@ -71,7 +82,7 @@ def decode(s: Settings, reps: int, warmup: int) -> dict:
     models, parity, n_loaded = lm_contenders(s)
 
     g = torch.Generator().manual_seed(s.seed + 11)
-    ids = torch.randint(3, s.lm.vocab, (s.decode_batch, s.prompt_len), generator=g)
+    ids = torch.randint(3, s.lm.vocab, (s.decode_batch, s.prompt_len), generator=g).to(s.device)
     mask = torch.ones_like(ids)
     outputs: dict[str, torch.Tensor] = {}
 
@@ -81,6 +92,7 @@ def decode(s: Settings, reps: int, warmup: int) -> dict:
             with torch.inference_mode():
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new,
                                      min_new_tokens=n_new, do_sample=False, **kw)
+            _sync(s)
             if tuple(out.shape) != (s.decode_batch, s.prompt_len + n_new):
                 raise RuntimeError(f"{label}: generate returned shape {tuple(out.shape)}")
             if n_new == s.new_tokens:
@@ -116,7 +128,7 @@ def decode(s: Settings, reps: int, warmup: int) -> dict:
             twin = label.replace(C.ROADKIT, C.PEFT_ROAD)
             a, b = outputs[label][:, s.prompt_len:], outputs[twin][:, s.prompt_len:]
             agree[label.replace(C.ROADKIT + " ", "")] = (a == b).float().mean().item()
-    return {"setup": {"model": s.lm.as_dict(), "batch": s.decode_batch, "prompt_len": s.prompt_len,
+    return {"setup": {"model": s.lm.as_dict(), "dtype": s.dtype, "batch": s.decode_batch, "prompt_len": s.prompt_len,
                       "new_tokens": s.new_tokens, "warmup_new_tokens": min(s.warmup_new_tokens, s.new_tokens),
                       "ks": ks, "adapters_loaded": n_loaded,
                       "call": ("model.generate(input_ids, attention_mask, adapter_names=..., "
@@ -143,8 +155,8 @@ def step(s: Settings, reps: int, warmup: int) -> dict:
     ks = [k for k in s.decode_ks if k <= s.decode_batch]
     models, parity, n_loaded = lm_contenders(s)
     g = torch.Generator().manual_seed(s.seed + 19)
-    ids = torch.randint(3, s.lm.vocab, (s.decode_batch, s.prompt_len), generator=g)
-    nxt = torch.randint(3, s.lm.vocab, (s.decode_batch, 1), generator=g)
+    ids = torch.randint(3, s.lm.vocab, (s.decode_batch, s.prompt_len), generator=g).to(s.device)
+    nxt = torch.randint(3, s.lm.vocab, (s.decode_batch, 1), generator=g).to(s.device)
 
     def case(model: nn.Module, names):
         kw = {} if names is None else {"adapter_names": names}
@@ -155,6 +167,7 @@ def step(s: Settings, reps: int, warmup: int) -> dict:
             with torch.inference_mode():
                 model(input_ids=nxt, past_key_values=cache, use_cache=True, **kw)
                 cache.crop(-1)
+            _sync(s)
         return fn
 
     cases = {"base": case(models[C.BASE], None), C.FLOOR: case(models[C.FLOOR], None)}
@@ -187,7 +200,7 @@ def prefill(s: Settings, reps: int, warmup: int) -> dict:
     ks = [k for k in s.prefill_ks if k <= s.prefill_batch]
     models, parity, n_loaded = lm_contenders(s)
     g = torch.Generator().manual_seed(s.seed + 13)
-    ids = torch.randint(3, s.lm.vocab, (s.prefill_batch, s.prefill_len), generator=g)
+    ids = torch.randint(3, s.lm.vocab, (s.prefill_batch, s.prefill_len), generator=g).to(s.device)
     mask = torch.ones_like(ids)
 
     def case(model, names):
@@ -195,6 +208,7 @@ def prefill(s: Settings, reps: int, warmup: int) -> dict:
             kw = {} if names is None else {"adapter_names": names}
             with torch.inference_mode():
                 model(input_ids=ids, attention_mask=mask, logits_to_keep=1, **kw)
+            _sync(s)
         return fn
 
     cases = {"base": case(models[C.BASE], None), C.FLOOR: case(models[C.FLOOR], None)}
@@ -244,7 +258,7 @@ def train(s: Settings, reps: int, warmup: int) -> dict:
     Besides the ratios to the frozen base model, reports roadkit's step time over PEFT RoAd's per
     round (paired), the comparison the training-speed target is stated in.
     """
-    base = C.build_llama(s.train_model, s.seed)
+    base = C.build_llama(s.train_model, s.seed, s.device)
     torch.manual_seed(s.seed + 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -257,7 +271,7 @@ def train(s: Settings, reps: int, warmup: int) -> dict:
     for m in models.values():
         m.train()
     g = torch.Generator().manual_seed(s.seed + 17)
-    ids = torch.randint(3, s.train_model.vocab, (s.train_batch, s.train_len), generator=g)
+    ids = torch.randint(3, s.train_model.vocab, (s.train_batch, s.train_len), generator=g).to(s.device)
 
     # Parity in training mode: same loss, logits and adapter gradients before any optimizer step.
     outs = {}
@@ -294,6 +308,7 @@ def train(s: Settings, reps: int, warmup: int) -> dict:
 
     def base_step():
         base_forward().loss.backward()
+        _sync(s)
 
     def adapter_step(c):
         model, opt = models[c], opts[c]
@@ -302,6 +317,7 @@ def train(s: Settings, reps: int, warmup: int) -> dict:
             opt.zero_grad(set_to_none=True)
             model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
+            _sync(s)
         return fn
 
     labels = {C.BASE: "base (frozen; fwd+bwd to input embeddings, no optimizer)"}
@@ -340,7 +356,7 @@ def train(s: Settings, reps: int, warmup: int) -> dict:
 def merge(s: Settings, reps: int, warmup: int) -> dict:
     d = s.merge_dim
     torch.manual_seed(s.seed + 3)
-    lin = nn.Linear(d, d)
+    lin = nn.Linear(d, d, device=s.device)
     w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
     torch.manual_seed(s.seed + 4)
     with warnings.catch_warnings():
@@ -352,7 +368,7 @@ def merge(s: Settings, reps: int, warmup: int) -> dict:
               C.PEFT_ROAD: pr.get_base_model()[0].get_base_layer()}
     for c, layer in layers.items():
         assert layer is not lin and torch.equal(layer.weight, w0), c
-    x = torch.randn(4, d)
+    x = torch.randn(4, d, device=s.device)
     with torch.no_grad():
         ya, yb = rk(x), pr(x)
     parity = {"max_abs_diff_outputs": (ya - yb).abs().max().item()}
@@ -366,18 +382,19 @@ def merge(s: Settings, reps: int, warmup: int) -> dict:
         model, layer = models[c], layers[c]
 
         def fn():
-            import time
-
             with torch.no_grad():  # start every repetition from the original weights
                 layer.weight.data.copy_(w0)
                 layer.bias.data.copy_(b0)
+            _sync(s)
             t0 = time.perf_counter()
             model.merge_adapter()
+            _sync(s)
             t1 = time.perf_counter()
             if c not in merged_weights:
                 merged_weights[c] = layer.weight.detach().clone()
             t2 = time.perf_counter()
             model.unmerge_adapter()
+            _sync(s)
             t3 = time.perf_counter()
             with torch.no_grad():
                 errors[c]["weight_rel"].append(((layer.weight - w0).abs().max() / w0.abs().max()).item())
@@ -402,3 +419,86 @@ def merge(s: Settings, reps: int, warmup: int) -> dict:
             "speedup_peft_over_roadkit": speedup,
             "unmerge_error": {c: {k: max(v) for k, v in e.items()} for c, e in errors.items()},
             "unmerge_error_all_reps": errors}
+
+
+# ---- 6. kernels -------------------------------------------------------------------------------------
+
+KERNEL_ADAPTERS = 64  # rows of the coefficient table in the mixed-batch kernel
+
+
+def kernels(s: Settings, reps: int, warmup: int) -> dict:
+    """roadkit's rotation kernels against a device-to-device copy of the same tensor.
+
+    Every kernel here is memory-bound: it reads x (and gy) once and writes one tensor, so its
+    speed is best stated as effective bandwidth, the bytes it must move over its time, next to
+    `y.copy_(x)`, which moves the same bytes with no arithmetic. On CUDA the Triton kernels run;
+    elsewhere the torch path (the one the inference cache feeds: coefficients packed once).
+    """
+    from roadkit import functional as F
+    from roadkit import kernels as K
+    from roadkit.kernels import torch_ops
+
+    rows, d = s.kernel_shape
+    dtype = getattr(torch, s.dtype)
+    torch.manual_seed(s.seed + 23)
+    x = torch.randn(rows, d, device=s.device).to(dtype)
+    gy = torch.randn(rows, d, device=s.device).to(dtype)
+    y = torch.empty_like(x)
+    n_par = F.parameter_length(VARIANT, d)
+    theta = 0.5 * torch.randn(KERNEL_ADAPTERS, n_par, device=s.device)
+    alpha = 1 + 0.1 * torch.randn(KERNEL_ADAPTERS, n_par, device=s.device)
+    coeffs = [F.coefficients(VARIANT, GROUP_SIZE, t, a) for t, a in zip(theta, alpha, strict=True)]
+    c, sn = coeffs[0]
+    tables = (torch.stack([q[0] for q in coeffs]), torch.stack([q[1] for q in coeffs]))
+    shifted, shifted_table = F.shifted_layout((c, sn), GROUP_SIZE), F.shifted_layout(tables, GROUP_SIZE)
+    index = torch.randint(0, KERNEL_ADAPTERS, (rows,), device=s.device)
+
+    ops = {
+        "copy: y.copy_(x)": (lambda: y.copy_(x), 2),
+        "roadkit forward": (lambda: K.forward(x, c, sn, GROUP_SIZE, -1, shifted), 2),
+        f"roadkit forward, {KERNEL_ADAPTERS} adapters mixed (one per row)":
+            (lambda: K.forward_indexed(x, *tables, index, GROUP_SIZE, -1, shifted_table), 2),
+        "roadkit backward (dx, dc, ds)": (lambda: K.backward(gy, x, c, sn, GROUP_SIZE, -1, True), 3),
+    }
+
+    # The kernels must be right before they are fast: each against the reference torch
+    # implementation in float64 (on CUDA that compares Triton with torch).
+    x64, gy64, c64, s64 = x.double(), gy.double(), c.double(), sn.double()
+    ref = {
+        "roadkit forward": torch_ops.rotate_values(x64, c64, s64, GROUP_SIZE),
+        f"roadkit forward, {KERNEL_ADAPTERS} adapters mixed (one per row)": torch_ops.rotate_values(
+            x64, tables[0].double()[index], tables[1].double()[index], GROUP_SIZE),
+        "roadkit backward (dx, dc, ds)": torch_ops.backward(gy64, x64, c64, s64, GROUP_SIZE, 1, True)[0],
+    }
+    errors = {}
+    for label, want in ref.items():
+        got = ops[label][0]()
+        got = got[0] if isinstance(got, tuple) else got
+        errors[label] = ((got.double() - want).abs().max() / want.abs().max()).item()
+    if max(errors.values()) > (1e-5 if dtype == torch.float32 else 1e-2):
+        raise AssertionError(f"kernel results disagree with the float64 reference: {errors}")
+
+    def case(fn):
+        def timed():
+            _sync(s)
+            t0 = time.perf_counter()
+            for _ in range(s.kernel_calls):
+                fn()
+            _sync(s)
+            return {"seconds": (time.perf_counter() - t0) / s.kernel_calls}
+        return timed
+
+    run = run_interleaved({label: case(fn) for label, (fn, _) in ops.items()}, reps, warmup, label="kernels")
+    tensor_bytes = x.numel() * x.element_size()
+    summary = {}
+    for label, (_, n_tensors) in ops.items():
+        st = summarize(run["times"][label]["seconds"])
+        summary[label] = {"stats": st, "bytes": n_tensors * tensor_bytes,
+                          "gb_per_s": n_tensors * tensor_bytes / st["median"] / 1e9}
+    copy_bw = summary["copy: y.copy_(x)"]["gb_per_s"]
+    for row in summary.values():
+        row["fraction_of_copy_bandwidth"] = row["gb_per_s"] / copy_bw
+    return {"setup": {"shape": [rows, d], "dtype": s.dtype, "device": s.device, "implementation": K.implementation(x),
+                      "calls_per_sample": s.kernel_calls, "adapter": f"{VARIANT}, group_size {GROUP_SIZE}",
+                      "bytes": "tensors each op must read or write, times their size (coefficients not counted)"},
+            "max_rel_error_vs_float64": errors, "raw": run["times"], "orders": run["orders"], "summary": summary}

@@ -42,6 +42,10 @@ class Settings:
     train_len: int
     merge_dim: int
     reps: int
+    kernel_shape: tuple[int, int] = (4096, 4096)  # (rows, features) of the kernels scenario's tensors
+    kernel_calls: int = 5  # calls per timed sample in the kernels scenario
+    device: str = "cpu"
+    dtype: str = "float32"  # of the decode/step/prefill model and the kernels tensors (train and merge: float32)
     warmup: int = 1
     warmup_new_tokens: int = 2  # decode warmup rounds generate this many tokens (cheap, same code paths)
     seed: int = 0
@@ -76,4 +80,30 @@ QUICK = Settings(
     train_batch=2, train_len=32,
     merge_dim=1024,
     reps=3,
+    kernel_shape=(512, 1024),
+    kernel_calls=2,
 )
+
+# `--gpu`: issue 3's GPU setting, a ~1.2B-parameter Llama-like model (TinyLlama's widths, full
+# multi-head attention) in bfloat16 on CUDA; the kernels scenario on 256 MiB tensors.
+GPU = Settings(
+    name="gpu",
+    lm=ModelSize(layers=22, hidden=2048, intermediate=5632, heads=32, vocab=32000),
+    decode_batch=64, prompt_len=16, new_tokens=64, decode_ks=(1, 4, 16, 64),
+    prefill_batch=8, prefill_len=512, prefill_ks=(1, 8),
+    train_model=ModelSize(layers=8, hidden=2048, intermediate=5632, heads=32, vocab=32000),
+    train_batch=8, train_len=512,
+    merge_dim=8192,
+    reps=5,
+    kernel_shape=(32768, 4096),
+    kernel_calls=20,
+    device="cuda",
+    dtype="bfloat16",
+)
+
+
+def parity_atol(dtype: str) -> float:
+    """Largest |logit difference| accepted between roadkit and PEFT RoAd before timing. In float32
+    the two agree to rounding; in 16-bit models each adapted layer rounds its output, and a one-ulp
+    difference early on moves the logits by a few bf16 ulps at the end."""
+    return {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.05}[dtype]

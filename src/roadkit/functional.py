@@ -20,6 +20,7 @@ from . import kernels
 from .config import VARIANTS, normalize_variant
 
 Coefficients = tuple[torch.Tensor, torch.Tensor]
+ShiftedLayout = kernels.ShiftedLayout  # coefficients packed for the torch kernels' fast path
 
 
 def parameter_length(variant: str, out_features: int) -> int:
@@ -129,7 +130,7 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 def rotate(x: torch.Tensor, coeffs: Coefficients, group_size: int, dim: int = -1,
-           shifted: Optional[torch.Tensor] = None) -> torch.Tensor:
+           shifted: Optional[kernels.ShiftedLayout] = None) -> torch.Tensor:
     """Apply the rotation (c, s) to the feature axis `dim` of x: y = x*c + rot(x)*s.
 
     Math in the coefficients' dtype, result in x's dtype; differentiable in x, c and s.
@@ -154,7 +155,7 @@ def road(x: torch.Tensor, variant: str, group_size: int, theta: torch.Tensor, al
 
 
 def rotate_indexed(x: torch.Tensor, tables: Coefficients, index: torch.Tensor, group_size: int,
-                   dim: int = -1, shifted: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   dim: int = -1, shifted: Optional[kernels.ShiftedLayout] = None) -> torch.Tensor:
     """Mixed batches: rotate each row (or token) of x by the coefficient row `index` selects.
 
     `tables` are (c, s) of shape (n_adapters, d_out); `index` has the shape of the leading axes of
@@ -164,7 +165,7 @@ def rotate_indexed(x: torch.Tensor, tables: Coefficients, index: torch.Tensor, g
     return kernels.forward_indexed(x, tables[0], tables[1], index, group_size, dim, shifted)
 
 
-def shifted_layout(coeffs: Coefficients, group_size: int) -> torch.Tensor:
+def shifted_layout(coeffs: Coefficients, group_size: int) -> kernels.ShiftedLayout:
     """(c, s) packed for the torch kernel's fast path (see `kernels.torch_ops.rotate_shifted`)."""
     return kernels.shifted_layout(*coeffs, group_size)
 
@@ -253,6 +254,7 @@ def rotate_rows_(weight: torch.Tensor, coeffs: Coefficients, group_size: int) ->
 __all__ = [
     "VARIANTS",
     "Coefficients",
+    "ShiftedLayout",
     "check_group_size",
     "coefficient_grads",
     "coefficients",

@@ -36,8 +36,13 @@ def _triton_for(x: torch.Tensor, dim: int):
     return _TRITON or None
 
 
+def implementation(x: torch.Tensor, dim: int = -1) -> str:
+    """Which kernels rotate x along `dim`: "triton" or "torch"."""
+    return "torch" if _triton_for(x, dim) is None else "triton"
+
+
 def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1,
-            shifted: Optional[torch.Tensor] = None) -> torch.Tensor:
+            shifted: Optional[torch_ops.ShiftedLayout] = None) -> torch.Tensor:
     """y = R x along `dim`, result in x's dtype; c and s are per feature (d,) or per row (..., d).
 
     `shifted` (`shifted_layout(c, s, group_size)`) lets the torch path use its faster layout;
@@ -60,7 +65,7 @@ def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: to
 
 def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
                     group_size: int, dim: int = -1,
-                    shifted_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    shifted_table: Optional[torch_ops.ShiftedLayout] = None) -> torch.Tensor:
     """Mixed batches: each row (or token) of x uses its own row of the coefficient tables."""
     ops = _triton_for(x, dim)
     if ops is not None:
@@ -69,9 +74,11 @@ def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tenso
 
 
 shifted_layout = torch_ops.shifted_layout
+ShiftedLayout = torch_ops.ShiftedLayout
 
 
 # Merging runs once, not per token: the torch implementation serves every device.
 rotate_rows_ = torch_ops.rotate_rows_
 
-__all__ = ["backward", "forward", "forward_indexed", "rotate_rows_", "shifted_layout"]
+__all__ = ["ShiftedLayout", "backward", "forward", "forward_indexed", "implementation", "rotate_rows_",
+           "shifted_layout"]

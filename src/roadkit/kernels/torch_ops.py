@@ -11,7 +11,7 @@ of `x` (one coefficient row per batch row or per token, for mixed-adapter batche
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -52,14 +52,32 @@ def _reduce_to(full: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
     return full.sum_to_size(shape)
 
 
-def shifted_layout(c: torch.Tensor, s: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The coefficients packed for `rotate_shifted`: one (..., 3, d) tensor, so a mixed batch
-    gathers each row's coefficients with a single `index_select`.
+class ShiftedLayout(NamedTuple):
+    """Coefficients packed for `rotate_shifted` (built by `shifted_layout`).
 
-    Row 0 is c. Row 1 holds s_up[f] = -s[f] where f is in the first half of its group
-    (y0 = c0 x0 - s0 x1), else 0; row 2 holds s_down[f] = s[f + g/2] where f + g/2 is in the second
-    half (y1 = c1 x1 + s1 x0), else 0. Rows 1 and 2 use their first d - g/2 entries.
+    `packed` is one (..., 3, d) tensor, so a mixed batch gathers each row's coefficients with a
+    single `index_select`. Row 0 is c. Row 1 holds s_up[f] = -s[f] where f is in the first half of
+    its group (y0 = c0 x0 - s0 x1), else 0; row 2 holds s_down[f] = s[f + g/2] where f + g/2 is in
+    the second half (y1 = c1 x1 + s1 x0), else 0. `c`, `s_up` and `s_down` are views of its rows as
+    `rotate_shifted` reads them (the sines cut to their first d - g/2 entries), made once here so a
+    call does not slice them again.
     """
+
+    packed: torch.Tensor
+    c: torch.Tensor
+    s_up: torch.Tensor
+    s_down: torch.Tensor
+
+
+def _windows(packed: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c, s_up, s_down) of a packed (..., 3, d) tensor, the sines cut to d - half entries."""
+    n = packed.shape[-1] - half
+    c, s_up, s_down = packed.unbind(-2)
+    return c, s_up[..., :n], s_down[..., :n]
+
+
+def shifted_layout(c: torch.Tensor, s: torch.Tensor, group_size: int) -> ShiftedLayout:
+    """(c, s) packed for `rotate_shifted` (see `ShiftedLayout`)."""
     half = group_size // 2
     out = torch.zeros(s.shape[:-1] + (3, s.shape[-1]), dtype=s.dtype, device=s.device)
     out.select(-2, 0).copy_(c)
@@ -67,10 +85,11 @@ def shifted_layout(c: torch.Tensor, s: torch.Tensor, group_size: int) -> torch.T
     first_halves = [out.select(-2, row).unflatten(-1, (-1, 2, half)).select(-2, 0) for row in (1, 2)]
     first_halves[0].copy_(sv.select(-2, 0)).neg_()  # entry f: output f, partner f + g/2
     first_halves[1].copy_(sv.select(-2, 1))  # entry f: output f + g/2, partner f
-    return out
+    return ShiftedLayout(out, *_windows(out, half))
 
 
-def rotate_shifted(x: torch.Tensor, shifted: torch.Tensor, group_size: int) -> torch.Tensor:
+def rotate_shifted(x: torch.Tensor, c: torch.Tensor, s_up: torch.Tensor, s_down: torch.Tensor,
+                   half: int) -> torch.Tensor:
     """R x for features on the last axis, as three ops over long contiguous rows. No autograd.
 
     Each feature's partner sits g/2 away, so the cross terms are two windows of x shifted by g/2
@@ -79,18 +98,17 @@ def rotate_shifted(x: torch.Tensor, shifted: torch.Tensor, group_size: int) -> t
     loop runs over d - g/2, which costs about as much as one elementwise multiply. Finite inputs
     give the same result; an inf or NaN feature can also reach, through its zero weights, the
     feature g/2 away in the neighbouring group (the next layer's matmul would spread it to every
-    feature anyway).
+    feature anyway). `half` is group_size / 2; c, s_up and s_down are a `ShiftedLayout`'s.
     """
-    half, d = group_size // 2, x.shape[-1]
-    c, s_up, s_down = shifted.unbind(-2)
+    n = x.shape[-1] - half
     out = torch.mul(x, c)
-    out[..., : d - half].addcmul_(x[..., half:], s_up[..., : d - half])
-    out[..., half:].addcmul_(x[..., : d - half], s_down[..., : d - half])
+    out[..., :n].addcmul_(x[..., half:], s_up)
+    out[..., half:].addcmul_(x[..., :n], s_down)
     return out
 
 
 def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1,
-            shifted: Optional[torch.Tensor] = None) -> torch.Tensor:
+            shifted: Optional[ShiftedLayout] = None) -> torch.Tensor:
     """y = R x along `dim`: math in the coefficients' dtype, result in x's dtype. No autograd.
 
     With `shifted` (`shifted_layout(c, s)`, precomputed by callers that reuse coefficients) and
@@ -98,7 +116,7 @@ def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, 
     dtype, nothing is allocated beyond the output.
     """
     if shifted is not None and dim % x.dim() == x.dim() - 1:
-        return _in_dtype_of(x, rotate_shifted(x, shifted, group_size))
+        return _in_dtype_of(x, rotate_shifted(x, shifted.c, shifted.s_up, shifted.s_down, group_size // 2))
     return _in_dtype_of(x, rotate_values(x, c, s, group_size, dim))
 
 
@@ -131,7 +149,7 @@ def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: to
 
 
 def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
-                    group_size: int, dim: int = -1, shifted_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    group_size: int, dim: int = -1, shifted_table: Optional[ShiftedLayout] = None) -> torch.Tensor:
     """Mixed batches: gather each row's (or token's) coefficients by `index`, then one fused pass.
 
     `index` covers a prefix of the axes before `dim` (per batch row) or all of them (per token).
@@ -142,8 +160,9 @@ def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tenso
     lead = tuple(index.shape) + (1,) * (dim - index.dim())
     flat = index.reshape(-1)  # index_select is several times faster than advanced indexing on CPU
     if shifted_table is not None and dim == x.dim() - 1:
-        rows = shifted_table.index_select(0, flat).view(lead + tuple(shifted_table.shape[1:]))
-        return _in_dtype_of(x, rotate_shifted(x, rows, group_size))
+        packed = shifted_table.packed
+        rows = packed.index_select(0, flat).view(lead + tuple(packed.shape[1:]))
+        return _in_dtype_of(x, rotate_shifted(x, *_windows(rows, group_size // 2), group_size // 2))
     c = c_table.index_select(0, flat).view(lead + (c_table.shape[-1],))
     s = s_table.index_select(0, flat).view(lead + (s_table.shape[-1],))
     return forward(x, c, s, group_size, dim)

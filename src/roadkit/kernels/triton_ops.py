@@ -10,6 +10,7 @@ On machines without a GPU these kernels run under `TRITON_INTERPRET=1` (the test
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -25,14 +26,14 @@ def _pair_offsets(pid_p, half, n_pairs, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _rotate_fwd(X, C, S, IDX, Y, n_rows, d, half, HAS_IDX: tl.constexpr,
+def _rotate_fwd(X, C, S, IDX, Y, n_rows, d, half, rows_per_index, HAS_IDX: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     fa, fb, pmask = _pair_offsets(tl.program_id(1), half, d // 2, BLOCK_P)
     rmask = rows < n_rows
     mask = rmask[:, None] & pmask[None, :]
     if HAS_IDX:
-        crow = tl.load(IDX + rows, mask=rmask, other=0).to(tl.int64)[:, None] * d
+        crow = tl.load(IDX + rows // rows_per_index, mask=rmask, other=0).to(tl.int64)[:, None] * d
         cmask = mask
     else:
         crow = tl.zeros((BLOCK_R, 1), dtype=tl.int64)
@@ -95,12 +96,12 @@ def _blocks(d: int) -> tuple[int, int]:
 
 
 def _launch_fwd(x2: torch.Tensor, c: torch.Tensor, s: torch.Tensor, idx: Optional[torch.Tensor],
-                group_size: int) -> torch.Tensor:
+                group_size: int, rows_per_index: int = 1) -> torch.Tensor:
     n_rows, d = x2.shape
     y = torch.empty_like(x2)
     block_r, block_p = _blocks(d)
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(d // 2, block_p))
-    _rotate_fwd[grid](x2, c, s, idx if idx is not None else c, y, n_rows, d, group_size // 2,
+    _rotate_fwd[grid](x2, c, s, idx if idx is not None else c, y, n_rows, d, group_size // 2, rows_per_index,
                       HAS_IDX=idx is not None, BLOCK_R=block_r, BLOCK_P=block_p)
     return y
 
@@ -135,11 +136,15 @@ def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tenso
                     group_size: int) -> torch.Tensor:
     """Mixed batches: row r of x (flattened leading axes) uses coefficient row index[r] of the tables.
 
-    `index` covers a prefix of x's leading axes (per batch row) or all of them (per token).
+    `index` covers a prefix of x's leading axes (per batch row) or all of them (per token). Each
+    entry then serves the `rows_per_index` consecutive rows of flattened x that share it; the
+    kernel maps rows to entries itself, so a call launches nothing but the kernel when x is
+    contiguous, the tables are float32 and the index is int32 (as `RoadModel`'s routing makes it).
     """
     lead = x.shape[:-1]
-    idx = index.reshape(tuple(index.shape) + (1,) * (len(lead) - index.dim())).expand(lead)
+    rows_per_index = math.prod(lead[index.dim():])
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    idx = idx.reshape(-1).to(torch.int32).contiguous()
-    y = _launch_fwd(x2, c_table.float().contiguous(), s_table.float().contiguous(), idx, group_size)
+    idx = index.reshape(-1).to(torch.int32).contiguous()
+    y = _launch_fwd(x2, c_table.float().contiguous(), s_table.float().contiguous(), idx, group_size,
+                    rows_per_index)
     return y.view(x.shape)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -59,21 +59,25 @@ class _Prepared:
     row per adapter for mixed batches), the same packed in the kernels' fast layout, and the group size."""
 
     coeffs: F.Coefficients
-    shifted: torch.Tensor
+    shifted: F.ShiftedLayout
     group_size: int
 
 
 @dataclass(frozen=True, eq=False)
 class Routing:
-    """Which adapter each batch row (or token) uses: `index` points into `names`.
+    """Which adapter each batch row (or token) uses: `index` points into `names` (int32, which the
+    mixed-batch kernels read as is).
 
     `batch_shape` is the (batch, seq) of the model input, when known: it lets per-row indices
     reach layers that see the batch flattened to (batch * seq) rows (OPT's MLP, for one).
+    `tables` holds each layer's coefficient tables for this routing, looked up on the layer's first
+    call, so the decode steps of one `generate` reuse them; they go when the routing does.
     """
 
     names: tuple[str, ...]
     index: torch.Tensor
     batch_shape: Optional[tuple[int, ...]] = None
+    tables: dict = field(default_factory=dict)
 
 
 class RoadLayer(nn.Module):
@@ -121,8 +125,6 @@ class RoadLayer(nn.Module):
         # per routing's adapter list: the coefficient tables, least recently used first. Bounded:
         # a server with continuous batching sees a new combination of adapters on most calls.
         self._mixed_cache: OrderedDict[Any, Any] = OrderedDict()
-        self._tables_for: Optional[Routing] = None
-        self._tables_value: list[_Prepared] = []
         self._serving: Optional[tuple[tuple, list[_Prepared]]] = None
         self.update_layer(adapter_name, variant, group_size, init_weights, subspace, dtype)
         self.set_adapter(adapter_name)
@@ -193,7 +195,6 @@ class RoadLayer(nn.Module):
         self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
         self._cache.clear()
         self._mixed_cache.clear()
-        self._tables_for = None
         self._serving = None
 
     def _base_device(self) -> torch.device:
@@ -344,17 +345,17 @@ class RoadLayer(nn.Module):
         return result
 
     def _tables(self, routing: Routing) -> list[_Prepared]:
-        """The coefficient tables for this routing, one per group size; built once per model call,
-        so decode steps of one `generate` pay no per-adapter bookkeeping."""
-        if self._tables_for is not routing:
+        """The coefficient tables for this routing, one per group size; looked up once per model
+        call, so decode steps of one `generate` pay no per-adapter bookkeeping."""
+        tables = routing.tables.get(self)
+        if tables is None:
             hit = self._mixed_get(("sizes", routing.names))
             if hit is None or hit[0] != self.road_theta.generation:  # adapters added, deleted or re-created
                 sizes = sorted({self.group_size[n] for n in routing.names if n in self.road_theta._parameters})
                 hit = (self.road_theta.generation, sizes)
                 self._mixed_put(("sizes", routing.names), hit)
-            self._tables_value = [self._table(routing.names, g) for g in hit[1]]
-            self._tables_for = routing
-        return self._tables_value
+            tables = routing.tables[self] = [self._table(routing.names, g) for g in hit[1]]
+        return tables
 
     def _mixed_forward(self, result: torch.Tensor, routing: Routing) -> torch.Tensor:
         """One gather and one fused pass per distinct group size, however many adapters share the batch."""
