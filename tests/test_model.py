@@ -583,6 +583,22 @@ def test_mixed_batch_errors_before_compute(names, setup, error, pattern, counted
     assert all(lyr.routing is None for _, lyr in rm.road_layers())
 
 
+def test_mixed_batch_reaches_layers_wrapped_after_an_earlier_mixed_call(llama_base, input_ids):
+    """The model remembers its adapter modules between calls; wrapping more must be seen."""
+    rm = get_peft_model(copy.deepcopy(llama_base), RoadConfig(target_modules=["q_proj"], init_weights=False))
+    logits(rm, input_ids, adapter_names=["default"] * len(input_ids))
+    rm.add_adapter("b", RoadConfig(target_modules=["v_proj"], init_weights=False))
+    outs = {"__base__": logits(llama_base, input_ids)}
+    for name in ("default", "b"):
+        rm.set_adapter(name)
+        outs[name] = logits(rm, input_ids)
+    assert differs(outs["b"], outs["__base__"])
+    names = ["b", "default", "__base__", "b"]
+    mixed = logits(rm, input_ids, adapter_names=names)
+    for i, n in enumerate(names):
+        close(mixed[i], outs[n][i], atol=1e-6)
+
+
 def test_mixed_batch_positive_control(counted, llama_base, input_ids):
     rm, calls = counted
     outs = {"__base__": logits(llama_base, input_ids)}

@@ -17,6 +17,19 @@ from .layers import BASE, AdapterParameters, ModulesToSaveWrapper, RoadLayer, Ro
 from .subspace import free_entries, outside_count
 from .targeting import select_modules_to_save, select_targets
 
+# Submodules registered anywhere in this process. Wrapping, unloading and any other change to a
+# model's module tree registers a submodule, so this count tells `RoadModel` when the list of its
+# adapter modules (walked for on every mixed-batch call otherwise) must be rebuilt.
+_registrations = 0
+
+
+def _count_registration(*_: Any) -> None:
+    global _registrations
+    _registrations += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_count_registration)
+
 
 def _as_list(names: Union[str, Iterable[str]]) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
@@ -252,8 +265,13 @@ class RoadModel(nn.Module):
             yield
 
     def _adapter_modules(self) -> list[Union[RoadLayer, ModulesToSaveWrapper]]:
-        """Every RoAd layer and modules-to-save wrapper, in one walk over the model."""
-        return [m for m in self.model.modules() if isinstance(m, (RoadLayer, ModulesToSaveWrapper))]
+        """Every RoAd layer and modules-to-save wrapper: one walk over the model, repeated only after
+        a submodule was registered somewhere (a serving loop routes every call through this)."""
+        memo = self.__dict__.get("_adapter_modules_memo")
+        if memo is None or memo[0] != _registrations:
+            found = [m for m in self.model.modules() if isinstance(m, (RoadLayer, ModulesToSaveWrapper))]
+            memo = self.__dict__["_adapter_modules_memo"] = (_registrations, found)
+        return memo[1]
 
     @contextmanager
     def _set_on_adapter_modules(self, attr: str, value: Any, reset: Any,
@@ -411,7 +429,7 @@ class RoadModel(nn.Module):
         if unknown:
             raise ValueError(f"unknown adapter(s) in adapter_names: {unknown}; available: "
                              f"{sorted(self.peft_config)} and {BASE!r}.")
-        modules = self._adapter_modules()  # one walk over the model per call: this runs per decode step
+        modules = self._adapter_modules()
         merged = sorted({n for m in modules if isinstance(m, RoadLayer) for n in m.merged_adapters})
         if merged:
             raise ValueError(f"adapters {merged} are merged into the weights; call unmerge_adapter() before "
