@@ -7,6 +7,7 @@ output, `weight_feature_dim` of the parameters that merging rotates) and how man
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ def _count_optimizer_step(*_: Any) -> None:
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
+
+_version = operator.attrgetter("_version")  # a tensor's in-place update count
 
 _MIXED_CACHE_ENTRIES = 16  # per layer: entries (group sizes, tables) for the most recent adapter lists
 
@@ -114,6 +117,7 @@ class RoadLayer(nn.Module):
         self.road_theta = AdapterParameters()
         self.road_alpha = AdapterParameters()
         self._moves = 0  # dtype and device moves (`_apply`): they change storage without a version bump
+        self._epoch = 0  # changes of the active or merged adapters (set_adapter, merge, unmerge, delete)
         self.variant: dict[str, str] = {}
         self.group_size: dict[str, int] = {}
         self.free: dict[str, Optional[torch.Tensor]] = {}  # subspace adapters: parameter entries they own
@@ -125,7 +129,7 @@ class RoadLayer(nn.Module):
         # per routing's adapter list: the coefficient tables, least recently used first. Bounded:
         # a server with continuous batching sees a new combination of adapters on most calls.
         self._mixed_cache: OrderedDict[Any, Any] = OrderedDict()
-        self._serving: Optional[tuple[tuple, list[_Prepared]]] = None
+        self._serving: Optional[tuple[int, tuple, list[torch.Tensor], list[_Prepared]]] = None
         self.update_layer(adapter_name, variant, group_size, init_weights, subspace, dtype)
         self.set_adapter(adapter_name)
 
@@ -178,6 +182,7 @@ class RoadLayer(nn.Module):
         """Activate these adapters (in this order); only active adapters' parameters train."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self._active_adapters = names
+        self._epoch += 1
         self._set_requires_grad()
 
     def _set_requires_grad(self) -> None:
@@ -193,6 +198,7 @@ class RoadLayer(nn.Module):
             if adapter_name in store:
                 del store[adapter_name]
         self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
+        self._epoch += 1
         self._cache.clear()
         self._mixed_cache.clear()
         self._serving = None
@@ -233,7 +239,7 @@ class RoadLayer(nn.Module):
         if self.training or (torch.is_grad_enabled() and self.road_theta[adapter_name].requires_grad) \
                 or torch.compiler.is_compiling():
             return self._coefficients(adapter_name, dtype)
-        key = self._stamp((adapter_name,))
+        key = self._stamp(self._params((adapter_name,)))
         hit = self._cache.get((adapter_name, dtype))
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -248,8 +254,13 @@ class RoadLayer(nn.Module):
             theta, alpha = theta.to(dtype), alpha.to(dtype)
         return F.coefficients(self.variant[adapter_name], self.group_size[adapter_name], theta, alpha)
 
-    def _stamp(self, names: Iterable[str]) -> tuple:
-        """Changes whenever these adapters' parameters may have: an optimizer step (any optimizer,
+    def _params(self, names: Iterable[str]) -> list[torch.Tensor]:
+        """theta and alpha of each named adapter, in the form `_stamp` reads."""
+        tp, ap = self.road_theta._parameters, self.road_alpha._parameters
+        return [p for n in names for p in (tp[n], ap[n])]
+
+    def _stamp(self, params: Iterable[torch.Tensor]) -> tuple:
+        """Changes whenever these parameters (`_params`) may have: an optimizer step (any optimizer,
         fused ones included), an in-place update (their version counters only grow, so their sum
         grows too), a replaced or deleted entry (`AdapterParameters.generation`) or a dtype or
         device move. Edits through `.data` bypass version counters; make them under
@@ -258,10 +269,9 @@ class RoadLayer(nn.Module):
         It is checked on every inference call, after a matmul has pushed the interpreter out of
         cache, so it reads plain dicts and integers only.
         """
-        theta, alpha = self.road_theta, self.road_alpha
-        tp, ap = theta._parameters, alpha._parameters
-        return (_optimizer_steps, self._moves, theta.generation, alpha.generation,
-                sum(tp[n]._version + ap[n]._version for n in names))
+        modules = self._modules  # not self.road_theta: nn.Module.__getattr__ is slow on this hot path
+        return (_optimizer_steps, self._moves, modules["road_theta"].generation, modules["road_alpha"].generation,
+                sum(map(_version, params)))
 
     def _apply(self, fn: Any, recurse: bool = True) -> RoadLayer:
         self._moves += 1
@@ -274,7 +284,8 @@ class RoadLayer(nn.Module):
         if hit is not None and hit[0] == self._stamp(hit[2]):
             return hit[1]
         used = [n for n in names if n in self.road_theta and self.group_size[n] == group_size]
-        key = self._stamp(used)
+        params = self._params(used)
+        key = self._stamp(params)
         with torch.no_grad():
             coeffs = {n: self.coefficients(n) for n in used}
             c0 = coeffs[used[0]][0]
@@ -283,7 +294,7 @@ class RoadLayer(nn.Module):
             s_table = torch.stack([r[1] for r in rows])
             tables = (torch.stack([r[0] for r in rows]), s_table)
             table = _Prepared(tables, F.shifted_layout(tables, group_size), group_size)
-        self._mixed_put(("table", names, group_size), (key, table, used))
+        self._mixed_put(("table", names, group_size), (key, table, params))
         return table
 
     def _mixed_get(self, key: Any) -> Any:
@@ -323,19 +334,22 @@ class RoadLayer(nn.Module):
     def _serving_rotations(self) -> list[_Prepared]:
         """The rotations of the active, unmerged adapters, in order: the eval-mode, no-grad path.
 
-        One cache entry for the whole layer, checked with one tuple comparison per call, so serving
-        pays almost no Python beyond the rotation itself.
+        One cache entry for the whole layer, checked per call with an integer and one stamp of the
+        parameters it was built from, so serving pays almost no Python beyond the rotation itself.
         """
-        names = tuple(n for n in self._active_adapters if n in self.road_theta._parameters)
-        key = (names, tuple(self.merged_adapters), self._stamp(names))
-        if self._serving is None or self._serving[0] != key:
-            rotations = []
-            for name in (n for n in names if n not in self.merged_adapters):
-                c, s = self.coefficients(name)
-                g = self.group_size[name]
-                rotations.append(_Prepared((c, s), F.shifted_layout((c, s), g), g))
-            self._serving = (key, rotations)
-        return self._serving[1]
+        entry = self._serving
+        if entry is not None and entry[0] == self._epoch and entry[1] == self._stamp(entry[2]):
+            return entry[3]
+        names = [n for n in self._active_adapters
+                 if n in self.road_theta._parameters and n not in self.merged_adapters]
+        params = self._params(names)
+        stamp, rotations = self._stamp(params), []
+        for name in names:
+            c, s = self.coefficients(name)
+            g = self.group_size[name]
+            rotations.append(_Prepared((c, s), F.shifted_layout((c, s), g), g))
+        self._serving = (self._epoch, stamp, params, rotations)
+        return rotations
 
     def _undo_merged(self, result: torch.Tensor) -> torch.Tensor:
         """Base output of a layer whose weights hold merged adapters, without touching the weights."""
@@ -419,6 +433,7 @@ class RoadLayer(nn.Module):
             coeffs = self.coefficients(name, dtype=torch.float64)
             self._rotate_params(coeffs, self.group_size[name], safe_merge, name)
             self.merged_adapters.append(name)
+            self._epoch += 1
 
     @torch.no_grad()
     def unmerge(self, last: Optional[int] = None) -> None:
@@ -431,3 +446,4 @@ class RoadLayer(nn.Module):
             inv = F.inverse(self.coefficients(name, dtype=torch.float64), self.group_size[name])
             self._rotate_params(inv, self.group_size[name], False, name)
             self.merged_adapters.pop()
+            self._epoch += 1
