@@ -102,8 +102,10 @@ GPU = Settings(
 )
 
 
-def parity_atol(dtype: str) -> float:
-    """Largest |logit difference| accepted between roadkit and PEFT RoAd before timing. In float32
-    the two agree to rounding; in 16-bit models each adapted layer rounds its output, and a one-ulp
-    difference early on moves the logits by a few bf16 ulps at the end."""
-    return {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.05}[dtype]
+def parity_tolerance(dtype: str) -> tuple[float, float]:
+    """(atol, rel): the largest |logit difference| accepted between roadkit and PEFT RoAd before
+    timing is max(atol, rel * the adapters' own effect on the logits). In float32 the two agree to
+    rounding. In 16-bit models every adapted layer rounds its output, and one-ulp differences grow
+    through the layers (measured: 0.012 on the quick model in bfloat16, where the adapters move the
+    logits by 1.3), so there the limit scales with the adapters' effect."""
+    return {"float32": (1e-4, 0.0), "bfloat16": (0.05, 0.05), "float16": (0.01, 0.01)}[dtype]

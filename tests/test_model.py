@@ -644,6 +644,15 @@ def test_half_precision_base(dtype, atol, llama, input_ids):
     assert differs(expected, base_out, by=5 * atol)  # the adapter matters at this tolerance
     torch.testing.assert_close(out.float(), expected, atol=atol, rtol=0)
 
+    # Mixed batches on the half-precision base, float32 adapters (PEFT 0.21.2's RoAd raises here).
+    with rm.disable_adapter():
+        half_base = logits(rm, input_ids)
+    names = ["default", "__base__", "default", "__base__"]
+    mixed = logits(rm, input_ids, adapter_names=names)
+    assert mixed.dtype == dtype
+    for i, n in enumerate(names):
+        torch.testing.assert_close(mixed[i], (out if n == "default" else half_base)[i], atol=0, rtol=0)
+
     # Merging keeps the base dtype and the result.
     rm.merge_adapter()
     for n, p in rm.named_parameters():
