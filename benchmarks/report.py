@@ -198,10 +198,28 @@ def _kernels_section(r: dict) -> list[str]:
     return out + [""]
 
 
+def _overhead_section(r: dict) -> list[str]:
+    su = r["setup"]
+    out = [f"## overhead: {su['layers']} tiny layers, the fixed cost of a wrapper per call", "",
+           _para(f"nn.Sequential of {su['layers']} nn.Linear({su['width']}, {su['width']}) on {su['rows']} rows",
+                 f"({su['device']}): the arithmetic is negligible, so (time − base) / {su['layers']} is what each",
+                 "adapted layer adds to every call (Python, dispatch, launches). Mixed cases pass",
+                 f"`adapter_names` on every call, one of {su['adapters']} adapters per row.",
+                 f"{su['calls_per_sample']} calls per sample, {su['rounds']} interleaved rounds."), "",
+           "| case | median per call (µs) | IQR (µs) | × base | added per adapted layer (µs) |",
+           "|---|---:|---:|---:|---:|"]
+    for case, row in r["summary"].items():
+        st = row["stats"]
+        cells = [case, _fmt(st["median"], 1e6), f"{_fmt(st['q1'], 1e6)} – {_fmt(st['q3'], 1e6)}",
+                 f"**{row['ratio_to_base']['of_medians']:.2f}**", f"{row['per_layer_seconds'] * 1e6:.1f}"]
+        out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def markdown(results: dict) -> str:
     out = ["# roadkit benchmark results", ""] + _meta_lines(results["meta"])
     sections = {"decode": _decode_section, "step": _step_section, "prefill": _prefill_section, "train": _train_section,
-                "merge": _merge_section, "kernels": _kernels_section}
+                "merge": _merge_section, "kernels": _kernels_section, "overhead": _overhead_section}
     for name, section in sections.items():
         if name in results["scenarios"]:
             out += section(results["scenarios"][name])

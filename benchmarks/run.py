@@ -1,5 +1,6 @@
-"""Entry point: ``python -m benchmarks.run [--quick | --gpu] [--scenarios decode,step,prefill,train,merge,kernels]
-[--reps N] [--dtype D] [--threads N] [--out DIR]``. See benchmarks/README.md."""
+"""Entry point: ``python -m benchmarks.run [--quick | --gpu] [--scenarios a,b,...] [--reps N] [--dtype D]
+[--threads N] [--out DIR]``; scenarios: decode, step, prefill, train, merge, kernels, overhead.
+See benchmarks/README.md."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import platform
 import sys
 import time
 
-SCENARIOS = ("decode", "step", "prefill", "train", "merge", "kernels")
+SCENARIOS = ("decode", "step", "prefill", "train", "merge", "kernels", "overhead")
 LM_SCENARIOS = ("decode", "step", "prefill")  # these share one set of models
 
 

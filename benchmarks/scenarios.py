@@ -503,3 +503,66 @@ def kernels(s: Settings, reps: int, warmup: int) -> dict:
                       "calls_per_sample": s.kernel_calls, "adapter": f"{VARIANT}, group_size {GROUP_SIZE}",
                       "bytes": "tensors each op must read or write, times their size (coefficients not counted)"},
             "max_rel_error_vs_float64": errors, "raw": run["times"], "orders": run["orders"], "summary": summary}
+
+
+# ---- 7. overhead ------------------------------------------------------------------------------------
+
+OVERHEAD_LAYERS, OVERHEAD_WIDTH, OVERHEAD_ROWS, OVERHEAD_ADAPTERS = 28, 128, 4, 4
+OVERHEAD_CALLS = 50  # forward calls per timed sample
+OVERHEAD_ROUNDS_PER_REP = 8
+
+
+def overhead(s: Settings, reps: int, warmup: int) -> dict:
+    """The fixed cost of an adapter wrapper per call: Python, op dispatch and, on a GPU, launches.
+
+    A stack of 28 tiny nn.Linear(128, 128) layers (as many as the decode model adapts) runs on 4
+    rows, so the arithmetic is negligible and (time - base time) / 28 is what each adapted layer
+    adds to every call. This is what bounds eager decoding on a GPU, where the weights stream
+    fast and every step pays it once per adapted layer. Mixed cases pass `adapter_names` on every
+    call, one of 4 adapters per row, as a serving loop does.
+    """
+    targets = [str(i) for i in range(OVERHEAD_LAYERS)]
+    torch.manual_seed(s.seed + 29)
+    base = nn.Sequential(*[nn.Linear(OVERHEAD_WIDTH, OVERHEAD_WIDTH) for _ in range(OVERHEAD_LAYERS)])
+    base = base.to(s.device).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rk = C.make_roadkit(base, OVERHEAD_ADAPTERS, targets=targets, task_type=None).eval()
+        pr = C.make_peft_road_like(rk, base, OVERHEAD_ADAPTERS, targets=targets, task_type=None).eval()
+        lo = C.make_peft_lora(base, OVERHEAD_ADAPTERS, targets=targets, task_type=None, seed=s.seed + 2).eval()
+    floor = C.make_floor(base, targets=targets).eval()
+    x = torch.randn(OVERHEAD_ROWS, OVERHEAD_WIDTH, device=s.device)
+    names = _names(OVERHEAD_ROWS, OVERHEAD_ADAPTERS)
+    with torch.inference_mode():
+        parity = {"max_abs_diff_single": (rk(x) - pr(x)).abs().max().item(),
+                  "max_abs_diff_mixed": (rk(x, adapter_names=names) - pr(x, adapter_names=names)).abs().max().item()}
+    if max(parity.values()) > 1e-4:
+        raise AssertionError(f"roadkit and PEFT RoAd disagree on the overhead stack: {parity}")
+
+    def case(model: nn.Module, mixed: bool):
+        kw = {"adapter_names": names} if mixed else {}
+
+        def fn():
+            with torch.inference_mode():
+                _sync(s)
+                t0 = time.perf_counter()
+                for _ in range(OVERHEAD_CALLS):
+                    model(x, **kw)
+                _sync(s)
+                return {"seconds": (time.perf_counter() - t0) / OVERHEAD_CALLS}
+        return fn
+
+    cases = {"base": case(base, False), C.FLOOR: case(floor, False)}
+    for c, model in ((C.ROADKIT, rk), (C.PEFT_ROAD, pr), (C.PEFT_LORA, lo)):
+        cases[f"{c} (1 adapter)"] = case(model, False)
+    for c, model in ((C.ROADKIT, rk), (C.PEFT_ROAD, pr), (C.PEFT_LORA, lo)):
+        cases[f"{c} ({OVERHEAD_ADAPTERS} adapters mixed, routed per call)"] = case(model, True)
+    run = run_interleaved(cases, reps * OVERHEAD_ROUNDS_PER_REP, warmup, label="overhead")
+    summary = _summaries(run["times"], "base")
+    base_median = summary["base"]["stats"]["median"]
+    for row in summary.values():
+        row["per_layer_seconds"] = (row["stats"]["median"] - base_median) / OVERHEAD_LAYERS
+    return {"setup": {"layers": OVERHEAD_LAYERS, "width": OVERHEAD_WIDTH, "rows": OVERHEAD_ROWS,
+                      "adapters": OVERHEAD_ADAPTERS, "calls_per_sample": OVERHEAD_CALLS,
+                      "rounds": reps * OVERHEAD_ROUNDS_PER_REP, "device": s.device},
+            "parity": parity, "raw": run["times"], "orders": run["orders"], "summary": summary}
