@@ -106,6 +106,34 @@ def test_shifted_layout_equals_dense_matrix(variant, g, d):
     assert torch.equal(F.rotate(x32, (c32, s32), g, shifted=shifted), F.rotate(x32, (c32, s32), g))
 
 
+@pytest.mark.parametrize("index_shape", ["row", "token", "flat"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_batches_gather_in_chunks_with_the_same_bits(index_shape, dtype, monkeypatch):
+    """Per-token routing gathers a (3, d) row per token; past GATHER_BYTES it runs chunk by chunk."""
+    from roadkit.kernels import torch_ops
+
+    g, d, B, T = 4, 8, 3, 5
+    rows = [F.coefficients("road_2", g, *random_params("road_2", d, seed=i, dtype=torch.float32)) for i in range(4)]
+    tables = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(B, T, d, generator=gen).to(dtype)
+    index = {"row": torch.randint(0, 4, (B,), generator=gen), "token": torch.randint(0, 4, (B, T), generator=gen),
+             "flat": torch.randint(0, 4, (B * T,), generator=gen)}[index_shape]
+    if index_shape == "flat":
+        x = x.view(B * T, d)
+    shifted = F.shifted_layout(tables, g)
+    whole = F.rotate_indexed(x, tables, index, g, shifted=shifted)
+    for budget in (1, 3 * d * 4 * 2):  # one entry per chunk; two tokens' rows per chunk
+        monkeypatch.setattr(torch_ops, "GATHER_BYTES", budget)
+        chunked = F.rotate_indexed(x, tables, index, g, shifted=shifted)
+        assert chunked.dtype == dtype and chunked.shape == x.shape
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+    per_token = index if index_shape != "row" else index[:, None].expand(B, T)
+    for i, k in enumerate(per_token.reshape(-1).tolist()):
+        expected = (x.reshape(-1, d)[i].float() @ dense(*rows[k], g).T).to(dtype)
+        torch.testing.assert_close(whole.reshape(-1, d)[i], expected, rtol=1e-6, atol=1e-6)
+
+
 def test_shifted_layout_with_per_row_tables_and_low_precision_input():
     g, d = 4, 8
     rows = [F.coefficients("road_4", g, *random_params("road_4", d, seed=i, dtype=torch.float32)) for i in range(3)]

@@ -11,6 +11,7 @@ of `x` (one coefficient row per batch row or per token, for mixed-adapter batche
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -157,15 +158,44 @@ def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tenso
     coefficients then come with one gather and go through the faster pass.
     """
     dim = dim % x.dim()
+    if shifted_table is not None and dim == x.dim() - 1:
+        return _forward_indexed_shifted(x, shifted_table.packed, index, group_size // 2)
     lead = tuple(index.shape) + (1,) * (dim - index.dim())
     flat = index.reshape(-1)  # index_select is several times faster than advanced indexing on CPU
-    if shifted_table is not None and dim == x.dim() - 1:
-        packed = shifted_table.packed
-        rows = packed.index_select(0, flat).view(lead + tuple(packed.shape[1:]))
-        return _in_dtype_of(x, rotate_shifted(x, *_windows(rows, group_size // 2), group_size // 2))
     c = c_table.index_select(0, flat).view(lead + (c_table.shape[-1],))
     s = s_table.index_select(0, flat).view(lead + (s_table.shape[-1],))
     return forward(x, c, s, group_size, dim)
+
+
+GATHER_BYTES = 32 << 20  # most per-row coefficients a mixed batch gathers at once
+
+
+def _forward_indexed_shifted(x: torch.Tensor, packed: torch.Tensor, index: torch.Tensor, half: int) -> torch.Tensor:
+    """`forward_indexed` for features on the last axis, through the packed tables.
+
+    Each entry of `index` gathers a (3, d) row, three times the size of a row of x. With one entry
+    per token (a long prefill, packed sequences) that would be a scratch tensor of three times the
+    activations, so the gather and the pass run over chunks of at most `GATHER_BYTES` of rows.
+    """
+    if index.dim() == x.dim() - 1 and x.is_contiguous():  # one entry per token: chunk over all tokens
+        x_, index_ = x.view(-1, x.shape[-1]), index.reshape(-1)
+    else:
+        x_, index_ = x, index
+    per_entry = packed[0].numel() * packed.element_size() * math.prod(index_.shape[1:])
+    step = max(1, GATHER_BYTES // per_entry)
+    if index_.shape[0] <= step:
+        return _in_dtype_of(x, _gather_rotate(x_, packed, index_, half)).view(x.shape)
+    out = torch.empty(x_.shape, dtype=x.dtype, device=x.device)
+    for start in range(0, index_.shape[0], step):
+        out[start:start + step] = _gather_rotate(x_[start:start + step], packed, index_[start:start + step], half)
+    return out.view(x.shape)
+
+
+def _gather_rotate(x: torch.Tensor, packed: torch.Tensor, index: torch.Tensor, half: int) -> torch.Tensor:
+    lead = tuple(index.shape) + (1,) * (x.dim() - 1 - index.dim())
+    # index_select is several times faster than advanced indexing on CPU
+    rows = packed.index_select(0, index.reshape(-1)).view(lead + tuple(packed.shape[1:]))
+    return rotate_shifted(x, *_windows(rows, half), half)
 
 
 def rotate_rows_(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int,
