@@ -20,6 +20,11 @@ def _fmt(x: float, scale: float = 1.0, digits: int = 3) -> str:
     return f"{x * scale:.{digits}g}" if abs(x * scale) < 10 ** digits else f"{x * scale:.0f}"
 
 
+def _row(cells: list[str]) -> str:
+    """One row of a markdown table."""
+    return "| " + " | ".join(cells) + " |"
+
+
 def _timing_table(res: dict, unit: str, scale: float, first_col: str = "case") -> list[str]:
     lines = [(f"| {first_col} | median ({unit}) | min – max ({unit}) | IQR ({unit}) | × base "
              "| × base per rep: median [min – max] |"),
@@ -29,7 +34,7 @@ def _timing_table(res: dict, unit: str, scale: float, first_col: str = "case") -
         cells = [case, _fmt(st["median"], scale), f"{_fmt(st['min'], scale)} – {_fmt(st['max'], scale)}",
                  f"{_fmt(st['q1'], scale)} – {_fmt(st['q3'], scale)}", f"**{r['of_medians']:.3f}**",
                  f"{r['paired_median']:.3f} [{r['paired_min']:.3f} – {r['paired_max']:.3f}]"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     return lines
 
 
@@ -155,7 +160,7 @@ def _train_section(r: dict) -> list[str]:
         tp = r["cases"][case].get("trainable_params", 0)
         cells = [case, f"{tp:,d}", str(mem["adapter_layers"]), f"{mem['adapter_bytes'] / MB:.1f}",
                  f"{mem['total_bytes'] / MB:.1f}", f"{mem['extra_vs_base_bytes'] / MB:+.1f}"]
-        out.append("| " + " | ".join(cells) + " |")
+        out.append(_row(cells))
     return out + [""]
 
 
@@ -172,7 +177,7 @@ def _merge_section(r: dict) -> list[str]:
         cells = [c, f"{_fmt(mg['median'], 1e3)} [{_fmt(mg['min'], 1e3)} – {_fmt(mg['max'], 1e3)}]",
                  f"{_fmt(um['median'], 1e3)} [{_fmt(um['min'], 1e3)} – {_fmt(um['max'], 1e3)}]",
                  f"{e['weight_rel']:.1e} ({e['bias_rel']:.1e})"]
-        out.append("| " + " | ".join(cells) + " |")
+        out.append(_row(cells))
     sp = r["speedup_peft_over_roadkit"]
     out += ["", _para(f"Speedup of roadkit over PEFT (ratio of medians): merge **{sp['merge']:.1f}x**,",
                       f"unmerge **{sp['unmerge']:.1f}x**, merge+unmerge {sp['merge+unmerge']:.1f}x.",
@@ -194,7 +199,7 @@ def _kernels_section(r: dict) -> list[str]:
         st = row["stats"]
         cells = [label, _fmt(st["median"], 1e3), f"{_fmt(st['min'], 1e3)} – {_fmt(st['max'], 1e3)}",
                  f"{row['bytes'] / MB:.0f}", f"{row['gb_per_s']:.1f}", f"**{row['fraction_of_copy_bandwidth']:.2f}**"]
-        out.append("| " + " | ".join(cells) + " |")
+        out.append(_row(cells))
     return out + [""]
 
 
@@ -212,7 +217,7 @@ def _overhead_section(r: dict) -> list[str]:
         st = row["stats"]
         cells = [case, _fmt(st["median"], 1e6), f"{_fmt(st['q1'], 1e6)} – {_fmt(st['q3'], 1e6)}",
                  f"**{row['ratio_to_base']['of_medians']:.2f}**", f"{row['per_layer_seconds'] * 1e6:.1f}"]
-        out.append("| " + " | ".join(cells) + " |")
+        out.append(_row(cells))
     return out + [""]
 
 
