@@ -71,3 +71,13 @@ def test_indexed_matches_torch_gather(index_shape):
     index = index.to(DEVICE)
     expected = torch_ops.forward_indexed(x, c, s, index, g)
     torch.testing.assert_close(triton_ops.forward_indexed(x, c, s, index, g), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_implementation_names_the_kernels_that_run():
+    from roadkit import kernels
+
+    assert kernels.implementation(torch.randn(2, 8)) == "torch"  # CPU tensors: the torch path
+    if torch.cuda.is_available():
+        x = torch.randn(2, 8, device="cuda")
+        assert kernels.implementation(x) == "triton"
+        assert kernels.implementation(x.unsqueeze(-1), dim=1) == "torch"  # features not last: torch
