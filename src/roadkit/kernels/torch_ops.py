@@ -177,14 +177,14 @@ def _forward_indexed_shifted(x: torch.Tensor, packed: torch.Tensor, index: torch
     per token (a long prefill, packed sequences) that would be a scratch tensor of three times the
     activations, so the gather and the pass run over chunks of at most `GATHER_BYTES` of rows.
     """
+    row_bytes = packed.shape[-2] * packed.shape[-1] * packed.element_size()
+    if index.numel() * row_bytes <= GATHER_BYTES:  # the common case (decode, per-row routing): one gather
+        return _in_dtype_of(x, _gather_rotate(x, packed, index, half))
     if index.dim() == x.dim() - 1 and x.is_contiguous():  # one entry per token: chunk over all tokens
         x_, index_ = x.view(-1, x.shape[-1]), index.reshape(-1)
     else:
         x_, index_ = x, index
-    per_entry = packed[0].numel() * packed.element_size() * math.prod(index_.shape[1:])
-    step = max(1, GATHER_BYTES // per_entry)
-    if index_.shape[0] <= step:
-        return _in_dtype_of(x, _gather_rotate(x_, packed, index_, half)).view(x.shape)
+    step = max(1, GATHER_BYTES // (row_bytes * math.prod(index_.shape[1:])))
     out = torch.empty(x_.shape, dtype=x.dtype, device=x.device)
     for start in range(0, index_.shape[0], step):
         out[start:start + step] = _gather_rotate(x_[start:start + step], packed, index_[start:start + step], half)
@@ -192,6 +192,7 @@ def _forward_indexed_shifted(x: torch.Tensor, packed: torch.Tensor, index: torch
 
 
 def _gather_rotate(x: torch.Tensor, packed: torch.Tensor, index: torch.Tensor, half: int) -> torch.Tensor:
+    """Gather each entry's packed row, then the three-op pass."""
     lead = tuple(index.shape) + (1,) * (x.dim() - 1 - index.dim())
     # index_select is several times faster than advanced indexing on CPU
     rows = packed.index_select(0, index.reshape(-1)).view(lead + tuple(packed.shape[1:]))
