@@ -61,13 +61,15 @@ class ShiftedLayout(NamedTuple):
     its group (y0 = c0 x0 - s0 x1), else 0; row 2 holds s_down[f] = s[f + g/2] where f + g/2 is in
     the second half (y1 = c1 x1 + s1 x0), else 0. `c`, `s_up` and `s_down` are views of its rows as
     `rotate_shifted` reads them (the sines cut to their first d - g/2 entries), made once here so a
-    call does not slice them again.
+    call does not slice them again; `row_bytes` is the size of one (3, d) row, what a mixed batch
+    gathers per index entry.
     """
 
     packed: torch.Tensor
     c: torch.Tensor
     s_up: torch.Tensor
     s_down: torch.Tensor
+    row_bytes: int
 
 
 def _windows(packed: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,7 +88,7 @@ def shifted_layout(c: torch.Tensor, s: torch.Tensor, group_size: int) -> Shifted
     first_halves = [out.select(-2, row).unflatten(-1, (-1, 2, half)).select(-2, 0) for row in (1, 2)]
     first_halves[0].copy_(sv.select(-2, 0)).neg_()  # entry f: output f, partner f + g/2
     first_halves[1].copy_(sv.select(-2, 1))  # entry f: output f + g/2, partner f
-    return ShiftedLayout(out, *_windows(out, half))
+    return ShiftedLayout(out, *_windows(out, half), out.shape[-2] * out.shape[-1] * out.element_size())
 
 
 def rotate_shifted(x: torch.Tensor, c: torch.Tensor, s_up: torch.Tensor, s_down: torch.Tensor,
@@ -159,7 +161,9 @@ def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tenso
     """
     dim = dim % x.dim()
     if shifted_table is not None and dim == x.dim() - 1:
-        return _forward_indexed_shifted(x, shifted_table.packed, index, group_size // 2)
+        if index.numel() * shifted_table.row_bytes <= GATHER_BYTES:  # the common case: one gather
+            return _in_dtype_of(x, _gather_rotate(x, shifted_table.packed, index, group_size // 2))
+        return _forward_indexed_chunked(x, shifted_table, index, group_size // 2)
     lead = tuple(index.shape) + (1,) * (dim - index.dim())
     flat = index.reshape(-1)  # index_select is several times faster than advanced indexing on CPU
     c = c_table.index_select(0, flat).view(lead + (c_table.shape[-1],))
@@ -170,24 +174,23 @@ def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tenso
 GATHER_BYTES = 32 << 20  # most per-row coefficients a mixed batch gathers at once
 
 
-def _forward_indexed_shifted(x: torch.Tensor, packed: torch.Tensor, index: torch.Tensor, half: int) -> torch.Tensor:
-    """`forward_indexed` for features on the last axis, through the packed tables.
+def _forward_indexed_chunked(x: torch.Tensor, shifted_table: ShiftedLayout, index: torch.Tensor,
+                             half: int) -> torch.Tensor:
+    """`forward_indexed` through the packed tables, over chunks of at most `GATHER_BYTES` gathered.
 
-    Each entry of `index` gathers a (3, d) row, three times the size of a row of x. With one entry
-    per token (a long prefill, packed sequences) that would be a scratch tensor of three times the
-    activations, so the gather and the pass run over chunks of at most `GATHER_BYTES` of rows.
+    Each index entry gathers a (3, d) row, three times the size of a row of x. With one entry per
+    token (a long prefill, packed sequences) gathering them all at once would take a scratch tensor
+    of three times the activations.
     """
-    row_bytes = packed.shape[-2] * packed.shape[-1] * packed.element_size()
-    if index.numel() * row_bytes <= GATHER_BYTES:  # the common case (decode, per-row routing): one gather
-        return _in_dtype_of(x, _gather_rotate(x, packed, index, half))
     if index.dim() == x.dim() - 1 and x.is_contiguous():  # one entry per token: chunk over all tokens
         x_, index_ = x.view(-1, x.shape[-1]), index.reshape(-1)
     else:
         x_, index_ = x, index
-    step = max(1, GATHER_BYTES // (row_bytes * math.prod(index_.shape[1:])))
+    step = max(1, GATHER_BYTES // (shifted_table.row_bytes * math.prod(index_.shape[1:])))
     out = torch.empty(x_.shape, dtype=x.dtype, device=x.device)
     for start in range(0, index_.shape[0], step):
-        out[start:start + step] = _gather_rotate(x_[start:start + step], packed, index_[start:start + step], half)
+        chunk = _gather_rotate(x_[start:start + step], shifted_table.packed, index_[start:start + step], half)
+        out[start:start + step] = chunk
     return out.view(x.shape)
 
 
