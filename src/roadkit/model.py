@@ -17,9 +17,11 @@ from .layers import BASE, AdapterParameters, ModulesToSaveWrapper, RoadLayer, Ro
 from .subspace import free_entries, outside_count
 from .targeting import select_modules_to_save, select_targets
 
-# Submodules registered anywhere in this process. Wrapping, unloading and any other change to a
-# model's module tree registers a submodule, so this count tells `RoadModel` when the list of its
-# adapter modules (walked for on every mixed-batch call otherwise) must be rebuilt.
+# Submodules registered anywhere in this process. Wrapping and unwrapping a layer (roadkit's own
+# injection, `unload`, a user swapping modules in) register the replacement, so this count tells
+# `RoadModel` when the list of its adapter modules (walked for on every mixed-batch call otherwise)
+# must be rebuilt. A module only deleted (`del parent.child`) registers nothing and stays listed
+# until the next registration anywhere: it then merely receives the routing too.
 _registrations = 0
 
 
