@@ -599,6 +599,19 @@ def test_mixed_batch_reaches_layers_wrapped_after_an_earlier_mixed_call(llama_ba
         close(mixed[i], outs[n][i], atol=1e-6)
 
 
+def test_mixed_batches_keep_the_adapter_module_list_across_forwards(llama_base, input_ids):
+    """transformers slices its ModuleList of decoder layers on every forward, registering each layer
+    into a new list; that must not make every mixed-batch call walk the whole model again."""
+    rm = get_peft_model(copy.deepcopy(llama_base), RoadConfig(target_modules=["q_proj"], init_weights=False))
+    names = ["default", "__base__"] * (len(input_ids) // 2) + ["default"] * (len(input_ids) % 2)
+    for _ in range(2):  # the first forward registers the deep-copied layers for the first time
+        logits(rm, input_ids, adapter_names=names)
+    listed = rm.__dict__["_adapter_modules_memo"]
+    logits(rm, input_ids, adapter_names=names)
+    logits(rm, input_ids)
+    assert rm.__dict__["_adapter_modules_memo"] is listed
+
+
 def test_mixed_batch_positive_control(counted, llama_base, input_ids):
     rm, calls = counted
     outs = {"__base__": logits(llama_base, input_ids)}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Union
@@ -17,17 +19,28 @@ from .layers import BASE, AdapterParameters, ModulesToSaveWrapper, RoadLayer, Ro
 from .subspace import free_entries, outside_count
 from .targeting import select_modules_to_save, select_targets
 
-# Submodules registered anywhere in this process. Wrapping and unwrapping a layer (roadkit's own
-# injection, `unload`, a user swapping modules in) register the replacement, so this count tells
-# `RoadModel` when the list of its adapter modules (walked for on every mixed-batch call otherwise)
-# must be rebuilt. A module only deleted (`del parent.child`) registers nothing and stays listed
-# until the next registration anywhere: it then merely receives the routing too.
+# First registrations, anywhere in this process, of a module that is or holds a RoAd layer or
+# modules-to-save wrapper. `RoadModel` rebuilds its list of adapter modules (walked on every
+# mixed-batch call otherwise) when this count changes: wrapping a layer, adding an adapter to new
+# targets, or attaching a wrapped subtree made elsewhere all register such a module for the first
+# time. Registering a module again is not counted: transformers slices its `ModuleList` of decoder
+# layers on every forward, which registers each layer into a new list. Not seen: a module already
+# registered once, say into a list by a forward of another model, that later moves into this one.
+# A module taken out of the model (deleted, or replaced by `unload`) stays listed until the count
+# next changes: it then merely receives the routing too.
 _registrations = 0
+_registered: weakref.WeakSet = weakref.WeakSet()  # modules whose registration was looked at
 
 
-def _count_registration(*_: Any) -> None:
+def _count_registration(_parent: nn.Module, _name: str, module: Optional[nn.Module]) -> None:
     global _registrations
-    _registrations += 1
+    # Under torch.compile only a forward runs, and its registrations are such slices; looking them
+    # up would make the graph guard on this set.
+    if module is None or torch.compiler.is_compiling() or module in _registered:
+        return
+    _registered.add(module)
+    if any(isinstance(m, (RoadLayer, ModulesToSaveWrapper)) for m in module.modules()):
+        _registrations += 1
 
 
 nn.modules.module.register_module_module_registration_hook(_count_registration)
@@ -453,12 +466,15 @@ class RoadModel(nn.Module):
     def _check_indices(indices: Any, n_names: int, batch_shape: Optional[tuple[int, ...]]) -> torch.Tensor:
         if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
             raise TypeError("adapter_indices must be an integer tensor indexing into adapter_names.")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_names):
-            raise ValueError(f"adapter_indices must lie in [0, {n_names}) (one entry per adapter_names item), "
-                             f"got values in [{int(indices.min())}, {int(indices.max())}].")
+        allowed_values = f"adapter_indices must lie in [0, {n_names}) (one entry per adapter_names item)"
+        if torch.compiler.is_compiling():  # checked in the graph, with no host sync (and no recompiles)
+            torch._assert_async(((indices >= 0) & (indices < n_names)).all(), allowed_values)
+        elif indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_names):
+            raise ValueError(f"{allowed_values}, got values in [{int(indices.min())}, {int(indices.max())}].")
         if batch_shape is not None:
-            allowed = {tuple(batch_shape[:1]), tuple(batch_shape), (int(torch.Size(batch_shape).numel()),)}
-            if tuple(indices.shape) not in allowed:
+            # compared, not hashed: under torch.compile hashing a symbolic size would fix it to one value
+            allowed = (tuple(batch_shape[:1]), tuple(batch_shape), (math.prod(batch_shape),))
+            if not any(tuple(indices.shape) == shape for shape in allowed):
                 raise ValueError(f"adapter_indices has shape {tuple(indices.shape)}; for a batch of shape "
                                  f"{tuple(batch_shape)} give [batch], [batch, seq] or flat [tokens].")
         return indices.long()

@@ -278,24 +278,26 @@ class RoadLayer(nn.Module):
         return super()._apply(fn, recurse)
 
     def _table(self, names: tuple[str, ...], group_size: int) -> _Prepared:
-        """Stacked coefficients, one row per name; identity for `__base__`, for adapters this layer
-        lacks, and for adapters of another group size (those are applied in their own pass)."""
+        """`_build_table`, cached while the parameters it reads are unchanged."""
         hit = self._mixed_get(("table", names, group_size))
         if hit is not None and hit[0] == self._stamp(hit[2]):
             return hit[1]
-        used = [n for n in names if n in self.road_theta and self.group_size[n] == group_size]
-        params = self._params(used)
+        params = self._params(n for n in names if n in self.road_theta and self.group_size[n] == group_size)
         key = self._stamp(params)
         with torch.no_grad():
-            coeffs = {n: self.coefficients(n) for n in used}
-            c0 = coeffs[used[0]][0]
-            ident = F.identity(self.out_features, dtype=c0.dtype, device=c0.device)
-            rows = [coeffs.get(n, ident) for n in names]
-            s_table = torch.stack([r[1] for r in rows])
-            tables = (torch.stack([r[0] for r in rows]), s_table)
-            table = _Prepared(tables, F.shifted_layout(tables, group_size), group_size)
+            table = self._build_table(names, group_size)
         self._mixed_put(("table", names, group_size), (key, table, params))
         return table
+
+    def _build_table(self, names: tuple[str, ...], group_size: int) -> _Prepared:
+        """Stacked coefficients, one row per name; identity for `__base__`, for adapters this layer
+        lacks, and for adapters of another group size (those are applied in their own pass)."""
+        coeffs = {n: self.coefficients(n) for n in names if n in self.road_theta and self.group_size[n] == group_size}
+        c0 = next(iter(coeffs.values()))[0]
+        ident = F.identity(self.out_features, dtype=c0.dtype, device=c0.device)
+        rows = [coeffs.get(n, ident) for n in names]
+        tables = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+        return _Prepared(tables, F.shifted_layout(tables, group_size), group_size)
 
     def _mixed_get(self, key: Any) -> Any:
         hit = self._mixed_cache.get(key)
@@ -360,16 +362,22 @@ class RoadLayer(nn.Module):
 
     def _tables(self, routing: Routing) -> list[_Prepared]:
         """The coefficient tables for this routing, one per group size; looked up once per model
-        call, so decode steps of one `generate` pay no per-adapter bookkeeping."""
+        call, so decode steps of one `generate` pay no per-adapter bookkeeping. Under torch.compile
+        they are built in the graph, from the parameters, where the compiler fuses them."""
+        if torch.compiler.is_compiling():
+            return [self._build_table(routing.names, g) for g in self._group_sizes(routing.names)]
         tables = routing.tables.get(self)
         if tables is None:
             hit = self._mixed_get(("sizes", routing.names))
             if hit is None or hit[0] != self.road_theta.generation:  # adapters added, deleted or re-created
-                sizes = sorted({self.group_size[n] for n in routing.names if n in self.road_theta._parameters})
-                hit = (self.road_theta.generation, sizes)
+                hit = (self.road_theta.generation, self._group_sizes(routing.names))
                 self._mixed_put(("sizes", routing.names), hit)
             tables = routing.tables[self] = [self._table(routing.names, g) for g in hit[1]]
         return tables
+
+    def _group_sizes(self, names: Iterable[str]) -> list[int]:
+        """The distinct group sizes of the named adapters this layer has, in order."""
+        return sorted({self.group_size[n] for n in names if n in self.road_theta._parameters})
 
     def _mixed_forward(self, result: torch.Tensor, routing: Routing) -> torch.Tensor:
         """One gather and one fused pass per distinct group size, however many adapters share the batch."""
