@@ -118,6 +118,24 @@ def _decode_section(r: dict) -> list[str]:
     return out
 
 
+def _compiled_section(r: dict) -> list[str]:
+    su, cc, graphs = r["setup"], r["setup"]["compile"], r["graphs_compiled"]
+    title = (f"## compiled: decode as above, forward compiled by generate "
+             f"(static cache, {cc['backend']}, mode {cc['mode']})")
+    out = [title, "",
+           _para(f"{_model(su['model'], su.get('dtype', 'float32'))}; batch {su['batch']}, "
+                 f"{su['new_tokens']} tokens. Call: `{su['call']}` with a `CompileConfig`",
+                 f"(fullgraph {cc['fullgraph']}, dynamic {cc['dynamic']}). The warmup generates the full",
+                 f"length and compiled {graphs['warmup']} graphs; {graphs['timed']} were compiled while timed.",
+                 "PEFT's mixed batches are left out: compiled, their decode steps can drop the routing",
+                 "(see `scenarios.compiled`)."), ""]
+    out += _timing_table(r, "s", 1.0)
+    same = r["greedy_token_agreement_with_eager"]
+    out += ["", "Greedy tokens identical to the same model's eager generate: "
+            + ", ".join(f"{k} {100 * v:.1f}%" for k, v in same.items()), ""]
+    return out
+
+
 def _step_section(r: dict) -> list[str]:
     su = r["setup"]
     out = [f"## step: one decode step of a serving loop, batch {su['batch']}, cache of {su['cache_len']} tokens", "",
@@ -223,8 +241,9 @@ def _overhead_section(r: dict) -> list[str]:
 
 def markdown(results: dict) -> str:
     out = ["# roadkit benchmark results", ""] + _meta_lines(results["meta"])
-    sections = {"decode": _decode_section, "step": _step_section, "prefill": _prefill_section, "train": _train_section,
-                "merge": _merge_section, "kernels": _kernels_section, "overhead": _overhead_section}
+    sections = {"decode": _decode_section, "step": _step_section, "prefill": _prefill_section,
+                "compiled": _compiled_section, "train": _train_section, "merge": _merge_section,
+                "kernels": _kernels_section, "overhead": _overhead_section}
     for name, section in sections.items():
         if name in results["scenarios"]:
             out += section(results["scenarios"][name])

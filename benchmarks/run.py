@@ -1,5 +1,5 @@
 """Entry point: ``python -m benchmarks.run [--quick | --gpu] [--scenarios a,b,...] [--reps N] [--dtype D]
-[--threads N] [--out DIR]``; scenarios: decode, step, prefill, train, merge, kernels, overhead.
+[--threads N] [--out DIR]``; scenarios: decode, step, prefill, compiled, train, merge, kernels, overhead.
 See benchmarks/README.md."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import platform
 import sys
 import time
 
-SCENARIOS = ("decode", "step", "prefill", "train", "merge", "kernels", "overhead")
-LM_SCENARIOS = ("decode", "step", "prefill")  # these share one set of models
+SCENARIOS = ("decode", "step", "prefill", "compiled", "train", "merge", "kernels", "overhead")
+LM_SCENARIOS = ("decode", "step", "prefill", "compiled")  # these share one set of models
 
 
 def parse_args(argv=None) -> argparse.Namespace:

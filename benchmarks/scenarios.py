@@ -79,7 +79,17 @@ def release() -> None:
 
 
 def decode(s: Settings, reps: int, warmup: int) -> dict:
-    ks = [k for k in s.decode_ks if k <= s.decode_batch]
+    return _generate_cases(s, reps, warmup, "decode", [k for k in s.decode_ks if k <= s.decode_batch],
+                           warm_new_tokens=min(s.warmup_new_tokens, s.new_tokens), extra={})
+
+
+def _generate_cases(s: Settings, reps: int, warmup: int, label: str, ks: list[int], warm_new_tokens: int,
+                    extra: dict, mixed: tuple[str, ...] = C.ADAPTER_CONTENDERS, after_warmup=None,
+                    check_eager: bool = False) -> dict:
+    """Interleaved greedy `generate` calls of base, floor, each contender's single adapter and, for
+    the `mixed` contenders, each k of mixed adapters, with `extra` generate kwargs. With
+    `check_eager`, each case is run once more without them, and the share of identical greedy
+    tokens is reported (`greedy_token_agreement_with_eager`)."""
     models, parity, n_loaded = lm_contenders(s)
 
     g = torch.Generator().manual_seed(s.seed + 11)
@@ -87,15 +97,19 @@ def decode(s: Settings, reps: int, warmup: int) -> dict:
     mask = torch.ones_like(ids)
     outputs: dict[str, torch.Tensor] = {}
 
+    def generate(label: str, model: nn.Module, names, n_new: int, kwargs: dict) -> torch.Tensor:
+        kw = {} if names is None else {"adapter_names": names}
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new,
+                                 min_new_tokens=n_new, do_sample=False, **kwargs, **kw)
+        _sync(s)
+        if tuple(out.shape) != (s.decode_batch, s.prompt_len + n_new):
+            raise RuntimeError(f"{label}: generate returned shape {tuple(out.shape)}")
+        return out[:, s.prompt_len:]
+
     def case(label: str, model: nn.Module, names, n_new: int):
         def fn():
-            kw = {} if names is None else {"adapter_names": names}
-            with torch.inference_mode():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new,
-                                     min_new_tokens=n_new, do_sample=False, **kw)
-            _sync(s)
-            if tuple(out.shape) != (s.decode_batch, s.prompt_len + n_new):
-                raise RuntimeError(f"{label}: generate returned shape {tuple(out.shape)}")
+            out = generate(label, model, names, n_new, extra)
             if n_new == s.new_tokens:
                 outputs[label] = out
         return fn
@@ -106,38 +120,47 @@ def decode(s: Settings, reps: int, warmup: int) -> dict:
     specs[C.FLOOR] = (models[C.FLOOR], None)
     info[C.FLOOR] = {"contender": C.FLOOR, "k": 1, "mode": "floor"}
     for c in (C.ROADKIT, C.PEFT_ROAD):
-        label = f"{c} (1 adapter, unmerged)"
-        specs[label] = (models[c], None)
-        info[label] = {"contender": c, "k": 1, "mode": "single"}
+        case_label = f"{c} (1 adapter, unmerged)"
+        specs[case_label] = (models[c], None)
+        info[case_label] = {"contender": c, "k": 1, "mode": "single"}
     for k in ks:
-        for c in C.ADAPTER_CONTENDERS:
-            label = f"{c} (k={k})"
-            specs[label] = (models[c], _names(s.decode_batch, k))
-            info[label] = {"contender": c, "k": k, "mode": "mixed"}
-    cases = {label: case(label, m, names, s.new_tokens) for label, (m, names) in specs.items()}
-    warm = {label: case(label, m, names, min(s.warmup_new_tokens, s.new_tokens))
-            for label, (m, names) in specs.items()}
+        for c in mixed:
+            case_label = f"{c} (k={k})"
+            specs[case_label] = (models[c], _names(s.decode_batch, k))
+            info[case_label] = {"contender": c, "k": k, "mode": "mixed"}
+    cases = {lb: case(lb, m, names, s.new_tokens) for lb, (m, names) in specs.items()}
+    warm = {lb: case(lb, m, names, warm_new_tokens) for lb, (m, names) in specs.items()}
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run = run_interleaved(cases, reps, warmup, label="decode", warm_cases=warm)
+        run = run_interleaved(cases, reps, warmup, label=label, warm_cases=warm, after_warmup=after_warmup)
+        eager = {lb: generate(lb, m, names, s.new_tokens, {}) for lb, (m, names) in specs.items()
+                 if check_eager}
 
     # Same computation => same greedy tokens (up to float ties): report agreement, do not assert.
     agree = {}
-    for label, meta in info.items():
-        if meta["contender"] == C.ROADKIT:
-            twin = label.replace(C.ROADKIT, C.PEFT_ROAD)
-            a, b = outputs[label][:, s.prompt_len:], outputs[twin][:, s.prompt_len:]
-            agree[label.replace(C.ROADKIT + " ", "")] = (a == b).float().mean().item()
-    return {"setup": {"model": s.lm.as_dict(), "dtype": s.dtype, "batch": s.decode_batch, "prompt_len": s.prompt_len,
-                      "new_tokens": s.new_tokens, "warmup_new_tokens": min(s.warmup_new_tokens, s.new_tokens),
-                      "ks": ks, "adapters_loaded": n_loaded,
-                      "call": ("model.generate(input_ids, attention_mask, adapter_names=..., "
-                               "max_new_tokens=N, min_new_tokens=N, do_sample=False) "
-                               "under torch.inference_mode()")},
-            "parity": parity, "greedy_token_agreement_roadkit_vs_peft_road": agree,
-            "cases": info, "raw": run["times"], "orders": run["orders"],
-            "summary": _summaries(run["times"], "base")}
+    for case_label, meta in info.items():
+        twin = case_label.replace(C.ROADKIT, C.PEFT_ROAD)
+        if meta["contender"] == C.ROADKIT and twin in outputs:
+            agree[case_label.replace(C.ROADKIT + " ", "")] = _agreement(outputs[case_label], outputs[twin])
+    result = {"setup": {"model": s.lm.as_dict(), "dtype": s.dtype, "batch": s.decode_batch,
+                        "prompt_len": s.prompt_len, "new_tokens": s.new_tokens, "warmup_new_tokens": warm_new_tokens,
+                        "ks": ks, "adapters_loaded": n_loaded,
+                        "call": ("model.generate(input_ids, attention_mask, adapter_names=..., "
+                                 "max_new_tokens=N, min_new_tokens=N, do_sample=False"
+                                 + "".join(f", {k}={v!r}" for k, v in extra.items() if isinstance(v, str))
+                                 + ") under torch.inference_mode()")},
+              "parity": parity, "greedy_token_agreement_roadkit_vs_peft_road": agree,
+              "cases": info, "raw": run["times"], "orders": run["orders"],
+              "summary": _summaries(run["times"], "base")}
+    if check_eager:
+        result["greedy_token_agreement_with_eager"] = {lb: _agreement(outputs[lb], eager[lb]) for lb in eager}
+    return result
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of positions where two greedy generations picked the same token."""
+    return (a == b).float().mean().item()
 
 
 # ---- 2. step: a serving loop's decode step -----------------------------------------------------------
@@ -237,7 +260,52 @@ def prefill(s: Settings, reps: int, warmup: int) -> dict:
             "summary": _summaries(run["times"], "base")}
 
 
-# ---- 4. train ---------------------------------------------------------------------------------------
+# ---- 4. compiled: decode with the forward compiled -------------------------------------------------
+
+
+COMPILE_CACHE_LIMIT = 64  # compiled graphs per function: every contender and adapter list adds some
+
+
+def compiled(s: Settings, reps: int, warmup: int) -> dict:
+    """`decode` with each model's forward compiled by `generate` itself (a static KV cache plus a
+    `CompileConfig`: inductor; on CUDA its default mode, CUDA graphs). Compiling fuses roadkit's
+    rotation into one pass over each layer output, which eager PyTorch cannot. k = 1 and the largest
+    decode k; the warmup generates the full length, so the timed calls run the graphs it compiled
+    (the result records how many graphs were compiled during the timed calls: 0 is expected).
+    Every case is checked against the same model's eager generate (identical greedy tokens).
+
+    PEFT's mixed batches are left out. PEFT passes `adapter_names` to its layers through forward
+    pre-hooks, and torch.compile does not guard on hooks by default
+    (`torch._dynamo.config.skip_nnmodule_hook_guards`): once the forward was compiled without
+    `adapter_names`, a mixed call's decode steps reuse that graph and drop the routing. Measured on
+    the quick model: 27% of PEFT RoAd's greedy tokens matched its eager mixed batch (roadkit: 100%,
+    whichever call compiled first). Compiling PEFT LoRA's mixed batch did not finish in 10 minutes
+    on CPU either.
+    """
+    from torch._dynamo.utils import counters
+    from transformers.generation.configuration_utils import CompileConfig
+
+    config = CompileConfig(fullgraph=False, dynamic=False)
+    config._compile_all_devices = True  # transformers compiles generate's forward only on accelerators otherwise
+    dynamo = torch._dynamo.config
+    limit_name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    ks = sorted({1, max(k for k in s.decode_ks if k <= s.decode_batch)})
+    graphs = [counters["stats"]["unique_graphs"]]
+    with dynamo.patch({limit_name: COMPILE_CACHE_LIMIT}):
+        result = _generate_cases(s, reps, warmup, "compiled", ks, warm_new_tokens=s.new_tokens,
+                                 extra={"cache_implementation": "static", "compile_config": config},
+                                 mixed=(C.ROADKIT,), check_eager=True,
+                                 after_warmup=lambda: graphs.append(counters["stats"]["unique_graphs"]))
+    graphs.append(counters["stats"]["unique_graphs"])
+    result["setup"]["compile"] = {"backend": config.backend, "mode": config.mode, "fullgraph": config.fullgraph,
+                                  "dynamic": config.dynamic, limit_name: COMPILE_CACHE_LIMIT}
+    result["graphs_compiled"] = {"warmup": graphs[1] - graphs[0], "timed": graphs[2] - graphs[1]}
+    log(f"compiled: {result['graphs_compiled']['warmup']} graphs compiled in warmup, "
+        f"{result['graphs_compiled']['timed']} while timed")
+    return result
+
+
+# ---- 5. train ---------------------------------------------------------------------------------------
 
 
 def _adapter_types(contender: str) -> tuple[type, ...]:
@@ -351,7 +419,7 @@ def train(s: Settings, reps: int, warmup: int) -> dict:
             "summary": _summaries(run["times"], labels[C.BASE])}
 
 
-# ---- 5. merge ---------------------------------------------------------------------------------------
+# ---- 6. merge ---------------------------------------------------------------------------------------
 
 
 def merge(s: Settings, reps: int, warmup: int) -> dict:
@@ -422,7 +490,7 @@ def merge(s: Settings, reps: int, warmup: int) -> dict:
             "unmerge_error_all_reps": errors}
 
 
-# ---- 6. kernels -------------------------------------------------------------------------------------
+# ---- 7. kernels -------------------------------------------------------------------------------------
 
 KERNEL_ADAPTERS = 64  # rows of the coefficient table in the mixed-batch kernel
 
@@ -505,7 +573,7 @@ def kernels(s: Settings, reps: int, warmup: int) -> dict:
             "max_rel_error_vs_float64": errors, "raw": run["times"], "orders": run["orders"], "summary": summary}
 
 
-# ---- 7. overhead ------------------------------------------------------------------------------------
+# ---- 8. overhead ------------------------------------------------------------------------------------
 
 OVERHEAD_LAYERS, OVERHEAD_WIDTH, OVERHEAD_ROWS, OVERHEAD_ADAPTERS = 28, 128, 4, 4
 OVERHEAD_CALLS = 50  # forward calls per timed sample

@@ -33,9 +33,11 @@ def _timed(fn: Case) -> dict:
 
 
 def run_interleaved(cases: dict[str, Case], reps: int, warmup: int, label: str = "",
-                    warm_cases: dict[str, Case] | None = None) -> dict[str, Any]:
+                    warm_cases: dict[str, Case] | None = None,
+                    after_warmup: Callable[[], None] | None = None) -> dict[str, Any]:
     """Warm up every case `warmup` times (with `warm_cases[name]` when given, e.g. a shorter
-    generate through the same code paths), then `reps` rounds of every case once, rotating the order.
+    generate through the same code paths), call `after_warmup`, then `reps` rounds of every case
+    once, rotating the order.
 
     Returns {"times": {case: {metric: [seconds per rep]}}, "orders": [[case, ...] per rep]}.
     """
@@ -45,6 +47,8 @@ def run_interleaved(cases: dict[str, Case], reps: int, warmup: int, label: str =
         for n in names:
             _timed(warm_cases.get(n, cases[n]))
         log(f"{label}: warmup {w + 1}/{warmup} done")
+    if after_warmup is not None:
+        after_warmup()
     times: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     orders = []
     for r in range(reps):

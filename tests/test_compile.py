@@ -80,6 +80,21 @@ def test_compiled_model_serves_mixed_batches_without_graph_breaks(served):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_model_routes_a_mixed_batch_after_compiling_without_one(served):
+    """The graph compiled for a plain call must not be reused for a routed one (the routing is guarded)."""
+    names = ["b", "__base__", "default"]
+    ids = torch.randint(0, 96, (3, 6), generator=torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    compiled = torch.compile(served, backend="aot_eager")
+    with torch.no_grad():
+        plain = compiled(input_ids=ids).logits
+        got = compiled(input_ids=ids, adapter_names=names).logits
+        want = served(input_ids=ids, adapter_names=names).logits
+        torch.testing.assert_close(plain, served(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-3  # the routing changes the result
+
+
 def test_compiled_model_routes_by_indices_without_recompiling(served):
     """A server keeps one list of adapter names and passes per-call indices: one graph for all of them,
     batch sizes included (after the one recompile that makes the shapes dynamic)."""
@@ -100,3 +115,32 @@ def test_compiled_model_routes_by_indices_without_recompiling(served):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         with pytest.raises(RuntimeError, match=r"adapter_indices must lie in \[0, 3\)"):
             compiled(input_ids=ids, adapter_names=names, adapter_indices=torch.full((batch, seq), 3))
+
+
+def test_compiled_base_model_takes_the_mixed_batch_tables_as_inputs(served):
+    """With the base model compiled and the wrapper routing the call, the coefficient tables come from
+    the layers' caches: the graph does not rebuild them, whatever the adapter count."""
+    graphs = []
+
+    def record(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    names = ["default", "b", "__base__"]
+    ids = torch.randint(0, 96, (3, 6), generator=torch.Generator().manual_seed(2))
+    index = torch.tensor([1, 0, 2])
+    torch._dynamo.reset()
+    inner = served.get_base_model()
+    inner.compile(fullgraph=True, backend=record)
+    try:
+        with torch.no_grad():
+            got = served(input_ids=ids, adapter_names=names, adapter_indices=index).logits
+    finally:
+        inner._compiled_call_impl = None  # back to eager for the other tests
+    with torch.no_grad():
+        want = served(input_ids=ids, adapter_names=names, adapter_indices=index).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    ops = [getattr(n.target, "__name__", str(n.target)) for g in graphs for n in g.graph.nodes
+           if n.op in ("call_function", "call_method")]
+    assert len(graphs) == 1 and "index_select" in ops  # the mixed-batch gather is in the graph
+    assert "stack" not in ops, sorted(set(ops))  # tables are stacked per adapter list when built in the graph

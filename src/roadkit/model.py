@@ -459,7 +459,12 @@ class RoadModel(nn.Module):
         else:
             unique, index = tuple(names), self._check_indices(adapter_indices, len(names), batch_shape)
             index = index.to(device, torch.int32)
-        with self._set_on_adapter_modules("routing", Routing(unique, index, batch_shape), reset=None, modules=modules):
+        routing = Routing(unique, index, batch_shape)
+        if not torch.compiler.is_compiling():  # tables from the layers' caches: inputs to a compiled model
+            for m in modules:
+                if isinstance(m, RoadLayer):
+                    m.tables_for(routing)
+        with self._set_on_adapter_modules("routing", routing, reset=None, modules=modules):
             yield
 
     @staticmethod

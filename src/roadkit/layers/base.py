@@ -73,8 +73,8 @@ class Routing:
 
     `batch_shape` is the (batch, seq) of the model input, when known: it lets per-row indices
     reach layers that see the batch flattened to (batch * seq) rows (OPT's MLP, for one).
-    `tables` holds each layer's coefficient tables for this routing, looked up on the layer's first
-    call, so the decode steps of one `generate` reuse them; they go when the routing does.
+    `tables` holds each layer's coefficient tables for this routing (`RoadLayer.tables_for`); they go
+    when the routing does.
     """
 
     names: tuple[str, ...]
@@ -360,13 +360,17 @@ class RoadLayer(nn.Module):
             result = F.rotate(result, inv, self.group_size[name], self.feature_dim)
         return result
 
-    def _tables(self, routing: Routing) -> list[_Prepared]:
-        """The coefficient tables for this routing, one per group size; looked up once per model
-        call, so decode steps of one `generate` pay no per-adapter bookkeeping. Under torch.compile
-        they are built in the graph, from the parameters, where the compiler fuses them."""
-        if torch.compiler.is_compiling():
-            return [self._build_table(routing.names, g) for g in self._group_sizes(routing.names)]
+    def tables_for(self, routing: Routing) -> list[_Prepared]:
+        """The coefficient tables for this routing, one per group size, kept on the routing.
+
+        The model wrapper looks them up for every layer before the model runs, so the decode steps
+        of one `generate` pay no per-adapter bookkeeping, and a compiled model receives them as
+        inputs. A layer that finds none builds them: from its caches, or, under torch.compile, in
+        the graph from the parameters.
+        """
         tables = routing.tables.get(self)
+        if tables is None and torch.compiler.is_compiling():
+            return [self._build_table(routing.names, g) for g in self._group_sizes(routing.names)]
         if tables is None:
             hit = self._mixed_get(("sizes", routing.names))
             if hit is None or hit[0] != self.road_theta.generation:  # adapters added, deleted or re-created
@@ -390,7 +394,7 @@ class RoadLayer(nn.Module):
                 f"adapter routing of shape {tuple(index.shape)} does not match the leading dimensions of "
                 f"this layer's output {tuple(result.shape)}: give one adapter per batch row (or per token)."
             )
-        for t in self._tables(routing):
+        for t in self.tables_for(routing):
             result = F.rotate_indexed(result, t.coeffs, index, t.group_size, dim, t.shifted)
         return result
 
