@@ -282,6 +282,27 @@ def test_fused_backward_gradcheck_other_dim_and_per_row_coefficients():
     assert torch.autograd.gradcheck(lambda x, c, s: F.rotate(x, (c, s), g, -1), (x2, c2, s2))
 
 
+@pytest.mark.parametrize("layout", ["last", "channels", "per_row"])
+def test_traced_formulation_equals_dense_matrix_and_eager_backward(layout):
+    """What runs under torch.compile (no in-place ops) against the dense reference and the eager backward."""
+    g, d = 4, 8
+    rows = [F.coefficients("road_4", g, *random_params("road_4", d, seed=i)) for i in range(3)]
+    if layout == "per_row":
+        c, s = (torch.stack([r[k] for r in rows])[:, None, :] for k in (0, 1))
+        x, gy, dim = torch.randn(3, 2, d, dtype=torch.float64), torch.randn(3, 2, d, dtype=torch.float64), -1
+        want = torch.stack([x[i] @ dense(*rows[i], g).T for i in range(3)])
+    else:
+        c, s = rows[0]
+        shape, dim = ((2, d, 3), 1) if layout == "channels" else ((2, 3, d), -1)
+        x, gy = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+        want = torch.einsum("ij,bj...->bi...", dense(c, s, g), x) if dim == 1 else x @ dense(c, s, g).T
+    torch.testing.assert_close(kernels.torch_ops.rotate_traced(x, c, s, g, dim), want)
+    eager = kernels.torch_ops.backward(gy, x, c, s, g, dim, need_gx=True)
+    traced = kernels.torch_ops.backward_traced(gy, x, c, s, g, dim, need_gx=True)
+    for t, e in zip(traced, eager, strict=True):
+        torch.testing.assert_close(t, e)
+
+
 def test_half_precision_input_is_computed_in_fp32_and_returned_in_its_dtype():
     g, d = 8, 16
     coeffs = F.coefficients("road_2", g, *random_params("road_2", d, dtype=torch.float32))

@@ -45,6 +45,54 @@ def rotate_values(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size:
     return out.flatten(pair - 1, pair + 1)
 
 
+def _signed(s: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(-s0, s1): the sines with the sign each half's cross term takes in R (last axis, per group)."""
+    sv = s.unflatten(-1, (-1, 2, group_size // 2))
+    return torch.stack((-sv.select(-2, 0), sv.select(-2, 1)), dim=-2).flatten(-3)
+
+
+def _pairs_along(t: torch.Tensor, dim: int, group_size: int) -> torch.Tensor:
+    """t viewed as (..., groups, 2, half, ...) along `dim`."""
+    return t.unflatten(dim, (-1, 2, group_size // 2))
+
+
+def _coefficients_along(v: torch.Tensor, trailing: int, group_size: int) -> torch.Tensor:
+    """A (..., d) coefficient tensor viewed as (..., groups, 2, half), broadcasting over `trailing` axes."""
+    return _pairs_along(v, -1, group_size)[(...,) + (None,) * trailing]
+
+
+def rotate_traced(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int,
+                  dim: int = -1) -> torch.Tensor:
+    """R x as one expression with no in-place ops, for compilers: x*c + swap(x)*(-s0, s1), where
+    swap exchanges the halves of each group. A compiler fuses it into one pass over x; eager
+    PyTorch would copy the swapped x first, so the eager paths use `rotate_values` and
+    `rotate_shifted`. Math in the coefficients' dtype."""
+    dim = dim % x.dim()
+    trailing = x.dim() - 1 - dim
+    xv = _pairs_along(x.to(c.dtype), dim, group_size)
+    cv, sv = (_coefficients_along(v, trailing, group_size) for v in (c, _signed(s, group_size)))
+    return (xv * cv + xv.flip(dim + 1) * sv).flatten(dim, dim + 2)
+
+
+def backward_traced(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: torch.Tensor,
+                    group_size: int, dim: int, need_gx: bool):
+    """`backward` for compilers, with no in-place ops (see `rotate_traced`): R^T gy is
+    gy*c + swap(gy*(-s0, s1)); dc sums gy*x, and ds sums gy*swap(x), then takes the signs back."""
+    dim = dim % gy.dim()
+    trailing = gy.dim() - 1 - dim
+    gyv = _pairs_along(gy.to(c.dtype), dim, group_size)
+    gx = None
+    if need_gx:
+        cv, sv = (_coefficients_along(v, trailing, group_size) for v in (c, _signed(s, group_size)))
+        gx = (gyv * cv + (gyv * sv).flip(dim + 1)).flatten(dim, dim + 2).to(gy.dtype)
+    if x is None:
+        return gx, None, None
+    xv = _pairs_along(x.to(c.dtype), dim, group_size)
+    gc = _reduce_to((gyv * xv).flatten(dim, dim + 2), dim, c.shape)
+    gs = _signed(_reduce_to((gyv * xv.flip(dim + 1)).flatten(dim, dim + 2), dim, s.shape), group_size)
+    return gx, gc, gs
+
+
 def _reduce_to(full: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
     """Sum a per-element gradient (feature axis `dim` of x) down to a coefficient tensor's shape."""
     trailing = tuple(range(dim + 1, full.dim()))
@@ -116,8 +164,10 @@ def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, 
 
     With `shifted` (`shifted_layout(c, s)`, precomputed by callers that reuse coefficients) and
     the features last, the faster `rotate_shifted` runs. When x already has the coefficients'
-    dtype, nothing is allocated beyond the output.
+    dtype, nothing is allocated beyond the output. Under torch.compile: `rotate_traced`.
     """
+    if torch.compiler.is_compiling():
+        return _in_dtype_of(x, rotate_traced(x, c, s, group_size, dim))
     if shifted is not None and dim % x.dim() == x.dim() - 1:
         return _in_dtype_of(x, rotate_shifted(x, shifted.c, shifted.s_up, shifted.s_down, group_size // 2))
     return _in_dtype_of(x, rotate_values(x, c, s, group_size, dim))
@@ -132,8 +182,10 @@ def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: to
     """(dx = R^T gy, dc, ds) of y = R x; dc and ds (reduced to c's shape) only when x is given.
 
     dc sums gy * x; ds sums gy0 * x1 and gy1 * x0 half by half and stacks the reduced halves, so no
-    product is ever stacked or negated at full size.
+    product is ever stacked or negated at full size. Under torch.compile: `backward_traced`.
     """
+    if torch.compiler.is_compiling():
+        return backward_traced(gy, x, c, s, group_size, dim, need_gx)
     dim = dim % gy.dim()
     gx = rotate_values(gy, c, s, group_size, dim, transpose=True).to(gy.dtype) if need_gx else None
     if x is None:
@@ -157,10 +209,11 @@ def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tenso
 
     `index` covers a prefix of the axes before `dim` (per batch row) or all of them (per token).
     `shifted_table` is `shifted_layout(c_table, s_table)`: with the features last, each row's
-    coefficients then come with one gather and go through the faster pass.
+    coefficients then come with one gather and go through the faster pass. Under torch.compile the
+    plain tables are gathered and `forward` runs, which a compiler fuses with the gather.
     """
     dim = dim % x.dim()
-    if shifted_table is not None and dim == x.dim() - 1:
+    if shifted_table is not None and dim == x.dim() - 1 and not torch.compiler.is_compiling():
         if index.numel() * shifted_table.row_bytes <= GATHER_BYTES:  # the common case: one gather
             return _in_dtype_of(x, _gather_rotate(x, shifted_table.packed, index, group_size // 2))
         return _forward_indexed_chunked(x, shifted_table, index, group_size // 2)
