@@ -11,9 +11,16 @@ from .settings import GROUP_SIZE, LORA_ALPHA, LORA_RANK, VARIANT
 MB = 1024 * 1024
 
 
+def _write_text(path: str, text: str) -> None:
+    """Replace `path` atomically: a run killed mid-write leaves the previous file, never half of one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_json(results: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1, sort_keys=False)
+    _write_text(path, json.dumps(results, indent=1, sort_keys=False))
 
 
 def _fmt(x: float, scale: float = 1.0, digits: int = 3) -> str:
@@ -68,7 +75,10 @@ def _meta_lines(meta: dict) -> list[str]:
         env += " (set by --omp-wait-policy)"
     out = [
         _para(f"- date: {meta['date']}, run: `{meta['command']}` ({meta['settings']['name']} settings),",
-              f"total runtime {meta['total_seconds']:.0f} s"),
+              f"total runtime {meta['total_seconds']:.0f} s"
+              + ("" if meta.get("complete", True) else
+                 f" (**incomplete**: written after {len(meta['scenarios_done'])} of {len(meta['scenarios'])}"
+                 " scenarios; a later write replaces this)")),
         _para(f"- torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']},",
               f"roadkit {meta['roadkit']}, python {meta['python']}"),
         _para(f"- CPU: {meta['cpu']} ({meta['cpu_count']} cores visible), torch threads {meta['threads']},",
@@ -169,6 +179,14 @@ def _train_section(r: dict) -> list[str]:
     out += ["", _para(f"roadkit's step time over PEFT RoAd's, {r['rounds']} interleaved rounds: per-round ratio",
                       f"median **{v['paired_median']:.3f}** (quartiles {v['paired_q1']:.3f} – {v['paired_q3']:.3f}),",
                       f"ratio of medians {v['of_medians']:.3f}.")]
+    b = r.get("bound")
+    if b is not None:
+        z = b["zero_cost_adapter_over_peft_road"]
+        out += ["", _para("An adapter that cost nothing would take the base row's time: against PEFT RoAd that is",
+                          f"**{z['paired_median']:.3f}** per round (quartiles {z['paired_q1']:.3f} –",
+                          f"{z['paired_q3']:.3f}), the best ratio any adapter can reach here. roadkit's own",
+                          "cost (its median step minus the base's) is",
+                          f"**{b['roadkit_overhead_over_peft_road_overhead']:.2f}x** PEFT RoAd's.")]
     out += ["", "Bytes saved for backward during the forward (unique storages; parameters excluded):", "",
             ("| contender | trainable params | adapter layers "
             "| saved inside adapter layers, outside base layer (MB) "
@@ -239,20 +257,23 @@ def _overhead_section(r: dict) -> list[str]:
     return out + [""]
 
 
+def _failed_section(name: str, r: dict) -> list[str]:
+    return [f"## {name}: failed", "", f"After {r['seconds']:.0f} s: `{r['error']}` (traceback in results.json).", ""]
+
+
 def markdown(results: dict) -> str:
     out = ["# roadkit benchmark results", ""] + _meta_lines(results["meta"])
     sections = {"decode": _decode_section, "step": _step_section, "prefill": _prefill_section,
                 "compiled": _compiled_section, "train": _train_section, "merge": _merge_section,
                 "kernels": _kernels_section, "overhead": _overhead_section}
-    for name, section in sections.items():
-        if name in results["scenarios"]:
-            out += section(results["scenarios"][name])
+    for name, r in results["scenarios"].items():
+        out += _failed_section(name, r) if "error" in r else sections[name](r)
     return "\n".join(out)
 
 
 def plot_decode(results: dict, path: str) -> bool:
     r = results["scenarios"].get("decode")
-    if r is None:
+    if r is None or "error" in r:
         return False
     import matplotlib
 
@@ -292,7 +313,8 @@ def plot_decode(results: dict, path: str) -> bool:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(f"{path}.tmp", dpi=120, format="png")
+    os.replace(f"{path}.tmp", path)
     plt.close(fig)
     return True
 
@@ -301,8 +323,7 @@ def write_all(results: dict, out_dir: str) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")]
     write_json(results, paths[0])
-    with open(paths[1], "w") as f:
-        f.write(markdown(results))
+    _write_text(paths[1], markdown(results))
     png = os.path.join(out_dir, "decode_vs_adapters.png")
     if plot_decode(results, png):
         paths.append(png)

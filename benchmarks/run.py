@@ -1,6 +1,7 @@
 """Entry point: ``python -m benchmarks.run [--quick | --gpu] [--scenarios a,b,...] [--reps N] [--dtype D]
-[--threads N] [--out DIR]``; scenarios: decode, step, prefill, compiled, train, merge, kernels, overhead.
-See benchmarks/README.md."""
+[--threads N] [--keep-going] [--out DIR]``; scenarios: decode, step, prefill, compiled, train, merge, kernels,
+overhead, run in the order given. The results are rewritten after every scenario, so a run cut short keeps
+what it finished. See benchmarks/README.md."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 
 SCENARIOS = ("decode", "step", "prefill", "compiled", "train", "merge", "kernels", "overhead")
 LM_SCENARIOS = ("decode", "step", "prefill", "compiled")  # these share one set of models
@@ -23,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     size.add_argument("--gpu", action="store_true",
                       help="on CUDA: a ~1.2B-parameter Llama in bfloat16, 256 MiB kernel tensors")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
+                   help=f"comma-separated subset of {','.join(SCENARIOS)}, run in this order (default: all)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default: 5, quick: 3)")
     p.add_argument("--warmup", type=int, default=None, help="warmup rounds before timing (default: 1)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -32,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
     p.add_argument("--omp-wait-policy", choices=["default", "passive", "active"], default="default",
                    help="OpenMP wait policy; 'passive' for machines shared with other busy processes")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a scenario that fails is recorded (its error in the results) and the next one runs; "
+                        "the exit status is 1 if any failed")
     p.add_argument("--out", default=None,
                    help="output folder (default: benchmarks/results, quick: benchmarks/results/quick)")
     args = p.parse_args(argv)
@@ -39,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [x for x in args.scenarios if x not in SCENARIOS]
     if bad or not args.scenarios:
         p.error(f"unknown scenario(s) {bad}; choose from {', '.join(SCENARIOS)}")
+    repeated = sorted({x for x in args.scenarios if args.scenarios.count(x) > 1})
+    if repeated:
+        p.error(f"scenario(s) named twice: {', '.join(repeated)}")
     if args.reps is not None and args.reps < 1:
         p.error("--reps must be >= 1")
     if args.threads < 1:
@@ -143,26 +151,48 @@ def main(argv=None) -> int:
         "omp_wait_policy_set_by_harness": omp_set_here,
     }, "scenarios": {}}
 
-    last_lm = next((x for x in reversed(SCENARIOS) if x in LM_SCENARIOS and x in args.scenarios), None)
-    for name in SCENARIOS:
-        if name not in args.scenarios:
-            continue
+    last_lm = next((x for x in reversed(args.scenarios) if x in LM_SCENARIOS), None)
+    failed = []
+    for name in args.scenarios:
         log(f"=== {name} ({settings.name}, reps {reps}, warmup {warmup}, "
             f"threads {torch.get_num_threads()}) ===")
         t0 = time.perf_counter()
-        results["scenarios"][name] = getattr(scenarios, name)(settings, reps, warmup)
-        results["scenarios"][name]["seconds"] = time.perf_counter() - t0
-        log(f"=== {name} done in {results['scenarios'][name]['seconds']:.0f} s ===")
+        try:
+            results["scenarios"][name] = getattr(scenarios, name)(settings, reps, warmup)
+        except KeyboardInterrupt:  # e.g. `timeout --signal=INT`: what finished is already written
+            log(f"=== interrupted during {name}; the results of {list(results['scenarios']) or 'no scenario'} "
+                f"are in {out_dir} ===")
+            return 130
+        except Exception as exc:
+            if not args.keep_going:
+                raise
+            failed.append(name)
+            results["scenarios"][name] = {"error": f"{type(exc).__name__}: {exc}",
+                                          "traceback": traceback.format_exc()}
+        results["scenarios"][name]["seconds"] = seconds = time.perf_counter() - t0
+        log(f"=== {name} FAILED after {seconds:.0f} s: {results['scenarios'][name]['error']} ==="
+            if name in failed else f"=== {name} done in {seconds:.0f} s ===")
         if name == last_lm:
             scenarios.release()  # the models the LM scenarios share are no longer needed
+        done = len(results["scenarios"]) == len(args.scenarios)
+        paths = _write(results, out_dir, t_start, complete=done)
 
+    print(report.markdown(results))
+    log(f"wrote {', '.join(paths)}; total {results['meta']['total_seconds']:.0f} s"
+        + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _write(results: dict, out_dir: str, t_start: float, complete: bool) -> list[str]:
+    """Write the results so far (every file replaced atomically), stamped with the time and load now."""
+    from . import report
+
+    results["meta"]["complete"] = complete
+    results["meta"]["scenarios_done"] = list(results["scenarios"])
     results["meta"]["loadavg_end"] = _loadavg()
     results["meta"]["cpu_pressure_end"] = _cpu_pressure()
     results["meta"]["total_seconds"] = time.perf_counter() - t_start
-    paths = report.write_all(results, out_dir)
-    print(report.markdown(results))
-    log(f"wrote {', '.join(paths)}; total {results['meta']['total_seconds']:.0f} s")
-    return 0
+    return report.write_all(results, out_dir)
 
 
 if __name__ == "__main__":

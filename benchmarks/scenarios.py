@@ -7,6 +7,7 @@ wall-clock time covers the work the call queued on a GPU.
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 import warnings
 
@@ -408,14 +409,22 @@ def train(s: Settings, reps: int, warmup: int) -> dict:
     log("train: saved-tensor accounting done")
 
     run = run_interleaved(cases, reps * TRAIN_ROUNDS_PER_REP, warmup, label="train")
-    vs_peft = ratio_stats(run["times"][C.ROADKIT]["seconds"], run["times"][C.PEFT_ROAD]["seconds"])
+    t = {c: run["times"][c]["seconds"] for c in (C.ROADKIT, C.PEFT_ROAD)}
+    t_base = run["times"][labels[C.BASE]]["seconds"]
+    vs_peft = ratio_stats(t[C.ROADKIT], t[C.PEFT_ROAD])
+    # What any adapter could reach against PEFT RoAd: one that cost nothing would take the base
+    # model's step. And roadkit's own cost (its step minus the base's) as a share of PEFT RoAd's.
+    medians = {c: statistics.median(xs) for c, xs in (*t.items(), ("base", t_base))}
+    bound = {"zero_cost_adapter_over_peft_road": ratio_stats(t_base, t[C.PEFT_ROAD]),
+             "roadkit_overhead_over_peft_road_overhead":
+                 (medians[C.ROADKIT] - medians["base"]) / (medians[C.PEFT_ROAD] - medians["base"])}
     models.clear()
     opts.clear()
     return {"setup": {"model": s.train_model.as_dict(), "batch": s.train_batch, "seq_len": s.train_len,
                       "step": ("zero_grad; model(input_ids, labels=input_ids).loss.backward(); "
                                "AdamW(lr=1e-3).step() on the adapter parameters")},
             "rounds": reps * TRAIN_ROUNDS_PER_REP, "parity": parity, "cases": info, "memory": memory,
-            "roadkit_over_peft_road": vs_peft, "raw": run["times"], "orders": run["orders"],
+            "roadkit_over_peft_road": vs_peft, "bound": bound, "raw": run["times"], "orders": run["orders"],
             "summary": _summaries(run["times"], labels[C.BASE])}
 
 
