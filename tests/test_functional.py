@@ -106,6 +106,36 @@ def test_shifted_layout_equals_dense_matrix(variant, g, d):
     assert torch.equal(F.rotate(x32, (c32, s32), g, shifted=shifted), F.rotate(x32, (c32, s32), g))
 
 
+def test_a_row_memo_keeps_gathered_rows_from_their_second_use_and_within_its_budget(monkeypatch):
+    """A routing's memo: the first call gathers and keeps nothing, the second keeps the rows, later
+    calls reuse them (same bits as gathering); past MEMO_BYTES rows are gathered on every call."""
+    from roadkit.kernels import torch_ops
+
+    g, d, B = 4, 8, 3
+    rows = [F.coefficients("road_2", g, *random_params("road_2", d, seed=i, dtype=torch.float32)) for i in range(4)]
+    tables = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+    shifted = F.shifted_layout(tables, g)
+    index = torch.tensor([2, 0, 3], dtype=torch.int32)
+    prefill, step = torch.randn(B, 5, d), torch.randn(B, 1, d)  # one index serves both (one row per batch row)
+    memo = F.RowMemo()
+    want = [F.rotate_indexed(x, tables, index, g, shifted=shifted) for x in (prefill, step, step)]
+    got = [F.rotate_indexed(prefill, tables, index, g, shifted=shifted, memo=memo)]
+    assert list(memo.entries.values()) == [None] and memo.nbytes == 0
+    got.append(F.rotate_indexed(step, tables, index, g, shifted=shifted, memo=memo))
+    (kept,) = memo.entries.values()
+    assert memo.nbytes == B * shifted.row_bytes
+    got.append(F.rotate_indexed(step, tables, index, g, shifted=shifted, memo=memo))
+    assert next(iter(memo.entries.values())) is kept
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+    monkeypatch.setattr(torch_ops, "MEMO_BYTES", B * shifted.row_bytes - 1)
+    small = F.RowMemo()
+    for _ in range(3):
+        assert torch.equal(F.rotate_indexed(step, tables, index, g, shifted=shifted, memo=small), want[1])
+    assert list(small.entries.values()) == [None] and small.nbytes == 0
+
+
 @pytest.mark.parametrize("index_shape", ["row", "token", "flat"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mixed_batches_gather_in_chunks_with_the_same_bits(index_shape, dtype, monkeypatch):

@@ -612,6 +612,34 @@ def test_mixed_batches_keep_the_adapter_module_list_across_forwards(llama_base, 
     assert rm.__dict__["_adapter_modules_memo"] is listed
 
 
+def test_mixed_generate_gathers_coefficients_in_its_first_two_forwards_only(two, input_ids):
+    """The decode steps of one mixed-batch `generate` reuse the per-row coefficients the routing
+    kept (torch path): packed-table gathers happen in the prefill and the first decode step, none
+    after, and the tokens are those of a generate that gathers on every step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from roadkit.kernels import torch_ops
+
+    class Count(TorchDispatchMode):  # packed (n, 3, d) tables gathered, per forward of the base model
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.index_select.default and args[0].dim() == 3 and args[0].shape[1] == 3:
+                per_forward[-1] += 1
+            return func(*args, **(kwargs or {}))
+
+    per_forward: list[int] = []
+    hook = two.get_base_model().register_forward_pre_hook(lambda *_: per_forward.append(0))
+    names = ["b", "__base__", "default", "b"]
+    kwargs = dict(attention_mask=torch.ones_like(input_ids), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    with torch.no_grad(), Count():
+        tokens = two.generate(input_ids, adapter_names=names, **kwargs)
+    hook.remove()
+    layers = sum(len(lyr._group_sizes(("b", "default"))) for _, lyr in two.road_layers())
+    assert per_forward == [layers, layers, 0, 0, 0]
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch_ops, "MEMO_BYTES", 0)
+        assert torch.equal(two.generate(input_ids, adapter_names=names, **kwargs), tokens)
+
+
 def test_mixed_batch_positive_control(counted, llama_base, input_ids):
     rm, calls = counted
     outs = {"__base__": logits(llama_base, input_ids)}

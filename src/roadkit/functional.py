@@ -21,6 +21,7 @@ from .config import VARIANTS, normalize_variant
 
 Coefficients = tuple[torch.Tensor, torch.Tensor]
 ShiftedLayout = kernels.ShiftedLayout  # coefficients packed for the torch kernels' fast path
+RowMemo = kernels.RowMemo  # a routing's gathered per-row coefficients, kept between its calls
 
 
 def parameter_length(variant: str, out_features: int) -> int:
@@ -155,14 +156,16 @@ def road(x: torch.Tensor, variant: str, group_size: int, theta: torch.Tensor, al
 
 
 def rotate_indexed(x: torch.Tensor, tables: Coefficients, index: torch.Tensor, group_size: int,
-                   dim: int = -1, shifted: Optional[kernels.ShiftedLayout] = None) -> torch.Tensor:
+                   dim: int = -1, shifted: Optional[kernels.ShiftedLayout] = None,
+                   memo: Optional[kernels.RowMemo] = None) -> torch.Tensor:
     """Mixed batches: rotate each row (or token) of x by the coefficient row `index` selects.
 
     `tables` are (c, s) of shape (n_adapters, d_out); `index` has the shape of the leading axes of
     x before `dim` (per token) or a prefix of them (per batch row). Cost is independent of
-    n_adapters. Inference only (no autograd). `shifted` is `shifted_layout(tables, group_size)`.
+    n_adapters. Inference only (no autograd). `shifted` is `shifted_layout(tables, group_size)`;
+    `memo`, one per routing (the same tables and index on every call), spares later calls the gather.
     """
-    return kernels.forward_indexed(x, tables[0], tables[1], index, group_size, dim, shifted)
+    return kernels.forward_indexed(x, tables[0], tables[1], index, group_size, dim, shifted, memo)
 
 
 def shifted_layout(coeffs: Coefficients, group_size: int) -> kernels.ShiftedLayout:
@@ -254,6 +257,7 @@ def rotate_rows_(weight: torch.Tensor, coeffs: Coefficients, group_size: int) ->
 __all__ = [
     "VARIANTS",
     "Coefficients",
+    "RowMemo",
     "ShiftedLayout",
     "check_group_size",
     "coefficient_grads",

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import RoadConfig
-from .functional import check_group_size, parameter_length
+from .functional import RowMemo, check_group_size, parameter_length
 from .layers import BASE, AdapterParameters, ModulesToSaveWrapper, RoadLayer, Routing, out_features_of, wrapper_for
 from .subspace import free_entries, outside_count
 from .targeting import select_modules_to_save, select_targets
@@ -459,8 +459,10 @@ class RoadModel(nn.Module):
         else:
             unique, index = tuple(names), self._check_indices(adapter_indices, len(names), batch_shape)
             index = index.to(device, torch.int32)
-        routing = Routing(unique, index, batch_shape)
-        if not torch.compiler.is_compiling():  # tables from the layers' caches: inputs to a compiled model
+        if torch.compiler.is_compiling():
+            routing = Routing(unique, index, batch_shape)
+        else:  # tables from the layers' caches: inputs to a compiled model
+            routing = Routing(unique, index, batch_shape, rows=RowMemo())
             for m in modules:
                 if isinstance(m, RoadLayer):
                     m.tables_for(routing)

@@ -5,6 +5,7 @@ the autograd Functions on top):
     forward(x, c, s, g, dim)                    y = R x
     backward(gy, x, c, s, g, dim, need_gx)      (R^T gy, dc, ds)
     forward_indexed(x, c_tab, s_tab, idx, g, dim)   mixed batches: row/token i uses table row idx[i]
+                                                    (a `RowMemo` keeps gathered rows between calls)
 and, for merging, the in-place `rotate_rows_(w, c, s, g)`: w <- R w over its first axis.
 `forward` and `forward_indexed` also take the coefficients packed by `shifted_layout`, which the
 torch path turns into fewer, longer loops (callers that reuse coefficients pack them once).
@@ -64,21 +65,26 @@ def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: to
 
 
 def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
-                    group_size: int, dim: int = -1,
-                    shifted_table: Optional[torch_ops.ShiftedLayout] = None) -> torch.Tensor:
-    """Mixed batches: each row (or token) of x uses its own row of the coefficient tables."""
+                    group_size: int, dim: int = -1, shifted_table: Optional[torch_ops.ShiftedLayout] = None,
+                    memo: Optional[torch_ops.RowMemo] = None) -> torch.Tensor:
+    """Mixed batches: each row (or token) of x uses its own row of the coefficient tables.
+
+    The torch path gathers those rows first, and keeps them in `memo` for the routing's later
+    calls; the Triton kernel reads the tables through the index and needs no memo.
+    """
     ops = _triton_for(x, dim)
     if ops is not None:
         return ops.forward_indexed(x, c_table, s_table, index, group_size)
-    return torch_ops.forward_indexed(x, c_table, s_table, index, group_size, dim, shifted_table)
+    return torch_ops.forward_indexed(x, c_table, s_table, index, group_size, dim, shifted_table, memo)
 
 
 shifted_layout = torch_ops.shifted_layout
 ShiftedLayout = torch_ops.ShiftedLayout
+RowMemo = torch_ops.RowMemo
 
 
 # Merging runs once, not per token: the torch implementation serves every device.
 rotate_rows_ = torch_ops.rotate_rows_
 
-__all__ = ["ShiftedLayout", "backward", "forward", "forward_indexed", "implementation", "rotate_rows_",
+__all__ = ["RowMemo", "ShiftedLayout", "backward", "forward", "forward_indexed", "implementation", "rotate_rows_",
            "shifted_layout"]

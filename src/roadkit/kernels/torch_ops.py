@@ -204,18 +204,22 @@ def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: to
 
 
 def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
-                    group_size: int, dim: int = -1, shifted_table: Optional[ShiftedLayout] = None) -> torch.Tensor:
+                    group_size: int, dim: int = -1, shifted_table: Optional[ShiftedLayout] = None,
+                    memo: Optional[RowMemo] = None) -> torch.Tensor:
     """Mixed batches: gather each row's (or token's) coefficients by `index`, then one fused pass.
 
     `index` covers a prefix of the axes before `dim` (per batch row) or all of them (per token).
     `shifted_table` is `shifted_layout(c_table, s_table)`: with the features last, each row's
-    coefficients then come with one gather and go through the faster pass. Under torch.compile the
-    plain tables are gathered and `forward` runs, which a compiler fuses with the gather.
+    coefficients then come with one gather and go through the faster pass, and `memo` (one per
+    routing of a model call) keeps gathered rows for the calls after (see `RowMemo`). Under
+    torch.compile the plain tables are gathered and `forward` runs, which a compiler fuses with the
+    gather.
     """
     dim = dim % x.dim()
     if shifted_table is not None and dim == x.dim() - 1 and not torch.compiler.is_compiling():
         if index.numel() * shifted_table.row_bytes <= GATHER_BYTES:  # the common case: one gather
-            return _in_dtype_of(x, _gather_rotate(x, shifted_table.packed, index, group_size // 2))
+            half = group_size // 2
+            return _in_dtype_of(x, rotate_shifted(x, *_gathered(shifted_table, index, x.dim(), half, memo), half))
         return _forward_indexed_chunked(x, shifted_table, index, group_size // 2)
     lead = tuple(index.shape) + (1,) * (dim - index.dim())
     flat = index.reshape(-1)  # index_select is several times faster than advanced indexing on CPU
@@ -225,6 +229,43 @@ def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tenso
 
 
 GATHER_BYTES = 32 << 20  # most per-row coefficients a mixed batch gathers at once
+MEMO_BYTES = 64 << 20  # most gathered per-row coefficients one `RowMemo` keeps
+
+
+class RowMemo:
+    """Per-row coefficients gathered for one routing of a model call, kept from their second use on.
+
+    A `generate` call routes its prefill and every decode step the same way, so from the first
+    decode step on each layer finds its rows here instead of gathering them again. A plain forward
+    uses its rows once and keeps none. At most `MEMO_BYTES` are kept; past that, layers gather on
+    every call. Entries are keyed by the packed table (which the routing keeps alive), the index's
+    shape and x's rank: within one routing those fix the index's values.
+    """
+
+    __slots__ = ("entries", "nbytes")
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple, Optional[tuple[torch.Tensor, ...]]] = {}  # None: gathered once so far
+        self.nbytes = 0
+
+
+def _gathered(table: ShiftedLayout, index: torch.Tensor, x_dim: int, half: int,
+              memo: Optional[RowMemo] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each index entry's packed row, shaped to broadcast against an x of `x_dim` axes, as the
+    windows `rotate_shifted` reads; through `memo` when given."""
+    key = (id(table.packed), tuple(index.shape), x_dim)
+    hit = memo.entries.get(key) if memo is not None else None
+    if hit is not None:
+        return hit
+    lead = tuple(index.shape) + (1,) * (x_dim - 1 - index.dim())
+    # index_select is several times faster than advanced indexing on CPU
+    rows = table.packed.index_select(0, index.reshape(-1)).view(lead + tuple(table.packed.shape[1:]))
+    windows = _windows(rows, half)
+    if memo is not None:
+        keep = key in memo.entries and memo.nbytes + rows.nbytes <= MEMO_BYTES
+        memo.entries[key] = windows if keep else None
+        memo.nbytes += rows.nbytes if keep else 0
+    return windows
 
 
 def _forward_indexed_chunked(x: torch.Tensor, shifted_table: ShiftedLayout, index: torch.Tensor,
@@ -242,17 +283,9 @@ def _forward_indexed_chunked(x: torch.Tensor, shifted_table: ShiftedLayout, inde
     step = max(1, GATHER_BYTES // (shifted_table.row_bytes * math.prod(index_.shape[1:])))
     out = torch.empty(x_.shape, dtype=x.dtype, device=x.device)
     for start in range(0, index_.shape[0], step):
-        chunk = _gather_rotate(x_[start:start + step], shifted_table.packed, index_[start:start + step], half)
-        out[start:start + step] = chunk
+        windows = _gathered(shifted_table, index_[start:start + step], x_.dim(), half)
+        out[start:start + step] = rotate_shifted(x_[start:start + step], *windows, half)
     return out.view(x.shape)
-
-
-def _gather_rotate(x: torch.Tensor, packed: torch.Tensor, index: torch.Tensor, half: int) -> torch.Tensor:
-    """Gather each entry's packed row, then the three-op pass."""
-    lead = tuple(index.shape) + (1,) * (x.dim() - 1 - index.dim())
-    # index_select is several times faster than advanced indexing on CPU
-    rows = packed.index_select(0, index.reshape(-1)).view(lead + tuple(packed.shape[1:]))
-    return rotate_shifted(x, *_windows(rows, half), half)
 
 
 def rotate_rows_(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int,

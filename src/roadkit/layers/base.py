@@ -73,14 +73,17 @@ class Routing:
 
     `batch_shape` is the (batch, seq) of the model input, when known: it lets per-row indices
     reach layers that see the batch flattened to (batch * seq) rows (OPT's MLP, for one).
-    `tables` holds each layer's coefficient tables for this routing (`RoadLayer.tables_for`); they go
-    when the routing does.
+    `tables` holds each layer's coefficient tables for this routing (`RoadLayer.tables_for`), and
+    `rows` the per-row coefficients gathered from them (kept from their second use on, so the
+    decode steps of one `generate` call do not gather again; None under torch.compile, which fuses
+    the gather into the rotation); both go when the routing does.
     """
 
     names: tuple[str, ...]
     index: torch.Tensor
     batch_shape: Optional[tuple[int, ...]] = None
     tables: dict = field(default_factory=dict)
+    rows: Optional[F.RowMemo] = None
 
 
 class RoadLayer(nn.Module):
@@ -395,7 +398,7 @@ class RoadLayer(nn.Module):
                 f"this layer's output {tuple(result.shape)}: give one adapter per batch row (or per token)."
             )
         for t in self.tables_for(routing):
-            result = F.rotate_indexed(result, t.coeffs, index, t.group_size, dim, t.shifted)
+            result = F.rotate_indexed(result, t.coeffs, index, t.group_size, dim, t.shifted, routing.rows)
         return result
 
     @staticmethod
