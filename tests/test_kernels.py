@@ -83,7 +83,6 @@ def test_implementation_names_the_kernels_that_run():
         assert kernels.implementation(x.unsqueeze(-1), dim=1) == "torch"  # features not last: torch
 
 
-
 GROUP_SIZES_COMPILED = [8, 16, 24, 64, 128]
 
 # Run in a fresh interpreter: the tests' process may hold the kernels as Triton-interpreter

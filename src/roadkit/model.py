@@ -459,10 +459,9 @@ class RoadModel(nn.Module):
         else:
             unique, index = tuple(names), self._check_indices(adapter_indices, len(names), batch_shape)
             index = index.to(device, torch.int32)
-        if torch.compiler.is_compiling():
-            routing = Routing(unique, index, batch_shape)
-        else:  # tables from the layers' caches: inputs to a compiled model
-            routing = Routing(unique, index, batch_shape, rows=RowMemo())
+        compiling = torch.compiler.is_compiling()  # a compiled graph fuses the gather: no memo there
+        routing = Routing(unique, index, batch_shape, rows=None if compiling else RowMemo())
+        if not compiling:  # tables from the layers' caches: inputs to a compiled model
             for m in modules:
                 if isinstance(m, RoadLayer):
                     m.tables_for(routing)
