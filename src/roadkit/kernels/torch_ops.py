@@ -324,3 +324,33 @@ def rotate_rows_(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: 
             b.copy_(torch.mul(b_, cb, out=out).addcmul_(a_, sb))
     return w
 
+
+
+def rotate_shifted_halves(x: torch.Tensor, rows: torch.Tensor, halves: tuple[int, ...]) -> torch.Tensor:
+    """R x for rows of x whose rotations may have different group sizes, as 1 + 2k ops. No autograd.
+
+    `rows` has one packed coefficient row per row of x, shaped (..., 1 + 2k, d) to broadcast against
+    x: row 0 holds c, and rows 1 + 2i and 2 + 2i hold the `shifted_layout` sines for group size
+    2 * halves[i] (zero where a row's rotation has another group size). With one group size this is
+    `rotate_shifted`. Math in the rows' dtype.
+    """
+    d = x.shape[-1]
+    out = torch.mul(x, rows.select(-2, 0))
+    for i, half in enumerate(halves):
+        n = d - half
+        out[..., :n].addcmul_(x[..., half:], rows.select(-2, 1 + 2 * i)[..., :n])
+        out[..., half:].addcmul_(x[..., :n], rows.select(-2, 2 + 2 * i)[..., :n])
+    return out
+
+
+def forward_slots(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, half_table: torch.Tensor,
+                  index: torch.Tensor) -> torch.Tensor:
+    """Row r of x (features last) is rotated by table row index[r], with that row's own group size
+    2 * half_table[index[r]]. The reference for `triton_ops.forward_slots`: one masked pass per group
+    size in use. Result in x's dtype."""
+    c, s, half = c_table[index], s_table[index], half_table[index]
+    out = torch.empty(x.shape, dtype=c.dtype, device=x.device)
+    for h in torch.unique(half).tolist():
+        rows = half == h
+        out[rows] = rotate_values(x[rows], c[rows], s[rows], 2 * int(h))
+    return _in_dtype_of(x, out)

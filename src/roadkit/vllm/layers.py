@@ -1,0 +1,189 @@
+"""`RoadLinear`: a vLLM linear layer that serves RoAd adapters beside the engine's own LoRA.
+
+vLLM wraps every adaptable linear layer in one of its LoRA classes (column-, row-parallel, merged
+gate/up, QKV, replicated). `RoadLinear` wraps that wrapper: each adapter slot of the engine holds
+either a LoRA (in vLLM's tensors) or a RoAd rotation (in the layer's `SlotTable`), and a slot that
+holds one is the identity for the other. The rotation is applied to what the wrapped layer
+returns, so:
+
+- column-parallel layers (plain, merged gate/up, QKV with replicated KV heads) rotate their local
+  shard, whose features are whole groups of the full output (`local_segments`);
+- row-parallel layers rotate the all-reduced sum, bias included;
+- layers with `skip_bias_add` return R(y + b) - b, so the caller's "+ b" gives R(y + b).
+
+When no slot holds a LoRA, the LoRA kernels are skipped: in eager mode the base layer runs alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from vllm.lora.layers import BaseLayerWithLoRA
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+
+from . import ops
+from .adapter import ModuleRotation
+from .slots import SlotTable
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Local output features [offset, offset + length) are features [start, start + length) of
+    the layer's sub-module `sub` (q, k, v or gate, up; 0 for an unpacked layer)."""
+
+    sub: int
+    start: int
+    length: int
+
+
+def sub_module_sizes(base: torch.nn.Module, n_slices: int) -> list[int]:
+    """Full output size of each sub-module whose adapter the layer takes (one, or one per packed slice)."""
+    if isinstance(base, QKVParallelLinear):
+        q = base.total_num_heads * base.head_size
+        k = base.total_num_kv_heads * base.head_size
+        v = base.total_num_kv_heads * base.v_head_size
+        return [q, k, v] if n_slices == 3 else [q + k + v]
+    if isinstance(base, MergedColumnParallelLinear):
+        sizes = list(base.output_sizes)
+        return sizes if n_slices == len(sizes) else [sum(sizes)]
+    return [base.output_size]
+
+
+def _rank_segments(base: torch.nn.Module, n_slices: int, rank: int) -> list[Segment]:
+    if isinstance(base, (RowParallelLinear, ReplicatedLinear)):
+        return [Segment(0, 0, base.output_size)]
+    if isinstance(base, QKVParallelLinear):
+        q_shard = base.num_heads * base.head_size
+        k_shard, v_shard = base.num_kv_heads * base.head_size, base.num_kv_heads * base.v_head_size
+        kv_rank = rank // base.num_kv_head_replicas
+        q_total, k_total, _ = sub_module_sizes(base, 3)
+        if n_slices == 3:
+            return [Segment(0, rank * q_shard, q_shard), Segment(1, kv_rank * k_shard, k_shard),
+                    Segment(2, kv_rank * v_shard, v_shard)]
+        return [Segment(0, rank * q_shard, q_shard), Segment(0, q_total + kv_rank * k_shard, k_shard),
+                Segment(0, q_total + k_total + kv_rank * v_shard, v_shard)]
+    if isinstance(base, MergedColumnParallelLinear):
+        shards = [size // base.tp_size for size in base.output_sizes]
+        if n_slices == len(shards):
+            return [Segment(i, rank * shard, shard) for i, shard in enumerate(shards)]
+        offsets = [sum(base.output_sizes[:i]) for i in range(len(shards))]
+        return [Segment(0, offset + rank * shard, shard) for offset, shard in zip(offsets, shards)]
+    if isinstance(base, ColumnParallelLinear):
+        per = base.output_size_per_partition
+        return [Segment(0, rank * per, per)]
+    raise TypeError(f"RoAd cannot serve a {type(base).__name__}: only vLLM's linear layers are supported.")
+
+
+def local_segments(base: torch.nn.Module, n_slices: int, tp_rank: int, tp_size: int) -> list[Segment]:
+    """Where each output feature of this rank's layer comes from, in order."""
+    if isinstance(base, ColumnParallelLinear) and base.gather_output and tp_size > 1:
+        return [seg for rank in range(tp_size) for seg in _rank_segments(base, n_slices, rank)]
+    return _rank_segments(base, n_slices, tp_rank)
+
+
+def is_servable(module: torch.nn.Module) -> bool:
+    """Whether `module` (one of vLLM's LoRA layers) wraps a linear layer RoAd can serve."""
+    base = getattr(module, "base_layer", None)
+    return isinstance(base, (ColumnParallelLinear, RowParallelLinear, ReplicatedLinear))
+
+
+class RoadLinear(BaseLayerWithLoRA):
+    """One of vLLM's LoRA linear layers (`base_layer`), plus a RoAd rotation per adapter slot."""
+
+    def __init__(self, lora_layer: BaseLayerWithLoRA, name: str, n_slots: int, routing: "ops.SlotRouting") -> None:
+        super().__init__()
+        self.base_layer = lora_layer
+        self.name = name
+        linear = lora_layer.base_layer
+        self.segments = local_segments(linear, lora_layer.n_slices, lora_layer.tp_rank, lora_layer.tp_size)
+        self.sub_sizes = sub_module_sizes(linear, lora_layer.n_slices)
+        self.table = SlotTable(n_slots, sum(seg.length for seg in self.segments), device=lora_layer.device)
+        self.routing = routing
+        self.lora_slots: set[int] = set()
+        # Row-parallel partial sums that are reduced later: only rank 0 corrects the returned bias.
+        self.owns_bias = not (isinstance(linear, RowParallelLinear) and not linear.reduce_results
+                              and lora_layer.tp_rank > 0)
+
+    # ---- the engine's slot bookkeeping --------------------------------------------------------
+
+    def set_mapping(self, punica_wrapper) -> None:  # noqa: ANN001 - vLLM's PunicaWrapperBase
+        self.base_layer.set_mapping(punica_wrapper)
+
+    def create_lora_weights(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        self.base_layer.create_lora_weights(*args, **kwargs)
+
+    def set_lora(self, index: int, lora_a, lora_b) -> None:  # noqa: ANN001
+        self.table.reset(index)
+        self.base_layer.set_lora(index, lora_a, lora_b)
+        self.lora_slots.add(index)
+
+    def reset_lora(self, index: int) -> None:
+        self.base_layer.reset_lora(index)
+        self.table.reset(index)
+        self.lora_slots.discard(index)
+
+    def check_rotations(self, rotations: list[Optional[ModuleRotation]], where: str) -> None:
+        """Raise ValueError if `rotations` (one per sub-module, None: not adapted) cannot be served here."""
+        for sub, (rotation, size) in enumerate(zip(rotations, self.sub_sizes)):
+            if rotation is not None and rotation.features != size:
+                raise ValueError(f"{where}: module {self._sub_name(sub)!r} has {size} output features in this "
+                                 f"model, but the adapter's parameters are for {rotation.features}.")
+        for seg in self.segments:
+            rotation = rotations[seg.sub]
+            if rotation is not None and (seg.start % rotation.group_size or seg.length % rotation.group_size):
+                raise ValueError(
+                    f"{where}: layer {self.name!r} holds {seg.length} features of {self._sub_name(seg.sub)!r} per "
+                    f"tensor-parallel rank (from feature {seg.start}), which is not a whole number of groups of "
+                    f"group_size={rotation.group_size}; serve it with a tensor-parallel size that splits it "
+                    "into whole groups, or train with a group size that divides the shard.")
+
+    def _sub_name(self, sub: int) -> str:
+        return self.name if len(self.sub_sizes) == 1 else f"{self.name}[{sub}]"
+
+    def set_road(self, index: int, rotations: list[Optional[ModuleRotation]]) -> None:
+        """Put a RoAd adapter's rotations (checked by `check_rotations`) in slot `index`."""
+        group_size = next(r.group_size for r in rotations if r is not None)
+        c, s = [], []
+        for seg in self.segments:
+            rotation = rotations[seg.sub]
+            if rotation is None:
+                c.append(torch.ones(seg.length))
+                s.append(torch.zeros(seg.length))
+            else:
+                c.append(rotation.c[seg.start:seg.start + seg.length])
+                s.append(rotation.s[seg.start:seg.start + seg.length])
+        self.table.set(index, torch.cat(c).to(self.table.c.device), torch.cat(s).to(self.table.c.device), group_size)
+
+    # ---- forward -------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        compiling = torch.compiler.is_compiling()  # a compiled graph must serve every slot layout
+        if self.lora_slots or compiling:
+            out = self.base_layer(x)
+        else:
+            out = self.base_layer.base_layer(x)
+        if not (self.table.active or compiling):
+            return out
+        y, bias = out if isinstance(out, tuple) else (out, None)
+        if bias is not None and self.owns_bias:
+            y = self._rotate(y + bias) - bias
+        else:
+            y = self._rotate(y)
+        return (y, bias) if isinstance(out, tuple) else y
+
+    def _rotate(self, y: torch.Tensor) -> torch.Tensor:
+        y2 = y.reshape(-1, y.shape[-1])
+        index = self.routing.index[: y2.shape[0]]
+        if y2.is_cuda:
+            out = ops.rotate_slots(y2, self.table.c, self.table.s, self.table.half, index)
+        else:
+            out = self.table.forward(y2, index)
+        return out.view(y.shape)

@@ -1,0 +1,52 @@
+"""The serving kernel as a torch custom op, and the per-token slot index it reads.
+
+`roadkit::rotate_slots` is opaque to torch.compile (its fake implementation gives the output's
+shape), so vLLM's compiled graphs and CUDA graphs capture it as one call that reads persistent
+tables and a persistent index buffer: adapter changes write those in place and need no recompile.
+On CUDA it runs roadkit's Triton kernel; elsewhere the torch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import torch_ops
+
+
+@torch.library.custom_op("roadkit::rotate_slots", mutates_args=())
+def rotate_slots(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, half_table: torch.Tensor,
+                 index: torch.Tensor) -> torch.Tensor:
+    """Rotate row r of x (n, d) by table row index[r] (see `kernels.triton_ops.forward_slots`)."""
+    if x.is_cuda:
+        from ..kernels import triton_ops
+
+        return triton_ops.forward_slots(x, c_table, s_table, half_table, index)
+    n_slots = c_table.shape[0] - 1
+    safe = torch.where((index < 0) | (index > n_slots), n_slots, index)
+    return torch_ops.forward_slots(x, c_table, s_table, half_table, safe)
+
+
+@rotate_slots.register_fake
+def _(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, half_table: torch.Tensor,
+      index: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class SlotRouting:
+    """Each token's adapter slot for the current step, in a persistent buffer all layers read.
+
+    vLLM marks tokens without an adapter with -1; here they point at the identity row `n_slots`,
+    and so does every entry past the live tokens, so any prefix of the buffer is a valid index.
+    """
+
+    def __init__(self, max_tokens: int, n_slots: int, device: torch.device | str) -> None:
+        self.n_slots = n_slots
+        self.index = torch.full((max_tokens,), n_slots, dtype=torch.long, device=device)
+
+    def update(self, token_slots: torch.Tensor) -> None:
+        """Take the engine's per-token slots (-1: no adapter) for the next forward."""
+        n = token_slots.shape[0]
+        live = self.index[:n]
+        live.copy_(token_slots)
+        live.masked_fill_(token_slots < 0, self.n_slots)
+        self.index[n:] = self.n_slots

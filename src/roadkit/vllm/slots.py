@@ -1,0 +1,85 @@
+"""`SlotTable`: the RoAd rotations of one served layer, one row per adapter slot of the engine.
+
+vLLM gives every token of a batch a slot index (-1: no adapter). A layer keeps, for its local
+output features, one coefficient row per slot plus the identity in the last row, so a whole mixed
+batch is one gather and one elementwise pass, however many adapters share it. Rows are written
+when the engine activates an adapter in a slot, never during a forward.
+
+Slots may hold adapters of different group sizes. On CUDA one Triton kernel reads each row's group
+size from a table, so the forward has no data-dependent Python (torch.compile and CUDA graphs
+capture it). On CPU, where vLLM runs adapters eagerly, the rows are packed in the torch kernels'
+shifted layout with one pair of sine windows per group size in use: 1 + 2k elementwise ops for k
+group sizes, three for the usual one.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import functional as F
+from ..kernels import torch_ops
+
+
+class SlotTable:
+    """Per-slot RoAd coefficients of `features` output features; row `n_slots` is the identity.
+
+    `c`, `s` (float32, (n_slots + 1, features)) and `half` (int32, group size / 2 per row) are the
+    source of truth and the CUDA kernel's input; `packed` and `halves` are the CPU layout, rebuilt
+    whenever a row changes.
+    """
+
+    def __init__(self, n_slots: int, features: int, device: torch.device | str = "cpu") -> None:
+        self.n_slots, self.features = n_slots, features
+        self.c = torch.ones(n_slots + 1, features, dtype=torch.float32, device=device)
+        self.s = torch.zeros(n_slots + 1, features, dtype=torch.float32, device=device)
+        self.half = torch.ones(n_slots + 1, dtype=torch.int32, device=device)
+        self.slot_halves: list[Optional[int]] = [None] * n_slots  # None: the identity
+        self.halves: tuple[int, ...] = ()
+        self.packed = torch.ones(n_slots + 1, 1, features, dtype=torch.float32, device=device)
+
+    @property
+    def active(self) -> bool:
+        """Whether any slot holds a rotation (else the layer can skip the pass)."""
+        return any(h is not None for h in self.slot_halves)
+
+    def set(self, slot: int, c: torch.Tensor, s: torch.Tensor, group_size: int) -> None:
+        """Put the rotation (c, s) of group size `group_size` in `slot`."""
+        if c.shape != (self.features,) or s.shape != (self.features,):
+            raise ValueError(f"slot coefficients must have shape ({self.features},), got {tuple(c.shape)}.")
+        F.check_group_size(self.features, group_size)
+        self.c[slot].copy_(c)
+        self.s[slot].copy_(s)
+        self.half[slot] = group_size // 2
+        self.slot_halves[slot] = group_size // 2
+        self._pack()
+
+    def reset(self, slot: int) -> None:
+        """Make `slot` the identity."""
+        self.c[slot].fill_(1)
+        self.s[slot].zero_()
+        self.half[slot] = 1
+        self.slot_halves[slot] = None
+        self._pack()
+
+    def _pack(self) -> None:
+        halves = tuple(sorted({h for h in self.slot_halves if h is not None}))
+        packed = torch.zeros(self.n_slots + 1, 1 + 2 * len(halves), self.features, dtype=torch.float32,
+                             device=self.c.device)
+        packed[:, 0] = self.c
+        for i, half in enumerate(halves):
+            rows = [slot for slot, h in enumerate(self.slot_halves) if h == half]
+            shifted = torch_ops.shifted_layout(self.c[rows], self.s[rows], 2 * half)
+            packed[rows, 1 + 2 * i] = shifted.packed[:, 1]
+            packed[rows, 2 + 2 * i] = shifted.packed[:, 2]
+        self.packed, self.halves = packed, halves
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Rotate each row of x (features last, leading axes flattened) by its slot's row.
+
+        `index` holds one slot per row of x, in [0, n_slots] (n_slots: the identity).
+        """
+        rows = self.packed.index_select(0, index)
+        out = torch_ops.rotate_shifted_halves(x, rows, self.halves)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
