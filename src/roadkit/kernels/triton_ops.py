@@ -194,12 +194,12 @@ def forward_slots(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor,
     with the identity in the last row; indices outside [0, n_slots) select it, so a persistent index
     buffer with -1 for "no adapter" or stale entries past the live rows is read as is, with no host
     sync."""
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # the kernel addresses x and y as row-major (n_rows, d)
     n_rows, d = x2.shape
     y = torch.empty_like(x2)
     block_d = min(triton.next_power_of_2(d), 1024)
     block_r = max(1, 4096 // block_d)
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(d, block_d))
-    _rotate_slots_fwd[grid](x2.contiguous(), c_table, s_table, half_table, index, y, n_rows, d,
+    _rotate_slots_fwd[grid](x2, c_table, s_table, half_table, index, y, n_rows, d,
                             c_table.shape[0] - 1, BLOCK_R=block_r, BLOCK_D=block_d)
     return y.view(x.shape)

@@ -29,7 +29,7 @@ def rotate_slots(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, 
 @rotate_slots.register_fake
 def _(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, half_table: torch.Tensor,
       index: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as both implementations return it (empty_like keeps x's strides)
 
 
 class SlotRouting:
