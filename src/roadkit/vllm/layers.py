@@ -100,6 +100,10 @@ class RoadLinear(BaseLayerWithLoRA):
 
     def __init__(self, lora_layer: BaseLayerWithLoRA, name: str, n_slots: int, routing: "ops.SlotRouting") -> None:
         super().__init__()
+        if lora_layer.device.type != "cuda":
+            # vLLM's CPU LoRA ops index the last slot for tokens without an adapter (-1): one spare slot
+            # that stays zero keeps those tokens on the base model.
+            lora_layer.create_lora_weights(n_slots + 1, lora_layer.lora_config)
         self.base_layer = lora_layer
         self.name = name
         linear = lora_layer.base_layer

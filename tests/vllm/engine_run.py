@@ -1,0 +1,47 @@
+"""Run vLLM's offline engine on a JSON spec and write what it generated (a subprocess per engine).
+
+    python engine_run.py SPEC.json OUT.json
+
+SPEC: {"model": DIR, "engine": {LLM kwargs}, "max_tokens": N,
+       "requests": [{"prompt_token_ids": [...], "adapter": null | [name, int_id, DIR]}, ...],
+       "batches": [[request indices], ...]   (optional; default: all requests in one call)}
+OUT: per request {"token_ids": [...], "logprobs": [...], "error": null | message}.
+Adapters are loaded before each batch (as the API server does): a request whose adapter fails to
+load gets that error and is not generated; the engine goes on with the others.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main() -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    spec = json.load(open(sys.argv[1]))
+    llm = LLM(spec["model"], **spec["engine"])
+    params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, logprobs=0, ignore_eos=True)
+    requests = spec["requests"]
+    results: list = [None] * len(requests)
+    for batch in spec.get("batches") or [list(range(len(requests)))]:
+        for i in batch:
+            if requests[i]["adapter"]:
+                try:
+                    llm.llm_engine.add_lora(LoRARequest(*requests[i]["adapter"]))
+                except Exception as err:  # noqa: BLE001 - the test reads the message
+                    results[i] = {"token_ids": None, "logprobs": None, "error": f"{type(err).__name__}: {err}"}
+        batch = [i for i in batch if results[i] is None]
+        prompts = [{"prompt_token_ids": requests[i]["prompt_token_ids"]} for i in batch]
+        loras = [LoRARequest(*requests[i]["adapter"]) if requests[i]["adapter"] else None for i in batch]
+        outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+        for i, out in zip(batch, outs):
+            completion = out.outputs[0]
+            logprobs = [step[tok].logprob for step, tok in zip(completion.logprobs, completion.token_ids)]
+            results[i] = {"token_ids": list(completion.token_ids), "logprobs": logprobs, "error": None}
+    json.dump(results, open(sys.argv[2], "w"))
+
+
+if __name__ == "__main__":
+    main()
