@@ -8,8 +8,9 @@ serve RoAd adapter directories with vLLM's own LoRA flags and APIs:
 
 vLLM calls `register` in every process it starts (API server, engine core, tensor-parallel
 workers) through the `vllm.general_plugins` entry point. It checks that the vLLM internals the
-plugin builds on are there, then swaps vLLM's worker-side adapter manager for roadkit's subclass
-and lets the API server answer bad RoAd adapters with a 400. Nothing else changes: LoRA adapters
+plugin builds on are there, then swaps vLLM's worker-side adapter manager for roadkit's subclass,
+has the engine check a RoAd adapter on every worker before adding it, and lets the API server
+answer bad RoAd adapters with a 400. Nothing else changes: LoRA adapters
 are still served by vLLM itself, beside RoAd ones.
 """
 
@@ -29,12 +30,15 @@ def register() -> None:
         logger.error("roadkit: RoAd serving is disabled: it supports vllm %s, and %s. vLLM runs without it.",
                      SUPPORTED, "; ".join(problems))
         return
+    from vllm.v1.executor.abstract import Executor
     from vllm.v1.worker import lora_model_runner_mixin
 
     from . import frontend
-    from .manager import RoadWorkerLoRAManager
+    from .manager import RoadWorkerLoRAManager, checked_add_lora
 
     lora_model_runner_mixin.LRUCacheWorkerLoRAManager = RoadWorkerLoRAManager
+    if not getattr(Executor.add_lora, "roadkit_wrapped", False):
+        Executor.add_lora = checked_add_lora(Executor.add_lora)  # type: ignore[method-assign]
     frontend.install()
 
 

@@ -17,6 +17,8 @@ _RANGE = ((0, 32), (0, 33))
 INTERNALS = (
     ("vllm.v1.worker.lora_model_runner_mixin", "LRUCacheWorkerLoRAManager"),
     ("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager._load_adapter"),
+    ("vllm.v1.executor.abstract", "Executor.add_lora"),
+    ("vllm.v1.executor.abstract", "Executor.collective_rpc"),
     ("vllm.lora.model_manager", "LRUCacheLoRAModelManager.activate_adapter"),
     ("vllm.lora.model_manager", "LoRAModelManager._add_adapter"),
     ("vllm.lora.model_manager", "LoRAModelManager._set_adapter_mapping"),

@@ -15,7 +15,8 @@ keeps that machinery (slots, LRU eviction, `max_loras`, `max_cpu_loras`) and add
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+from typing import Any, Callable, Optional
 
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.model_manager import LRUCacheLoRAModelManager
@@ -130,6 +131,32 @@ class RoadWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         return RoadAdapterModel(lora_request.lora_int_id, rotations)
 
 
-def road_layers(model: Any) -> Optional[dict[str, RoadLinear]]:
-    """The served model's RoAd layers by name (for inspection and tests)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, RoadLinear)}
+def check_on_worker(worker: Any, lora_request: LoRARequest) -> Optional[str]:
+    """Run on every worker before an adapter is added: why this rank cannot serve it, or None.
+
+    It returns the problem instead of raising: with several workers, vLLM's executor stops reading
+    replies at the first worker error, and the other workers' replies would answer later calls.
+    """
+    manager = getattr(worker, "worker", worker).model_runner.lora_manager
+    path = get_adapter_absolute_path(lora_request.lora_path)
+    try:
+        manager._adapter_manager.check_road_adapter(read_road_adapter(path))
+    except RoadAdapterError as err:
+        return str(err)
+    return None
+
+
+def checked_add_lora(add_lora: Callable[[Any, LoRARequest], bool]) -> Callable[[Any, LoRARequest], bool]:
+    """Wrap an executor's `add_lora`: RoAd adapters are checked on every worker first, and a problem
+    is raised here, in the engine, as one `RoadAdapterError` before any worker changes."""
+
+    @functools.wraps(add_lora)
+    def wrapped(executor: Any, lora_request: LoRARequest) -> bool:
+        if is_road_directory(get_adapter_absolute_path(lora_request.lora_path)):
+            problems = [p for p in executor.collective_rpc(check_on_worker, args=(lora_request,)) if p]
+            if problems:
+                raise RoadAdapterError(problems[0])
+        return add_lora(executor, lora_request)
+
+    wrapped.roadkit_wrapped = True  # type: ignore[attr-defined]
+    return wrapped
