@@ -298,3 +298,27 @@ def test_slot_routing_maps_no_adapter_and_fills_the_tail():
     routing.update(torch.tensor([2, 2, 2, 2, 2, 2, 2, 2]))
     assert routing.index.tolist() == [2] * 8
     assert routing.index is buffer and routing.index.dtype == torch.long  # persistent: graphs read it in place
+
+
+def test_slot_routing_keeps_slots_in_use_and_long_runs():
+    routing = SlotRouting(max_tokens=64, n_slots=3, device="cpu")
+    routing.update(torch.tensor([0, -1, 2, -1, 1, 0]))  # decode-like: short runs, gathered per token
+    assert routing.slots_in_use == {0, 1, 2, 3} and routing.runs is None
+    routing.update(torch.tensor([2] * 10 + [-1] * 9 + [0] * 12))  # prefill-like: three long runs
+    assert routing.slots_in_use == {0, 2, 3}
+    assert routing.runs == [(2, 0, 10), (3, 10, 19), (0, 19, 31)]
+
+
+def test_slot_table_runs_equal_per_token_gather():
+    """Rotating run by run (prefill) gives the per-token gather's result, identity runs included."""
+    table, mats = filled_table()
+    index = [2] * 9 + [5] * 8 + [0] * 11 + [4] * 3 + [3] * 9
+    runs, start = [], 0
+    for slot in dict.fromkeys(index):
+        end = start + index.count(slot)
+        runs.append((slot, start, end))
+        start = end
+    x = torch.randn(len(index), D)
+    got = table.forward(x, torch.tensor(index), runs)
+    torch.testing.assert_close(got, table.forward(x, torch.tensor(index)), rtol=0, atol=0)
+    torch.testing.assert_close(got.double(), dense_rows(x, mats, index), **TOL)

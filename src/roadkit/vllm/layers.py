@@ -174,7 +174,8 @@ class RoadLinear(BaseLayerWithLoRA):
             out = self.base_layer(x)
         else:
             out = self.base_layer.base_layer(x)
-        if not (self.table.active or compiling):
+        in_use = self.routing.slots_in_use  # no slot of this step's tokens holds a rotation: nothing to do
+        if not compiling and (not self.table.active or (in_use is not None and in_use.isdisjoint(self.table.active_slots))):
             return out
         y, bias = out if isinstance(out, tuple) else (out, None)
         if bias is not None and self.owns_bias:
@@ -189,5 +190,6 @@ class RoadLinear(BaseLayerWithLoRA):
         if y2.is_cuda:
             out = ops.rotate_slots(y2, self.table.c, self.table.s, self.table.half, index)
         else:
-            out = self.table.forward(y2, index)
+            runs = self.routing.runs
+            out = self.table.forward(y2, index, runs if runs is not None and runs[-1][2] == y2.shape[0] else None)
         return out.view(y.shape)

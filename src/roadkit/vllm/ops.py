@@ -8,6 +8,8 @@ On CUDA it runs roadkit's Triton kernel; elsewhere the torch reference.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..kernels import torch_ops
@@ -37,11 +39,17 @@ class SlotRouting:
 
     vLLM marks tokens without an adapter with -1; here they point at the identity row `n_slots`,
     and so does every entry past the live tokens, so any prefix of the buffer is a valid index.
+    On the CPU (no device sync to pay) it also keeps, for the layers' fast paths, the set of slots
+    the step uses and, when tokens come in long runs of one slot (a prefill), those runs.
     """
+
+    RUN_TOKENS = 8  # mean run length from which layers rotate run by run instead of gathering per token
 
     def __init__(self, max_tokens: int, n_slots: int, device: torch.device | str) -> None:
         self.n_slots = n_slots
         self.index = torch.full((max_tokens,), n_slots, dtype=torch.long, device=device)
+        self.slots_in_use: Optional[frozenset[int]] = None  # None: unknown (CUDA)
+        self.runs: Optional[list[tuple[int, int, int]]] = None
 
     def update(self, token_slots: torch.Tensor) -> None:
         """Take the engine's per-token slots (-1: no adapter) for the next forward."""
@@ -50,3 +58,12 @@ class SlotRouting:
         live.copy_(token_slots)
         live.masked_fill_(token_slots < 0, self.n_slots)
         self.index[n:] = self.n_slots
+        if live.is_cuda:
+            return
+        slots, counts = torch.unique_consecutive(live, return_counts=True)
+        self.slots_in_use = frozenset(slots.tolist())
+        if len(slots) * self.RUN_TOKENS > n:
+            self.runs = None
+        else:
+            ends = counts.cumsum(0).tolist()
+            self.runs = [(slot, end - count, end) for slot, count, end in zip(slots.tolist(), counts.tolist(), ends)]

@@ -37,12 +37,13 @@ class SlotTable:
         self.half = torch.ones(n_slots + 1, dtype=torch.int32, device=device)
         self.slot_halves: list[Optional[int]] = [None] * n_slots  # None: the identity
         self.halves: tuple[int, ...] = ()
+        self.active_slots: frozenset[int] = frozenset()  # slots that hold a rotation
         self.packed = torch.ones(n_slots + 1, 1, features, dtype=torch.float32, device=device)
 
     @property
     def active(self) -> bool:
         """Whether any slot holds a rotation (else the layer can skip the pass)."""
-        return any(h is not None for h in self.slot_halves)
+        return bool(self.active_slots)
 
     def set(self, slot: int, c: torch.Tensor, s: torch.Tensor, group_size: int) -> None:
         """Put the rotation (c, s) of group size `group_size` in `slot`."""
@@ -74,12 +75,24 @@ class SlotTable:
             packed[rows, 1 + 2 * i] = shifted.packed[:, 1]
             packed[rows, 2 + 2 * i] = shifted.packed[:, 2]
         self.packed, self.halves = packed, halves
+        self.active_slots = frozenset(slot for slot, h in enumerate(self.slot_halves) if h is not None)
 
-    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, index: torch.Tensor,
+                runs: Optional[list[tuple[int, int, int]]] = None) -> torch.Tensor:
         """Rotate each row of x (features last, leading axes flattened) by its slot's row.
 
-        `index` holds one slot per row of x, in [0, n_slots] (n_slots: the identity).
+        `index` holds one slot per row of x, in [0, n_slots] (n_slots: the identity). `runs`, when
+        given, lists the same as (slot, start, end) runs of consecutive rows: each run then uses its
+        slot's row as is. That spares a prefill, whose requests are long runs of tokens, gathering a
+        coefficient row per token (three times the size of x).
         """
-        rows = self.packed.index_select(0, index)
-        out = torch_ops.rotate_shifted_halves(x, rows, self.halves)
+        if runs is None:
+            out = torch_ops.rotate_shifted_halves(x, self.packed.index_select(0, index), self.halves)
+        else:
+            out = torch.empty(x.shape, dtype=self.packed.dtype, device=x.device)
+            for slot, start, end in runs:
+                if slot in self.active_slots:
+                    out[start:end] = torch_ops.rotate_shifted_halves(x[start:end], self.packed[slot], self.halves)
+                else:
+                    out[start:end] = x[start:end]
         return out if out.dtype == x.dtype else out.to(x.dtype)
