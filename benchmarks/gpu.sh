@@ -3,9 +3,11 @@
 #
 #   bash benchmarks/gpu.sh OUT_DIR [BUDGET_SECONDS]        (default budget: 480 s)
 #
-# 1. the Triton kernels' tests, compiled on the device, against the torch kernels;
-# 2. the benchmarks, most important first: kernels (Triton vs copy bandwidth), decode (mixed
-#    batches vs the base model), overhead, compiled, step, prefill, train, merge.
+# 1. the Triton kernels' tests (the vLLM serving kernel's too), compiled on the device, against the
+#    torch kernels;
+# 2. the benchmarks, most important first: kernels (Triton vs copy bandwidth, the vLLM serving kernel
+#    `roadkit::rotate_slots` included), decode (mixed batches vs the base model), overhead, compiled,
+#    step, prefill, train, merge.
 # The benchmarks stop at the budget's end; results are rewritten after every scenario, so what
 # finished is kept. OUT_DIR receives five files: tests.log, bench.log, results.json, results.md and
 # decode_vs_adapters.png. Nothing is installed: the machine's python3 has torch, Triton,
@@ -25,7 +27,7 @@ import torch
 print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}",
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 EOF
-timeout $((budget / 4)) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee -a "$out/tests.log"
+timeout $((budget / 4)) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_vllm_slots.py 2>&1 | tee -a "$out/tests.log"
 tests=${PIPESTATUS[0]}
 
 left=$((end - SECONDS))

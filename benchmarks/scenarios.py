@@ -530,6 +530,16 @@ def kernels(s: Settings, reps: int, warmup: int) -> dict:
     tables = (torch.stack([q[0] for q in coeffs]), torch.stack([q[1] for q in coeffs]))
     shifted, shifted_table = F.shifted_layout((c, sn), GROUP_SIZE), F.shifted_layout(tables, GROUP_SIZE)
     index = torch.randint(0, KERNEL_ADAPTERS, (rows,), device=s.device)
+    # vLLM serving (roadkit.vllm): one table row per slot plus the identity, half the slots at half
+    # the group size, each row's group size read by the kernel; slot -1 (no adapter) included.
+    from roadkit.vllm import ops as serving_ops
+
+    slot_c = torch.cat((tables[0], torch.ones(1, d, device=s.device))).float().contiguous()
+    slot_s = torch.cat((tables[1], torch.zeros(1, d, device=s.device))).float().contiguous()
+    slot_half = torch.tensor([GROUP_SIZE // 2 >> (i % 2) for i in range(KERNEL_ADAPTERS)] + [1], dtype=torch.int32,
+                             device=s.device)
+    slot_index = torch.randint(-1, KERNEL_ADAPTERS, (rows,), device=s.device)
+    slots_label = f"roadkit::rotate_slots (vLLM), {KERNEL_ADAPTERS} slots, 2 group sizes mixed"
 
     ops = {
         "copy: y.copy_(x)": (lambda: y.copy_(x), 2),
@@ -537,6 +547,7 @@ def kernels(s: Settings, reps: int, warmup: int) -> dict:
         f"roadkit forward, {KERNEL_ADAPTERS} adapters mixed (one per row)":
             (lambda: K.forward_indexed(x, *tables, index, GROUP_SIZE, -1, shifted_table), 2),
         "roadkit backward (dx, dc, ds)": (lambda: K.backward(gy, x, c, sn, GROUP_SIZE, -1, True), 3),
+        slots_label: (lambda: serving_ops.rotate_slots(x, slot_c, slot_s, slot_half, slot_index), 2),
     }
 
     # The kernels must be right before they are fast: each against the reference torch
@@ -547,6 +558,8 @@ def kernels(s: Settings, reps: int, warmup: int) -> dict:
         f"roadkit forward, {KERNEL_ADAPTERS} adapters mixed (one per row)": torch_ops.rotate_values(
             x64, tables[0].double()[index], tables[1].double()[index], GROUP_SIZE),
         "roadkit backward (dx, dc, ds)": torch_ops.backward(gy64, x64, c64, s64, GROUP_SIZE, 1, True),
+        slots_label: torch_ops.forward_slots(x64, slot_c.double(), slot_s.double(), slot_half,
+                                             torch.where(slot_index < 0, KERNEL_ADAPTERS, slot_index)),
     }
     errors = {}
     for label, want in ref.items():
