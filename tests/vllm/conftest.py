@@ -17,5 +17,3 @@ def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Family]:
         "llama": build_family(root, "llama", llama_config(), LLAMA_TARGETS, seed=0),
         "opt": build_family(root, "opt", opt_config(), OPT_TARGETS, seed=100),
     }
-
-

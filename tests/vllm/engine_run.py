@@ -36,9 +36,9 @@ def main() -> None:
         prompts = [{"prompt_token_ids": requests[i]["prompt_token_ids"]} for i in batch]
         loras = [LoRARequest(*requests[i]["adapter"]) if requests[i]["adapter"] else None for i in batch]
         outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
-        for i, out in zip(batch, outs):
+        for i, out in zip(batch, outs, strict=True):
             completion = out.outputs[0]
-            logprobs = [step[tok].logprob for step, tok in zip(completion.logprobs, completion.token_ids)]
+            logprobs = [step[tok].logprob for step, tok in zip(completion.logprobs, completion.token_ids, strict=True)]
             results[i] = {"token_ids": list(completion.token_ids), "logprobs": logprobs, "error": None}
     json.dump(results, open(sys.argv[2], "w"))
 

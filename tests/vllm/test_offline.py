@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import peft
 import pytest
-
 from vllm_helpers import (
     Family,
     prompts,
@@ -27,19 +26,22 @@ ROTATION = ["r1", "r2", None, "r4", "peft_road"]  # adapters cycled over the req
 def mixed_requests(family: Family, n: int) -> tuple[list[dict], list[str | None]]:
     ids = {name: i + 1 for i, name in enumerate(family.adapters)}
     names = [ROTATION[i % len(ROTATION)] for i in range(n)]
-    reqs = [request(p, (name, ids[name], family.adapters[name]) if name else None)
-            for p, name in zip(prompts(n), names)]
+    reqs = [
+        request(p, (name, ids[name], family.adapters[name]) if name else None)
+        for p, name in zip(prompts(n), names, strict=True)
+    ]
     return reqs, names
 
 
 def check_against_roadkit(family: Family, reqs: list[dict], names: list, results: list[dict]) -> None:
     model = roadkit_model(family, [n for n in family.adapters])
-    for req, name, res in zip(reqs, names, results):
+    for req, name, res in zip(reqs, names, results, strict=True):
         assert res["error"] is None, res["error"]
-        picked, logprobs = reference_logprobs(model, req["prompt_token_ids"], res["token_ids"],
-                                              adapter_names=[name or "__base__"])
+        picked, logprobs = reference_logprobs(
+            model, req["prompt_token_ids"], res["token_ids"], adapter_names=[name or "__base__"]
+        )
         assert res["token_ids"] == picked, f"{family.name}/{name}: greedy tokens differ from roadkit"
-        assert max(abs(a - b) for a, b in zip(res["logprobs"], logprobs)) < ATOL, f"{family.name}/{name}"
+        assert max(abs(a - b) for a, b in zip(res["logprobs"], logprobs, strict=True)) < ATOL, f"{family.name}/{name}"
 
 
 @pytest.mark.parametrize("family_name", ["llama", "opt"])
@@ -51,19 +53,24 @@ def test_mixed_batch_equals_roadkit_and_peft(families: dict[str, Family], family
     check_against_roadkit(family, reqs, names, results)
     for name in {n for n in names if n}:  # PEFT, one adapter at a time
         model = peft.PeftModel.from_pretrained(family.base(), family.adapters[name]).eval()
-        for req, n, res in zip(reqs, names, results):
+        for req, n, res in zip(reqs, names, results, strict=True):
             if n == name:
                 picked, logprobs = reference_logprobs(model, req["prompt_token_ids"], res["token_ids"])
                 assert res["token_ids"] == picked, f"{family_name}/{name}: greedy tokens differ from PEFT"
-                assert max(abs(a - b) for a, b in zip(res["logprobs"], logprobs)) < ATOL
+                assert max(abs(a - b) for a, b in zip(res["logprobs"], logprobs, strict=True)) < ATOL
 
 
 def test_evictions_keep_outputs(families: dict[str, Family], tmp_path) -> None:
     """max_loras=2 slots for 4 adapters: adapters are evicted and reloaded mid-run, outputs unchanged."""
     family = families["llama"]
     reqs, names = mixed_requests(family, 10)
-    results = run_engine(tmp_path, family.model_dir, reqs, engine={"max_loras": 2, "max_cpu_loras": 2},
-                         batches=[[i] for i in range(10)] + [list(range(10))])
+    results = run_engine(
+        tmp_path,
+        family.model_dir,
+        reqs,
+        engine={"max_loras": 2, "max_cpu_loras": 2},
+        batches=[[i] for i in range(10)] + [list(range(10))],
+    )
     check_against_roadkit(family, reqs, names, results)
 
 
@@ -74,27 +81,34 @@ def test_lora_and_road_in_one_engine(families: dict[str, Family], tmp_path) -> N
     lora_dir = save_peft_lora(family.model_dir, tmp_path / "lora", ["q_proj", "v_proj", "down_proj"], seed=7)
     p = prompts(6, seed=1)
     lora, road = ("lora", 9, lora_dir), ("r2", 2, family.adapters["r2"])
-    reqs = [request(p[0], lora), request(p[1]), request(p[2], road), request(p[3], lora), request(p[4]),
-            request(p[5], road)]
+    reqs = [
+        request(p[0], lora),
+        request(p[1]),
+        request(p[2], road),
+        request(p[3], lora),
+        request(p[4]),
+        request(p[5], road),
+    ]
     for max_loras, batches in ((1, [[0, 1], [2, 4], [3, 5, 1]]), (2, None)):
         results = run_engine(tmp_path, family.model_dir, reqs, engine={"max_loras": max_loras}, batches=batches)
         lora_model = peft.PeftModel.from_pretrained(family.base(), lora_dir).eval()
         road_model = roadkit_model(family, ["r2"])
-        for req, res in zip(reqs, results):
+        for req, res in zip(reqs, results, strict=True):
             assert res["error"] is None, res["error"]
             adapter = req["adapter"][0] if req["adapter"] else None
             model, names = (lora_model, None) if adapter == "lora" else (road_model, [adapter or "__base__"])
             picked, logprobs = reference_logprobs(model, req["prompt_token_ids"], res["token_ids"], names)
             assert res["token_ids"] == picked, f"max_loras={max_loras}, adapter {adapter}"
-            assert max(abs(a - b) for a, b in zip(res["logprobs"], logprobs)) < ATOL
+            assert max(abs(a - b) for a, b in zip(res["logprobs"], logprobs, strict=True)) < ATOL
 
 
 def test_bad_adapters_fail_alone(families: dict[str, Family], tmp_path) -> None:
     """Each bad adapter fails its request with a clear message; the engine then serves the next batch."""
     family = families["llama"]
     bad = {
-        "modules_to_save": save_road(family.model_dir, tmp_path / "mts", "road_1", 32, ["q_proj"], seed=3,
-                                     modules_to_save=["lm_head"]),
+        "modules_to_save": save_road(
+            family.model_dir, tmp_path / "mts", "road_1", 32, ["q_proj"], seed=3, modules_to_save=["lm_head"]
+        ),
         "unknown module": save_road(family.model_dir, tmp_path / "emb", "road_1", 32, ["embed_tokens"], seed=3),
     }
     broken = tmp_path / "broken"
@@ -107,7 +121,7 @@ def test_bad_adapters_fail_alone(families: dict[str, Family], tmp_path) -> None:
     reqs.append(request(p[-1], ("r1", 1, family.adapters["r1"])))
     results = run_engine(tmp_path, family.model_dir, reqs, batches=[[i] for i in range(len(reqs))])
     expected = {"modules_to_save": "modules_to_save", "unknown module": "cannot adapt", "broken": "damaged"}
-    for (name, path), res in zip(bad.items(), results):
+    for (name, path), res in zip(bad.items(), results[: len(bad)], strict=True):
         assert res["error"] and expected[name] in res["error"] and str(path) in res["error"], res["error"]
     assert results[-1]["error"] is None
     check_against_roadkit(family, reqs[-1:], ["r1"], results[-1:])

@@ -37,15 +37,20 @@ def test_tensor_parallel_equals_roadkit(tmp_path) -> None:
     names = ["r1", None, "r4", "r1", "r4", None]
     reqs = [request(p[i], (n, 1 + list(adapters).index(n), adapters[n]) if n else None) for i, n in enumerate(names)]
     reqs.append(request(p[6], ("misfit", 9, misfit)))
-    results = run_engine(tmp_path, model_dir, reqs, engine={"tensor_parallel_size": 2,
-                                                            "distributed_executor_backend": "mp"},
-                         env=TP_ENV, batches=[[6], list(range(6))])
+    results = run_engine(
+        tmp_path,
+        model_dir,
+        reqs,
+        engine={"tensor_parallel_size": 2, "distributed_executor_backend": "mp"},
+        env=TP_ENV,
+        batches=[[6], list(range(6))],
+    )
     error = results[6]["error"]
     assert error and "model.layers.0.self_attn.qkv_proj" in error and "64 features" in error
     assert "group_size=128" in error
     model = roadkit_model(family, ["r1", "r4"])
-    for req, name, res in zip(reqs, names, results):
+    for req, name, res in zip(reqs[:6], names, results[:6], strict=True):
         assert res["error"] is None, res["error"]
         picked, logprobs = reference_logprobs(model, req["prompt_token_ids"], res["token_ids"], [name or "__base__"])
         assert res["token_ids"] == picked, name
-        assert max(abs(a - b) for a, b in zip(res["logprobs"], logprobs)) < ATOL
+        assert max(abs(a - b) for a, b in zip(res["logprobs"], logprobs, strict=True)) < ATOL

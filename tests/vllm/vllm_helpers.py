@@ -21,7 +21,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
 
 from roadkit import RoadConfig, RoadModel, get_peft_model
 
-
 HERE = Path(__file__).parent
 TOKENIZER = Path(__file__).parents[2] / "src" / "roadkit" / "demo_base"
 VOCAB = 85  # the demo tokenizer's
@@ -33,17 +32,37 @@ ROAD_ADAPTERS = {"r1": ("road_1", 32), "r2": ("road_2", 64), "r4": ("road_4", 16
 
 
 def llama_config(num_kv_heads: int = 2) -> LlamaConfig:
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=num_kv_heads, head_dim=32,
-                       max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                       tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        head_dim=32,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
 
 
 def opt_config() -> OPTConfig:
     """OPT: biases on every projection, including the row-parallel out_proj and fc2."""
-    return OPTConfig(vocab_size=VOCAB, hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
-                     max_position_embeddings=256, word_embed_proj_dim=128, enable_bias=True,
-                     bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        ffn_dim=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=128,
+        enable_bias=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
 
 
 @dataclass
@@ -69,8 +88,9 @@ def save_model(config, directory: Path, seed: int) -> None:  # noqa: ANN001 - a 
         shutil.copy(TOKENIZER / name, directory / name)
 
 
-def save_road(model_dir: Path, directory: Path, variant: str, group_size: int, targets: list[str], seed: int,
-              **config) -> Path:  # noqa: ANN003
+def save_road(
+    model_dir: Path, directory: Path, variant: str, group_size: int, targets: list[str], seed: int, **config
+) -> Path:  # noqa: ANN003
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     cfg = RoadConfig(variant=variant, group_size=group_size, init_weights=False, target_modules=targets, **config)
@@ -84,8 +104,9 @@ def save_peft_road(model_dir: Path, directory: Path, targets: list[str], seed: i
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = peft.get_peft_model(base, peft.RoadConfig(variant="road_2", group_size=32, init_weights=False,
-                                                      target_modules=targets))
+    model = peft.get_peft_model(
+        base, peft.RoadConfig(variant="road_2", group_size=32, init_weights=False, target_modules=targets)
+    )
     model.save_pretrained(directory)
     return directory
 
@@ -118,22 +139,46 @@ def build_family(root: Path, name: str, config, targets: list[str], seed: int) -
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
     """Token-id prompts of different lengths (ids past the special tokens)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, VOCAB, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(3, VOCAB, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(n)
+    ]
 
 
-def run_engine(tmp_path: Path, model_dir: Path, requests: list[dict], engine: Optional[dict] = None,
-               max_tokens: int = 8, batches: Optional[list[list[int]]] = None, env: Optional[dict] = None,
-               timeout: int = 600) -> list[dict]:
+def run_engine(
+    tmp_path: Path,
+    model_dir: Path,
+    requests: list[dict],
+    engine: Optional[dict] = None,
+    max_tokens: int = 8,
+    batches: Optional[list[list[int]]] = None,
+    env: Optional[dict] = None,
+    timeout: int = 600,
+) -> list[dict]:
     """Serve `requests` with vLLM's offline engine in a subprocess; one result per request."""
-    spec = {"model": str(model_dir), "max_tokens": max_tokens, "requests": requests, "batches": batches,
-            "engine": {"dtype": "float32", "enable_lora": True, "max_loras": 4, "max_lora_rank": 8,
-                       "max_model_len": 128, "seed": 0, **(engine or {})}}
+    spec = {
+        "model": str(model_dir),
+        "max_tokens": max_tokens,
+        "requests": requests,
+        "batches": batches,
+        "engine": {
+            "dtype": "float32",
+            "enable_lora": True,
+            "max_loras": 4,
+            "max_lora_rank": 8,
+            "max_model_len": 128,
+            "seed": 0,
+            **(engine or {}),
+        },
+    }
     spec_path, out_path = tmp_path / "spec.json", tmp_path / "out.json"
     spec_path.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, str(HERE / "engine_run.py"), str(spec_path), str(out_path)],
-                          env={**os.environ, **ENGINE_ENV, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "engine_run.py"), str(spec_path), str(out_path)],
+        env={**os.environ, **ENGINE_ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         raise AssertionError(f"engine failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return json.loads(out_path.read_text())
@@ -144,13 +189,14 @@ def request(ids: list[int], adapter: Optional[tuple[str, int, Path]] = None) -> 
 
 
 @torch.no_grad()
-def reference_logprobs(model: torch.nn.Module, prompt: list[int], generated: list[int],
-                       adapter_names: Optional[list[str]] = None) -> tuple[list[int], list[float]]:
+def reference_logprobs(
+    model: torch.nn.Module, prompt: list[int], generated: list[int], adapter_names: Optional[list[str]] = None
+) -> tuple[list[int], list[float]]:
     """Greedy tokens a model would pick after each prefix of prompt + generated, and the log-probs of
     `generated` under it, from one forward pass."""
     ids = torch.tensor([prompt + generated])
     kwargs = {"adapter_names": adapter_names} if adapter_names else {}
-    logits = model(input_ids=ids, **kwargs).logits[0, len(prompt) - 1: -1].float()
+    logits = model(input_ids=ids, **kwargs).logits[0, len(prompt) - 1 : -1].float()
     logp = torch.log_softmax(logits, dim=-1)
     picked = logp.argmax(-1).tolist()
     return picked, logp.gather(-1, torch.tensor(generated)[:, None])[:, 0].tolist()

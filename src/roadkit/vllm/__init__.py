@@ -27,8 +27,11 @@ def register() -> None:
     """The `vllm.general_plugins` entry point; safe to call more than once."""
     problems = check_vllm()
     if problems:
-        logger.error("roadkit: RoAd serving is disabled: it supports vllm %s, and %s. vLLM runs without it.",
-                     SUPPORTED, "; ".join(problems))
+        logger.error(
+            "roadkit: RoAd serving is disabled: it supports vllm %s, and %s. vLLM runs without it.",
+            SUPPORTED,
+            "; ".join(problems),
+        )
         return
     from vllm.v1.executor.abstract import Executor
     from vllm.v1.worker import lora_model_runner_mixin

@@ -83,9 +83,11 @@ def read_road_adapter(directory: str) -> RoadAdapter:
     except (OSError, ValueError, TypeError) as err:
         raise RoadAdapterError(f"{where}: {err}") from err
     if config.modules_to_save:
-        raise RoadAdapterError(f"{where} has modules_to_save={config.modules_to_save}: serving swaps only "
-                               "the rotations per request, not whole trained modules; serve a merged model "
-                               "instead, or train without modules_to_save.")
+        raise RoadAdapterError(
+            f"{where} has modules_to_save={config.modules_to_save}: serving swaps only "
+            "the rotations per request, not whole trained modules; serve a merged model "
+            "instead, or train without modules_to_save."
+        )
     params: dict[str, dict[str, torch.Tensor]] = {}
     foreign = []
     for key, tensor in tensors.items():
@@ -95,20 +97,26 @@ def read_road_adapter(directory: str) -> RoadAdapter:
         else:
             params.setdefault(path, {})[param] = tensor
     if foreign:
-        raise RoadAdapterError(f"{where}: {len(foreign)} tensors are not RoAd parameters "
-                               f"(base_model.model.<module>.road_theta/road_alpha): {quote_some(sorted(foreign))}.")
+        raise RoadAdapterError(
+            f"{where}: {len(foreign)} tensors are not RoAd parameters "
+            f"(base_model.model.<module>.road_theta/road_alpha): {quote_some(sorted(foreign))}."
+        )
     if not params:
         raise RoadAdapterError(f"{where} holds no RoAd parameters.")
     rotations = {}
     for path, pair in sorted(params.items()):
         if set(pair) != set(PARAMS) or pair["road_theta"].shape != pair["road_alpha"].shape:
-            raise RoadAdapterError(f"{where}: module {path!r} needs road_theta and road_alpha of one shape, "
-                                   f"got {sorted((k, tuple(v.shape)) for k, v in pair.items())}.")
+            raise RoadAdapterError(
+                f"{where}: module {path!r} needs road_theta and road_alpha of one shape, "
+                f"got {sorted((k, tuple(v.shape)) for k, v in pair.items())}."
+            )
         n_out = F.out_features_for(config.variant, pair["road_theta"].shape[0])
         if n_out % config.group_size or F.parameter_length(config.variant, n_out) != pair["road_theta"].shape[0]:
-            raise RoadAdapterError(f"{where}: module {path!r} has {pair['road_theta'].shape[0]} parameters, "
-                                   f"which no output size fits with variant={config.variant} and "
-                                   f"group_size={config.group_size}.")
+            raise RoadAdapterError(
+                f"{where}: module {path!r} has {pair['road_theta'].shape[0]} parameters, "
+                f"which no output size fits with variant={config.variant} and "
+                f"group_size={config.group_size}."
+            )
         theta, alpha = pair["road_theta"].float(), pair["road_alpha"].float()
         c, s = F.coefficients(config.variant, config.group_size, theta, alpha)
         rotations[path] = ModuleRotation(c.contiguous(), s.contiguous(), config.group_size)

@@ -66,16 +66,22 @@ def _rank_segments(base: torch.nn.Module, n_slices: int, rank: int) -> list[Segm
         kv_rank = rank // base.num_kv_head_replicas
         q_total, k_total, _ = sub_module_sizes(base, 3)
         if n_slices == 3:
-            return [Segment(0, rank * q_shard, q_shard), Segment(1, kv_rank * k_shard, k_shard),
-                    Segment(2, kv_rank * v_shard, v_shard)]
-        return [Segment(0, rank * q_shard, q_shard), Segment(0, q_total + kv_rank * k_shard, k_shard),
-                Segment(0, q_total + k_total + kv_rank * v_shard, v_shard)]
+            return [
+                Segment(0, rank * q_shard, q_shard),
+                Segment(1, kv_rank * k_shard, k_shard),
+                Segment(2, kv_rank * v_shard, v_shard),
+            ]
+        return [
+            Segment(0, rank * q_shard, q_shard),
+            Segment(0, q_total + kv_rank * k_shard, k_shard),
+            Segment(0, q_total + k_total + kv_rank * v_shard, v_shard),
+        ]
     if isinstance(base, MergedColumnParallelLinear):
         shards = [size // base.tp_size for size in base.output_sizes]
         if n_slices == len(shards):
             return [Segment(i, rank * shard, shard) for i, shard in enumerate(shards)]
         offsets = [sum(base.output_sizes[:i]) for i in range(len(shards))]
-        return [Segment(0, offset + rank * shard, shard) for offset, shard in zip(offsets, shards)]
+        return [Segment(0, offset + rank * shard, shard) for offset, shard in zip(offsets, shards, strict=True)]
     if isinstance(base, ColumnParallelLinear):
         per = base.output_size_per_partition
         return [Segment(0, rank * per, per)]
@@ -113,8 +119,9 @@ class RoadLinear(BaseLayerWithLoRA):
         self.routing = routing
         self.lora_slots: set[int] = set()
         # Row-parallel partial sums that are reduced later: only rank 0 corrects the returned bias.
-        self.owns_bias = not (isinstance(linear, RowParallelLinear) and not linear.reduce_results
-                              and lora_layer.tp_rank > 0)
+        self.owns_bias = not (
+            isinstance(linear, RowParallelLinear) and not linear.reduce_results and lora_layer.tp_rank > 0
+        )
 
     # ---- the engine's slot bookkeeping --------------------------------------------------------
 
@@ -136,10 +143,12 @@ class RoadLinear(BaseLayerWithLoRA):
 
     def check_rotations(self, rotations: list[Optional[ModuleRotation]], where: str) -> None:
         """Raise ValueError if `rotations` (one per sub-module, None: not adapted) cannot be served here."""
-        for sub, (rotation, size) in enumerate(zip(rotations, self.sub_sizes)):
+        for sub, (rotation, size) in enumerate(zip(rotations, self.sub_sizes, strict=True)):
             if rotation is not None and rotation.features != size:
-                raise ValueError(f"{where}: module {self._sub_name(sub)!r} has {size} output features in this "
-                                 f"model, but the adapter's parameters are for {rotation.features}.")
+                raise ValueError(
+                    f"{where}: module {self._sub_name(sub)!r} has {size} output features in this "
+                    f"model, but the adapter's parameters are for {rotation.features}."
+                )
         for seg in self.segments:
             rotation = rotations[seg.sub]
             if rotation is not None and (seg.start % rotation.group_size or seg.length % rotation.group_size):
@@ -147,7 +156,8 @@ class RoadLinear(BaseLayerWithLoRA):
                     f"{where}: layer {self.name!r} holds {seg.length} features of {self._sub_name(seg.sub)!r} per "
                     f"tensor-parallel rank (from feature {seg.start}), which is not a whole number of groups of "
                     f"group_size={rotation.group_size}; serve it with a tensor-parallel size that splits it "
-                    "into whole groups, or train with a group size that divides the shard.")
+                    "into whole groups, or train with a group size that divides the shard."
+                )
 
     def _sub_name(self, sub: int) -> str:
         return self.name if len(self.sub_sizes) == 1 else f"{self.name}[{sub}]"
@@ -162,8 +172,8 @@ class RoadLinear(BaseLayerWithLoRA):
                 c.append(torch.ones(seg.length))
                 s.append(torch.zeros(seg.length))
             else:
-                c.append(rotation.c[seg.start:seg.start + seg.length])
-                s.append(rotation.s[seg.start:seg.start + seg.length])
+                c.append(rotation.c[seg.start : seg.start + seg.length])
+                s.append(rotation.s[seg.start : seg.start + seg.length])
         self.table.set(index, torch.cat(c).to(self.table.c.device), torch.cat(s).to(self.table.c.device), group_size)
 
     # ---- forward -------------------------------------------------------------------------------
@@ -175,7 +185,9 @@ class RoadLinear(BaseLayerWithLoRA):
         else:
             out = self.base_layer.base_layer(x)
         in_use = self.routing.slots_in_use  # no slot of this step's tokens holds a rotation: nothing to do
-        if not compiling and (not self.table.active or (in_use is not None and in_use.isdisjoint(self.table.active_slots))):
+        if not compiling and (
+            not self.table.active or (in_use is not None and in_use.isdisjoint(self.table.active_slots))
+        ):
             return out
         y, bias = out if isinstance(out, tuple) else (out, None)
         if bias is not None and self.owns_bias:

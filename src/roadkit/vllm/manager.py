@@ -83,7 +83,8 @@ class RoadLoRAModelManager(LRUCacheLoRAModelManager):
             raise RoadAdapterError(
                 f"{where} targets {len(unknown)} modules that this server cannot adapt: {quote_some(unknown)}. "
                 f"Served linear layers look like {quote_some(sorted(servable))}; RoAd on embeddings, the output "
-                "head and MoE experts is not served.")
+                "head and MoE experts is not served."
+            )
         for name, layer in layers.items():
             subs = [rotations.get(sub) for sub in self._sub_names(name)]
             if any(r is not None for r in subs):

@@ -16,8 +16,9 @@ from ..kernels import torch_ops
 
 
 @torch.library.custom_op("roadkit::rotate_slots", mutates_args=())
-def rotate_slots(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, half_table: torch.Tensor,
-                 index: torch.Tensor) -> torch.Tensor:
+def rotate_slots(
+    x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, half_table: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
     """Rotate row r of x (n, d) by table row index[r] (see `kernels.triton_ops.forward_slots`)."""
     if x.is_cuda:
         from ..kernels import triton_ops
@@ -29,8 +30,9 @@ def rotate_slots(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, 
 
 
 @rotate_slots.register_fake
-def _(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, half_table: torch.Tensor,
-      index: torch.Tensor) -> torch.Tensor:
+def _(
+    x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, half_table: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
     return x.new_empty(x.shape)  # contiguous, as both implementations return it (empty_like keeps x's strides)
 
 
@@ -66,4 +68,6 @@ class SlotRouting:
             self.runs = None
         else:
             ends = counts.cumsum(0).tolist()
-            self.runs = [(slot, end - count, end) for slot, count, end in zip(slots.tolist(), counts.tolist(), ends)]
+            self.runs = [
+                (slot, end - count, end) for slot, count, end in zip(slots.tolist(), counts.tolist(), ends, strict=True)
+            ]

@@ -66,8 +66,9 @@ class SlotTable:
 
     def _pack(self) -> None:
         halves = tuple(sorted({h for h in self.slot_halves if h is not None}))
-        packed = torch.zeros(self.n_slots + 1, 1 + 2 * len(halves), self.features, dtype=torch.float32,
-                             device=self.c.device)
+        packed = torch.zeros(
+            self.n_slots + 1, 1 + 2 * len(halves), self.features, dtype=torch.float32, device=self.c.device
+        )
         packed[:, 0] = self.c
         for i, half in enumerate(halves):
             rows = [slot for slot, h in enumerate(self.slot_halves) if h == half]
@@ -77,8 +78,9 @@ class SlotTable:
         self.packed, self.halves = packed, halves
         self.active_slots = frozenset(slot for slot, h in enumerate(self.slot_halves) if h is not None)
 
-    def forward(self, x: torch.Tensor, index: torch.Tensor,
-                runs: Optional[list[tuple[int, int, int]]] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, index: torch.Tensor, runs: Optional[list[tuple[int, int, int]]] = None
+    ) -> torch.Tensor:
         """Rotate each row of x (features last, leading axes flattened) by its slot's row.
 
         `index` holds one slot per row of x, in [0, n_slots] (n_slots: the identity). `runs`, when
