@@ -1,4 +1,9 @@
-"""Base models and tokenizers from a local directory or a Hugging Face Hub id, with short errors."""
+"""Base models and tokenizers from a local directory, a GGUF file or a Hugging Face Hub id, with short errors.
+
+A `.gguf` file is read by transformers (through the `gguf` package, the `gguf` extra), dequantized to
+float weights, and rebuilt as an ordinary transformers model, so it trains, merges and saves like any
+other base model.
+"""
 
 from __future__ import annotations
 
@@ -36,11 +41,47 @@ def is_local(name_or_path: Union[str, os.PathLike]) -> bool:
     return os.path.exists(name) or os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
 
 
+def is_gguf(name_or_path: Union[str, os.PathLike]) -> bool:
+    """Whether `name_or_path` names a GGUF model file (by its `.gguf` suffix)."""
+    return os.fspath(name_or_path).lower().endswith(".gguf")
+
+
 def _existing(name_or_path: Union[str, os.PathLike]) -> str:
     name = os.fspath(name_or_path)
+    if is_gguf(name):
+        if not os.path.isfile(name):
+            raise LoadError(f"GGUF model file {name!r} does not exist.")
+        try:
+            import gguf  # noqa: F401  (transformers needs it to read GGUF files)
+        except ImportError as err:
+            raise LoadError(f"loading {name!r} needs the gguf package: pip install 'roadkit[gguf]'.") from err
+        return name
     if is_local(name) and not os.path.isdir(name):
+        if os.path.isfile(name):
+            raise LoadError(f"model {name!r} is a file, not a model directory (or a .gguf file).")
         raise LoadError(f"model directory {name!r} does not exist.")
     return name
+
+
+def _gguf_kwargs(name: str) -> tuple[str, dict[str, Any]]:
+    """`from_pretrained`'s directory argument and extra keyword arguments for a model reference."""
+    if is_gguf(name):
+        directory, file = os.path.split(os.path.abspath(name))
+        return directory, {"gguf_file": file}
+    return name, {}
+
+
+def _rebuilt(model: Any) -> Any:
+    """A model read from GGUF rebuilt from its config and dequantized state dict: same logits, but an
+    ordinary model (transformers refuses to save_pretrained one marked GGUF-quantized)."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config).to(model.dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain
 
 
 def _not_local(name: str) -> str:
@@ -68,11 +109,14 @@ def load_causal_lm(name_or_path: Union[str, os.PathLike], dtype: Union[torch.dty
     name = _existing(name_or_path)
     major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
     dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
+    source, extra = _gguf_kwargs(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **{dtype_key: dtype or torch.float32})
-    except (OSError, ValueError, KeyError) as err:
+        model = AutoModelForCausalLM.from_pretrained(source, **{dtype_key: dtype or torch.float32}, **extra)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise LoadError(f"cannot load a causal language model from {name!r}: {_not_local(name)}{one_line(err)}"
                         ) from err
+    if extra:
+        model = _rebuilt(model)
     if device is not None:
         model.to(device)
     return model.eval()
@@ -83,13 +127,14 @@ def load_tokenizer(name_or_path: Union[str, os.PathLike], required: bool = True)
     from transformers import AutoTokenizer
 
     name = _existing(name_or_path)
-    if is_local(name) and not any(os.path.isfile(os.path.join(name, f)) for f in TOKENIZER_FILES):
+    source, extra = _gguf_kwargs(name)
+    if not extra and is_local(name) and not any(os.path.isfile(os.path.join(name, f)) for f in TOKENIZER_FILES):
         if required:
             raise LoadError(f"{name!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}).")
         return None
     try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError, KeyError) as err:
+        return AutoTokenizer.from_pretrained(source, **extra)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
         if required:
             raise LoadError(f"cannot load a tokenizer from {name!r}: {_not_local(name)}{one_line(err)}") from err
         return None
