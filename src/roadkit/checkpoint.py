@@ -67,6 +67,11 @@ def read_adapter(model_id: PathLike, subfolder: Optional[str] = None,
     """Read one adapter's config and tensors (on CPU) from a directory or a Hub repository id."""
     directory = _resolve(model_id, subfolder, revision)
     if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+        inner = sorted(n for n in os.listdir(directory) if os.path.isfile(os.path.join(directory, n, CONFIG_NAME)))
+        if inner:
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}, but its subfolders {', '.join(inner[:5])}"
+                                    f"{' ...' if len(inner) > 5 else ''} hold adapters: give one of them, e.g. "
+                                    f"{os.path.join(directory, inner[0])!r}.")
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not an adapter directory.")
     config = RoadConfig.from_pretrained(directory)
     weights = os.path.join(directory, WEIGHTS_NAME)

@@ -3,7 +3,8 @@
 Every subcommand is a `Command` in `COMMANDS` (name, help, arguments, function); adding one is
 writing its two functions and appending it there. A command returns its exit code. Errors a user
 can fix (missing or malformed files, a model that does not fit the adapter, an existing output)
-print one line on stderr and exit with 1; Ctrl-C exits with 130 (argparse's usage errors, with 2).
+print one line on stderr and exit with 1; Ctrl-C exits with 130 (argparse's usage errors, with 2), and
+a closed output pipe (`roadkit inspect DIR | head -1`) with 141, quietly.
 Commands that write a directory write it whole or not at all (`outputs.staged_directory`).
 """
 
@@ -19,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from .loading import is_local, one_line
 
-EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 130, 141
 
 
 class CommandError(Exception):
@@ -38,7 +39,7 @@ class Command:
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="base model: a local directory or a Hugging Face Hub id")
+    p.add_argument("--model", help="base model: a local directory, a .gguf file or a Hugging Face Hub id")
     p.add_argument("--data", help="training data, JSONL: {\"text\": ...} or {\"prompt\": ..., \"completion\": ...} "
                                   "per line (with a prompt, the loss covers the completion only)")
     p.add_argument("--eval-data", help="held-out JSONL data; its loss is reported during training")
@@ -131,6 +132,11 @@ def _train_run_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Optio
     return run_settings(given, args.output, args.resume)
 
 
+def _steps(n: int) -> str:
+    """ "1 step", "2 steps"."""
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
 def _max_length(model: Any, run: dict[str, Any], given: Optional[int]) -> int:
     """--max-length, capped at the model's context (with a warning when it was given explicitly)."""
     from .generation import context_length
@@ -175,12 +181,14 @@ def _train(args: argparse.Namespace) -> int:
     if state:
         trainer.load_state_dict(state)
         if trainer.step >= trainer.total_steps:
-            print(f"nothing to do: the run in {args.output} has done {trainer.step} of {trainer.total_steps} steps; "
-                  "pass a larger --max-steps or --epochs to continue it.")
+            done = (f"has done all its {_steps(trainer.step)}" if trainer.step == trainer.total_steps else
+                    f"already did {_steps(trainer.step)}, more than the {_steps(trainer.total_steps)} asked for")
+            print(f"nothing to do: the run in {args.output} {done}; pass a larger --max-steps or --epochs to "
+                  "continue it.")
             return EXIT_OK
     trainable = sum(p.numel() for p in trainer.params)
     first_step = trainer.step
-    print(f"training {trainable:,d} adapter parameters for {trainer.total_steps} steps "
+    print(f"training {trainable:,d} adapter parameters for {_steps(trainer.total_steps)} "
           f"({len(train)} rows, batch {train_config.batch_size})"
           + (f", from step {trainer.step}" if state else "") + "; Ctrl-C saves a checkpoint.", flush=True)
     start = time.perf_counter()
@@ -189,14 +197,14 @@ def _train(args: argparse.Namespace) -> int:
     with deferred_stop_signals():
         status = trainer.fit(progress=False if args.no_progress else None)
         seconds = time.perf_counter() - start
-        with staged_directory(args.output, keep_existing=bool(state)) as stage:
+        with staged_directory(args.output, keep_existing=bool(state), replace=bool(state) or args.overwrite) as stage:
             write_run(stage, model, trainer, status, run)
     if status != COMPLETED:
         print(f"interrupted at step {trainer.step}/{trainer.total_steps}; checkpoint saved in {args.output}. "
               f"Continue with: roadkit train --output {args.output} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     last = trainer.log["train"][-1]["loss"] if trainer.log["train"] else float("nan")
-    summary = f"done: {trainer.step - first_step} steps in {seconds:.1f} s"
+    summary = f"done: {_steps(trainer.step - first_step)} in {seconds:.1f} s"
     if first_step:
         summary += f" (steps {first_step + 1}-{trainer.step} of the run)"
     summary += f", last train loss {last:.4f}"
@@ -211,7 +219,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _merge_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base model: a local directory or a Hugging Face Hub id")
+    p.add_argument("--model", required=True,
+                   help="base model: a local directory, a .gguf file or a Hugging Face Hub id")
     p.add_argument("--adapter", required=True, help="adapter directory (PEFT layout)")
     p.add_argument("--output", required=True, help="directory for the merged model (safetensors + tokenizer)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
@@ -231,7 +240,7 @@ def _merge(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model, required=False)
     base = load_causal_lm(args.model, dtype="auto")
     merged, difference = merge_adapter(base, args.adapter)
-    with staged_directory(args.output) as stage:
+    with staged_directory(args.output, replace=args.overwrite) as stage:
         save_merged(merged, tokenizer, stage)
     print(f"merged {args.adapter} into {args.model}; largest logit difference from base + adapter on a probe "
           f"batch: {difference:.3g}\nwrote {args.output}" + ("" if tokenizer is not None else " (no tokenizer)"))
@@ -239,6 +248,9 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _check_adapter_dir(path: str) -> None:
+    if os.path.isfile(path):
+        raise CommandError(f"{path!r} is a file; an adapter is a directory (adapter_config.json and "
+                           "adapter_model.safetensors).")
     if not os.path.isdir(path):
         raise CommandError(f"adapter directory {path!r} does not exist.")
 
@@ -263,7 +275,8 @@ def _warn_if_other_base(adapter: str, model: str) -> None:
 
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base model: a local directory or a Hugging Face Hub id")
+    p.add_argument("--model", required=True,
+                   help="base model: a local directory, a .gguf file or a Hugging Face Hub id")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="load the adapter in DIR under NAME (repeatable)")
     p.add_argument("--prompt", action="append", required=True, metavar="[NAME:]TEXT",
@@ -378,7 +391,7 @@ def _compose(args: argparse.Namespace) -> int:
             raise CommandError(f"--weights {args.weights!r}: expected comma-separated numbers, e.g. 0.5,0.5.") from None
     inputs = [SavedAdapter(name, *read_adapter(path)) for name, path in adapters.items()]
     config, tensors = compose_adapters(inputs, args.mode, weights)
-    with staged_directory(args.output) as stage:
+    with staged_directory(args.output, replace=args.overwrite) as stage:
         write_adapter(stage, config, tensors)
     print(f"composed {', '.join(adapters)} ({args.mode}) into a {config.variant} adapter over {len(tensors) // 2} "
           f"layers\nwrote {args.output}")
@@ -446,7 +459,10 @@ COMMANDS = [
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subparser per entry of `COMMANDS`."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="roadkit", description="Train, inspect, merge and serve RoAd adapters.")
+    parser.add_argument("--version", action="version", version=f"roadkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
@@ -456,10 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run `roadkit ARGS`; returns the exit code (0 ok, 1 error, 2 bad usage, 130 interrupted)."""
+    """Run `roadkit ARGS`; returns the exit code (0 ok, 1 error, 2 bad usage, 130 interrupted, 141 closed pipe)."""
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`roadkit inspect DIR | head -1`): say nothing, and exit as a process
+        # killed by SIGPIPE would. Python's documented recipe: point stdout at devnull so the flush at
+        # exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print(f"roadkit {args.command}: interrupted; nothing was written.", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -195,9 +195,10 @@ def _check_disjoint(adapters: Sequence[SavedAdapter], layers: dict[str, int]) ->
                 shown = ", ".join(map(str, clash[:8])) + (f" ... ({len(clash)} pairs)" if len(clash) > 8 else "")
                 overlaps.append(f"{path}: {owned[clash[0]]!r} and {a.name!r} share pairs {shown}")
             owned.update(dict.fromkeys(pairs, a.name))
-    if overlaps:
+    if overlaps:  # the first few layers, one per line, and a count of the rest
+        more = [f"... and {len(overlaps) - 5} more layers"] if len(overlaps) > 5 else []
         raise ValueError("union needs adapters in disjoint subspaces (RoadConfig.subspace), but they overlap:\n  "
-                         + "\n  ".join(overlaps))
+                         + "\n  ".join(overlaps[:5] + more))
 
 
 def _union(path: str, adapters: list[SavedAdapter], d_out: int, variant: str, g: int) -> _Params:

@@ -6,11 +6,13 @@ logits are compared with the adapted model's on a probe batch before the merge i
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
 from .fileio import PathLike
+from .loading import one_line
 from .model import RoadModel
 
 
@@ -34,7 +36,13 @@ def merge_adapter(base: Any, adapter_dir: PathLike) -> tuple[Any, float]:
 
 
 def save_merged(model: Any, tokenizer: Any, directory: PathLike) -> None:
-    """Write a merged model as safetensors, with the tokenizer when there is one."""
-    model.save_pretrained(directory)  # safetensors: the default since transformers 4.35
+    """Write a merged model as safetensors, with the tokenizer when there is one. A failed write (a full
+    disk, say) is an OSError, as from any other file write; safetensors raises its own error type."""
+    from safetensors import SafetensorError
+
+    try:
+        model.save_pretrained(directory)  # safetensors: the default since transformers 4.35
+    except SafetensorError as err:
+        raise OSError(f"cannot write the merged model to {os.fspath(directory)!r}: {one_line(err)}") from err
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

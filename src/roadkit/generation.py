@@ -30,13 +30,16 @@ def left_padded(tokenizer: Any, prompts: Sequence[str]) -> dict[str, torch.Tenso
     decoder-only model continues all rows in step."""
     pad = pad_token_id(tokenizer)
     rows = [prompt_ids(tokenizer, p) for p in prompts]
+    empty = [i + 1 for i, r in enumerate(rows) if not r]
+    if empty:  # a row of padding only: the model has nothing to continue (and fails, or makes up text)
+        raise ValueError(f"prompt {', '.join(map(str, empty))} of {len(rows)} is empty (the tokenizer adds no "
+                         "beginning-of-sequence token to it); give every prompt some text.")
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
     return {"input_ids": ids, "attention_mask": mask}
 
 

@@ -8,6 +8,8 @@ other base model.
 from __future__ import annotations
 
 import os
+import socket
+import urllib.parse
 from typing import Any, Optional, Union
 
 import torch
@@ -60,7 +62,27 @@ def _existing(name_or_path: Union[str, os.PathLike]) -> str:
         if os.path.isfile(name):
             raise LoadError(f"model {name!r} is a file, not a model directory (or a .gguf file).")
         raise LoadError(f"model directory {name!r} does not exist.")
+    if not is_local(name):
+        _check_hub(name)
     return name
+
+
+def _check_hub(name: str) -> None:
+    """Fail fast on a Hub id that is neither in the local Hugging Face cache nor reachable: huggingface_hub
+    would retry for most of a minute, silently, before giving up. Offline mode (HF_HUB_OFFLINE=1) is
+    left to transformers, which then reads the cache alone and fails at once."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=5).close()
+    except OSError as err:
+        raise LoadError(f"no local directory {name!r} exists, it is not in the Hugging Face cache, and the Hub "
+                        f"({constants.ENDPOINT}) cannot be reached ({one_line(err)}); give a local model "
+                        "directory or .gguf file, or connect to the network.") from err
 
 
 def _gguf_kwargs(name: str) -> tuple[str, dict[str, Any]]:
@@ -92,10 +114,10 @@ def _not_local(name: str) -> str:
 
 
 def same_model(a: Union[str, os.PathLike], b: Union[str, os.PathLike]) -> bool:
-    """Whether two model references name the same model: local directories by their resolved absolute
-    paths, Hub ids by their text."""
+    """Whether two model references name the same model: local directories and files by their resolved
+    absolute paths, Hub ids by their text."""
     a, b = os.fspath(a), os.fspath(b)
-    if os.path.isdir(a) or os.path.isdir(b):
+    if os.path.exists(a) or os.path.exists(b):
         return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
     return a.rstrip("/") == b.rstrip("/")
 
@@ -117,6 +139,7 @@ def load_causal_lm(name_or_path: Union[str, os.PathLike], dtype: Union[torch.dty
                         ) from err
     if extra:
         model = _rebuilt(model)
+        model.config._name_or_path = os.path.abspath(name)  # what adapters trained on it record as their base
     if device is not None:
         model.to(device)
     return model.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from . import checkpoint as ckpt
 from .config import RoadConfig
 from .functional import RowMemo, check_group_size, parameter_length
 from .layers import BASE, AdapterParameters, ModulesToSaveWrapper, RoadLayer, Routing, out_features_of, wrapper_for
+from .messages import some_of
 from .subspace import free_entries, outside_count
 from .targeting import select_modules_to_save, select_targets
 
@@ -99,7 +101,7 @@ def _check_subspace(model: nn.Module, config: RoadConfig, tensors: dict[str, tor
             bad.append(f"{path} ({count} entries)")
     if bad:
         raise ValueError(f"adapter at {source!r} has subspace={config.subspace} but is not the identity outside "
-                         f"it in: {', '.join(bad)}. The model was left unchanged.")
+                         f"it in {some_of(bad, 'layers')}. The model was left unchanged.")
 
 
 def _check_tensors(expected: dict[str, torch.Size], tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -109,11 +111,11 @@ def _check_tensors(expected: dict[str, torch.Size], tensors: dict[str, torch.Ten
                    for k in set(expected) & set(tensors) if tensors[k].shape != expected[k])
     problems = []
     if missing:
-        problems.append(f"missing keys {missing}")
+        problems.append(f"missing {some_of(missing, 'keys')}")
     if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
+        problems.append(f"unexpected {some_of(unexpected, 'keys')}")
     if wrong:
-        problems.append(f"shape mismatches {wrong}")
+        problems.append(f"{some_of(wrong, 'shape mismatches')}")
     if problems:
         raise ValueError(f"adapter at {source!r} does not fit this model: " + "; ".join(problems)
                          + ". The model was left unchanged.")
@@ -128,6 +130,10 @@ class RoadModel(nn.Module):
         the default, which trains well under bf16/fp16 bases) or, if False, each base layer's dtype."""
         super().__init__()
         self._check_config(config)
+        if isinstance(model, RoadModel) or any(isinstance(m, (RoadLayer, ModulesToSaveWrapper))
+                                               for m in model.modules()):
+            raise ValueError("this model already has RoAd adapters: add another with add_adapter() (or "
+                             "load_adapter()) on its RoadModel instead of wrapping it again.")
         self._check_new_name(adapter_name, existing=())
         expected_tensors(model, config)  # every error before the model is touched
         self.model = model
@@ -429,6 +435,30 @@ class RoadModel(nn.Module):
         """Remove all RoAd layers and return the base model with its original weights."""
         return self._unwrap(False)
 
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """transformers' `resize_token_embeddings` (same arguments) on a model whose input embeddings may
+        carry adapters: those rotate the embedding vectors, whose size resizing keeps, so the wrapper stays
+        and takes the resized table. An adapter on the output head (which rotates over the vocabulary)
+        or a merged one makes resizing a ValueError."""
+        model = self.model
+        head = model.get_output_embeddings()
+        if isinstance(head, RoadLayer):
+            raise ValueError("cannot resize the token embeddings: the output head carries RoAd adapters, whose "
+                             "rotations act on the vocabulary; resize the base model before adding them.")
+        wrapper = model.get_input_embeddings()
+        if not isinstance(wrapper, RoadLayer):
+            return model.resize_token_embeddings(*args, **kwargs)
+        if wrapper.merged:
+            raise ValueError("cannot resize the token embeddings while adapters are merged into them; unmerge "
+                             "them first.")
+        model.set_input_embeddings(wrapper.get_base_layer())
+        try:
+            model.resize_token_embeddings(*args, **kwargs)
+        finally:
+            wrapper.base_layer = model.get_input_embeddings()
+            model.set_input_embeddings(wrapper)
+        return wrapper
+
     # ---- forward / generate ----------------------------------------------------------------------
 
     @contextmanager
@@ -537,13 +567,29 @@ class RoadModel(nn.Module):
                     out[ckpt.adapter_key(path, pname)] = t.detach()
         return out
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike],
-                        selected_adapters: Optional[list[str]] = None, **_: Any) -> None:
-        """Write adapters in PEFT's layout: "default" at the root, every other one in a subfolder."""
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], safe_serialization: bool = True,
+                        selected_adapters: Optional[list[str]] = None, save_embedding_layers: Union[str, bool] = "auto",
+                        is_main_process: bool = True, **kwargs: Any) -> None:
+        """Write adapters in PEFT's layout: "default" at the root, every other one in a subfolder.
+
+        Takes PEFT's keywords: with `is_main_process=False` (the other ranks of a distributed run) it
+        writes nothing. Adapters are always safetensors, and RoAd adapters never hold embedding layers, so
+        `safe_serialization` and `save_embedding_layers` change nothing; other keywords are reported unused.
+        """
+        if kwargs:
+            warnings.warn(f"RoadModel.save_pretrained ignores {sorted(kwargs)}.", stacklevel=2)
+        if not safe_serialization:
+            warnings.warn("RoadModel.save_pretrained writes safetensors only (safe_serialization=False "
+                          "is ignored).", stacklevel=2)
         names = list(self.peft_config) if selected_adapters is None else _as_list(selected_adapters)
+        if not names:
+            raise ValueError("there is no adapter to save: this RoadModel has none left"
+                             if not self.peft_config else "selected_adapters is empty: no adapter to save.")
         self._check_known(names)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a directory.")
+        if not is_main_process:
+            return
         base_name = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
         for name in names:
             config = self.peft_config[name]

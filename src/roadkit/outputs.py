@@ -21,6 +21,16 @@ class OutputExistsError(FileExistsError):
     """The output directory exists and replacing it was not asked for."""
 
 
+class OutputTakenError(OutputExistsError):
+    """The output directory appeared while the command worked (another run wrote it); the new result
+    was kept beside it, at `kept`."""
+
+    def __init__(self, target: str, kept: str) -> None:
+        super().__init__(f"output directory {target!r} was created by another run while this one worked; it was "
+                         f"left as it is, and this run's result was saved in {kept!r} instead.")
+        self.kept = kept
+
+
 def check_output(target: PathLike, overwrite: bool, inputs: Iterable[PathLike] = (), hint: str = "") -> str:
     """Validate an output directory before any work starts; returns its absolute path.
 
@@ -38,12 +48,19 @@ def check_output(target: PathLike, overwrite: bool, inputs: Iterable[PathLike] =
         if os.path.exists(src) and (src == path or src.startswith(path + os.sep)):
             raise ValueError(f"output directory {os.fspath(target)!r} holds the input {os.fspath(item)!r}; "
                              "choose another output directory.")
+        if os.path.isdir(src) and path.startswith(src + os.sep):
+            raise ValueError(f"output directory {os.fspath(target)!r} is inside the input directory "
+                             f"{os.fspath(item)!r}; choose an output outside it.")
     return path
 
 
 @contextmanager
-def staged_directory(target: PathLike, keep_existing: bool = False) -> Iterator[str]:
+def staged_directory(target: PathLike, keep_existing: bool = False, replace: bool = True) -> Iterator[str]:
     """Yield an empty temporary directory beside `target`; on normal exit it replaces `target`.
+
+    Without `replace` (the output was checked to be new when the command started), a `target` that
+    exists by the end was written by someone else meanwhile: it is left alone, the new directory is
+    kept as `<target>-2` (or -3, ...), and OutputTakenError says where.
 
     On an exception the temporary directory is removed and `target` is left as it was. The swap
     moves the old target aside, renames the new one in, then deletes the old one. With
@@ -61,6 +78,9 @@ def staged_directory(target: PathLike, keep_existing: bool = False) -> Iterator[
             shutil.copymode(path, staging)
         else:
             os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700; give what os.makedirs would
+        if not replace:
+            _move_in_or_beside(staging, path)
+            return
         if not os.path.isdir(path):
             os.replace(staging, path)
             return
@@ -77,6 +97,28 @@ def staged_directory(target: PathLike, keep_existing: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _move_in_or_beside(staging: str, path: str) -> None:
+    """Rename `staging` to `path` unless `path` exists; else to the first free `path-N` (N >= 2), and raise
+    OutputTakenError naming it."""
+    try:
+        if os.path.lexists(path):
+            raise FileExistsError(path)
+        os.rename(staging, path)  # fails, rather than replaces, when another run's directory got there first
+        return
+    except OSError:
+        if not os.path.lexists(path):
+            raise
+    for n in range(2, 10_000):
+        kept = f"{path}-{n}"
+        try:
+            os.mkdir(kept)  # claims the name: another run choosing one at once gets FileExistsError
+        except FileExistsError:
+            continue
+        os.replace(staging, kept)
+        raise OutputTakenError(path, kept)
+    raise OutputExistsError(f"output directory {path!r} exists, and so do {path}-2 to {path}-9999.")
 
 
 def _copy_missing(source: str, destination: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from typing import Mapping, Sequence
 
 from .fileio import PathLike, atomic_write_bytes
@@ -85,7 +86,12 @@ def adapter_heatmap(layers: Sequence[str], angles: Sequence[Sequence[float]], sc
         return out
 
     a, s = grid(angles), grid(scales)
-    height = min(2.0 + 0.22 * len(layers), 60.0)
+    # Capped at 24 inches (2880 pixels): a 30-layer all-linear adapter has 210 rows. Labels shrink to
+    # fit their rows, down to 5 points; below that only every k-th row is labelled.
+    height = min(2.0 + 0.22 * len(layers), 24.0)
+    points_per_row = (height - 1.5) * 72 / len(layers)
+    fontsize = min(7.0, max(5.0, 0.8 * points_per_row))
+    every = max(1, math.ceil(fontsize / points_per_row))
     fig = Figure(figsize=(13, height), layout="constrained")
     ax_a, ax_s = fig.subplots(1, 2, sharey=True)
     img = ax_a.imshow(a, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
@@ -95,7 +101,7 @@ def adapter_heatmap(layers: Sequence[str], angles: Sequence[Sequence[float]], sc
     img = ax_s.imshow(s, aspect="auto", cmap="coolwarm", interpolation="nearest",
                       norm=TwoSlopeNorm(vcenter=1.0, vmin=1.0 - spread, vmax=1.0 + spread))
     fig.colorbar(img, ax=ax_s, label="mean alpha (1 = no scaling)")
-    ax_a.set_yticks(range(len(layers)), layers, fontsize=7 if len(layers) < 40 else 5)
+    ax_a.set_yticks(range(0, len(layers), every), _short_names(layers)[::every], fontsize=fontsize)
     ax_a.set_title("rotation angle by feature group")
     ax_s.set_title("scale by feature group")
     for ax in (ax_a, ax_s):
@@ -103,3 +109,12 @@ def adapter_heatmap(layers: Sequence[str], angles: Sequence[Sequence[float]], sc
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     _save(fig, path)
+
+
+def _short_names(paths: Sequence[str]) -> list[str]:
+    """Module paths without the dotted prefix they all share ("model.layers."), for narrower labels."""
+    if len(paths) < 2:
+        return list(paths)
+    prefix = os.path.commonprefix(list(paths))
+    cut = prefix.rfind(".") + 1
+    return [p[cut:] for p in paths]

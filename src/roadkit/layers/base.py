@@ -86,8 +86,18 @@ class Routing:
     rows: Optional[F.RowMemo] = None
 
 
+def delegated(name: str) -> property:
+    """A read-only attribute read from the wrapped base layer, like PEFT's layers: code written for the
+    base layer type (transformers' `resize_token_embeddings`, tied weights, `get_input_embeddings().weight`)
+    then works on the wrapper, and always sees the base layer's current value."""
+    return property(lambda self: getattr(self.base_layer, name), doc=f"The base layer's `{name}` (read-only).")
+
+
 class RoadLayer(nn.Module):
     """Base class of RoAd-wrapped layers: per-adapter `road_theta` / `road_alpha`, merging, mixed batches."""
+
+    weight = delegated("weight")
+    bias = delegated("bias")
 
     feature_dim: int = -1  # axis of the base output that holds the features
     weight_feature_dim: int = 0  # axis of weight (and bias) that holds the output features
@@ -115,8 +125,6 @@ class RoadLayer(nn.Module):
         """Wrap `base_layer` with one adapter, `adapter_name`, active (see `update_layer`)."""
         super().__init__()
         self.base_layer = base_layer
-        self.out_features = self.features_of(base_layer)
-        self.in_features = self.in_features_of(base_layer)
         self.road_theta = AdapterParameters()
         self.road_alpha = AdapterParameters()
         self._moves = 0  # dtype and device moves (`_apply`): they change storage without a version bump
@@ -140,6 +148,16 @@ class RoadLayer(nn.Module):
 
     def get_base_layer(self) -> nn.Module:
         return self.base_layer
+
+    @property
+    def out_features(self) -> int:
+        """The number of output features the rotations act on (read from the base layer)."""
+        return self.features_of(self.base_layer)
+
+    @property
+    def in_features(self) -> int:
+        """The size of the base layer's input (read from the base layer)."""
+        return self.in_features_of(self.base_layer)
 
     @property
     def active_adapters(self) -> list[str]:

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import RoadLayer
+from .base import RoadLayer, delegated
 
 
 class Conv(RoadLayer):
@@ -18,6 +18,13 @@ class Conv(RoadLayer):
 
     base_type = "torch.nn.Conv1d / Conv2d / Conv3d"
     linear_like = False
+    in_channels = delegated("in_channels")
+    out_channels = delegated("out_channels")
+    kernel_size = delegated("kernel_size")
+    stride = delegated("stride")
+    padding = delegated("padding")
+    dilation = delegated("dilation")
+    groups = delegated("groups")
 
     def __init__(self, base_layer: nn.Module, *args: Any, **kwargs: Any) -> None:
         super().__init__(base_layer, *args, **kwargs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import RoadLayer
+from .base import RoadLayer, delegated
 
 
 class Embedding(RoadLayer):
@@ -16,6 +16,9 @@ class Embedding(RoadLayer):
 
     base_type = "torch.nn.Embedding"
     weight_feature_dim = 1
+    num_embeddings = delegated("num_embeddings")
+    embedding_dim = delegated("embedding_dim")
+    padding_idx = delegated("padding_idx")
 
     @staticmethod
     def wraps(module: nn.Module) -> bool:
