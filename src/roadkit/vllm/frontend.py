@@ -21,8 +21,12 @@ from .adapter import RoadAdapterError, is_road_directory, read_road_adapter
 MARKER = "RoAd adapter "  # every RoadAdapterError message starts with it
 
 
-def _bad_request(message: str) -> Any:
-    return create_error_response(message, err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST)
+def _bad_request(lora_name: str, message: str) -> Any:
+    """A 400 naming the adapter: vLLM replaces file paths in error messages with '<path>', so the
+    name the client gave is what tells several adapters apart."""
+    return create_error_response(
+        f"adapter {lora_name!r}: {message}", err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST
+    )
 
 
 def install() -> None:
@@ -37,11 +41,11 @@ def install() -> None:
             try:
                 read_road_adapter(get_adapter_absolute_path(request.lora_path))
             except RoadAdapterError as err:
-                return _bad_request(str(err))
+                return _bad_request(request.lora_name, str(err))
         result = await original(self, request, base_model_name)
         error = getattr(result, "error", None)
         if error is not None and error.code == HTTPStatus.INTERNAL_SERVER_ERROR and MARKER in error.message:
-            return _bad_request(error.message)
+            return _bad_request(request.lora_name, error.message)
         return result
 
     load_lora_adapter.roadkit_wrapped = True  # type: ignore[attr-defined]
