@@ -80,7 +80,7 @@ def _check_hub(name: str) -> None:
     try:
         socket.create_connection((url.hostname, port), timeout=5).close()
     except OSError as err:
-        raise LoadError(f"no local directory {name!r} exists, it is not in the Hugging Face cache, and the Hub "
+        raise LoadError(f"{_not_local(name)}it is not in the local Hugging Face cache, and the Hub "
                         f"({constants.ENDPOINT}) cannot be reached ({one_line(err)}); give a local model "
                         "directory or .gguf file, or connect to the network.") from err
 

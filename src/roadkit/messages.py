@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 
-def some_of(items: Iterable[object], noun: str, shown: int = 3) -> str:
-    """"N <noun>: a, b, c and N-3 more" (or all of them when there are at most `shown`), so a message
-    about a whole model's keys or layers stays one readable line."""
+def some_of(items: Iterable[object], noun: Optional[str] = None, shown: int = 3) -> str:
+    """"a, b, c and N-3 more" (all of them when there are at most `shown`), after "<noun> (N): " when a
+    noun is given, so a message about a whole model's keys or layers stays one readable line."""
     items = [str(i) for i in items]
-    head = ", ".join(items[:shown])
-    more = f" and {len(items) - shown} more" if len(items) > shown else ""
-    return f"{len(items)} {noun}: {head}{more}"
+    listed = ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
+    return f"{noun} ({len(items)}): {listed}" if noun else listed

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Union
@@ -20,32 +19,6 @@ from .layers import BASE, AdapterParameters, ModulesToSaveWrapper, RoadLayer, Ro
 from .messages import some_of
 from .subspace import free_entries, outside_count
 from .targeting import select_modules_to_save, select_targets
-
-# First registrations, anywhere in this process, of a module that is or holds a RoAd layer or
-# modules-to-save wrapper. `RoadModel` rebuilds its list of adapter modules (walked on every
-# mixed-batch call otherwise) when this count changes: wrapping a layer, adding an adapter to new
-# targets, or attaching a wrapped subtree made elsewhere all register such a module for the first
-# time. Registering a module again is not counted: transformers slices its `ModuleList` of decoder
-# layers on every forward, which registers each layer into a new list. Not seen: a module already
-# registered once, say into a list by a forward of another model, that later moves into this one.
-# A module taken out of the model (deleted, or replaced by `unload`) stays listed until the count
-# next changes: it then merely receives the routing too.
-_registrations = 0
-_registered: weakref.WeakSet = weakref.WeakSet()  # modules whose registration was looked at
-
-
-def _count_registration(_parent: nn.Module, _name: str, module: Optional[nn.Module]) -> None:
-    global _registrations
-    # Under torch.compile only a forward runs, and its registrations are such slices; looking them
-    # up would make the graph guard on this set.
-    if module is None or torch.compiler.is_compiling() or module in _registered:
-        return
-    _registered.add(module)
-    if any(isinstance(m, (RoadLayer, ModulesToSaveWrapper)) for m in module.modules()):
-        _registrations += 1
-
-
-nn.modules.module.register_module_module_registration_hook(_count_registration)
 
 
 def _as_list(names: Union[str, Iterable[str]]) -> list[str]:
@@ -101,7 +74,7 @@ def _check_subspace(model: nn.Module, config: RoadConfig, tensors: dict[str, tor
             bad.append(f"{path} ({count} entries)")
     if bad:
         raise ValueError(f"adapter at {source!r} has subspace={config.subspace} but is not the identity outside "
-                         f"it in {some_of(bad, 'layers')}. The model was left unchanged.")
+                         f"it in: {some_of(bad)}. The model was left unchanged.")
 
 
 def _check_tensors(expected: dict[str, torch.Size], tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -192,8 +165,10 @@ class RoadModel(nn.Module):
                 yield name, module
 
     def _replace(self, path: str, new: nn.Module) -> None:
+        """Put `new` at `path`; the list of adapter modules is walked again on its next use."""
         parent_path, _, child = path.rpartition(".")
         setattr(self.model.get_submodule(parent_path) if parent_path else self.model, child, new)
+        self.__dict__.pop("_adapter_modules_memo", None)
 
     def _inject(self, adapter_name: str, config: RoadConfig) -> None:
         """Wrap (or extend) every target and every module to save. Callers validated `config` first."""
@@ -286,13 +261,14 @@ class RoadModel(nn.Module):
             yield
 
     def _adapter_modules(self) -> list[Union[RoadLayer, ModulesToSaveWrapper]]:
-        """Every RoAd layer and modules-to-save wrapper: one walk over the model, repeated only after
-        a submodule was registered somewhere (a serving loop routes every call through this)."""
+        """Every RoAd layer and modules-to-save wrapper: one walk over the model, kept until this
+        model wraps or unwraps a module (`_replace`), since a serving loop routes every call through it.
+        Layers wrapped behind the model's back, outside its methods, are not seen."""
         memo = self.__dict__.get("_adapter_modules_memo")
-        if memo is None or memo[0] != _registrations:
-            found = [m for m in self.model.modules() if isinstance(m, (RoadLayer, ModulesToSaveWrapper))]
-            memo = self.__dict__["_adapter_modules_memo"] = (_registrations, found)
-        return memo[1]
+        if memo is None:
+            memo = [m for m in self.model.modules() if isinstance(m, (RoadLayer, ModulesToSaveWrapper))]
+            self.__dict__["_adapter_modules_memo"] = memo
+        return memo
 
     @contextmanager
     def _set_on_adapter_modules(self, attr: str, value: Any, reset: Any,
