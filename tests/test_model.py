@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
+import sys
 import types
 
 import pytest
@@ -759,3 +761,21 @@ def test_check_tensor_parallel_lists_layers_that_do_not_split(llama):
     assert {i.module.rsplit(".", 1)[-1] for i in check_tensor_parallel(rm, 3)} == {"q_proj", "gate_proj"}
     with pytest.raises(ValueError, match="tp_size must be a positive integer, got 0"):
         check_tensor_parallel(rm, 0)
+
+
+def test_importing_roadkit_leaves_torch_global_hooks_alone():
+    """No process-wide hooks: every global hook registry of torch.nn and torch.optim is as it was."""
+    code = """
+import torch, torch.nn.modules.module as M, torch.optim.optimizer as O
+def registries():
+    return {(mod.__name__, n): len(getattr(mod, n)) for mod in (M, O) for n in dir(mod)
+            if n.startswith("_global_") and hasattr(getattr(mod, n), "__len__")}
+before = registries()
+import roadkit, roadkit.model, roadkit.layers, roadkit.trainer
+after = registries()
+assert before == after, (before, after)
+print(len(before))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) >= 4  # the registries were found

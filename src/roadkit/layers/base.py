@@ -15,26 +15,12 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import functional as F
 from ..config import normalize_variant
 from ..subspace import Spec, free_entries
 
 BASE = "__base__"
-
-# Optimizer steps taken in this process. Fused optimizers (AdamW(fused=True), the HF Trainer's
-# default) update parameters without bumping their version counters, so the coefficient cache
-# keys on this count too: any optimizer step invalidates it.
-_optimizer_steps = 0
-
-
-def _count_optimizer_step(*_: Any) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
 
 _version = operator.attrgetter("_version")  # a tensor's in-place update count
 
@@ -262,11 +248,12 @@ class RoadLayer(nn.Module):
             return self._coefficients(adapter_name, dtype)
         key = self._stamp(self._params((adapter_name,)))
         hit = self._cache.get((adapter_name, dtype))
-        if hit is not None and hit[0] == key:
+        if key is not None and hit is not None and hit[0] == key:
             return hit[1]
         with torch.no_grad():
             value = self._coefficients(adapter_name, dtype)
-        self._cache[(adapter_name, dtype)] = (key, value)
+        if key is not None:
+            self._cache[(adapter_name, dtype)] = (key, value)
         return value
 
     def _coefficients(self, adapter_name: str, dtype: Optional[torch.dtype]) -> F.Coefficients:
@@ -280,18 +267,23 @@ class RoadLayer(nn.Module):
         tp, ap = self.road_theta._parameters, self.road_alpha._parameters
         return [p for n in names for p in (tp[n], ap[n])]
 
-    def _stamp(self, params: Iterable[torch.Tensor]) -> tuple:
-        """Changes whenever these parameters (`_params`) may have: an optimizer step (any optimizer,
-        fused ones included), an in-place update (their version counters only grow, so their sum
-        grows too), a replaced or deleted entry (`AdapterParameters.generation`) or a dtype or
-        device move. Edits through `.data` bypass version counters; make them under
-        `torch.no_grad()` instead.
+    def _stamp(self, params: list[torch.Tensor]) -> Optional[tuple]:
+        """Changes whenever these parameters (`_params`) may have: an in-place update (their version
+        counters only grow, so their sum grows too), a replaced or deleted entry
+        (`AdapterParameters.generation`) or a dtype or device move. None, which matches nothing and
+        is never cached, while any of them holds a gradient: an optimizer step may be pending, and
+        fused optimizers (`AdamW(fused=True)`, the HF Trainer's default) update parameters without
+        bumping their version counters. Serving, and evaluation after `zero_grad()`, hold none. Edits
+        through `.data` bypass version counters; make them under `torch.no_grad()` instead.
 
         It is checked on every inference call, after a matmul has pushed the interpreter out of
         cache, so it reads plain dicts and integers only.
         """
+        for p in params:
+            if p.grad is not None:
+                return None
         modules = self._modules  # not self.road_theta: nn.Module.__getattr__ is slow on this hot path
-        return (_optimizer_steps, self._moves, modules["road_theta"].generation, modules["road_alpha"].generation,
+        return (self._moves, modules["road_theta"].generation, modules["road_alpha"].generation,
                 sum(map(_version, params)))
 
     def _apply(self, fn: Any, recurse: bool = True) -> RoadLayer:
@@ -307,7 +299,8 @@ class RoadLayer(nn.Module):
         key = self._stamp(params)
         with torch.no_grad():
             table = self._build_table(names, group_size)
-        self._mixed_put(("table", names, group_size), (key, table, params))
+        if key is not None:
+            self._mixed_put(("table", names, group_size), (key, table, params))
         return table
 
     def _build_table(self, names: tuple[str, ...], group_size: int) -> _Prepared:
@@ -361,7 +354,7 @@ class RoadLayer(nn.Module):
         parameters it was built from, so serving pays almost no Python beyond the rotation itself.
         """
         entry = self._serving
-        if entry is not None and entry[0] == self._epoch and entry[1] == self._stamp(entry[2]):
+        if entry is not None and entry[0] == self._epoch and entry[1] is not None and entry[1] == self._stamp(entry[2]):
             return entry[3]
         names = [n for n in self._active_adapters
                  if n in self.road_theta._parameters and n not in self.merged_adapters]
