@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+from . import defaults
 from .loading import is_local, one_line
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 130, 141
@@ -45,20 +46,23 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", help="held-out JSONL data; its loss is reported during training")
     p.add_argument("--output", required=True, help="run directory to write: the adapter (PEFT layout), "
                                                    "training_log.json, loss_curve.png, trainer_state.pt")
-    p.add_argument("--variant", help="road_1 (default), road_2 or road_4")
-    p.add_argument("--group-size", type=int, help="features rotate in pairs inside groups of this size (default 64)")
-    p.add_argument("--targets", help="comma-separated module names (e.g. q_proj,v_proj), or all-linear "
-                                     "(default: the architecture's usual targets)")
+    p.add_argument("--variant", help=f"road_1, road_2 or road_4 (default {defaults.VARIANT})")
+    p.add_argument("--group-size", type=int, help="features rotate in pairs inside groups of this size "
+                                                     f"(default {defaults.GROUP_SIZE})")
+    p.add_argument("--targets", help="comma-separated module names (e.g. q_proj,v_proj), or all-linear: every "
+                                     f"linear layer but the output head (default {defaults.TARGETS})")
     p.add_argument("--subspace", metavar="SPEC", help="train only some rotation pairs of every layer, for "
                                                       "`roadkit compose --mode union`: a shard k/n (e.g. 0/2), a "
                                                       "fraction (e.g. 0.5, random pairs, seed 0) or comma-separated "
                                                       "pair indices (default: all pairs)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3), decayed linearly to 0")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults.LR:g}), decayed linearly to 0")
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 0)")
-    p.add_argument("--epochs", type=int, help="passes over the data (default 1)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
-    p.add_argument("--batch-size", type=int, help="rows per step (default 8)")
-    p.add_argument("--max-length", type=int, help="tokens per row; longer rows are cut (default 512, or the "
+    p.add_argument("--epochs", type=int, help="passes over the data, instead of the default step count")
+    p.add_argument("--max-steps", type=int, help=f"optimizer steps; overrides --epochs (default {defaults.MAX_STEPS} "
+                                                 "unless --epochs is given)")
+    p.add_argument("--batch-size", type=int, help=f"rows per step (default {defaults.BATCH_SIZE})")
+    p.add_argument("--max-length", type=int, help="tokens per row; longer rows are cut (default "
+                                                  f"{defaults.MAX_LENGTH}, or the "
                                                   "model's context when that is shorter)")
     p.add_argument("--bf16", action="store_true", default=None, help="load the base model in bfloat16 "
                                                                       "(the adapter stays float32)")

@@ -25,6 +25,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import defaults
 from .data import IGNORE_INDEX, Sample, collate
 from .fileio import atomic_write_bytes
 from .loading import one_line
@@ -40,10 +41,10 @@ class TrainConfig:
     """Hyperparameters of one run. `max_steps`, when set, overrides `epochs`; `eval_every=None`
     evaluates about ten times per run (and before the first step)."""
 
-    lr: float = 1e-3
+    lr: float = defaults.LR
     epochs: int = 1
     max_steps: Optional[int] = None
-    batch_size: int = 8
+    batch_size: int = defaults.BATCH_SIZE
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: Optional[float] = 1.0
@@ -325,9 +326,12 @@ def write_run(directory: Union[str, os.PathLike], model: nn.Module, trainer: Tra
 # Settings a resumed run takes from the interrupted one; giving a different value is an error.
 RUN_FIXED = ("model", "data", "eval_data", "variant", "group_size", "targets", "subspace", "lr", "batch_size",
              "max_length", "bf16", "seed", "warmup_steps", "eval_every")
-RUN_DEFAULTS: dict[str, Any] = {"variant": "road_1", "group_size": 64, "targets": None, "subspace": None, "lr": 1e-3,
-                                "epochs": 1, "max_steps": None, "batch_size": 8, "max_length": 512, "bf16": False,
-                                "seed": 0, "warmup_steps": 0, "eval_every": None, "eval_data": None}
+# The values live in `defaults` (the command's help reads them there too).
+RUN_DEFAULTS: dict[str, Any] = {"variant": defaults.VARIANT, "group_size": defaults.GROUP_SIZE,
+                                "targets": defaults.TARGETS, "subspace": None, "lr": defaults.LR, "epochs": 1,
+                                "max_steps": defaults.MAX_STEPS, "batch_size": defaults.BATCH_SIZE,
+                                "max_length": defaults.MAX_LENGTH, "bf16": False, "seed": 0, "warmup_steps": 0,
+                                "eval_every": None, "eval_data": None}
 _DATA_FILES = (("data", "data_sha256", "training data"), ("eval_data", "eval_data_sha256", "held-out data"))
 
 
@@ -341,6 +345,8 @@ def run_settings(given: dict[str, Any], output: Union[str, os.PathLike],
 
     if not resume:
         run = {k: (RUN_DEFAULTS[k] if given.get(k) is None else given[k]) for k in (*RUN_DEFAULTS, "model", "data")}
+        if given.get("epochs") is not None and given.get("max_steps") is None:
+            run["max_steps"] = None  # --epochs alone: whole passes over the data, not the default step count
         for key, digest, _ in _DATA_FILES:
             run[digest] = file_sha256(run[key]) if run[key] is not None and os.path.isfile(run[key]) else None
         return run, None
