@@ -234,7 +234,7 @@ def test_a_long_key_list_is_counted_not_spelled_out(base_dir, tmp_path):
 def test_the_heatmap_of_a_30_layer_all_linear_adapter_has_a_capped_size(tmp_path):
     from PIL import Image
 
-    from roadkit.inspect import inspect_adapter, plot_report
+    from roadkit.report import inspect_adapter, plot_report
 
     road = get_peft_model(tiny_llama(hidden=64, layers=30), RoadConfig(target_modules="all-linear", group_size=8))
     road.save_pretrained(tmp_path / "a")

@@ -1,6 +1,6 @@
 """roadkit: RoAd (2D rotary adaptation) adapters for PyTorch and Hugging Face models."""
 
-from .compose import SavedAdapter, compose, compose_adapters
+from .composition import SavedAdapter, compose, compose_adapters
 from .config import RoadConfig
 from .layers import (
     Conv,

@@ -382,7 +382,7 @@ def _compose_arguments(p: argparse.ArgumentParser) -> None:
 
 def _compose(args: argparse.Namespace) -> int:
     from .checkpoint import read_adapter, write_adapter
-    from .compose import SavedAdapter, compose_adapters
+    from .composition import SavedAdapter, compose_adapters
     from .outputs import check_output, staged_directory
 
     adapters = _parse_adapters(args.adapter)
@@ -412,7 +412,7 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .inspect import format_table, inspect_adapter, plot_report
+    from .report import format_table, inspect_adapter, plot_report
 
     _check_adapter_dir(args.adapter)
     if args.plot:

@@ -210,7 +210,7 @@ def _walk_through(stage: str, settings: DemoSettings, say: Callable[[str], None]
 def _train_task(task: str, base: Any, tokenizer: Any, settings: DemoSettings, stage: str,
                 say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train, save and plot one task's adapter; returns its numbers and its training log."""
-    from .inspect import inspect_adapter, plot_report
+    from .report import inspect_adapter, plot_report
     from .train import COMPLETED, TrainConfig, Trainer, write_run
 
     say(f"\ntask {task!r}: {prompt_for('kitten')!r} -> {' ' + TASKS[task]('kitten')!r}")

@@ -4,7 +4,7 @@ Pair p of a layer (0 <= p < d_out / 2) is the 2x2 block on features a = k*g + j 
 b = a + g/2, where g is the group size, k = p // (g/2) and j = p % (g/2). An adapter restricted
 to a subspace owns a subset of the pairs of every layer it targets; every other pair is exactly the
 identity. Adapters that own disjoint pairs act on disjoint 2D subspaces of the hidden states and
-can be combined without retraining (see `roadkit.compose`).
+can be combined without retraining (see `roadkit.composition`).
 
 A subspace spec is a JSON-able dict, normalised by `normalize_spec`:
 
