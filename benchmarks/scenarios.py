@@ -528,7 +528,7 @@ def kernels(s: Settings, reps: int, warmup: int) -> dict:
     coeffs = [F.coefficients(VARIANT, GROUP_SIZE, t, a) for t, a in zip(theta, alpha, strict=True)]
     c, sn = coeffs[0]
     tables = (torch.stack([q[0] for q in coeffs]), torch.stack([q[1] for q in coeffs]))
-    shifted, shifted_table = F.shifted_layout((c, sn), GROUP_SIZE), F.shifted_layout(tables, GROUP_SIZE)
+    shifted, shifted_table = F.prepare((c, sn), GROUP_SIZE), F.prepare(tables, GROUP_SIZE)
     index = torch.randint(0, KERNEL_ADAPTERS, (rows,), device=s.device)
     # vLLM serving (roadkit.vllm): one table row per slot plus the identity, half the slots at half
     # the group size, each row's group size read by the kernel; slot -1 (no adapter) included.

@@ -97,13 +97,13 @@ def test_per_row_coefficients_rotate_each_row_with_its_own_matrix():
 def test_shifted_layout_equals_dense_matrix(variant, g, d):
     coeffs = F.coefficients(variant, g, *random_params(variant, d))
     x = torch.randn(3, 5, d, dtype=torch.float64)
-    y = F.rotate(x, coeffs, g, shifted=F.shifted_layout(coeffs, g))
+    y = F.rotate(x, coeffs, g, prepared=F.prepare(coeffs, g))
     torch.testing.assert_close(y, x @ dense(*coeffs, g).T)
     # and bit for bit what the half-by-half layout gives, in fp32 too
     c32, s32 = (t.float() for t in coeffs)
     x32 = x.float()
-    shifted = F.shifted_layout((c32, s32), g)
-    assert torch.equal(F.rotate(x32, (c32, s32), g, shifted=shifted), F.rotate(x32, (c32, s32), g))
+    shifted = F.prepare((c32, s32), g)
+    assert torch.equal(F.rotate(x32, (c32, s32), g, prepared=shifted), F.rotate(x32, (c32, s32), g))
 
 
 def test_a_row_memo_keeps_gathered_rows_from_their_second_use_and_within_its_budget(monkeypatch):
@@ -114,25 +114,25 @@ def test_a_row_memo_keeps_gathered_rows_from_their_second_use_and_within_its_bud
     g, d, B = 4, 8, 3
     rows = [F.coefficients("road_2", g, *random_params("road_2", d, seed=i, dtype=torch.float32)) for i in range(4)]
     tables = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
-    shifted = F.shifted_layout(tables, g)
+    shifted = F.prepare(tables, g)
     index = torch.tensor([2, 0, 3], dtype=torch.int32)
     prefill, step = torch.randn(B, 5, d), torch.randn(B, 1, d)  # one index serves both (one row per batch row)
-    memo = F.RowMemo()
-    want = [F.rotate_indexed(x, tables, index, g, shifted=shifted) for x in (prefill, step, step)]
-    got = [F.rotate_indexed(prefill, tables, index, g, shifted=shifted, memo=memo)]
+    memo = F.new_memo(index)
+    want = [F.rotate_indexed(x, tables, index, g, prepared=shifted) for x in (prefill, step, step)]
+    got = [F.rotate_indexed(prefill, tables, index, g, prepared=shifted, memo=memo)]
     assert list(memo.entries.values()) == [None] and memo.nbytes == 0
-    got.append(F.rotate_indexed(step, tables, index, g, shifted=shifted, memo=memo))
+    got.append(F.rotate_indexed(step, tables, index, g, prepared=shifted, memo=memo))
     (kept,) = memo.entries.values()
     assert memo.nbytes == B * shifted.row_bytes
-    got.append(F.rotate_indexed(step, tables, index, g, shifted=shifted, memo=memo))
+    got.append(F.rotate_indexed(step, tables, index, g, prepared=shifted, memo=memo))
     assert next(iter(memo.entries.values())) is kept
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
 
     monkeypatch.setattr(torch_ops, "MEMO_BYTES", B * shifted.row_bytes - 1)
-    small = F.RowMemo()
+    small = F.new_memo(index)
     for _ in range(3):
-        assert torch.equal(F.rotate_indexed(step, tables, index, g, shifted=shifted, memo=small), want[1])
+        assert torch.equal(F.rotate_indexed(step, tables, index, g, prepared=shifted, memo=small), want[1])
     assert list(small.entries.values()) == [None] and small.nbytes == 0
 
 
@@ -151,11 +151,11 @@ def test_mixed_batches_gather_in_chunks_with_the_same_bits(index_shape, dtype, m
              "flat": torch.randint(0, 4, (B * T,), generator=gen)}[index_shape]
     if index_shape == "flat":
         x = x.view(B * T, d)
-    shifted = F.shifted_layout(tables, g)
-    whole = F.rotate_indexed(x, tables, index, g, shifted=shifted)
+    shifted = F.prepare(tables, g)
+    whole = F.rotate_indexed(x, tables, index, g, prepared=shifted)
     for budget in (1, 3 * d * 4 * 2):  # one entry per chunk; two tokens' rows per chunk
         monkeypatch.setattr(torch_ops, "GATHER_BYTES", budget)
-        chunked = F.rotate_indexed(x, tables, index, g, shifted=shifted)
+        chunked = F.rotate_indexed(x, tables, index, g, prepared=shifted)
         assert chunked.dtype == dtype and chunked.shape == x.shape
         torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
     per_token = index if index_shape != "row" else index[:, None].expand(B, T)
@@ -170,7 +170,7 @@ def test_shifted_layout_with_per_row_tables_and_low_precision_input():
     tables = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
     index = torch.tensor([2, 0, 2, 1])
     x = torch.randn(4, 5, d).to(torch.bfloat16)
-    y = F.rotate_indexed(x, tables, index, g, shifted=F.shifted_layout(tables, g))
+    y = F.rotate_indexed(x, tables, index, g, prepared=F.prepare(tables, g))
     assert y.dtype == torch.bfloat16
     for i, k in enumerate(index.tolist()):
         expected = (x[i].float() @ dense(*rows[k], g).T).to(torch.bfloat16)

@@ -38,7 +38,7 @@ def test_backward_matches_torch(shape, g, dtype, max_programs, monkeypatch):
     c, s = coeffs(shape[-1], seed=1)
     gy = torch.randn(shape).to(DEVICE, dtype)
     want = torch_ops.backward(gy, x, c, s, g, -1, need_gx=True)
-    got = triton_ops.backward(gy, x, c, s, g, need_gx=True)
+    got = triton_ops.backward(gy, x, c, s, g, -1, need_gx=True)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert got[0].dtype == dtype
     for w, o in zip(want, got, strict=True):
@@ -48,11 +48,11 @@ def test_backward_matches_torch(shape, g, dtype, max_programs, monkeypatch):
 def test_backward_without_x_gives_only_the_input_gradient():
     gy = torch.randn(4, 8).to(DEVICE)
     c, s = coeffs(8)
-    gx, gc, gs = triton_ops.backward(gy, None, c, s, 4, need_gx=True)
+    gx, gc, gs = triton_ops.backward(gy, None, c, s, 4, -1, need_gx=True)
     assert gc is None and gs is None
     torch.testing.assert_close(gx, torch_ops.backward(gy, None, c, s, 4, -1, need_gx=True)[0])
     x = torch.randn(4, 8).to(DEVICE)
-    gx, gc, gs = triton_ops.backward(gy, x, c, s, 4, need_gx=False)
+    gx, gc, gs = triton_ops.backward(gy, x, c, s, 4, -1, need_gx=False)
     assert gx is None
     torch.testing.assert_close(gc, torch_ops.backward(gy, x, c, s, 4, -1, need_gx=False)[1], rtol=1e-5, atol=1e-5)
 

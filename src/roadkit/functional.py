@@ -12,7 +12,7 @@ variants differ only in how (theta, alpha) map to (c, s); see `coefficients`.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any
 
 import torch
 
@@ -20,8 +20,6 @@ from . import kernels
 from .config import VARIANTS, normalize_variant
 
 Coefficients = tuple[torch.Tensor, torch.Tensor]
-ShiftedLayout = kernels.ShiftedLayout  # coefficients packed for the torch kernels' fast path
-RowMemo = kernels.RowMemo  # a routing's gathered per-row coefficients, kept between its calls
 
 
 def parameter_length(variant: str, out_features: int) -> int:
@@ -130,18 +128,17 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def rotate(x: torch.Tensor, coeffs: Coefficients, group_size: int, dim: int = -1,
-           shifted: Optional[kernels.ShiftedLayout] = None) -> torch.Tensor:
+def rotate(x: torch.Tensor, coeffs: Coefficients, group_size: int, dim: int = -1, prepared: Any = None) -> torch.Tensor:
     """Apply the rotation (c, s) to the feature axis `dim` of x: y = x*c + rot(x)*s.
 
     Math in the coefficients' dtype, result in x's dtype; differentiable in x, c and s.
-    `shifted` (`shifted_layout(coeffs, group_size)`) speeds up the no-grad torch path for
-    callers that reuse (c, s) across calls.
+    `prepared` (`prepare(coeffs, group_size, dim)`) speeds up the no-grad path for callers that
+    reuse (c, s) across calls.
     """
     c, s = coeffs
     if _needs_grad(x, c, s):
         return _Rotate.apply(x, c, s, group_size, dim)
-    return kernels.forward(x, c, s, group_size, dim, shifted)
+    return kernels.forward(x, c, s, group_size, dim, prepared)
 
 
 def road(x: torch.Tensor, variant: str, group_size: int, theta: torch.Tensor, alpha: torch.Tensor,
@@ -156,21 +153,28 @@ def road(x: torch.Tensor, variant: str, group_size: int, theta: torch.Tensor, al
 
 
 def rotate_indexed(x: torch.Tensor, tables: Coefficients, index: torch.Tensor, group_size: int,
-                   dim: int = -1, shifted: Optional[kernels.ShiftedLayout] = None,
-                   memo: Optional[kernels.RowMemo] = None) -> torch.Tensor:
+                   dim: int = -1, prepared: Any = None, memo: Any = None) -> torch.Tensor:
     """Mixed batches: rotate each row (or token) of x by the coefficient row `index` selects.
 
     `tables` are (c, s) of shape (n_adapters, d_out); `index` has the shape of the leading axes of
     x before `dim` (per token) or a prefix of them (per batch row). Cost is independent of
-    n_adapters. Inference only (no autograd). `shifted` is `shifted_layout(tables, group_size)`;
-    `memo`, one per routing (the same tables and index on every call), spares later calls the gather.
+    n_adapters. Inference only (no autograd). `prepared` is `prepare(tables, group_size, dim)`;
+    `memo` (`kernels.new_memo`), one per routing (the same tables and index on every call), spares
+    later calls work the kernels can keep.
     """
-    return kernels.forward_indexed(x, tables[0], tables[1], index, group_size, dim, shifted, memo)
+    return kernels.forward_indexed(x, tables[0], tables[1], index, group_size, dim, prepared, memo)
 
 
-def shifted_layout(coeffs: Coefficients, group_size: int) -> kernels.ShiftedLayout:
-    """(c, s) packed for the torch kernel's fast path (see `kernels.torch_ops.rotate_shifted`)."""
-    return kernels.shifted_layout(*coeffs, group_size)
+def new_memo(index: torch.Tensor) -> Any:
+    """Scratch for one routing (its `index`'s device picks the kernel backend): pass it as `memo` to
+    every `rotate_indexed` call of that routing. Opaque; None where the backend keeps nothing."""
+    return kernels.new_memo(index)
+
+
+def prepare(coeffs: Coefficients, group_size: int, dim: int = -1) -> Any:
+    """(c, s) packed by the kernel backend that will rotate along `dim` on their device, for callers
+    that reuse them (opaque: pass it back to `rotate` or `rotate_indexed`)."""
+    return kernels.prepare(*coeffs, group_size, dim)
 
 
 def _pairs(v: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,8 +261,6 @@ def rotate_rows_(weight: torch.Tensor, coeffs: Coefficients, group_size: int) ->
 __all__ = [
     "VARIANTS",
     "Coefficients",
-    "RowMemo",
-    "ShiftedLayout",
     "check_group_size",
     "coefficient_grads",
     "coefficients",
@@ -266,12 +268,13 @@ __all__ = [
     "expand_parameters",
     "identity",
     "inverse",
+    "new_memo",
     "out_features_for",
     "parameter_length",
     "polar",
+    "prepare",
     "road",
     "rotate",
     "rotate_indexed",
     "rotate_rows_",
-    "shifted_layout",
 ]

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import RoadConfig
-from .functional import RowMemo, check_group_size, parameter_length
+from .functional import check_group_size, new_memo, parameter_length
 from .layers import BASE, AdapterParameters, ModulesToSaveWrapper, RoadLayer, Routing, out_features_of, wrapper_for
 from .messages import some_of
 from .subspace import free_entries, outside_count
@@ -466,7 +466,7 @@ class RoadModel(nn.Module):
             unique, index = tuple(names), self._check_indices(adapter_indices, len(names), batch_shape)
             index = index.to(device, torch.int32)
         compiling = torch.compiler.is_compiling()  # a compiled graph fuses the gather: no memo there
-        routing = Routing(unique, index, batch_shape, rows=None if compiling else RowMemo())
+        routing = Routing(unique, index, batch_shape, rows=None if compiling else new_memo(index))
         if not compiling:  # tables from the layers' caches: inputs to a compiled model
             for m in modules:
                 if isinstance(m, RoadLayer):

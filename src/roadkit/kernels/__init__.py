@@ -1,90 +1,100 @@
-"""Fused RoAd kernels, chosen by device: Triton for CUDA tensors (when Triton is installed), torch elsewhere.
+"""Fused RoAd kernels behind one seam: a backend is one module of this package plus its entry in `BACKENDS`.
 
-Every implementation offers the same primitives, none of them autograd-aware (functional.py builds
+Every backend module offers the same functions, none of them autograd-aware (functional.py builds
 the autograd Functions on top):
-    forward(x, c, s, g, dim)                    y = R x
-    backward(gy, x, c, s, g, dim, need_gx)      (R^T gy, dc, ds)
-    forward_indexed(x, c_tab, s_tab, idx, g, dim)   mixed batches: row/token i uses table row idx[i]
-                                                    (a `RowMemo` keeps gathered rows between calls)
-and, for merging, the in-place `rotate_rows_(w, c, s, g)`: w <- R w over its first axis.
-`forward` and `forward_indexed` also take the coefficients packed by `shifted_layout`, which the
-torch path turns into fewer, longer loops (callers that reuse coefficients pack them once).
+    handles(x, dim)                              whether it should rotate x along `dim`
+    prepare(c, s, g)                             coefficients packed in its own layout (or None), made
+                                                 once by callers that reuse them
+    new_memo()                                   scratch one routing keeps between its calls (or None)
+    forward(x, c, s, g, dim, prepared)           y = R x
+    backward(gy, x, c, s, g, dim, need_gx)       (R^T gy, dc, ds)
+    forward_indexed(x, c_tab, s_tab, idx, g, dim, prepared, memo)
+                                                 mixed batches: row/token i uses table row idx[i]
+`prepared` and `memo` are opaque outside the backend that made them. The first backend in
+`BACKENDS` that serves a tensor's device type, is installed and handles the tensor runs; torch
+handles every tensor, and everything under torch.compile. Per-row
+coefficients (a coefficient row per batch row, for `forward`) are the torch backend's alone.
+Merging (`rotate_rows_`: w <- R w over its first axis) runs once, not per token: the torch
+implementation serves every device.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import importlib
+from types import ModuleType
+from typing import Any, Optional
 
 import torch
 
 from . import torch_ops
 
-_TRITON = None  # the triton_ops module once imported, False when Triton is unavailable
+# (module `<name>_ops` of this package, the device type it serves or None for any), tried in this order.
+# A backend is imported when a tensor of its device type first shows up (Triton takes seconds).
+BACKENDS = (("triton", "cuda"), ("torch", None))
 
 
-def _triton_for(x: torch.Tensor, dim: int):
-    """The Triton module when it should handle x (CUDA, features last, not being traced), else None."""
-    global _TRITON
-    if not x.is_cuda or dim % x.dim() != x.dim() - 1 or torch.compiler.is_compiling():
+@functools.cache
+def _load(name: str) -> Optional[ModuleType]:
+    """The backend module, or None when its dependencies are not installed (Triton)."""
+    try:
+        return importlib.import_module(f"{__name__}.{name}_ops")
+    except ImportError:
         return None
-    if _TRITON is None:
-        try:
-            from . import triton_ops
-        except ImportError:
-            _TRITON = False
-        else:
-            _TRITON = triton_ops
-    return _TRITON or None
+
+
+def backend(x: torch.Tensor, dim: int = -1) -> ModuleType:
+    """The backend that rotates x along `dim` (under torch.compile, torch: the compiler fuses it)."""
+    if torch.compiler.is_compiling():
+        return torch_ops
+    for name, device_type in BACKENDS:
+        if device_type is None or x.device.type == device_type:
+            module = _load(name)
+            if module is not None and module.handles(x, dim):
+                return module
+    return torch_ops
 
 
 def implementation(x: torch.Tensor, dim: int = -1) -> str:
-    """Which kernels rotate x along `dim`: "triton" or "torch"."""
-    return "torch" if _triton_for(x, dim) is None else "triton"
+    """Which backend rotates x along `dim`, by name ("triton" or "torch")."""
+    return backend(x, dim).__name__.rpartition(".")[2].removesuffix("_ops")
+
+
+def prepare(c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1) -> Any:
+    """(c, s) packed for the backend that will rotate tensors on their device along `dim`."""
+    return backend(c, dim).prepare(c, s, group_size)
+
+
+def new_memo(x: torch.Tensor, dim: int = -1) -> Any:
+    """Scratch for one routing of tensors like x, from the backend that rotates them."""
+    return backend(x, dim).new_memo()
 
 
 def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1,
-            shifted: Optional[torch_ops.ShiftedLayout] = None) -> torch.Tensor:
-    """y = R x along `dim`, result in x's dtype; c and s are per feature (d,) or per row (..., d).
-
-    `shifted` (`shifted_layout(c, s, group_size)`) lets the torch path use its faster layout;
-    callers that reuse coefficients (the serving cache) pack them once.
-    """
-    ops = _triton_for(x, dim) if c.dim() == 1 else None
-    if ops is not None:
-        return ops.forward(x, c, s, group_size)
-    return torch_ops.forward(x, c, s, group_size, dim, shifted)
+            prepared: Any = None) -> torch.Tensor:
+    """y = R x along `dim`, result in x's dtype; c and s are per feature (d,) or per row (..., d)."""
+    ops = backend(x, dim) if c.dim() == 1 else torch_ops
+    return ops.forward(x, c, s, group_size, dim, prepared)
 
 
 def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: torch.Tensor, group_size: int,
-             dim: int, need_gx: bool):
+             dim: int, need_gx: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(dx, dc, ds) of y = R x; dc and ds only when x is given (else None)."""
-    ops = _triton_for(gy, dim) if c.dim() == 1 else None
-    if ops is not None:
-        return ops.backward(gy, x, c, s, group_size, need_gx)
-    return torch_ops.backward(gy, x, c, s, group_size, dim, need_gx)
+    ops = backend(gy, dim) if c.dim() == 1 else torch_ops
+    return ops.backward(gy, x, c, s, group_size, dim, need_gx)
 
 
 def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
-                    group_size: int, dim: int = -1, shifted_table: Optional[torch_ops.ShiftedLayout] = None,
-                    memo: Optional[torch_ops.RowMemo] = None) -> torch.Tensor:
+                    group_size: int, dim: int = -1, prepared: Any = None, memo: Any = None) -> torch.Tensor:
     """Mixed batches: each row (or token) of x uses its own row of the coefficient tables.
 
-    The torch path gathers those rows first, and keeps them in `memo` for the routing's later
-    calls; the Triton kernel reads the tables through the index and needs no memo.
+    `prepared` is `prepare(c_table, s_table, group_size)`; `memo` (`new_memo`) is kept by one
+    routing across its calls.
     """
-    ops = _triton_for(x, dim)
-    if ops is not None:
-        return ops.forward_indexed(x, c_table, s_table, index, group_size)
-    return torch_ops.forward_indexed(x, c_table, s_table, index, group_size, dim, shifted_table, memo)
+    return backend(x, dim).forward_indexed(x, c_table, s_table, index, group_size, dim, prepared, memo)
 
 
-shifted_layout = torch_ops.shifted_layout
-ShiftedLayout = torch_ops.ShiftedLayout
-RowMemo = torch_ops.RowMemo
-
-
-# Merging runs once, not per token: the torch implementation serves every device.
 rotate_rows_ = torch_ops.rotate_rows_
 
-__all__ = ["RowMemo", "ShiftedLayout", "backward", "forward", "forward_indexed", "implementation", "rotate_rows_",
-           "shifted_layout"]
+__all__ = ["BACKENDS", "backend", "backward", "forward", "forward_indexed", "implementation", "new_memo", "prepare",
+           "rotate_rows_"]

@@ -139,6 +139,21 @@ def shifted_layout(c: torch.Tensor, s: torch.Tensor, group_size: int) -> Shifted
     return ShiftedLayout(out, *_windows(out, half), out.shape[-2] * out.shape[-1] * out.element_size())
 
 
+def handles(x: torch.Tensor, dim: int) -> bool:
+    """The torch backend rotates any tensor, on any device, along any axis."""
+    return True
+
+
+def prepare(c: torch.Tensor, s: torch.Tensor, group_size: int) -> ShiftedLayout:
+    """This backend's packed coefficients: the shifted layout (see `ShiftedLayout`)."""
+    return shifted_layout(c, s, group_size)
+
+
+def new_memo() -> RowMemo:
+    """Scratch for one routing's calls: the per-row coefficients it gathered (see `RowMemo`)."""
+    return RowMemo()
+
+
 def rotate_shifted(x: torch.Tensor, c: torch.Tensor, s_up: torch.Tensor, s_down: torch.Tensor,
                    half: int) -> torch.Tensor:
     """R x for features on the last axis, as three ops over long contiguous rows. No autograd.
@@ -159,17 +174,17 @@ def rotate_shifted(x: torch.Tensor, c: torch.Tensor, s_up: torch.Tensor, s_down:
 
 
 def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1,
-            shifted: Optional[ShiftedLayout] = None) -> torch.Tensor:
+            prepared: Optional[ShiftedLayout] = None) -> torch.Tensor:
     """y = R x along `dim`: math in the coefficients' dtype, result in x's dtype. No autograd.
 
-    With `shifted` (`shifted_layout(c, s)`, precomputed by callers that reuse coefficients) and
+    With `prepared` (`prepare(c, s)`, the shifted layout, made once by callers that reuse coefficients) and
     the features last, the faster `rotate_shifted` runs. When x already has the coefficients'
     dtype, nothing is allocated beyond the output. Under torch.compile: `rotate_traced`.
     """
     if torch.compiler.is_compiling():
         return _in_dtype_of(x, rotate_traced(x, c, s, group_size, dim))
-    if shifted is not None and dim % x.dim() == x.dim() - 1:
-        return _in_dtype_of(x, rotate_shifted(x, shifted.c, shifted.s_up, shifted.s_down, group_size // 2))
+    if prepared is not None and dim % x.dim() == x.dim() - 1:
+        return _in_dtype_of(x, rotate_shifted(x, prepared.c, prepared.s_up, prepared.s_down, group_size // 2))
     return _in_dtype_of(x, rotate_values(x, c, s, group_size, dim))
 
 
@@ -204,23 +219,23 @@ def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: to
 
 
 def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
-                    group_size: int, dim: int = -1, shifted_table: Optional[ShiftedLayout] = None,
+                    group_size: int, dim: int = -1, prepared: Optional[ShiftedLayout] = None,
                     memo: Optional[RowMemo] = None) -> torch.Tensor:
     """Mixed batches: gather each row's (or token's) coefficients by `index`, then one fused pass.
 
     `index` covers a prefix of the axes before `dim` (per batch row) or all of them (per token).
-    `shifted_table` is `shifted_layout(c_table, s_table)`: with the features last, each row's
+    `prepared` is `prepare(c_table, s_table)`: with the features last, each row's
     coefficients then come with one gather and go through the faster pass, and `memo` (one per
     routing of a model call) keeps gathered rows for the calls after (see `RowMemo`). Under
     torch.compile the plain tables are gathered and `forward` runs, which a compiler fuses with the
     gather.
     """
     dim = dim % x.dim()
-    if shifted_table is not None and dim == x.dim() - 1 and not torch.compiler.is_compiling():
-        if index.numel() * shifted_table.row_bytes <= GATHER_BYTES:  # the common case: one gather
+    if prepared is not None and dim == x.dim() - 1 and not torch.compiler.is_compiling():
+        if index.numel() * prepared.row_bytes <= GATHER_BYTES:  # the common case: one gather
             half = group_size // 2
-            return _in_dtype_of(x, rotate_shifted(x, *_gathered(shifted_table, index, x.dim(), half, memo), half))
-        return _forward_indexed_chunked(x, shifted_table, index, group_size // 2)
+            return _in_dtype_of(x, rotate_shifted(x, *_gathered(prepared, index, x.dim(), half, memo), half))
+        return _forward_indexed_chunked(x, prepared, index, group_size // 2)
     lead = tuple(index.shape) + (1,) * (dim - index.dim())
     flat = index.reshape(-1)  # index_select is several times faster than advanced indexing on CPU
     c = c_table.index_select(0, flat).view(lead + (c_table.shape[-1],))

@@ -120,14 +120,31 @@ def _launch_fwd(x2: torch.Tensor, c: torch.Tensor, s: torch.Tensor, idx: Optiona
     return y
 
 
-def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int) -> torch.Tensor:
+def handles(x: torch.Tensor, dim: int) -> bool:
+    """CUDA tensors with the features on the last axis, outside torch.compile (which fuses the torch
+    formulation itself)."""
+    return x.is_cuda and dim % x.dim() == x.dim() - 1 and not torch.compiler.is_compiling()
+
+
+def prepare(c: torch.Tensor, s: torch.Tensor, group_size: int) -> None:
+    """The kernels read (c, s) as they are: nothing to pack."""
+    return None
+
+
+def new_memo() -> None:
+    """The mixed-batch kernel reads the tables through the index: nothing to keep between calls."""
+    return None
+
+
+def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1,
+            prepared: None = None) -> torch.Tensor:
     """y = R x over the last axis with per-feature (c, s) of shape (d,); result in x's dtype."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     return _launch_fwd(x2, c.float().contiguous(), s.float().contiguous(), None, group_size).view(x.shape)
 
 
 def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: torch.Tensor, group_size: int,
-             need_gx: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+             dim: int, need_gx: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(dx = R^T gy, dc, ds) in one pass over gy and x; dc and ds only when x is given."""
     gy2 = gy.reshape(-1, gy.shape[-1]).contiguous()
     x2 = x.reshape(-1, x.shape[-1]).contiguous() if x is not None else None
@@ -148,7 +165,7 @@ def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: to
 
 
 def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
-                    group_size: int) -> torch.Tensor:
+                    group_size: int, dim: int = -1, prepared: None = None, memo: None = None) -> torch.Tensor:
     """Mixed batches: row r of x (flattened leading axes) uses coefficient row index[r] of the tables.
 
     `index` covers a prefix of x's leading axes (per batch row) or all of them (per token). Each

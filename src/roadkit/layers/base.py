@@ -45,10 +45,10 @@ class AdapterParameters(nn.ParameterDict):
 @dataclass(frozen=True)
 class _Prepared:
     """A rotation as the inference paths apply it: coefficients (one adapter's, or a table with a
-    row per adapter for mixed batches), the same packed in the kernels' fast layout, and the group size."""
+    row per adapter for mixed batches), the same as the kernel backend packs them, and the group size."""
 
     coeffs: F.Coefficients
-    shifted: F.ShiftedLayout
+    prepared: Any
     group_size: int
 
 
@@ -60,16 +60,17 @@ class Routing:
     `batch_shape` is the (batch, seq) of the model input, when known: it lets per-row indices
     reach layers that see the batch flattened to (batch * seq) rows (OPT's MLP, for one).
     `tables` holds each layer's coefficient tables for this routing (`RoadLayer.tables_for`), and
-    `rows` the per-row coefficients gathered from them (kept from their second use on, so the
-    decode steps of one `generate` call do not gather again; None under torch.compile, which fuses
-    the gather into the rotation); both go when the routing does.
+    `rows` the kernel backend's scratch for this routing (`kernels.new_memo`: on the torch path, the
+    per-row coefficients gathered from the tables, kept from their second use on, so the decode
+    steps of one `generate` call do not gather again; None under torch.compile, which fuses the
+    gather into the rotation); both go when the routing does.
     """
 
     names: tuple[str, ...]
     index: torch.Tensor
     batch_shape: Optional[tuple[int, ...]] = None
     tables: dict = field(default_factory=dict)
-    rows: Optional[F.RowMemo] = None
+    rows: Any = None
 
 
 def delegated(name: str) -> property:
@@ -311,7 +312,7 @@ class RoadLayer(nn.Module):
         ident = F.identity(self.out_features, dtype=c0.dtype, device=c0.device)
         rows = [coeffs.get(n, ident) for n in names]
         tables = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
-        return _Prepared(tables, F.shifted_layout(tables, group_size), group_size)
+        return _Prepared(tables, F.prepare(tables, group_size, self.feature_dim), group_size)
 
     def _mixed_get(self, key: Any) -> Any:
         hit = self._mixed_cache.get(key)
@@ -335,7 +336,7 @@ class RoadLayer(nn.Module):
             return self._mixed_forward(result, self.routing)
         if not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()):
             for r in self._serving_rotations():
-                result = F.rotate(result, r.coeffs, r.group_size, self.feature_dim, r.shifted)
+                result = F.rotate(result, r.coeffs, r.group_size, self.feature_dim, r.prepared)
             return result
         for name in self._active_adapters:
             if name not in self.road_theta or name in self.merged_adapters:
@@ -363,7 +364,7 @@ class RoadLayer(nn.Module):
         for name in names:
             c, s = self.coefficients(name)
             g = self.group_size[name]
-            rotations.append(_Prepared((c, s), F.shifted_layout((c, s), g), g))
+            rotations.append(_Prepared((c, s), F.prepare((c, s), g, self.feature_dim), g))
         self._serving = (self._epoch, stamp, params, rotations)
         return rotations
 
@@ -409,7 +410,7 @@ class RoadLayer(nn.Module):
                 f"this layer's output {tuple(result.shape)}: give one adapter per batch row (or per token)."
             )
         for t in self.tables_for(routing):
-            result = F.rotate_indexed(result, t.coeffs, index, t.group_size, dim, t.shifted, routing.rows)
+            result = F.rotate_indexed(result, t.coeffs, index, t.group_size, dim, t.prepared, routing.rows)
         return result
 
     @staticmethod
