@@ -13,6 +13,7 @@ import torch
 from conftest import tiny_llama, tiny_mlp, tiny_opt
 from torch import nn
 
+import roadkit
 from roadkit import ModulesToSaveWrapper, RoadConfig, RoadLayer, RoadModel, get_peft_model
 
 QV = ["q_proj", "v_proj"]
@@ -779,3 +780,40 @@ print(len(before))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) >= 4  # the registries were found
+
+
+def test_a_routing_made_once_serves_every_call_of_a_serving_loop(two, input_ids):
+    """`route` checks once and builds the tables; reusing the routing gives what adapter_names gives,
+    with no per-call table work, and leaves no routing behind on the layers."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = ["b", "__base__", "default", "b"]
+    with torch.no_grad():
+        want = logits(two, input_ids, adapter_names=names)
+        routing = two.route(names, batch_shape=tuple(input_ids.shape))
+        assert isinstance(routing, roadkit.Routing) and routing.names == ("b", "__base__", "default")
+
+        class Count(TorchDispatchMode):  # coefficient tables stacked per call
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                stacks[0] += func is torch.ops.aten.stack.default
+                return func(*args, **(kwargs or {}))
+
+        stacks = [0]
+        with Count():
+            for _ in range(3):
+                close(two(input_ids, routing=routing).logits, want, atol=1e-6)
+        assert stacks[0] == 0
+    assert all(lyr.routing is None for _, lyr in two.road_layers())
+
+
+def test_routing_misuse_is_a_clear_error(two, input_ids):
+    routing = two.route(["b", "default", "b", "default"])
+    with pytest.raises(ValueError, match="either routing="):
+        two(input_ids, routing=routing, adapter_names=["b"] * len(input_ids))
+    with pytest.raises(TypeError, match="made by model.route"):
+        two(input_ids, routing=["b"])
+    two.train()
+    with pytest.raises(ValueError, match="for inference"):
+        two(input_ids, routing=routing)
+    with pytest.raises(ValueError, match="for inference"):
+        two.route(["b"])

@@ -10,6 +10,7 @@ from .layers import (
     Linear8bitLt,
     ModulesToSaveWrapper,
     RoadLayer,
+    Routing,
     TransformersConv1D,
 )
 from .model import RoadModel, TensorParallelIssue, check_tensor_parallel, get_peft_model
@@ -27,6 +28,7 @@ __all__ = [
     "RoadLayer",
     "RoadModel",
     "RoadTrainer",
+    "Routing",
     "SavedAdapter",
     "TensorParallelIssue",
     "TransformersConv1D",

@@ -437,10 +437,20 @@ class RoadModel(nn.Module):
 
     # ---- forward / generate ----------------------------------------------------------------------
 
-    @contextmanager
-    def _routed(self, adapter_names: list[str], adapter_indices: Optional[torch.Tensor],
-                batch_shape: Optional[tuple[int, ...]]) -> Iterator[None]:
-        """Route rows (or tokens) to adapters for one call; every check runs before any compute."""
+    def route(self, adapter_names: list[str], adapter_indices: Optional[torch.Tensor] = None,
+              batch_shape: Optional[tuple[int, ...]] = None) -> Routing:
+        """Which adapter each batch row (or token) uses, checked and ready for the layers.
+
+        `adapter_names` alone: one adapter name per batch row (`__base__` for none). With
+        `adapter_indices` (an integer tensor of shape [batch], [batch, seq] or flat [tokens]),
+        `adapter_names` is the list those indices point into. `batch_shape`, the (batch, seq) of the
+        input when known, lets per-row indices reach layers that flatten the batch.
+
+        The result is immutable: pass it as `routing=` to any number of `forward` / `generate`
+        calls (a serving loop's decode steps), which then do no per-call adapter bookkeeping. It
+        holds the adapters' coefficients as they are now: route again after changing adapters.
+        Every check runs here, before any compute.
+        """
         if self.training:
             raise ValueError("adapter_names (mixed-adapter batches) is for inference; call model.eval() first.")
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
@@ -450,8 +460,8 @@ class RoadModel(nn.Module):
         if unknown:
             raise ValueError(f"unknown adapter(s) in adapter_names: {unknown}; available: "
                              f"{sorted(self.peft_config)} and {BASE!r}.")
-        modules = self._adapter_modules()
-        merged = sorted({n for m in modules if isinstance(m, RoadLayer) for n in m.merged_adapters})
+        layers = [m for m in self._adapter_modules() if isinstance(m, RoadLayer)]
+        merged = sorted({n for m in layers for n in m.merged_adapters})
         if merged:
             raise ValueError(f"adapters {merged} are merged into the weights; call unmerge_adapter() before "
                              "mixed-adapter batches.")
@@ -468,11 +478,32 @@ class RoadModel(nn.Module):
         compiling = torch.compiler.is_compiling()  # a compiled graph fuses the gather: no memo there
         routing = Routing(unique, index, batch_shape, rows=None if compiling else new_memo(index))
         if not compiling:  # tables from the layers' caches: inputs to a compiled model
-            for m in modules:
-                if isinstance(m, RoadLayer):
-                    m.tables_for(routing)
-        with self._set_on_adapter_modules("routing", routing, reset=None, modules=modules):
+            for layer in layers:
+                layer.tables_for(routing)
+        return routing
+
+    @contextmanager
+    def _routed(self, routing: Routing) -> Iterator[None]:
+        """Hand `routing` to every adapter layer for one call (one walk), and take it back after."""
+        if self.training:
+            raise ValueError("a routing (mixed-adapter batches) is for inference; call model.eval() first.")
+        with self._set_on_adapter_modules("routing", routing, reset=None):
             yield
+
+    def _routing_for(self, args: tuple, kwargs: dict, adapter_names: Optional[list[str]],
+                     adapter_indices: Optional[torch.Tensor], routing: Optional[Routing]) -> Optional[Routing]:
+        if routing is not None:
+            if adapter_names is not None or adapter_indices is not None:
+                raise ValueError("give either routing= (from model.route) or adapter_names / adapter_indices, "
+                                 "not both.")
+            if not isinstance(routing, Routing):
+                raise TypeError(f"routing must be a Routing made by model.route(...), got {type(routing).__name__}.")
+            return routing
+        if adapter_names is None:
+            if adapter_indices is not None:
+                raise ValueError("adapter_indices needs adapter_names, the list of names it indexes into.")
+            return None
+        return self.route(adapter_names, adapter_indices, self._batch_shape(args, kwargs))
 
     @staticmethod
     def _check_indices(indices: Any, n_names: int, batch_shape: Optional[tuple[int, ...]]) -> torch.Tensor:
@@ -504,26 +535,29 @@ class RoadModel(nn.Module):
         return tuple(first.shape[:2]) if first.dim() == 2 and not first.is_floating_point() else tuple(first.shape[:1])
 
     def forward(self, *args: Any, adapter_names: Optional[list[str]] = None,
-                adapter_indices: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+                adapter_indices: Optional[torch.Tensor] = None, routing: Optional[Routing] = None,
+                **kwargs: Any) -> Any:
         """Run the model, optionally with several adapters in one batch.
 
         `adapter_names` alone: one adapter name per batch row (`__base__` for none). With
         `adapter_indices` (an integer tensor of shape [batch], [batch, seq] or flat [tokens]),
         `adapter_names` is the list those indices point into: per-token routing for packed or
-        continuous batching.
+        continuous batching. Or `routing`, made once by `route` and reused across calls.
         """
-        if adapter_names is None:
-            if adapter_indices is not None:
-                raise ValueError("adapter_indices needs adapter_names, the list of names it indexes into.")
+        routing = self._routing_for(args, kwargs, adapter_names, adapter_indices, routing)
+        if routing is None:
             return self.model(*args, **kwargs)
-        with self._routed(adapter_names, adapter_indices, self._batch_shape(args, kwargs)):
+        with self._routed(routing):
             return self.model(*args, **kwargs)
 
-    def generate(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
-        """`model.generate`, optionally with one adapter per prompt row in a single batch."""
-        if adapter_names is None:
+    def generate(self, *args: Any, adapter_names: Optional[list[str]] = None, routing: Optional[Routing] = None,
+                 **kwargs: Any) -> Any:
+        """`model.generate`, optionally with one adapter per prompt row in a single batch (`adapter_names`,
+        or a per-row `routing` from `route`)."""
+        routing = self._routing_for(args, kwargs, adapter_names, None, routing)
+        if routing is None:
             return self.model.generate(*args, **kwargs)
-        with self._routed(adapter_names, None, self._batch_shape(args, kwargs)):
+        with self._routed(routing):
             return self.model.generate(*args, **kwargs)
 
     # ---- checkpoints ---------------------------------------------------------------------------
