@@ -31,7 +31,8 @@ import torch
 from roadkit import RoadConfig, compose, get_peft_model
 from roadkit.data import Example, tokenize_all
 from roadkit.demo import TASKS, load_base, pretraining_examples, words
-from roadkit.train import TrainConfig, Trainer
+from roadkit.train import TrainConfig
+from roadkit.trainer import TrainingRun
 
 PROMPTS: dict[str, Callable[[str], str]] = {"upper": lambda w: f"{w} ->", "reverse": lambda w: f"{w} <-"}
 ADAPTER = {"variant": "road_1", "group_size": 64, "target_modules": "all-linear"}
@@ -76,7 +77,7 @@ def run(s: dict = SETTINGS["full"], say: Callable[[str], None] = print) -> dict:
     trainable = {}
     for name, train in runs.items():
         model.set_adapter(name)
-        trainer = Trainer(model, train, config, tokenizer.pad_token_id)
+        trainer = TrainingRun(model, train, config, tokenizer)
         trainable[name] = sum(p.numel() for p in trainer.params)
         start = time.perf_counter()
         trainer.fit(progress=False)
@@ -84,7 +85,7 @@ def run(s: dict = SETTINGS["full"], say: Callable[[str], None] = print) -> dict:
             f"{time.perf_counter() - start:.0f} s")
     compose(model, ["A", "B"], "union", mode="union")
 
-    evaluator = Trainer(model, runs["A"], config, tokenizer.pad_token_id)
+    evaluator = TrainingRun(model, runs["A"], config, tokenizer)
     losses: dict[str, dict[str, float]] = {}
     with model.disable_adapter():
         losses["base"] = {t: evaluator.evaluate(data[t]["eval"]) for t in PROMPTS}

@@ -76,7 +76,7 @@ def probe():
 def test_train_writes_a_run_that_roadkit_and_peft_load(work, trained):
     run, result = trained
     assert {"adapter_config.json", "adapter_model.safetensors", "training_log.json", "loss_curve.png",
-            "trainer_state.pt"} <= set(os.listdir(run))
+            "checkpoint"} <= set(os.listdir(run))
     assert "wrote run" in result.stdout
     log = json.loads((run / "training_log.json").read_text())
     assert log["status"] == "completed" and log["step"] == log["total_steps"] == 6
@@ -175,16 +175,21 @@ BAD_INPUTS = {  # name: (arguments, what the one-line message says, an output di
 IN_SUBPROCESS = ("malformed jsonl", "group size", "existing output", "unrouted prompt")
 
 
+def files(directory):
+    """{relative path: bytes} of every file under `directory`."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
 @pytest.fixture
 def bad_input_files(work, trained):
     (work / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a" "completion": "b"}\n')
     (work / "taken").mkdir(exist_ok=True)
     (work / "taken" / "keep.txt").write_text("mine")
     run = trained[0]
-    before = {name: (run / name).read_bytes() for name in os.listdir(run)}
+    before = files(run)
     yield work
     assert (work / "taken" / "keep.txt").read_text() == "mine"
-    assert {name: (run / name).read_bytes() for name in os.listdir(run)} == before
+    assert files(run) == before
     assert not [n for n in os.listdir(work) if ".tmp-" in n or ".old-" in n]
 
 
@@ -320,9 +325,10 @@ def test_resume_keeps_user_files_extends_the_schedule_and_checks_eval_data(work,
     code, _, err = cli(["train", "--output", run, "--resume", "--max-steps", "6"], capsys, work, monkeypatch)
     one_line_error(code, err, "held-out data", "changed")
 
-    (run / "trainer_state.pt").write_bytes((run / "trainer_state.pt").read_bytes()[:200])  # truncated
+    state = run / "checkpoint" / "optimizer.pt"
+    state.write_bytes(state.read_bytes()[:200])  # truncated
     code, _, err = cli(["train", "--output", run, "--resume", "--max-steps", "6"], capsys, work, monkeypatch)
-    one_line_error(code, err, "trainer_state.pt")
+    one_line_error(code, err, "optimizer.pt")
     assert (run / "angles.png").is_file() and (run / "notes" / "mine.txt").is_file()
 
 
@@ -354,20 +360,20 @@ def test_ctrl_c_while_saving_keeps_the_completed_run(work, tmp_path, capsys, mon
 
 
 def test_sigterm_saves_a_checkpoint_and_no_staging_dir_exists_while_training(work, tmp_path, capsys, monkeypatch):
-    from roadkit.train import Trainer
+    from roadkit.trainer import RunLog
 
     def sigterm_kills(signum, frame):
         raise SystemExit("SIGTERM was not handled by roadkit")
 
-    original, seen = Trainer.train_step, []
+    original, seen = RunLog.on_step_begin, []
 
-    def step(self, samples):
+    def step(self, args, state, control, **kwargs):
         seen.append(sorted(os.listdir(tmp_path)))
-        if self.step == 1:
+        if state.global_step == 1:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, samples)
+        return original(self, args, state, control, **kwargs)
 
-    monkeypatch.setattr(Trainer, "train_step", step)
+    monkeypatch.setattr(RunLog, "on_step_begin", step)
     previous = signal.signal(signal.SIGTERM, sigterm_kills)
     try:
         code, _, err = cli(["train", *SMALL, "--max-steps", "50", "--output", tmp_path / "r"], capsys, work,

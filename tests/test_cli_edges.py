@@ -165,9 +165,9 @@ def test_merge_on_a_full_disk_is_a_one_line_error(base_dir, tmp_path, capsys, mo
 
 
 def test_a_run_finishing_second_does_not_replace_the_first(base_dir, tmp_path, capsys, monkeypatch):
-    from roadkit.train import Trainer
+    from roadkit.trainer import TrainingRun
 
-    fit = Trainer.fit
+    fit = TrainingRun.fit
 
     def fit_while_another_run_finishes(self, *args, **kwargs):
         status = fit(self, *args, **kwargs)
@@ -175,7 +175,7 @@ def test_a_run_finishing_second_does_not_replace_the_first(base_dir, tmp_path, c
         (tmp_path / "run" / "first.txt").write_text("first")
         return status
 
-    monkeypatch.setattr(Trainer, "fit", fit_while_another_run_finishes)
+    monkeypatch.setattr(TrainingRun, "fit", fit_while_another_run_finishes)
     code, out, err = cli(["train", "--model", base_dir / "untied", "--data", base_dir / "train.jsonl", "--max-steps",
                           "1", "--no-progress", "--output", tmp_path / "run"], capsys, tmp_path, monkeypatch)
     one_line_error(code, err, "run-2")

@@ -2,9 +2,11 @@
 
 Each rank takes half of every global batch; the loss is a mean over equally many tokens per rank,
 and DDP averages gradients, so both runs take the same optimizer steps. Tested with torch DDP
-directly, and with `examples/accelerate_train.py` under `accelerate launch`. The DDP model also
-holds an inactive second adapter whose parameters do not require grad: DDP must leave it alone
-without `find_unused_parameters`.
+directly, with `examples/accelerate_train.py` under `accelerate launch`, and with roadkit's training
+path (`TrainingRun`, the one `roadkit train` uses) under torchrun, on rows of different lengths (the
+Trainer averages the loss over the tokens of all processes). The model also holds an inactive
+second adapter whose parameters do not require grad: DDP must leave it alone without
+`find_unused_parameters`.
 """
 
 from __future__ import annotations
@@ -120,3 +122,54 @@ def test_accelerate_example_two_processes_match_one(tmp_path):
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6, msg=k)
     assert RoadConfig.from_pretrained(tmp_path / "two").variant == "road_1"
+
+
+def training_run_samples() -> list:
+    """12 rows of 6-13 tokens, the first 2-4 of them an unlabelled prompt: token counts differ between ranks."""
+    from roadkit.data import IGNORE_INDEX, Sample
+
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for _ in range(12):
+        length, prompt = int(torch.randint(6, 14, (1,), generator=g)), int(torch.randint(2, 5, (1,), generator=g))
+        ids = torch.randint(4, 80, (length,), generator=g).tolist()
+        rows.append(Sample(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    return rows
+
+
+def training_run(out_dir: str) -> None:
+    """`STEPS` steps of `TrainingRun` with the global batch `GLOBAL_BATCH`, checkpoints in `out_dir`."""
+    from roadkit.demo import build_tokenizer
+    from roadkit.train import COMPLETED, TrainConfig
+    from roadkit.trainer import TrainingRun
+
+    torch.set_num_threads(1)
+    run = TrainingRun(build(), training_run_samples(), TrainConfig(lr=1e-2, max_steps=STEPS, batch_size=GLOBAL_BATCH),
+                      build_tokenizer(), output_dir=out_dir)
+    assert run.fit(progress=False) == COMPLETED
+
+
+def test_training_run_two_processes_match_one(tmp_path):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+              __file__, str(tmp_path / "two")]
+    proc = subprocess.Popen(launch, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    training_run(str(tmp_path / "one"))  # while the ranks start up
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    start = adapters(build())
+    for name, sub in (("default", ""), ("inactive", "inactive")):
+        one = load_file(tmp_path / "one" / f"checkpoint-{STEPS}" / sub / "adapter_model.safetensors")
+        two = load_file(tmp_path / "two" / f"checkpoint-{STEPS}" / sub / "adapter_model.safetensors")
+        assert set(one) == set(two)
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6, msg=f"{name}: {k}")
+            assert torch.equal(one[k], start[f"{name}/{k}"]) == (name == "inactive"), k  # trained, or left alone
+    files = set(os.listdir(tmp_path / "two" / f"checkpoint-{STEPS}"))  # the adapter only, no base weights
+    assert {"adapter_model.safetensors", "optimizer.pt", "trainer_state.json"} <= files
+    assert not {f for f in files if f.startswith(("model", "pytorch_model"))}
+
+
+if __name__ == "__main__":  # one rank of `test_training_run_two_processes_match_one`, under torchrun
+    training_run(sys.argv[1])

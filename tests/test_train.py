@@ -1,19 +1,23 @@
-"""The plain training loop: learning, schedule, evaluation, stop requests and exact resumption."""
+"""The training path (`roadkit.trainer.TrainingRun` on `RoadTrainer`): learning, schedule, evaluation, stop requests
+and exact resumption."""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import threading
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from roadkit import RoadConfig, get_peft_model
 from roadkit.data import tokenize_all
 from roadkit.demo import build_model, build_tokenizer, task_examples
-from roadkit.train import COMPLETED, INTERRUPTED, TrainConfig, Trainer, load_state, save_state, write_run
+from roadkit.train import COMPLETED, INTERRUPTED, TrainConfig, load_state, write_run
+from roadkit.trainer import TrainingRun
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +33,22 @@ def make(setup, steps=6, **kwargs):
     tokenizer, base, train, held_out = setup
     model = get_peft_model(copy.deepcopy(base), RoadConfig(group_size=64, target_modules="all-linear"))
     config = TrainConfig(lr=1e-2, max_steps=steps, batch_size=4, eval_every=3, **kwargs)
-    return model, Trainer(model, train, config, tokenizer.pad_token_id, held_out)
+    return model, TrainingRun(model, train, config, tokenizer, held_out)
 
 
 def adapter(model):
     return {k: v.clone() for k, v in model.adapter_state_dict().items()}
+
+
+class AtStep(TrainerCallback):
+    """Calls `action` when step `step` begins."""
+
+    def __init__(self, step, action):
+        self.step, self.action = step, action
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            self.action()
 
 
 def test_fit_learns_and_logs(setup):
@@ -42,15 +57,17 @@ def test_fit_learns_and_logs(setup):
     assert [e["step"] for e in trainer.log["train"]] == list(range(1, 13))
     assert [e["step"] for e in trainer.log["eval"]] == [0, 3, 6, 9, 12]
     assert trainer.log["eval"][-1]["loss"] < trainer.log["eval"][0]["loss"]
-    assert trainer.optimizer.param_groups[0]["lr"] == 0.0  # linear decay reaches zero at the last step
+    # linear decay reaches zero at the last step
+    assert trainer.road_trainer.optimizer.param_groups[0]["lr"] == 0.0
     assert all(p.grad is None for p in trainer.params)
 
 
 def test_epochs_and_warmup(setup):
     _, trainer = make(setup, steps=None, warmup_steps=2)
-    trainer.config.max_steps = None
     assert trainer.total_steps == 6  # 24 rows / batch 4, one epoch
-    assert [trainer._lr_factor(s) for s in range(4)] == [0.5, 1.0, 1.0, 0.75]
+    trainer.fit(progress=False)
+    # transformers' linear schedule: warmup from 0 over 2 steps, then linear decay to 0 at step 6
+    assert [e["lr"] for e in trainer.log["train"]] == pytest.approx([0.0, 5e-3, 1e-2, 7.5e-3, 5e-3, 2.5e-3])
 
 
 def test_stop_request_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
@@ -58,27 +75,23 @@ def test_stop_request_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
     trainer.fit(progress=False)
 
     model, first = make(setup)
-    original = first.train_step
-
-    def step_then_stop(samples):
-        loss = original(samples)
-        first.stop_requested = first.stop_requested or len(first.log["train"]) == 2  # stop after step 3
-        return loss
-
-    first.train_step = step_then_stop
+    first.road_trainer.add_callback(AtStep(3, lambda: setattr(first.stop, "requested", True)))  # stop after step 3
     assert first.fit(progress=False) == INTERRUPTED and first.step == 3
     write_run(tmp_path / "run", model, first, INTERRUPTED, {"note": "test"})
-    assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.pt", "training_log.json",
+    assert {"adapter_config.json", "adapter_model.safetensors", "checkpoint", "training_log.json",
             "loss_curve.png"} <= set(os.listdir(tmp_path / "run"))
+    saved = set(os.listdir(tmp_path / "run" / "checkpoint"))  # adapter-only: no full model weights
+    assert {"adapter_model.safetensors", "optimizer.pt", "trainer_state.json"} <= saved
+    assert not saved & {"model.safetensors", "pytorch_model.bin"}
 
     tokenizer, base, train, held_out = setup
     from roadkit import RoadModel
 
     resumed = RoadModel.from_pretrained(copy.deepcopy(base), tmp_path / "run", is_trainable=True)
-    second = Trainer(resumed, train, first.config, tokenizer.pad_token_id, held_out)
+    second = TrainingRun(resumed, train, first.config, tokenizer, held_out)
     state = load_state(tmp_path / "run")
-    assert state["run"] == {"note": "test"} and state["status"] == INTERRUPTED
-    second.load_state_dict(state)
+    assert state["run"] == {"note": "test"} and state["status"] == INTERRUPTED and state["step"] == 3
+    second.resume(state)
     assert second.fit(progress=False) == COMPLETED
     want, got = adapter(reference), adapter(resumed)
     assert want.keys() == got.keys()
@@ -86,30 +99,24 @@ def test_stop_request_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
     assert [e["step"] for e in second.log["train"]] == list(range(1, 7))
     assert [e["loss"] for e in second.log["train"]] == pytest.approx([e["loss"] for e in trainer.log["train"]])
-    assert [e["step"] for e in second.log["eval"]] == [0, 3, 6]  # the eval at 3, cut short by the stop, is redone
+    assert [e["step"] for e in second.log["eval"]] == [0, 3, 6]
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
 def test_sigint_requests_a_stop_and_restores_the_handler(setup):
     _, trainer = make(setup, steps=50)
-    original = trainer.train_step
-
-    def step(samples):
-        loss = original(samples)
-        if trainer.step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return loss
-
-    trainer.train_step = step
+    trainer.road_trainer.add_callback(AtStep(2, lambda: os.kill(os.getpid(), signal.SIGINT)))
     before = signal.getsignal(signal.SIGINT)
     assert trainer.fit(progress=False) == INTERRUPTED
     assert trainer.step == 2 and signal.getsignal(signal.SIGINT) is before
+    assert os.path.isdir(trainer.checkpoint) and trainer.checkpoint.endswith("checkpoint-2")
 
 
 def test_state_round_trip(tmp_path, setup):
-    _, trainer = make(setup)
-    save_state(tmp_path, trainer.state_dict())
-    assert load_state(tmp_path)["step"] == 0
+    model, trainer = make(setup, steps=1)
+    trainer.fit(progress=False)
+    write_run(tmp_path, model, trainer, COMPLETED, {})
+    assert load_state(tmp_path)["step"] == 1
     with pytest.raises(FileNotFoundError, match="not a roadkit training run"):
         load_state(tmp_path / "nowhere")
 
@@ -122,27 +129,30 @@ def test_rejects_bad_settings(setup):
     tokenizer, base, train, _ = setup
     frozen = copy.deepcopy(base).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        Trainer(frozen, train, TrainConfig(), tokenizer.pad_token_id)
+        TrainingRun(frozen, train, TrainConfig(), tokenizer)
 
 
-def test_resume_with_a_longer_schedule_recomputes_the_learning_rate(setup):
-    _, finished = make(setup, steps=2)
+def test_resume_with_a_longer_schedule_recomputes_the_learning_rate(setup, tmp_path):
+    model, finished = make(setup, steps=2)
     assert finished.fit(progress=False) == COMPLETED
-    assert finished.optimizer.param_groups[0]["lr"] == 0.0
+    assert finished.road_trainer.optimizer.param_groups[0]["lr"] == 0.0
+    write_run(tmp_path, model, finished, COMPLETED, {})
     _, longer = make(setup, steps=4)
-    longer.load_state_dict(finished.state_dict())
-    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 2 / 4)
-    assert longer.scheduler.get_last_lr() == pytest.approx([1e-2 * 2 / 4])
+    longer.resume(load_state(tmp_path))
     longer.fit(progress=False)
     assert [e["lr"] for e in longer.log["train"]] == pytest.approx([1e-2, 1e-2 / 2, 1e-2 / 2, 1e-2 / 4])
 
 
 def test_damaged_state_is_a_value_error_naming_the_file(tmp_path, setup):
-    _, trainer = make(setup)
-    save_state(tmp_path, trainer.state_dict())
-    path = tmp_path / "trainer_state.pt"
+    model, trainer = make(setup, steps=1)
+    trainer.fit(progress=False)
+    write_run(tmp_path, model, trainer, COMPLETED, {})
+    (tmp_path / "checkpoint" / "trainer_state.json").write_text("{")
+    with pytest.raises(ValueError, match="trainer_state.json"):
+        load_state(tmp_path)
+    path = tmp_path / "checkpoint" / "optimizer.pt"
     path.write_bytes(path.read_bytes()[:300])
-    with pytest.raises(ValueError, match="trainer_state.pt"):
+    with pytest.raises(ValueError, match="optimizer.pt"):
         load_state(tmp_path)
 
 
@@ -155,6 +165,7 @@ def test_write_run_without_steps_draws_no_empty_legend(tmp_path, setup):
         warnings.simplefilter("error")
         write_run(tmp_path / "run", model, trainer, INTERRUPTED, {})
     assert (tmp_path / "run" / "loss_curve.png").is_file()
+    assert json.loads((tmp_path / "run" / "training_log.json").read_text())["step"] == 0
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")

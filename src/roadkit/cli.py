@@ -45,7 +45,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                                   "per line (with a prompt, the loss covers the completion only)")
     p.add_argument("--eval-data", help="held-out JSONL data; its loss is reported during training")
     p.add_argument("--output", required=True, help="run directory to write: the adapter (PEFT layout), "
-                                                   "training_log.json, loss_curve.png, trainer_state.pt")
+                                                   "training_log.json, loss_curve.png, checkpoint/ (for --resume)")
     p.add_argument("--variant", help=f"road_1, road_2 or road_4 (default {defaults.VARIANT})")
     p.add_argument("--group-size", type=int, help="features rotate in pairs inside groups of this size "
                                                      f"(default {defaults.GROUP_SIZE})")
@@ -158,11 +158,11 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from .config import RoadConfig
-    from .data import load_samples, pad_token_id, read_jsonl
+    from .data import load_samples, read_jsonl
     from .loading import load_causal_lm, load_tokenizer, pick_device, quiet_transformers
     from .model import RoadModel, get_peft_model
     from .outputs import staged_directory
-    from .train import COMPLETED, TrainConfig, Trainer, deferred_stop_signals, write_run
+    from .train import COMPLETED, TrainConfig, deferred_stop_signals, write_run
 
     run, state = _train_run_settings(args)
     for path in filter(None, (run["data"], run["eval_data"])):
@@ -181,9 +181,11 @@ def _train(args: argparse.Namespace) -> int:
     max_length = _max_length(base, run, args.max_length)
     train = load_samples(run["data"], tokenizer, max_length)
     held_out = load_samples(run["eval_data"], tokenizer, max_length) if run["eval_data"] else None
-    trainer = Trainer(model, train, train_config, pad_token_id(tokenizer, default=0), held_out)
+    from .trainer import TrainingRun  # transformers' Trainer: imported once the inputs have been checked
+
+    trainer = TrainingRun(model, train, train_config, tokenizer, held_out)
     if state:
-        trainer.load_state_dict(state)
+        trainer.resume(state)
         if trainer.step >= trainer.total_steps:
             done = (f"has done all its {_steps(trainer.step)}" if trainer.step == trainer.total_steps else
                     f"already did {_steps(trainer.step)}, more than the {_steps(trainer.total_steps)} asked for")

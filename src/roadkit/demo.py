@@ -211,7 +211,8 @@ def _train_task(task: str, base: Any, tokenizer: Any, settings: DemoSettings, st
                 say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train, save and plot one task's adapter; returns its numbers and its training log."""
     from .report import inspect_adapter, plot_report
-    from .train import COMPLETED, TrainConfig, Trainer, write_run
+    from .train import COMPLETED, TrainConfig, write_run
+    from .trainer import TrainingRun
 
     say(f"\ntask {task!r}: {prompt_for('kitten')!r} -> {' ' + TASKS[task]('kitten')!r}")
     model = get_peft_model(copy.deepcopy(base), RoadConfig(**ADAPTER_CONFIG))
@@ -219,7 +220,7 @@ def _train_task(task: str, base: Any, tokenizer: Any, settings: DemoSettings, st
     held_out, _ = tokenize_all(tokenizer, task_examples(task, "eval", settings.eval_rows), 64)
     config = TrainConfig(lr=settings.lr, max_steps=settings.steps, batch_size=settings.batch_size,
                          eval_every=max(1, settings.steps // 5))
-    trainer = Trainer(model, train, config, tokenizer.pad_token_id, held_out)
+    trainer = TrainingRun(model, train, config, tokenizer, held_out)
     trainable = sum(p.numel() for p in trainer.params)
     say(f"  training {trainable:,d} RoAd parameters ({100 * trainable / sum(p.numel() for p in base.parameters()):.2f}"
         f"% of the base) for {settings.steps} steps of {settings.batch_size} rows")

@@ -1,4 +1,5 @@
-"""`RoadTrainer`: `transformers.Trainer` for a `RoadModel`, with adapter-only checkpoints.
+"""`RoadTrainer`: `transformers.Trainer` for a `RoadModel`, with adapter-only checkpoints; and the
+training path of `roadkit train` and the demo, built on it with callbacks (`TrainingRun`, see `roadkit.train`).
 
 Why a subclass and not the stock `Trainer`: the Trainer recognises adapter models only by
 `isinstance(model, peft.PeftModel)` (`transformers.trainer_utils._is_peft_model`), with no
@@ -27,18 +28,23 @@ unsharded parameters), and quantized bases (the Trainer refuses those unless the
 from __future__ import annotations
 
 import inspect
+import math
 import os
-from typing import Any, Optional
+import tempfile
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LabelSmoother
 from transformers.utils import can_return_loss, find_labels
 
 from . import checkpoint as ckpt
+from .data import IGNORE_INDEX, Sample, pad_token_id
 from .model import RoadModel, _check_tensors
+from .train import COMPLETED, INTERRUPTED, TrainConfig, signals_request_stop
 
 TRAINING_ARGS_NAME = "training_args.bin"
 
@@ -157,3 +163,194 @@ class RoadTrainer(Trainer):
             return super()._load_best_model()
         _reload_adapters(road, self.state.best_model_checkpoint)
         return None
+
+
+# ---- callbacks ---------------------------------------------------------------------------------
+
+
+class RunLog(TrainerCallback):
+    """Keeps {"train": [{"step", "loss", "lr"}], "eval": [{"step", "loss"}]}: the learning rate each step
+    used, and the loss on the eval set (not on data passed to `TrainingRun.evaluate`)."""
+
+    def __init__(self) -> None:
+        self.log: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}
+        self._lr = float("nan")
+
+    def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, lr_scheduler: Any = None,
+                      **kwargs: Any) -> None:
+        self._lr = float(lr_scheduler.get_last_lr()[0])
+
+    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: Optional[dict] = None,
+               **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.log["train"].append({"step": state.global_step, "loss": float(logs["loss"]), "lr": self._lr})
+
+    def on_evaluate(self, args: TrainingArguments, state: Any, control: Any, metrics: Optional[dict] = None,
+                    **kwargs: Any) -> None:
+        evals = self.log["eval"]
+        if metrics and "eval_loss" in metrics and not (evals and evals[-1]["step"] == state.global_step):
+            evals.append({"step": state.global_step, "loss": float(metrics["eval_loss"])})
+
+
+class StopOnRequest(TrainerCallback):
+    """Once `requested` is set (by a signal, on any process), stop after the current step with a
+    checkpoint; at the last step, evaluate (when there is an eval set) and save."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if _on_any_process(self.requested, args.device):
+            control.should_save = control.should_training_stop = True
+        if state.global_step >= state.max_steps:
+            control.should_save = True
+            control.should_evaluate = control.should_evaluate or args.eval_strategy != "no"
+
+
+def _on_any_process(flag: bool, device: torch.device) -> bool:
+    """`flag` or-ed over the processes of a distributed run, so that all of them stop at the same step."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class ResumeSchedule(TrainerCallback):
+    """A resumed run restores the schedule's step but keeps this run's schedule, which may be longer (a larger
+    `max_steps`): recompute the learning rate for the step, as the saved one followed the old schedule."""
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, lr_scheduler: Any = None,
+                       **kwargs: Any) -> None:
+        if state.global_step and lr_scheduler is not None:
+            lr_scheduler.last_epoch -= 1
+            lr_scheduler.step()  # sets the optimizer's learning rates for `last_epoch` from the lambdas
+
+
+class Progress(TrainerCallback):
+    """A progress bar with the last loss and learning rate (`enabled=None`: on terminals only), and a line per
+    held-out evaluation after the first step."""
+
+    def __init__(self, run_log: RunLog) -> None:
+        self.run_log, self.enabled, self.bar = run_log, None, None
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        from tqdm.auto import tqdm
+
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", dynamic_ncols=True,
+                            disable=None if self.enabled is None else not self.enabled)
+
+    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: Optional[dict] = None,
+               **kwargs: Any) -> None:
+        if self.bar is not None and logs and "loss" in logs:
+            last = self.run_log.log["train"][-1]
+            self.bar.update(state.global_step - self.bar.n)
+            self.bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+
+    def on_evaluate(self, args: TrainingArguments, state: Any, control: Any, metrics: Optional[dict] = None,
+                    **kwargs: Any) -> None:
+        if self.bar is not None and state.global_step and metrics and "eval_loss" in metrics:
+            self.bar.write(f"step {state.global_step}/{state.max_steps}: eval loss {metrics['eval_loss']:.4f}")
+
+    def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ---- the trainer -------------------------------------------------------------------------------
+
+
+def _collator(tokenizer: Any) -> DataCollatorForSeq2Seq:
+    """Right padding with the tokenizer's pad token (else its end-of-sequence token); labels padded with
+    IGNORE_INDEX. Works on a copy: the caller's tokenizer keeps its settings."""
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = pad_token_id(tokenizer, default=0)
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+
+
+def _rows(samples: Sequence[Sample]) -> list[dict[str, list[int]]]:
+    return [{"input_ids": s.input_ids, "labels": s.labels} for s in samples]
+
+
+class TrainingRun:
+    """Trains the parameters of `model` that require grad on `Sample`s, through a `RoadTrainer`
+    (`self.road_trainer`). Checkpoints go to `output_dir` (default: a temporary directory kept while
+    this object lives); `self.checkpoint` is the last one written. Under torchrun every process runs one,
+    with the same `output_dir`, and the processes split each batch (DDP)."""
+
+    def __init__(self, model: nn.Module, train_data: Sequence[Sample], config: TrainConfig, tokenizer: Any,
+                 eval_data: Optional[Sequence[Sample]] = None, output_dir: Optional[str] = None) -> None:
+        if not train_data:
+            raise ValueError("no training samples.")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters.")
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        if config.batch_size % processes:
+            raise ValueError(f"the batch size {config.batch_size} does not split evenly over {processes} processes.")
+        self.model, self.config = model, config
+        self.train_data, self.eval_data = list(train_data), list(eval_data or [])
+        self.total_steps = config.max_steps or config.epochs * math.ceil(len(self.train_data) / config.batch_size)
+        self.eval_every = config.eval_every or max(1, self.total_steps // 10)
+        self.step, self.checkpoint = 0, None
+        if output_dir is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="roadkit-train-")
+            output_dir = self._scratch.name
+        self.run_log, self.stop = RunLog(), StopOnRequest()
+        self.progress = Progress(self.run_log)
+        share = config.batch_size // processes
+        args = TrainingArguments(
+            output_dir=output_dir, max_steps=self.total_steps, per_device_train_batch_size=share,
+            per_device_eval_batch_size=share, learning_rate=config.lr, lr_scheduler_type="linear",
+            warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+            max_grad_norm=config.max_grad_norm or 0.0, optim="adamw_torch", seed=config.seed,
+            eval_strategy="steps" if self.eval_data else "no", eval_steps=self.eval_every, save_strategy="no",
+            logging_strategy="steps", logging_steps=1, report_to="none", disable_tqdm=True,
+            use_cpu=self.params[0].device.type == "cpu", dataloader_num_workers=0)
+        self.road_trainer = RoadTrainer(
+            model=model, args=args, data_collator=_collator(tokenizer), train_dataset=_rows(self.train_data),
+            eval_dataset=_rows(self.eval_data) or None,
+            callbacks=[self.run_log, self.stop, ResumeSchedule(), self.progress])
+        for callback in (ProgressCallback, PrinterCallback):
+            self.road_trainer.remove_callback(callback)
+
+    @property
+    def log(self) -> dict[str, list[dict[str, float]]]:
+        return self.run_log.log
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue from a `load_state` result: its step, log and checkpoint."""
+        self.step, self.checkpoint = int(state["step"]), state["checkpoint"]
+        self.run_log.log = {"train": list(state["log"]["train"]), "eval": list(state["log"]["eval"])}
+
+    def _eval_due(self) -> bool:
+        """Whether the current step should be evaluated (before training, every `eval_every` steps and at the
+        end) and has not been."""
+        due = self.step == 0 or self.step % self.eval_every == 0 or self.step == self.total_steps
+        evals = self.log["eval"]
+        return bool(self.eval_data) and due and not (evals and evals[-1]["step"] == self.step)
+
+    def fit(self, progress: Optional[bool] = None) -> str:
+        """Train up to `total_steps` (from the checkpoint given to `resume`); returns COMPLETED, or INTERRUPTED
+        after a SIGINT or SIGTERM. Either way a checkpoint is written. `progress=None` shows a bar on terminals."""
+        trainer = self.road_trainer
+        trainer.args.eval_on_start = self._eval_due()
+        self.progress.enabled, self.stop.requested = progress, False
+        with signals_request_stop(self.stop):
+            trainer.train(resume_from_checkpoint=self.checkpoint)
+        self.step = trainer.state.global_step
+        self.checkpoint = os.path.join(trainer.args.output_dir, f"checkpoint-{self.step}")
+        return INTERRUPTED if self.step < self.total_steps else COMPLETED
+
+    def evaluate(self, data: Optional[Sequence[Sample]] = None) -> float:
+        """Mean token loss over `data` (default: the eval set), batch by batch."""
+        rows = _rows(self.eval_data if data is None else data)
+        return float(self.road_trainer.evaluate(eval_dataset=rows, metric_key_prefix="data")["data_loss"])
