@@ -119,6 +119,9 @@ def test_state_round_trip(tmp_path, setup):
     assert load_state(tmp_path)["step"] == 1
     with pytest.raises(FileNotFoundError, match="not a roadkit training run"):
         load_state(tmp_path / "nowhere")
+    (tmp_path / "trainer_state.pt").write_bytes(b"")  # the state file of roadkit's earlier, hand-written loop
+    with pytest.raises(ValueError, match="earlier roadkit"):
+        load_state(tmp_path)
 
 
 def test_rejects_bad_settings(setup):

@@ -106,8 +106,12 @@ def write_run(directory: Union[str, os.PathLike], model: nn.Module, trainer: "Tr
 
 def load_state(directory: Union[str, os.PathLike]) -> dict[str, Any]:
     """What resuming a run directory needs: {"step", "status", "run", "log", "checkpoint"}. FileNotFoundError
-    when it holds no checkpoint, ValueError naming the file when one is damaged."""
+    when it holds no checkpoint, ValueError naming the file when one is damaged or the run is an earlier
+    roadkit's."""
     checkpoint = os.path.join(directory, CHECKPOINT_NAME)
+    if os.path.isfile(os.path.join(directory, "trainer_state.pt")):
+        raise ValueError(f"{os.fspath(directory)!r} holds a trainer_state.pt: a run of an earlier roadkit, whose "
+                         "checkpoints this one cannot resume; resume it with that version, or start a new run.")
     if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
         raise FileNotFoundError(f"{os.fspath(directory)!r} holds no {CHECKPOINT_NAME}/trainer_state.json: not a "
                                 "roadkit training run.")

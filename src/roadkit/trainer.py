@@ -306,6 +306,9 @@ class TrainingRun:
             output_dir = self._scratch.name
         self.run_log, self.stop = RunLog(), StopOnRequest()
         self.progress = Progress(self.run_log)
+        device = self.params[0].device
+        if device.type == "cuda" and device.index is not None and processes == 1:
+            torch.cuda.set_device(device)  # the Trainer moves the model to the current CUDA device
         share = config.batch_size // processes
         args = TrainingArguments(
             output_dir=output_dir, max_steps=self.total_steps, per_device_train_batch_size=share,
@@ -314,7 +317,7 @@ class TrainingRun:
             max_grad_norm=config.max_grad_norm or 0.0, optim="adamw_torch", seed=config.seed,
             eval_strategy="steps" if self.eval_data else "no", eval_steps=self.eval_every, save_strategy="no",
             logging_strategy="steps", logging_steps=1, report_to="none", disable_tqdm=True,
-            use_cpu=self.params[0].device.type == "cpu", dataloader_num_workers=0)
+            use_cpu=device.type == "cpu", dataloader_num_workers=0)
         self.road_trainer = RoadTrainer(
             model=model, args=args, data_collator=_collator(tokenizer), train_dataset=_rows(self.train_data),
             eval_dataset=_rows(self.eval_data) or None,
