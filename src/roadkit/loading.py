@@ -27,14 +27,18 @@ def one_line(err: BaseException) -> str:
 
 
 def quiet_transformers() -> None:
-    """Silence transformers' and huggingface_hub's progress bars and log lines (download retries
-    included): a command reports its own progress, and its errors on one line."""
+    """Silence transformers', huggingface_hub's and bitsandbytes' progress bars and log lines
+    (download retries, bitsandbytes' optional CPU kernels, which transformers' Trainer imports): a
+    command reports its own progress, and its errors on one line."""
+    import logging as std_logging
+
     from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
     hub_logging.set_verbosity_error()
+    std_logging.getLogger("bitsandbytes").setLevel(std_logging.ERROR)
 
 
 def is_local(name_or_path: Union[str, os.PathLike]) -> bool:
@@ -141,7 +145,7 @@ def load_causal_lm(name_or_path: Union[str, os.PathLike], dtype: Union[torch.dty
         model = _rebuilt(model)
         model.config._name_or_path = os.path.abspath(name)  # what adapters trained on it record as their base
     if device is not None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' decorated PreTrainedModel.to is mistyped
     return model.eval()
 
 
