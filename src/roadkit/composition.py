@@ -91,12 +91,13 @@ def compose_adapters(adapters: Sequence[SavedAdapter], mode: str = "sequential",
     else:
         variant = max((a.config.variant for a in adapters), key=VARIANTS.index)
     # Every mode leaves the pairs that no input owns at the identity.
-    specs = [a.config.subspace for a in adapters]
-    subspace = None if any(spec is None for spec in specs) else _union_spec(specs)
+    specs = [a.config.subspace for a in adapters if a.config.subspace is not None]
+    subspace = None if len(specs) < len(adapters) else _union_spec(specs)
 
+    by_position = w or [0.0] * len(adapters)  # weights: only interpolate has them, and reads them
     tensors: dict[str, torch.Tensor] = {}
     for path, d_out in layers.items():
-        present = [(a, wi) for a, wi in zip(adapters, w or [None] * len(adapters), strict=True)
+        present = [(a, wi) for a, wi in zip(adapters, by_position, strict=True)
                    if ckpt.adapter_key(path, "road_theta") in a.tensors]
         if mode == "sequential":
             theta, alpha = _sequential(path, [a for a, _ in present], d_out, variant, g)
@@ -161,7 +162,8 @@ def _check_weights(mode: str, weights: Optional[Sequence[float]], n: int) -> lis
 
 
 def _params64(a: SavedAdapter, path: str) -> _Params:
-    return tuple(a.tensors[ckpt.adapter_key(path, p)].detach().to(torch.float64) for p in _PARAMS)
+    theta, alpha = (a.tensors[ckpt.adapter_key(path, p)].detach().to(torch.float64) for p in _PARAMS)
+    return theta, alpha
 
 
 def _coefficients64(a: SavedAdapter, path: str) -> F.Coefficients:
@@ -171,7 +173,8 @@ def _coefficients64(a: SavedAdapter, path: str) -> F.Coefficients:
 def _sequential(path: str, adapters: list[SavedAdapter], d_out: int, variant: str, g: int) -> _Params:
     if variant == "road_1":  # the product of same-pair rotations: angles add, scales multiply
         params = [_params64(a, path) for a in adapters]
-        return sum(t for t, _ in params), torch.stack([a for _, a in params]).prod(0)
+        theta = sum((t for t, _ in params), torch.zeros((), dtype=torch.float64))
+        return theta, torch.stack([a for _, a in params]).prod(0)
     acc = F.identity(d_out, dtype=torch.float64, device=_device(adapters[0], path))
     for a in adapters:
         acc = F.compose(acc, _coefficients64(a, path), g)
@@ -221,7 +224,7 @@ def _union(path: str, adapters: list[SavedAdapter], d_out: int, variant: str, g:
 
 
 def _interpolate(path: str, weighted: list[tuple[SavedAdapter, float]], variant: str, g: int) -> _Params:
-    theta = alpha_log = 0.0
+    theta = alpha_log = torch.zeros((), dtype=torch.float64)  # broadcasts to the parameters' shape
     for a, weight in weighted:
         t, al = _params64(a, path)
         if not bool((al > 0).all()):  # counted on the adapter's own entries, before any expansion

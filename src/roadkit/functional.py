@@ -120,6 +120,7 @@ class _Road(torch.autograd.Function):
         gx, gc, gs = kernels.backward(gy, x, c, s, ctx.group_size, ctx.dim, ctx.needs_input_grad[0])
         d_theta = d_alpha = None
         if x is not None:
+            assert gc is not None and gs is not None  # kernels.backward returns them whenever x is given
             d_theta, d_alpha = coefficient_grads(ctx.variant, ctx.group_size, theta, alpha, gc, gs)
         return gx, d_theta, d_alpha, None, None, None
 

@@ -7,7 +7,7 @@ import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, Union, cast
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from .layers import BASE, AdapterParameters, ModulesToSaveWrapper, RoadLayer, Ro
 from .messages import some_of
 from .subspace import free_entries, outside_count
 from .targeting import select_modules_to_save, select_targets
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedModel
 
 
 def _as_list(names: Union[str, Iterable[str]]) -> list[str]:
@@ -36,8 +39,9 @@ def _saved_original(module: nn.Module) -> nn.Module:
 def _base_dtype(module: nn.Module) -> torch.dtype:
     """The dtype a layer computes in: its `compute_dtype` (bitsandbytes 4-bit), else its first
     floating-point parameter's, else float32."""
-    if isinstance(getattr(module, "compute_dtype", None), torch.dtype):
-        return module.compute_dtype
+    compute_dtype = getattr(module, "compute_dtype", None)
+    if isinstance(compute_dtype, torch.dtype):
+        return compute_dtype
     for p in module.parameters():
         if p.is_floating_point():
             return p.dtype
@@ -179,7 +183,10 @@ class RoadModel(nn.Module):
             if isinstance(module, RoadLayer):
                 module.update_layer(*args)
             else:
-                layer = wrapper_for(module)(module, *args)
+                wrapper = wrapper_for(module)
+                if wrapper is None:  # select_targets picks only modules that have a wrapper
+                    raise TypeError(f"RoAd cannot wrap {path!r} ({type(module).__name__})")
+                layer = wrapper(module, *args)
                 self._replace(path, layer.train(module.training))
         for path in select_modules_to_save(self.model, config):
             module = self.model.get_submodule(path)
@@ -272,10 +279,11 @@ class RoadModel(nn.Module):
 
     @contextmanager
     def _set_on_adapter_modules(self, attr: str, value: Any, reset: Any,
-                                modules: Optional[list[nn.Module]] = None) -> Iterator[None]:
+                                modules: Optional[Sequence[nn.Module]] = None) -> Iterator[None]:
         """Set `attr` on every RoAd layer and modules-to-save wrapper (or on `modules`, when the caller
         already has them) for the duration of a block."""
-        modules = self._adapter_modules() if modules is None else modules
+        if modules is None:
+            modules = self._adapter_modules()
         # Plain attributes (never parameters or modules), written straight to the instance dict:
         # nn.Module.__setattr__ costs about 5 us a call, and this runs twice per layer per model call.
         for m in modules:
@@ -288,6 +296,10 @@ class RoadModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.model
+
+    def _hf_model(self) -> PreTrainedModel:
+        """The wrapped model, for the methods only a transformers model has (an AttributeError on others)."""
+        return cast("PreTrainedModel", self.model)
 
     # ---- parameters ----------------------------------------------------------------------------
 
@@ -310,7 +322,8 @@ class RoadModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None,
                                       **kwargs: Any) -> None:
         """The wrapped model's gradient checkpointing, made safe for a frozen base (see `_inputs_require_grad`)."""
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+        self._hf_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+                                                       **kwargs)
         self._inputs_require_grad()
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,
@@ -318,8 +331,8 @@ class RoadModel(nn.Module):
         """transformers 5's name for `gradient_checkpointing_enable` (what its `Trainer` calls)."""
         enable = getattr(self.model, "activation_checkpointing_enable", None)
         if enable is None:  # transformers 4
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs,
-                                                     **kwargs)
+            self._hf_model().gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
         else:
             enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
         self._inputs_require_grad()
@@ -335,9 +348,12 @@ class RoadModel(nn.Module):
         if getattr(self.model, "_require_grads_hook", None) is not None:
             return  # already done (by transformers or by an earlier call)
         if hasattr(self.model, "enable_input_require_grads"):
-            self.model.enable_input_require_grads()
-        elif getattr(self.model, "get_input_embeddings", lambda: None)() is not None:  # a plain torch model
-            self.model._require_grads_hook = self.model.get_input_embeddings().register_forward_hook(
+            self._hf_model().enable_input_require_grads()
+            return
+        embeddings: Optional[nn.Module] = getattr(self.model, "get_input_embeddings", lambda: None)()
+        if embeddings is not None:  # a plain torch model
+            # nn.Module.__setattr__ takes any value; torch's stub says Tensor | Module.
+            self.model._require_grads_hook = embeddings.register_forward_hook(  # type: ignore[assignment]
                 lambda _module, _inputs, output: output.requires_grad_(True))
 
     # ---- merging -------------------------------------------------------------------------------
@@ -416,7 +432,7 @@ class RoadModel(nn.Module):
         carry adapters: those rotate the embedding vectors, whose size resizing keeps, so the wrapper stays
         and takes the resized table. An adapter on the output head (which rotates over the vocabulary)
         or a merged one makes resizing a ValueError."""
-        model = self.model
+        model = self._hf_model()
         head = model.get_output_embeddings()
         if isinstance(head, RoadLayer):
             raise ValueError("cannot resize the token embeddings: the output head carries RoAd adapters, whose "
@@ -555,10 +571,11 @@ class RoadModel(nn.Module):
         """`model.generate`, optionally with one adapter per prompt row in a single batch (`adapter_names`,
         or a per-row `routing` from `route`)."""
         routing = self._routing_for(args, kwargs, adapter_names, None, routing)
+        model = cast("GenerationMixin", self.model)  # a transformers model that generates
         if routing is None:
-            return self.model.generate(*args, **kwargs)
+            return model.generate(*args, **kwargs)
         with self._routed(routing):
-            return self.model.generate(*args, **kwargs)
+            return model.generate(*args, **kwargs)
 
     # ---- checkpoints ---------------------------------------------------------------------------
 

@@ -83,6 +83,8 @@ def select_targets(model: nn.Module, config: RoadConfig) -> list[str]:
     spec = config.target_modules if config.target_modules is not None else default_target_modules(model)
     head = _output_head(model)
     patterns = tuple(config.layers_pattern or DEFAULT_LAYERS_PATTERNS)
+    ltt = config.layers_to_transform  # RoadConfig makes it a list; an int set on it afterwards is one index
+    layer_indices = [ltt] if isinstance(ltt, int) else ltt
     chosen: list[str] = []
     for name, module in _candidates(model):
         base = _base_of(module)
@@ -94,7 +96,7 @@ def select_targets(model: nn.Module, config: RoadConfig) -> list[str]:
             continue
         if config.exclude_modules is not None and _matches(name, config.exclude_modules):
             continue
-        if config.layers_to_transform is not None and _layer_index(name, patterns) not in config.layers_to_transform:
+        if layer_indices is not None and _layer_index(name, patterns) not in layer_indices:
             continue
         if isinstance(module, ModulesToSaveWrapper):
             continue

@@ -260,7 +260,8 @@ class RowMemo:
     __slots__ = ("entries", "nbytes")
 
     def __init__(self) -> None:
-        self.entries: dict[tuple, Optional[tuple[torch.Tensor, ...]]] = {}  # None: gathered once so far
+        # key -> the (c, s_up, s_down) windows; None: gathered once so far
+        self.entries: dict[tuple, Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self.nbytes = 0
 
 

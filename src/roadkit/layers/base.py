@@ -11,7 +11,7 @@ import operator
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -127,7 +127,8 @@ class RoadLayer(nn.Module):
         # per routing's adapter list: the coefficient tables, least recently used first. Bounded:
         # a server with continuous batching sees a new combination of adapters on most calls.
         self._mixed_cache: OrderedDict[Any, Any] = OrderedDict()
-        self._serving: Optional[tuple[int, tuple, list[torch.Tensor], list[_Prepared]]] = None
+        # (epoch, stamp or None, the parameters stamped, rotations)
+        self._serving: Optional[tuple[int, Optional[tuple], list[torch.Tensor], list[_Prepared]]] = None
         self.update_layer(adapter_name, variant, group_size, init_weights, subspace, dtype)
         self.set_adapter(adapter_name)
 
@@ -265,7 +266,9 @@ class RoadLayer(nn.Module):
 
     def _params(self, names: Iterable[str]) -> list[torch.Tensor]:
         """theta and alpha of each named adapter, in the form `_stamp` reads."""
-        tp, ap = self.road_theta._parameters, self.road_alpha._parameters
+        # A ParameterDict holds no None entries (unlike the `_parameters` type says).
+        tp = cast("dict[str, torch.Tensor]", self.road_theta._parameters)
+        ap = cast("dict[str, torch.Tensor]", self.road_alpha._parameters)
         return [p for n in names for p in (tp[n], ap[n])]
 
     def _stamp(self, params: list[torch.Tensor]) -> Optional[tuple]:
@@ -283,7 +286,7 @@ class RoadLayer(nn.Module):
         for p in params:
             if p.grad is not None:
                 return None
-        modules = self._modules  # not self.road_theta: nn.Module.__getattr__ is slow on this hot path
+        modules: dict[str, Any] = self._modules  # not self.road_theta: nn.Module.__getattr__ is slow on this hot path
         return (self._moves, modules["road_theta"].generation, modules["road_alpha"].generation,
                 sum(map(_version, params)))
 
@@ -426,7 +429,7 @@ class RoadLayer(nn.Module):
 
     # ---- merging -------------------------------------------------------------------------------
 
-    def _merge_params(self) -> list[nn.Parameter]:
+    def _merge_params(self) -> list[torch.Tensor]:
         """The parameters whose output-feature rows merging rotates (weight and bias)."""
         base = self.base_layer
         return [p for p in (getattr(base, "weight", None), getattr(base, "bias", None)) if p is not None]

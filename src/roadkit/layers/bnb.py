@@ -17,7 +17,7 @@ import copy
 import sys
 import warnings
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, Optional, cast
 
 import torch
 from torch import nn
@@ -57,6 +57,10 @@ class _QuantizedLinear(Linear):
         """Replace the base layer's weight by `weight` quantized with the layer's settings."""
         raise NotImplementedError
 
+    def _linear(self) -> nn.Linear:
+        """The base layer (bitsandbytes' layers subclass nn.Linear)."""
+        return cast(nn.Linear, self.base_layer)
+
     def _merge_params(self) -> list[torch.Tensor]:
         """Outside a merge: the base layer's parameters. During one: float64 copies (made on first use),
         so the weight is rounded once, by the requantization; the dequantize/quantize round trip
@@ -66,7 +70,7 @@ class _QuantizedLinear(Linear):
         if not self._work:
             weight = self._dequantize()
             self._work_dtype = weight.dtype
-            bias = self.base_layer.bias
+            bias = self._linear().bias
             self._work = [weight.to(torch.float64)]
             if bias is not None:
                 self._work.append(bias.data.to(torch.float64, copy=True))
@@ -85,7 +89,7 @@ class _QuantizedLinear(Linear):
                 with torch.no_grad():
                     self._quantize(work[0].to(self._work_dtype))
                     if len(work) > 1:
-                        self.base_layer.bias.data.copy_(work[1])
+                        self._linear().bias.data.copy_(work[1])
         if self.merged_adapters != before:  # stacklevel: this generator, contextlib, merge(), its caller
             warnings.warn(f"{action} RoAd adapters requantizes the weight of a {self.base_type} layer; outputs "
                           "change slightly by the rounding (see the README, 'Quantized bases').", stacklevel=4)
@@ -112,17 +116,21 @@ class Linear8bitLt(_QuantizedLinear):
     def _dequantize(self) -> torch.Tensor:
         import bitsandbytes as bnb
 
-        weight, state = self.base_layer.weight, self.base_layer.state
+        base = cast(bnb.nn.Linear8bitLt, self.base_layer)
+        weight, state = cast(bnb.nn.Int8Params, base.weight), base.state
         if weight.dtype != torch.int8:  # has_fp16_weights: float weights, quantized on the fly
             return weight.data.clone()
         # The scales live on the weight until the first forward moves them to the layer's state.
         scb = weight.SCB if weight.SCB is not None else state.SCB
+        if scb is None:
+            raise RuntimeError("this Linear8bitLt layer's int8 weight has no scales (SCB) on the weight or in its "
+                               "state; it cannot be dequantized for merging")
         return bnb.functional.int8_vectorwise_dequant(weight.data, scb)
 
     def _quantize(self, weight: torch.Tensor) -> None:
         import bitsandbytes as bnb
 
-        base = self.base_layer
+        base = cast(bnb.nn.Linear8bitLt, self.base_layer)
         if base.weight.dtype != torch.int8:
             base.weight.data.copy_(weight)
         else:  # as Int8Params quantizes: per-row absmax of the fp16 weight
@@ -139,7 +147,7 @@ class Linear4bit(_QuantizedLinear):
     def _dequantize(self) -> torch.Tensor:
         import bitsandbytes as bnb
 
-        weight = self.base_layer.weight
+        weight = cast(bnb.nn.Params4bit, self.base_layer.weight)
         data, state = weight.data, weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):
             # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs at the first inference call;
@@ -150,7 +158,8 @@ class Linear4bit(_QuantizedLinear):
     def _quantize(self, weight: torch.Tensor) -> None:
         import bitsandbytes as bnb
 
-        base, old = self.base_layer, self.base_layer.weight
+        base = cast(bnb.nn.Linear4bit, self.base_layer)
+        old = cast(bnb.nn.Params4bit, base.weight)
         data, state = bnb.functional.quantize_4bit(weight.contiguous(), blocksize=old.blocksize,
                                                    compress_statistics=old.compress_statistics,
                                                    quant_type=old.quant_type, quant_storage=old.quant_storage)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Union, cast
 
 from torch import nn
 
 from .base import RoadLayer, delegated
+
+_ConvNd = Union[nn.Conv1d, nn.Conv2d, nn.Conv3d]
 
 
 class Conv(RoadLayer):
@@ -28,7 +30,7 @@ class Conv(RoadLayer):
 
     def __init__(self, base_layer: nn.Module, *args: Any, **kwargs: Any) -> None:
         super().__init__(base_layer, *args, **kwargs)
-        self.feature_dim = -(base_layer.weight.dim() - 1)  # channels precede the 1, 2 or 3 spatial axes
+        self.feature_dim = -(cast(_ConvNd, base_layer).weight.dim() - 1)  # channels precede the 1, 2 or 3 spatial axes
 
     @staticmethod
     def wraps(module: nn.Module) -> bool:
@@ -36,8 +38,8 @@ class Conv(RoadLayer):
 
     @staticmethod
     def features_of(module: nn.Module) -> int:
-        return module.out_channels
+        return cast(_ConvNd, module).out_channels
 
     @staticmethod
     def in_features_of(module: nn.Module) -> int:
-        return module.in_channels
+        return cast(_ConvNd, module).in_channels

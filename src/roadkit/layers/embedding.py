@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 from .base import RoadLayer, delegated
@@ -26,8 +28,8 @@ class Embedding(RoadLayer):
 
     @staticmethod
     def features_of(module: nn.Module) -> int:
-        return module.embedding_dim
+        return cast(nn.Embedding, module).embedding_dim
 
     @staticmethod
     def in_features_of(module: nn.Module) -> int:
-        return module.num_embeddings
+        return cast(nn.Embedding, module).num_embeddings

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING, cast
 
 from torch import nn
 
 from .base import RoadLayer
+
+if TYPE_CHECKING:
+    from transformers.pytorch_utils import Conv1D
 
 
 class Linear(RoadLayer):
@@ -21,11 +25,11 @@ class Linear(RoadLayer):
 
     @staticmethod
     def features_of(module: nn.Module) -> int:
-        return module.out_features
+        return cast(nn.Linear, module).out_features
 
     @staticmethod
     def in_features_of(module: nn.Module) -> int:
-        return module.in_features
+        return cast(nn.Linear, module).in_features
 
 
 class TransformersConv1D(Linear):
@@ -42,8 +46,8 @@ class TransformersConv1D(Linear):
 
     @staticmethod
     def features_of(module: nn.Module) -> int:
-        return module.nf
+        return cast("Conv1D", module).nf
 
     @staticmethod
     def in_features_of(module: nn.Module) -> int:
-        return module.weight.shape[0]
+        return cast("Conv1D", module).weight.shape[0]

@@ -41,7 +41,7 @@ def register() -> None:
 
     lora_model_runner_mixin.LRUCacheWorkerLoRAManager = RoadWorkerLoRAManager
     if not getattr(Executor.add_lora, "roadkit_wrapped", False):
-        Executor.add_lora = checked_add_lora(Executor.add_lora)  # type: ignore[method-assign]
+        Executor.add_lora = checked_add_lora(Executor.add_lora)  # type: ignore[method-assign, unused-ignore]  # typed only with vLLM installed
     frontend.install()
 
 

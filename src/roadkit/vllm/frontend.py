@@ -49,4 +49,4 @@ def install() -> None:
         return result
 
     load_lora_adapter.roadkit_wrapped = True  # type: ignore[attr-defined]
-    OpenAIServingModels.load_lora_adapter = load_lora_adapter  # type: ignore[method-assign]
+    OpenAIServingModels.load_lora_adapter = load_lora_adapter  # type: ignore[method-assign, unused-ignore]  # typed only with vLLM installed

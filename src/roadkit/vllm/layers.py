@@ -17,7 +17,7 @@ When no slot holds a LoRA, the LoRA kernels are skipped: in eager mode the base 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 import torch
 from vllm.lora.layers import BaseLayerWithLoRA
@@ -54,7 +54,7 @@ def sub_module_sizes(base: torch.nn.Module, n_slices: int) -> list[int]:
     if isinstance(base, MergedColumnParallelLinear):
         sizes = list(base.output_sizes)
         return sizes if n_slices == len(sizes) else [sum(sizes)]
-    return [base.output_size]
+    return [cast(int, base.output_size)]  # vLLM's LinearBase.output_size
 
 
 def _rank_segments(base: torch.nn.Module, n_slices: int, rank: int) -> list[Segment]:
