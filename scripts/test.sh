@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The test suite: the main tests in .venv (CPU torch first, then roadkit with its test extra), then the
-# vLLM serving tests in .venv-vllm (vLLM pins its own torch and transformers). Extra arguments go to
-# the main suite's pytest; ROADKIT_SKIP_VLLM=1 skips the vLLM tests for a quicker local loop.
+# The test suite: in .venv (CPU torch first, then roadkit with its test extra), ruff lint, ruff format
+# and mypy on src/ and the main tests; then the vLLM serving tests in .venv-vllm (vLLM pins its own torch
+# and transformers). Extra arguments go to the main suite's pytest; ROADKIT_SKIP_VLLM=1 skips the vLLM
+# tests for a quicker local loop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/venv.sh
 setup_venv test
+ruff check src
+ruff format --check src
+mypy
 python -m pytest --ignore=tests/vllm "$@"
 deactivate
 if [ "${ROADKIT_SKIP_VLLM:-0}" != 1 ]; then

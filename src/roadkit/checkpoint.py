@@ -1,9 +1,9 @@
 """Adapter directories on disk, in PEFT's layout.
 
-    <dir>/adapter_config.json
-    <dir>/adapter_model.safetensors      keys: base_model.model.<module path>.road_theta / .road_alpha
-                                               base_model.model.<module path>.<param>  (modules_to_save)
-    <dir>/<other adapter>/...            every adapter but "default" in a subfolder named after it
+<dir>/adapter_config.json
+<dir>/adapter_model.safetensors      keys: base_model.model.<module path>.road_theta / .road_alpha
+                                           base_model.model.<module path>.<param>  (modules_to_save)
+<dir>/<other adapter>/...            every adapter but "default" in a subfolder named after it
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 DEFAULT_ADAPTER = "default"
-
 
 
 def adapter_key(module_path: str, param: str) -> str:
@@ -62,16 +61,19 @@ def _resolve(model_id: PathLike, subfolder: Optional[str], revision: Optional[st
     return os.path.join(root, subfolder) if subfolder else root
 
 
-def read_adapter(model_id: PathLike, subfolder: Optional[str] = None,
-                 revision: Optional[str] = None) -> tuple[RoadConfig, dict[str, torch.Tensor]]:
+def read_adapter(
+    model_id: PathLike, subfolder: Optional[str] = None, revision: Optional[str] = None
+) -> tuple[RoadConfig, dict[str, torch.Tensor]]:
     """Read one adapter's config and tensors (on CPU) from a directory or a Hub repository id."""
     directory = _resolve(model_id, subfolder, revision)
     if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         inner = sorted(n for n in os.listdir(directory) if os.path.isfile(os.path.join(directory, n, CONFIG_NAME)))
         if inner:
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}, but its subfolders {', '.join(inner[:5])}"
-                                    f"{' ...' if len(inner) > 5 else ''} hold adapters: give one of them, e.g. "
-                                    f"{os.path.join(directory, inner[0])!r}.")
+            raise FileNotFoundError(
+                f"no {CONFIG_NAME} in {directory!r}, but its subfolders {', '.join(inner[:5])}"
+                f"{' ...' if len(inner) > 5 else ''} hold adapters: give one of them, e.g. "
+                f"{os.path.join(directory, inner[0])!r}."
+            )
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not an adapter directory.")
     config = RoadConfig.from_pretrained(directory)
     weights = os.path.join(directory, WEIGHTS_NAME)

@@ -41,36 +41,64 @@ class Command:
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model: a local directory, a .gguf file or a Hugging Face Hub id")
-    p.add_argument("--data", help="training data, JSONL: {\"text\": ...} or {\"prompt\": ..., \"completion\": ...} "
-                                  "per line (with a prompt, the loss covers the completion only)")
+    p.add_argument(
+        "--data",
+        help='training data, JSONL: {"text": ...} or {"prompt": ..., "completion": ...} '
+        "per line (with a prompt, the loss covers the completion only)",
+    )
     p.add_argument("--eval-data", help="held-out JSONL data; its loss is reported during training")
-    p.add_argument("--output", required=True, help="run directory to write: the adapter (PEFT layout), "
-                                                   "training_log.json, loss_curve.png, checkpoint/ (for --resume)")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="run directory to write: the adapter (PEFT layout), "
+        "training_log.json, loss_curve.png, checkpoint/ (for --resume)",
+    )
     p.add_argument("--variant", help=f"road_1, road_2 or road_4 (default {defaults.VARIANT})")
-    p.add_argument("--group-size", type=int, help="features rotate in pairs inside groups of this size "
-                                                     f"(default {defaults.GROUP_SIZE})")
-    p.add_argument("--targets", help="comma-separated module names (e.g. q_proj,v_proj), or all-linear: every "
-                                     f"linear layer but the output head (default {defaults.TARGETS})")
-    p.add_argument("--subspace", metavar="SPEC", help="train only some rotation pairs of every layer, for "
-                                                      "`roadkit compose --mode union`: a shard k/n (e.g. 0/2), a "
-                                                      "fraction (e.g. 0.5, random pairs, seed 0) or comma-separated "
-                                                      "pair indices (default: all pairs)")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        help=f"features rotate in pairs inside groups of this size (default {defaults.GROUP_SIZE})",
+    )
+    p.add_argument(
+        "--targets",
+        help="comma-separated module names (e.g. q_proj,v_proj), or all-linear: every "
+        f"linear layer but the output head (default {defaults.TARGETS})",
+    )
+    p.add_argument(
+        "--subspace",
+        metavar="SPEC",
+        help="train only some rotation pairs of every layer, for "
+        "`roadkit compose --mode union`: a shard k/n (e.g. 0/2), a "
+        "fraction (e.g. 0.5, random pairs, seed 0) or comma-separated "
+        "pair indices (default: all pairs)",
+    )
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults.LR:g}), decayed linearly to 0")
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 0)")
     p.add_argument("--epochs", type=int, help="passes over the data, instead of the default step count")
-    p.add_argument("--max-steps", type=int, help=f"optimizer steps; overrides --epochs (default {defaults.MAX_STEPS} "
-                                                 "unless --epochs is given)")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        help=f"optimizer steps; overrides --epochs (default {defaults.MAX_STEPS} unless --epochs is given)",
+    )
     p.add_argument("--batch-size", type=int, help=f"rows per step (default {defaults.BATCH_SIZE})")
-    p.add_argument("--max-length", type=int, help="tokens per row; longer rows are cut (default "
-                                                  f"{defaults.MAX_LENGTH}, or the "
-                                                  "model's context when that is shorter)")
-    p.add_argument("--bf16", action="store_true", default=None, help="load the base model in bfloat16 "
-                                                                      "(the adapter stays float32)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        help="tokens per row; longer rows are cut (default "
+        f"{defaults.MAX_LENGTH}, or the "
+        "model's context when that is shorter)",
+    )
+    p.add_argument(
+        "--bf16", action="store_true", default=None, help="load the base model in bfloat16 (the adapter stays float32)"
+    )
     p.add_argument("--eval-every", type=int, help="steps between evaluations (default: about 10 per run)")
     p.add_argument("--seed", type=int, help="seed of the data order (default 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted (or finished) run in --output; "
-                                                         "--max-steps / --epochs may extend it")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted (or finished) run in --output; --max-steps / --epochs may extend it",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -104,8 +132,10 @@ def _subspace(value: Optional[str]) -> Optional[dict[str, Any]]:
             spec = [int(p) for p in text.split(",")]
         return normalize_spec(spec)
     except (ValueError, TypeError):
-        raise CommandError(f"--subspace {value!r}: expected a shard k/n (e.g. 0/2), a fraction in (0, 1] (e.g. "
-                           "0.5) or comma-separated pair indices (e.g. 0,1,5).") from None
+        raise CommandError(
+            f"--subspace {value!r}: expected a shard k/n (e.g. 0/2), a fraction in (0, 1] (e.g. "
+            "0.5) or comma-separated pair indices (e.g. 0,1,5)."
+        ) from None
 
 
 def _train_run_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
@@ -149,8 +179,11 @@ def _max_length(model: Any, run: dict[str, Any], given: Optional[int]) -> int:
     if context is None or run["max_length"] <= context:
         return run["max_length"]
     if given is not None:
-        print(f"warning: --max-length {run['max_length']} exceeds the model's context of {context} tokens; "
-              f"rows are cut at {context}.", file=sys.stderr)
+        print(
+            f"warning: --max-length {run['max_length']} exceeds the model's context of {context} tokens; "
+            f"rows are cut at {context}.",
+            file=sys.stderr,
+        )
     return context
 
 
@@ -167,17 +200,23 @@ def _train(args: argparse.Namespace) -> int:
     run, state = _train_run_settings(args)
     for path in filter(None, (run["data"], run["eval_data"])):
         read_jsonl(path)  # malformed data fails now, before the model loads
-    config = RoadConfig(variant=run["variant"], group_size=run["group_size"], target_modules=run["targets"],
-                        subspace=run["subspace"])
-    train_config = TrainConfig(lr=run["lr"], epochs=run["epochs"], max_steps=run["max_steps"],
-                               batch_size=run["batch_size"], warmup_steps=run["warmup_steps"],
-                               eval_every=run["eval_every"], seed=run["seed"])
+    config = RoadConfig(
+        variant=run["variant"], group_size=run["group_size"], target_modules=run["targets"], subspace=run["subspace"]
+    )
+    train_config = TrainConfig(
+        lr=run["lr"],
+        epochs=run["epochs"],
+        max_steps=run["max_steps"],
+        batch_size=run["batch_size"],
+        warmup_steps=run["warmup_steps"],
+        eval_every=run["eval_every"],
+        seed=run["seed"],
+    )
     device = pick_device(args.device)
     quiet_transformers()
     tokenizer = load_tokenizer(run["model"])
     base = load_causal_lm(run["model"], dtype=torch.bfloat16 if run["bf16"] else None, device=device)
-    model = (RoadModel.from_pretrained(base, args.output, is_trainable=True) if state
-             else get_peft_model(base, config))
+    model = RoadModel.from_pretrained(base, args.output, is_trainable=True) if state else get_peft_model(base, config)
     max_length = _max_length(base, run, args.max_length)
     train = load_samples(run["data"], tokenizer, max_length)
     held_out = load_samples(run["eval_data"], tokenizer, max_length) if run["eval_data"] else None
@@ -187,16 +226,24 @@ def _train(args: argparse.Namespace) -> int:
     if state:
         trainer.resume(state)
         if trainer.step >= trainer.total_steps:
-            done = (f"has done all its {_steps(trainer.step)}" if trainer.step == trainer.total_steps else
-                    f"already did {_steps(trainer.step)}, more than the {_steps(trainer.total_steps)} asked for")
-            print(f"nothing to do: the run in {args.output} {done}; pass a larger --max-steps or --epochs to "
-                  "continue it.")
+            done = (
+                f"has done all its {_steps(trainer.step)}"
+                if trainer.step == trainer.total_steps
+                else f"already did {_steps(trainer.step)}, more than the {_steps(trainer.total_steps)} asked for"
+            )
+            print(
+                f"nothing to do: the run in {args.output} {done}; pass a larger --max-steps or --epochs to continue it."
+            )
             return EXIT_OK
     trainable = sum(p.numel() for p in trainer.params)
     first_step = trainer.step
-    print(f"training {trainable:,d} adapter parameters for {_steps(trainer.total_steps)} "
-          f"({len(train)} rows, batch {train_config.batch_size})"
-          + (f", from step {trainer.step}" if state else "") + "; Ctrl-C saves a checkpoint.", flush=True)
+    print(
+        f"training {trainable:,d} adapter parameters for {_steps(trainer.total_steps)} "
+        f"({len(train)} rows, batch {train_config.batch_size})"
+        + (f", from step {trainer.step}" if state else "")
+        + "; Ctrl-C saves a checkpoint.",
+        flush=True,
+    )
     start = time.perf_counter()
     # Signals are only recorded from here until the run directory is in place (fit() handles its own:
     # a first Ctrl-C or SIGTERM stops training to save a checkpoint), so none can throw a run away mid-save.
@@ -206,8 +253,11 @@ def _train(args: argparse.Namespace) -> int:
         with staged_directory(args.output, keep_existing=bool(state), replace=bool(state) or args.overwrite) as stage:
             write_run(stage, model, trainer, status, run)
     if status != COMPLETED:
-        print(f"interrupted at step {trainer.step}/{trainer.total_steps}; checkpoint saved in {args.output}. "
-              f"Continue with: roadkit train --output {args.output} --resume", file=sys.stderr)
+        print(
+            f"interrupted at step {trainer.step}/{trainer.total_steps}; checkpoint saved in {args.output}. "
+            f"Continue with: roadkit train --output {args.output} --resume",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     last = trainer.log["train"][-1]["loss"] if trainer.log["train"] else float("nan")
     summary = f"done: {_steps(trainer.step - first_step)} in {seconds:.1f} s"
@@ -215,8 +265,9 @@ def _train(args: argparse.Namespace) -> int:
         summary += f" (steps {first_step + 1}-{trainer.step} of the run)"
     summary += f", last train loss {last:.4f}"
     if trainer.log["eval"]:
-        summary += (f", eval loss {trainer.log['eval'][0]['loss']:.4f} before training -> "
-                    f"{trainer.log['eval'][-1]['loss']:.4f}")
+        summary += (
+            f", eval loss {trainer.log['eval'][0]['loss']:.4f} before training -> {trainer.log['eval'][-1]['loss']:.4f}"
+        )
     print(f"{summary}\nwrote {args.output}")
     return EXIT_OK
 
@@ -225,8 +276,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _merge_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="base model: a local directory, a .gguf file or a Hugging Face Hub id")
+    p.add_argument(
+        "--model", required=True, help="base model: a local directory, a .gguf file or a Hugging Face Hub id"
+    )
     p.add_argument("--adapter", required=True, help="adapter directory (PEFT layout)")
     p.add_argument("--output", required=True, help="directory for the merged model (safetensors + tokenizer)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
@@ -248,15 +300,18 @@ def _merge(args: argparse.Namespace) -> int:
     merged, difference = merge_adapter(base, args.adapter)
     with staged_directory(args.output, replace=args.overwrite) as stage:
         save_merged(merged, tokenizer, stage)
-    print(f"merged {args.adapter} into {args.model}; largest logit difference from base + adapter on a probe "
-          f"batch: {difference:.3g}\nwrote {args.output}" + ("" if tokenizer is not None else " (no tokenizer)"))
+    print(
+        f"merged {args.adapter} into {args.model}; largest logit difference from base + adapter on a probe "
+        f"batch: {difference:.3g}\nwrote {args.output}" + ("" if tokenizer is not None else " (no tokenizer)")
+    )
     return EXIT_OK
 
 
 def _check_adapter_dir(path: str) -> None:
     if os.path.isfile(path):
-        raise CommandError(f"{path!r} is a file; an adapter is a directory (adapter_config.json and "
-                           "adapter_model.safetensors).")
+        raise CommandError(
+            f"{path!r} is a file; an adapter is a directory (adapter_config.json and adapter_model.safetensors)."
+        )
     if not os.path.isdir(path):
         raise CommandError(f"adapter directory {path!r} does not exist.")
 
@@ -273,22 +328,35 @@ def _warn_if_other_base(adapter: str, model: str) -> None:
     except (OSError, ValueError, AttributeError):
         return  # reading the adapter reports a broken config
     if isinstance(recorded, str) and recorded and not same_model(recorded, model):
-        print(f"warning: adapter {adapter} was trained on {recorded}, not on --model {model}; loading it anyway.",
-              file=sys.stderr)
+        print(
+            f"warning: adapter {adapter} was trained on {recorded}, not on --model {model}; loading it anyway.",
+            file=sys.stderr,
+        )
 
 
 # ---- generate ----------------------------------------------------------------------------------
 
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="base model: a local directory, a .gguf file or a Hugging Face Hub id")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                   help="load the adapter in DIR under NAME (repeatable)")
-    p.add_argument("--prompt", action="append", required=True, metavar="[NAME:]TEXT",
-                   help="a prompt, optionally prefixed by the adapter it uses (base or __base__ for none); "
-                        "without a prefix it uses the only adapter, or the base when there is none. "
-                        "Repeatable: all prompts run in one mixed batch")
+    p.add_argument(
+        "--model", required=True, help="base model: a local directory, a .gguf file or a Hugging Face Hub id"
+    )
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="load the adapter in DIR under NAME (repeatable)",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        metavar="[NAME:]TEXT",
+        help="a prompt, optionally prefixed by the adapter it uses (base or __base__ for none); "
+        "without a prefix it uses the only adapter, or the base when there is none. "
+        "Repeatable: all prompts run in one mixed batch",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
     p.add_argument("--bf16", action="store_true", help="load the base model in bfloat16")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -322,8 +390,10 @@ def _parse_prompts(specs: Sequence[str], adapters: Sequence[str]) -> list[tuple[
         if sep and (name in adapters or name in BASE_ALIASES):
             out.append((name, text))
         elif len(adapters) > 1:
-            raise CommandError(f"--prompt {spec!r} does not say which adapter it uses; write NAME:TEXT with NAME "
-                               f"one of {', '.join([*adapters, 'base'])}.")
+            raise CommandError(
+                f"--prompt {spec!r} does not say which adapter it uses; write NAME:TEXT with NAME "
+                f"one of {', '.join([*adapters, 'base'])}."
+            )
         else:
             out.append((adapters[0] if adapters else "base", spec))
     return out
@@ -355,8 +425,9 @@ def _generate(args: argparse.Namespace) -> int:
             model.load_adapter(path, adapter_name=name)
         names = [name for name, _ in prompts]
     texts = generate(model, tokenizer, [text for _, text in prompts], names, args.max_new_tokens)
-    rows = [{"adapter": name, "prompt": text, "completion": out} for (name, text), out in zip(prompts, texts,
-                                                                                                strict=True)]
+    rows = [
+        {"adapter": name, "prompt": text, "completion": out} for (name, text), out in zip(prompts, texts, strict=True)
+    ]
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
     else:
@@ -370,14 +441,22 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _compose_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR",
-                   help="an input adapter directory (repeatable; for sequential, applied in the order given)")
-    p.add_argument("--mode", choices=("sequential", "union", "interpolate"), default="sequential",
-                   help="sequential: one adapter equal to applying each in turn (default); union: adapters "
-                        "trained in disjoint subspaces, each pair from its owner; interpolate: weighted angles "
-                        "and log-scales")
-    p.add_argument("--weights", help="interpolate only: comma-separated weights, one per --adapter "
-                                     "(default: equal)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        required=True,
+        metavar="NAME=DIR",
+        help="an input adapter directory (repeatable; for sequential, applied in the order given)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("sequential", "union", "interpolate"),
+        default="sequential",
+        help="sequential: one adapter equal to applying each in turn (default); union: adapters "
+        "trained in disjoint subspaces, each pair from its owner; interpolate: weighted angles "
+        "and log-scales",
+    )
+    p.add_argument("--weights", help="interpolate only: comma-separated weights, one per --adapter (default: equal)")
     p.add_argument("--output", required=True, help="directory for the composed adapter (PEFT layout)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
 
@@ -399,8 +478,10 @@ def _compose(args: argparse.Namespace) -> int:
     config, tensors = compose_adapters(inputs, args.mode, weights)
     with staged_directory(args.output, replace=args.overwrite) as stage:
         write_adapter(stage, config, tensors)
-    print(f"composed {', '.join(adapters)} ({args.mode}) into a {config.variant} adapter over {len(tensors) // 2} "
-          f"layers\nwrote {args.output}")
+    print(
+        f"composed {', '.join(adapters)} ({args.mode}) into a {config.variant} adapter over {len(tensors) // 2} "
+        f"layers\nwrote {args.output}"
+    )
     return EXIT_OK
 
 
@@ -425,8 +506,9 @@ def _inspect(args: argparse.Namespace) -> int:
     report = inspect_adapter(args.adapter)
     print(format_table(report))
     if args.plot:
-        plot_report(report, args.plot, title=f"{args.adapter}: {report.config.variant}, "
-                                             f"group_size {report.config.group_size}")
+        plot_report(
+            report, args.plot, title=f"{args.adapter}: {report.config.variant}, group_size {report.config.group_size}"
+        )
         print(f"wrote {args.plot}")
     return EXIT_OK
 
@@ -451,15 +533,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 COMMANDS = [
     Command("train", "train a RoAd adapter on JSONL data", _train_arguments, _train),
-    Command("merge", "merge an adapter into its base model, as a standalone transformers model", _merge_arguments,
-            _merge),
-    Command("generate", "generate from several adapters (and the base) in one mixed batch", _generate_arguments,
-            _generate),
-    Command("compose", "compose saved adapters into one (sequential, union or interpolate)", _compose_arguments,
-            _compose),
+    Command(
+        "merge", "merge an adapter into its base model, as a standalone transformers model", _merge_arguments, _merge
+    ),
+    Command(
+        "generate", "generate from several adapters (and the base) in one mixed batch", _generate_arguments, _generate
+    ),
+    Command(
+        "compose", "compose saved adapters into one (sequential, union or interpolate)", _compose_arguments, _compose
+    ),
     Command("inspect", "per-layer table (and heatmaps) of a saved adapter", _inspect_arguments, _inspect),
-    Command("demo", "offline end-to-end demo on a tiny model (about a minute on 2 CPU cores)", _demo_arguments,
-            _demo),
+    Command("demo", "offline end-to-end demo on a tiny model (about a minute on 2 CPU cores)", _demo_arguments, _demo),
 ]
 
 

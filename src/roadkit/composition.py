@@ -43,8 +43,13 @@ class SavedAdapter:
     tensors: dict[str, torch.Tensor]
 
 
-def compose(model: RoadModel, adapters: Sequence[str], new_name: str, mode: str = "sequential",
-            weights: Optional[Sequence[float]] = None) -> RoadConfig:
+def compose(
+    model: RoadModel,
+    adapters: Sequence[str],
+    new_name: str,
+    mode: str = "sequential",
+    weights: Optional[Sequence[float]] = None,
+) -> RoadConfig:
     """Add `new_name` to `model`: the composition of its `adapters` (in order) by `mode`.
 
     The new adapter is added inactive (activate it with `model.set_adapter`); its config is returned.
@@ -61,8 +66,9 @@ def compose(model: RoadModel, adapters: Sequence[str], new_name: str, mode: str 
     return config
 
 
-def compose_adapters(adapters: Sequence[SavedAdapter], mode: str = "sequential",
-                     weights: Optional[Sequence[float]] = None) -> tuple[RoadConfig, dict[str, torch.Tensor]]:
+def compose_adapters(
+    adapters: Sequence[SavedAdapter], mode: str = "sequential", weights: Optional[Sequence[float]] = None
+) -> tuple[RoadConfig, dict[str, torch.Tensor]]:
     """The composition of saved adapters (in order) by `mode`: its config and tensors (PEFT keys)."""
     if mode not in MODES:
         raise ValueError(f"compose mode={mode!r} is not supported; allowed: {', '.join(MODES)}.")
@@ -70,11 +76,12 @@ def compose_adapters(adapters: Sequence[SavedAdapter], mode: str = "sequential",
     if not adapters:
         raise ValueError("compose needs at least one adapter.")
     w = _check_weights(mode, weights, len(adapters))
-    saving = [a.name for a in adapters if a.config.modules_to_save
-              or any(not k.endswith(_PARAMS) for k in a.tensors)]
+    saving = [a.name for a in adapters if a.config.modules_to_save or any(not k.endswith(_PARAMS) for k in a.tensors)]
     if saving:
-        raise ValueError(f"adapters {saving} train whole modules (modules_to_save), which have no rotation to "
-                         "compose; compose adapters without modules_to_save.")
+        raise ValueError(
+            f"adapters {saving} train whole modules (modules_to_save), which have no rotation to "
+            "compose; compose adapters without modules_to_save."
+        )
     sizes = {a.name: a.config.group_size for a in adapters}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"compose needs adapters with one group_size (their pairs must coincide); got {sizes}.")
@@ -97,8 +104,11 @@ def compose_adapters(adapters: Sequence[SavedAdapter], mode: str = "sequential",
     by_position = w or [0.0] * len(adapters)  # weights: only interpolate has them, and reads them
     tensors: dict[str, torch.Tensor] = {}
     for path, d_out in layers.items():
-        present = [(a, wi) for a, wi in zip(adapters, by_position, strict=True)
-                   if ckpt.adapter_key(path, "road_theta") in a.tensors]
+        present = [
+            (a, wi)
+            for a, wi in zip(adapters, by_position, strict=True)
+            if ckpt.adapter_key(path, "road_theta") in a.tensors
+        ]
         if mode == "sequential":
             theta, alpha = _sequential(path, [a for a, _ in present], d_out, variant, g)
         elif mode == "union":
@@ -110,9 +120,15 @@ def compose_adapters(adapters: Sequence[SavedAdapter], mode: str = "sequential",
         tensors[ckpt.adapter_key(path, "road_alpha")] = alpha.to(dtype)
 
     first = adapters[0].config
-    config = RoadConfig(variant=variant, group_size=g, target_modules=sorted(layers), subspace=subspace,
-                        base_model_name_or_path=first.base_model_name_or_path, task_type=first.task_type,
-                        inference_mode=True)
+    config = RoadConfig(
+        variant=variant,
+        group_size=g,
+        target_modules=sorted(layers),
+        subspace=subspace,
+        base_model_name_or_path=first.base_model_name_or_path,
+        task_type=first.task_type,
+        inference_mode=True,
+    )
     return config, tensors
 
 
@@ -125,11 +141,16 @@ def _layers(adapters: Sequence[SavedAdapter]) -> dict[str, int]:
         for key, t in a.tensors.items():
             if not key.endswith(".road_theta"):
                 continue
-            path, d_out = key[len(ckpt.KEY_PREFIX):-len(".road_theta")], F.out_features_for(a.config.variant, t.numel())
+            path, d_out = (
+                key[len(ckpt.KEY_PREFIX) : -len(".road_theta")],
+                F.out_features_for(a.config.variant, t.numel()),
+            )
             F.check_group_size(d_out, a.config.group_size, where=f"adapter {a.name!r}, layer {path}")
             if out.setdefault(path, d_out) != d_out:
-                raise ValueError(f"adapters {seen[path]!r} and {a.name!r} disagree on the size of layer {path} "
-                                 f"({out[path]} vs {d_out} features): they were trained on different base models.")
+                raise ValueError(
+                    f"adapters {seen[path]!r} and {a.name!r} disagree on the size of layer {path} "
+                    f"({out[path]} vs {d_out} features): they were trained on different base models."
+                )
             seen.setdefault(path, a.name)
     return dict(sorted(out.items()))
 
@@ -141,10 +162,12 @@ def _check_inside_subspaces(adapters: Sequence[SavedAdapter], layers: dict[str, 
             key = ckpt.adapter_key(path, "road_theta")
             if a.config.subspace is None or key not in a.tensors:
                 continue
-            if outside_count(a.config.subspace, a.config.variant, a.config.group_size, d_out, *_params64(a, path),
-                             where=path):
-                raise ValueError(f"adapter {a.name!r} has subspace={a.config.subspace} but is not the identity "
-                                 f"outside it in {path}.")
+            if outside_count(
+                a.config.subspace, a.config.variant, a.config.group_size, d_out, *_params64(a, path), where=path
+            ):
+                raise ValueError(
+                    f"adapter {a.name!r} has subspace={a.config.subspace} but is not the identity outside it in {path}."
+                )
 
 
 def _check_weights(mode: str, weights: Optional[Sequence[float]], n: int) -> list[float]:
@@ -155,8 +178,11 @@ def _check_weights(mode: str, weights: Optional[Sequence[float]], n: int) -> lis
     if weights is None:
         return [1.0 / n] * n
     w = list(weights)
-    if len(w) != n or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w) \
-            or not all(torch.isfinite(torch.tensor(float(x))) for x in w):
+    if (
+        len(w) != n
+        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w)
+        or not all(torch.isfinite(torch.tensor(float(x))) for x in w)
+    ):
         raise ValueError(f"interpolate needs one finite number per adapter ({n}), got weights={weights!r}.")
     return [float(x) for x in w]
 
@@ -200,8 +226,10 @@ def _check_disjoint(adapters: Sequence[SavedAdapter], layers: dict[str, int]) ->
             owned.update(dict.fromkeys(pairs, a.name))
     if overlaps:  # the first few layers, one per line, and a count of the rest
         more = [f"... and {len(overlaps) - 5} more layers"] if len(overlaps) > 5 else []
-        raise ValueError("union needs adapters in disjoint subspaces (RoadConfig.subspace), but they overlap:\n  "
-                         + "\n  ".join(overlaps[:5] + more))
+        raise ValueError(
+            "union needs adapters in disjoint subspaces (RoadConfig.subspace), but they overlap:\n  "
+            + "\n  ".join(overlaps[:5] + more)
+        )
 
 
 def _union(path: str, adapters: list[SavedAdapter], d_out: int, variant: str, g: int) -> _Params:
@@ -228,8 +256,10 @@ def _interpolate(path: str, weighted: list[tuple[SavedAdapter, float]], variant:
     for a, weight in weighted:
         t, al = _params64(a, path)
         if not bool((al > 0).all()):  # counted on the adapter's own entries, before any expansion
-            raise ValueError(f"interpolate works on log-scales, but adapter {a.name!r} has alpha <= 0 in {path} "
-                             f"({int((al <= 0).sum())} entries).")
+            raise ValueError(
+                f"interpolate works on log-scales, but adapter {a.name!r} has alpha <= 0 in {path} "
+                f"({int((al <= 0).sum())} entries)."
+            )
         t, al = F.expand_parameters(t, al, a.config.variant, variant, g)
         theta = theta + weight * t
         alpha_log = alpha_log + weight * torch.log(al)

@@ -27,8 +27,9 @@ def normalize_variant(variant: Any) -> str:
     text = str(variant).strip()
     name = text if text.startswith("road_") else f"road_{text}"
     if name not in VARIANTS:
-        raise ValueError(f"RoadConfig.variant={variant!r} is not supported; allowed: {', '.join(VARIANTS)} "
-                         "(or 1, 2, 4).")
+        raise ValueError(
+            f"RoadConfig.variant={variant!r} is not supported; allowed: {', '.join(VARIANTS)} (or 1, 2, 4)."
+        )
     return name
 
 
@@ -105,8 +106,10 @@ class RoadConfig:
             if not isinstance(items, (list, tuple)) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
             ):
-                raise ValueError(f"RoadConfig.layers_to_transform must be a layer index or a list of "
-                                 f"non-negative layer indices, got {ltt!r}.")
+                raise ValueError(
+                    f"RoadConfig.layers_to_transform must be a layer index or a list of "
+                    f"non-negative layer indices, got {ltt!r}."
+                )
             self.layers_to_transform = list(items)
         self.subspace = normalize_spec(self.subspace)
         if self.task_type == "SEQ_CLS":

@@ -75,8 +75,9 @@ def _parse_row(line: str, where: str, number: int) -> Example:
     keys = ("text",) if "text" in row else ("prompt", "completion")
     for key in keys:
         if key not in row:
-            raise DataError(f'{where}: expected {{"text": ...}} or {{"prompt": ..., "completion": ...}}, '
-                            f"got keys {sorted(row)}.")
+            raise DataError(
+                f'{where}: expected {{"text": ...}} or {{"prompt": ..., "completion": ...}}, got keys {sorted(row)}.'
+            )
         if not isinstance(row[key], str):
             raise DataError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}.")
     if "text" in row:
@@ -144,8 +145,11 @@ def load_samples(path: Union[str, os.PathLike], tokenizer: Any, max_length: int)
         raise DataError(f"{name}: no row keeps a completion token within --max-length {max_length}.")
     if dropped:
         shown = ", ".join(map(str, dropped[:10])) + (", ..." if len(dropped) > 10 else "")
-        print(f"warning: {name}: skipped {len(dropped)} rows whose prompt fills --max-length {max_length} "
-              f"(lines {shown}).", file=sys.stderr)
+        print(
+            f"warning: {name}: skipped {len(dropped)} rows whose prompt fills --max-length {max_length} "
+            f"(lines {shown}).",
+            file=sys.stderr,
+        )
     return samples
 
 

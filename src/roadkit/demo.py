@@ -26,7 +26,7 @@ import string
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Union, cast
 
 import torch
 
@@ -60,7 +60,7 @@ class DemoSettings:
 
 FULL = DemoSettings(steps=300, batch_size=32, lr=2e-2, train_rows=4000, eval_rows=64, shown_words=4)
 FAST = DemoSettings(steps=60, batch_size=16, lr=2e-2, train_rows=960, eval_rows=32, shown_words=2)
-ADAPTER_CONFIG = {"variant": "road_1", "group_size": 64, "target_modules": "all-linear"}
+ADAPTER_CONFIG: dict[str, Any] = {"variant": "road_1", "group_size": 64, "target_modules": "all-linear"}
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -74,22 +74,34 @@ def build_tokenizer() -> Any:
     vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *ALPHABET])}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: characters
     backend.decoder = decoders.Fuse()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                           special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
-def build_model(tokenizer: Any, hidden_size: int = 128, num_layers: int = 2, intermediate_size: int = 384,
-                seed: int = 0) -> Any:
+def build_model(
+    tokenizer: Any, hidden_size: int = 128, num_layers: int = 2, intermediate_size: int = 384, seed: int = 0
+) -> Any:
     """A freshly initialised small Llama for `tokenizer` (every projection's width divides by 64)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -106,12 +118,14 @@ def load_base(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
 
 def make_word(rng: random.Random) -> str:
     """A made-up lowercase word of one to three syllables (consonant, vowel, sometimes a consonant)."""
-    return "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) + (rng.choice(CONSONANTS) if rng.random() < 0.3 else "")
-                   for _ in range(rng.randint(1, 3)))
+    return "".join(
+        rng.choice(CONSONANTS) + rng.choice(VOWELS) + (rng.choice(CONSONANTS) if rng.random() < 0.3 else "")
+        for _ in range(rng.randint(1, 3))
+    )
 
 
 def split_of(word: str) -> str:
-    """"eval" for about a quarter of all words, "train" for the rest, fixed by a hash of the word."""
+    """ "eval" for about a quarter of all words, "train" for the rest, fixed by a hash of the word."""
     return "eval" if zlib.crc32(word.encode()) % 4 == 0 else "train"
 
 
@@ -119,7 +133,7 @@ def words(split: str, count: int, seed: int = 0) -> list[str]:
     """`count` distinct words of `split` ("train" or "eval"), in a fixed order for each seed."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
-    rng, seen, out = random.Random(f"{split}-{seed}"), set(), []
+    rng, seen, out = random.Random(f"{split}-{seed}"), set(), cast(list[str], [])
     while len(out) < count:
         word = make_word(rng)
         if word not in seen and split_of(word) == split:
@@ -154,8 +168,9 @@ def pretraining_examples(count: int, seed: int = 0) -> list[Example]:
 # ---- the walk-through --------------------------------------------------------------------------
 
 
-def run_demo(output: Union[str, os.PathLike], fast: bool = False, overwrite: bool = False,
-             say: Callable[[str], None] = print) -> dict[str, Any]:
+def run_demo(
+    output: Union[str, os.PathLike], fast: bool = False, overwrite: bool = False, say: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Train one adapter per task on the shipped base, compare held-out losses before and after,
     generate from both adapters and the base in one mixed batch, merge one adapter and check its
     logits, and write adapters, plots and a summary (JSON and markdown) to `output`.
@@ -178,13 +193,17 @@ def run_demo(output: Union[str, os.PathLike], fast: bool = False, overwrite: boo
             atomic_write_bytes(os.path.join(stage, "summary.md"), _summary_markdown(summary).encode())
     finally:
         torch.set_num_threads(threads)
-    say(f"\nwrote {target}: summary.md, summary.json, loss_curves.png, angles_*.png, adapters/ (upper, reverse), "
-        f"merged-upper/, base/ ({summary['seconds']:.0f} s)")
+    say(
+        f"\nwrote {target}: summary.md, summary.json, loss_curves.png, angles_*.png, adapters/ (upper, reverse), "
+        f"merged-upper/, base/ ({summary['seconds']:.0f} s)"
+    )
     word = words("eval", 1)[0]
-    say(f"try: roadkit generate --model {os.path.join(output, 'base')} "
+    say(
+        f"try: roadkit generate --model {os.path.join(output, 'base')} "
         f"--adapter upper={os.path.join(output, 'adapters', 'upper')} "
         f"--adapter reverse={os.path.join(output, 'adapters', 'reverse')} "
-        f"--prompt 'upper:{prompt_for(word)}' --prompt 'reverse:{prompt_for(word)}' --prompt 'base:{prompt_for(word)}'")
+        f"--prompt 'upper:{prompt_for(word)}' --prompt 'reverse:{prompt_for(word)}' --prompt 'base:{prompt_for(word)}'"
+    )
     return summary
 
 
@@ -193,11 +212,17 @@ def _walk_through(stage: str, settings: DemoSettings, say: Callable[[str], None]
 
     base, tokenizer = load_base()
     n_base = sum(p.numel() for p in base.parameters())
-    say(f"base model: a {n_base:,d}-parameter Llama over characters, pretrained on named string operations "
-        "('upper: kitten -> KITTEN'); with no operation named ('kitten ->') it copies.")
+    say(
+        f"base model: a {n_base:,d}-parameter Llama over characters, pretrained on named string operations "
+        "('upper: kitten -> KITTEN'); with no operation named ('kitten ->') it copies."
+    )
     shutil.copytree(BASE_DIR, os.path.join(stage, "base"))
-    summary: dict[str, Any] = {"settings": settings.__dict__, "adapter_config": ADAPTER_CONFIG,
-                               "base_parameters": n_base, "tasks": {}}
+    summary: dict[str, Any] = {
+        "settings": settings.__dict__,
+        "adapter_config": ADAPTER_CONFIG,
+        "base_parameters": n_base,
+        "tasks": {},
+    }
     logs = {}
     for task in TASKS:
         summary["tasks"][task], logs[task] = _train_task(task, base, tokenizer, settings, stage, say)
@@ -207,8 +232,9 @@ def _walk_through(stage: str, settings: DemoSettings, say: Callable[[str], None]
     return summary
 
 
-def _train_task(task: str, base: Any, tokenizer: Any, settings: DemoSettings, stage: str,
-                say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _train_task(
+    task: str, base: Any, tokenizer: Any, settings: DemoSettings, stage: str, say: Callable[[str], None]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train, save and plot one task's adapter; returns its numbers and its training log."""
     from .report import inspect_adapter, plot_report
     from .train import COMPLETED, TrainConfig, write_run
@@ -218,30 +244,44 @@ def _train_task(task: str, base: Any, tokenizer: Any, settings: DemoSettings, st
     model = get_peft_model(copy.deepcopy(base), RoadConfig(**ADAPTER_CONFIG))
     train, _ = tokenize_all(tokenizer, task_examples(task, "train", settings.train_rows), 64)
     held_out, _ = tokenize_all(tokenizer, task_examples(task, "eval", settings.eval_rows), 64)
-    config = TrainConfig(lr=settings.lr, max_steps=settings.steps, batch_size=settings.batch_size,
-                         eval_every=max(1, settings.steps // 5))
+    config = TrainConfig(
+        lr=settings.lr, max_steps=settings.steps, batch_size=settings.batch_size, eval_every=max(1, settings.steps // 5)
+    )
     trainer = TrainingRun(model, train, config, tokenizer, held_out)
     trainable = sum(p.numel() for p in trainer.params)
-    say(f"  training {trainable:,d} RoAd parameters ({100 * trainable / sum(p.numel() for p in base.parameters()):.2f}"
-        f"% of the base) for {settings.steps} steps of {settings.batch_size} rows")
+    say(
+        f"  training {trainable:,d} RoAd parameters ({100 * trainable / sum(p.numel() for p in base.parameters()):.2f}"
+        f"% of the base) for {settings.steps} steps of {settings.batch_size} rows"
+    )
     start = time.perf_counter()
     if trainer.fit() != COMPLETED:
         raise KeyboardInterrupt  # Ctrl-C: the demo stops, and writes nothing
     seconds = time.perf_counter() - start
     run_dir = os.path.join(stage, "adapters", task)
     write_run(run_dir, model, trainer, "completed", {"demo_task": task, **ADAPTER_CONFIG})
-    plot_report(inspect_adapter(run_dir), os.path.join(stage, f"angles_{task}.png"),
-                title=f"adapter {task!r}: RoAd angles and scales")
+    plot_report(
+        inspect_adapter(run_dir),
+        os.path.join(stage, f"angles_{task}.png"),
+        title=f"adapter {task!r}: RoAd angles and scales",
+    )
     before, after = trainer.log["eval"][0]["loss"], trainer.log["eval"][-1]["loss"]
-    say(f"  held-out loss (mean per completion token, {len(held_out)} unseen words): {before:.3f} before -> "
-        f"{after:.3f} after ({seconds:.0f} s)")
-    numbers = {"eval_loss_before": before, "eval_loss_after": after, "trainable_parameters": trainable,
-               "steps": settings.steps, "train_seconds": round(seconds, 1)}
+    say(
+        f"  held-out loss (mean per completion token, {len(held_out)} unseen words): {before:.3f} before -> "
+        f"{after:.3f} after ({seconds:.0f} s)"
+    )
+    numbers = {
+        "eval_loss_before": before,
+        "eval_loss_after": after,
+        "trainable_parameters": trainable,
+        "steps": settings.steps,
+        "train_seconds": round(seconds, 1),
+    }
     return numbers, trainer.log
 
 
-def _mixed_batch(base: Any, tokenizer: Any, settings: DemoSettings, stage: str,
-                 say: Callable[[str], None]) -> dict[str, Any]:
+def _mixed_batch(
+    base: Any, tokenizer: Any, settings: DemoSettings, stage: str, say: Callable[[str], None]
+) -> dict[str, Any]:
     """Both saved adapters and the base over every held-out word, in one `generate` call."""
     from .generation import generate
 
@@ -251,21 +291,31 @@ def _mixed_batch(base: Any, tokenizer: Any, settings: DemoSettings, stage: str,
     rows = [(name, w) for w in eval_words for name in names]
     outputs = generate(served, tokenizer, [prompt_for(w) for _, w in rows], [n for n, _ in rows], max_new_tokens=12)
     generated = {name: [out for (n, _), out in zip(rows, outputs, strict=True) if n == name] for name in names}
-    exact = {task: {name: sum(out.strip() == TASKS[task](w) for out, w in zip(generated[name], eval_words,
-                                                                               strict=True)) / len(eval_words)
-                    for name in ("base", task)} for task in TASKS}
-    shown = [{"prompt": prompt_for(w), **{n: generated[n][i] for n in names}}
-             for i, w in enumerate(eval_words[:settings.shown_words])]
+    exact = {
+        task: {
+            name: sum(out.strip() == TASKS[task](w) for out, w in zip(generated[name], eval_words, strict=True))
+            / len(eval_words)
+            for name in ("base", task)
+        }
+        for task in TASKS
+    }
+    shown = [
+        {"prompt": prompt_for(w), **{n: generated[n][i] for n in names}}
+        for i, w in enumerate(eval_words[: settings.shown_words])
+    ]
     say(f"\none generate() call, {len(rows)} rows: each held-out word with the base, 'upper' and 'reverse'")
     say(_markdown_table(["prompt", *names], [[r["prompt"], *(r[n] for n in names)] for r in shown]))
     for task, scores in exact.items():
-        say(f"  exact match on {len(eval_words)} held-out words, task {task!r}: base {scores['base']:.0%}, "
-            f"adapter {scores[task]:.0%}")
+        say(
+            f"  exact match on {len(eval_words)} held-out words, task {task!r}: base {scores['base']:.0%}, "
+            f"adapter {scores[task]:.0%}"
+        )
     return {"mixed_batch": shown, "exact_match": exact, "generated": generated}
 
 
-def _merge_check(base: Any, tokenizer: Any, adapter_outputs: list[str], stage: str,
-                 say: Callable[[str], None]) -> dict[str, Any]:
+def _merge_check(
+    base: Any, tokenizer: Any, adapter_outputs: list[str], stage: str, say: Callable[[str], None]
+) -> dict[str, Any]:
     """Merge the 'upper' adapter into a copy of the base; compare logits and generations."""
     from .export import merge_adapter, save_merged
     from .generation import generate
@@ -274,8 +324,10 @@ def _merge_check(base: Any, tokenizer: Any, adapter_outputs: list[str], stage: s
     save_merged(merged, tokenizer, os.path.join(stage, "merged-upper"))
     prompts = [prompt_for(w) for w in words("eval", len(adapter_outputs))]
     same = generate(merged, tokenizer, prompts, None, max_new_tokens=12) == adapter_outputs
-    say(f"\nmerged 'upper' into the base weights (merged-upper/): largest logit difference from base + adapter "
-        f"{difference:.2g}; same generations on the held-out words: {'yes' if same else 'no'}")
+    say(
+        f"\nmerged 'upper' into the base weights (merged-upper/): largest logit difference from base + adapter "
+        f"{difference:.2g}; same generations on the held-out words: {'yes' if same else 'no'}"
+    )
     return {"adapter": "upper", "max_abs_logit_difference": difference, "same_generations": same}
 
 
@@ -289,31 +341,45 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _summary_markdown(summary: dict[str, Any]) -> str:
     names = ["base", *TASKS]
-    task_rows = [[t, f"{r['eval_loss_before']:.3f}", f"{r['eval_loss_after']:.3f}",
-                  f"{summary['exact_match'][t]['base']:.0%}", f"{summary['exact_match'][t][t]:.0%}",
-                  f"{r['trainable_parameters']:,d}", str(r["steps"]), f"{r['train_seconds']:.0f}"]
-                 for t, r in summary["tasks"].items()]
+    task_rows = [
+        [
+            t,
+            f"{r['eval_loss_before']:.3f}",
+            f"{r['eval_loss_after']:.3f}",
+            f"{summary['exact_match'][t]['base']:.0%}",
+            f"{summary['exact_match'][t][t]:.0%}",
+            f"{r['trainable_parameters']:,d}",
+            str(r["steps"]),
+            f"{r['train_seconds']:.0f}",
+        ]
+        for t, r in summary["tasks"].items()
+    ]
     merge = summary["merge"]
-    return "\n".join([
-        "# roadkit demo" + (" (fast)" if summary["fast"] else ""),
-        "",
-        f"Base: a {summary['base_parameters']:,d}-parameter character-level Llama (`base/`), pretrained on named "
-        "string operations (`upper: kitten -> KITTEN`); with no operation named (`kitten ->`) it copies. One RoAd "
-        f"adapter per task ({', '.join(f'{k}={v}' for k, v in summary['adapter_config'].items())}), trained on the "
-        "unnamed format; held-out words are never trained on.",
-        "",
-        "| task | held-out loss before | after | exact match, base | exact match, adapter | parameters | steps "
-        "| seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-        *["| " + " | ".join(r) + " |" for r in task_rows],
-        "",
-        "One mixed batch (one `generate` call, one adapter per row):",
-        "",
-        _markdown_table(["prompt", *names], [[r["prompt"], *(r[n] for n in names)] for r in summary["mixed_batch"]]),
-        "",
-        f"Merged `{merge['adapter']}` into the base weights (`merged-{merge['adapter']}/`): largest logit difference "
-        f"{merge['max_abs_logit_difference']:.2g}; same generations: {'yes' if merge['same_generations'] else 'no'}.",
-        "",
-        f"Total time: {summary['seconds']:.0f} s. Plots: `loss_curves.png`, `angles_*.png`.",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# roadkit demo" + (" (fast)" if summary["fast"] else ""),
+            "",
+            f"Base: a {summary['base_parameters']:,d}-parameter character-level Llama (`base/`), pretrained on named "
+            "string operations (`upper: kitten -> KITTEN`); with no operation named (`kitten ->`) it copies. One RoAd "
+            f"adapter per task ({', '.join(f'{k}={v}' for k, v in summary['adapter_config'].items())}), trained on the "
+            "unnamed format; held-out words are never trained on.",
+            "",
+            "| task | held-out loss before | after | exact match, base | exact match, adapter | parameters | steps "
+            "| seconds |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            *["| " + " | ".join(r) + " |" for r in task_rows],
+            "",
+            "One mixed batch (one `generate` call, one adapter per row):",
+            "",
+            _markdown_table(
+                ["prompt", *names], [[r["prompt"], *(r[n] for n in names)] for r in summary["mixed_batch"]]
+            ),
+            "",
+            f"Merged `{merge['adapter']}` into the base weights (`merged-{merge['adapter']}/`): largest logit "
+            f"difference {merge['max_abs_logit_difference']:.2g}; "
+            f"same generations: {'yes' if merge['same_generations'] else 'no'}.",
+            "",
+            f"Total time: {summary['seconds']:.0f} s. Plots: `loss_curves.png`, `angles_*.png`.",
+            "",
+        ]
+    )

@@ -24,9 +24,7 @@ Coefficients = tuple[torch.Tensor, torch.Tensor]
 
 def parameter_length(variant: str, out_features: int) -> int:
     """Length of each of `road_theta` and `road_alpha` for a layer with `out_features` outputs."""
-    return {"road_1": out_features // 2, "road_2": out_features, "road_4": 2 * out_features}[
-        normalize_variant(variant)
-    ]
+    return {"road_1": out_features // 2, "road_2": out_features, "road_4": 2 * out_features}[normalize_variant(variant)]
 
 
 def out_features_for(variant: str, length: int) -> int:
@@ -64,8 +62,9 @@ def coefficients(variant: str, group_size: int, theta: torch.Tensor, alpha: torc
     return c.flatten(), s.flatten()
 
 
-def coefficient_grads(variant: str, group_size: int, theta: torch.Tensor, alpha: torch.Tensor,
-                      grad_c: torch.Tensor, grad_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def coefficient_grads(
+    variant: str, group_size: int, theta: torch.Tensor, alpha: torch.Tensor, grad_c: torch.Tensor, grad_s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Chain rule through `coefficients`: (dL/dtheta, dL/dalpha) from (dL/dc, dL/ds)."""
     variant = normalize_variant(variant)
     if variant == "road_4":
@@ -142,8 +141,9 @@ def rotate(x: torch.Tensor, coeffs: Coefficients, group_size: int, dim: int = -1
     return kernels.forward(x, c, s, group_size, dim, prepared)
 
 
-def road(x: torch.Tensor, variant: str, group_size: int, theta: torch.Tensor, alpha: torch.Tensor,
-         dim: int = -1) -> torch.Tensor:
+def road(
+    x: torch.Tensor, variant: str, group_size: int, theta: torch.Tensor, alpha: torch.Tensor, dim: int = -1
+) -> torch.Tensor:
     """Apply one adapter's rotation, from its parameters, to the feature axis `dim` of x.
 
     The training path: one fused pass forward and backward, saving nothing but x.
@@ -153,8 +153,15 @@ def road(x: torch.Tensor, variant: str, group_size: int, theta: torch.Tensor, al
     return kernels.forward(x, *coefficients(variant, group_size, theta, alpha), group_size, dim)
 
 
-def rotate_indexed(x: torch.Tensor, tables: Coefficients, index: torch.Tensor, group_size: int,
-                   dim: int = -1, prepared: Any = None, memo: Any = None) -> torch.Tensor:
+def rotate_indexed(
+    x: torch.Tensor,
+    tables: Coefficients,
+    index: torch.Tensor,
+    group_size: int,
+    dim: int = -1,
+    prepared: Any = None,
+    memo: Any = None,
+) -> torch.Tensor:
     """Mixed batches: rotate each row (or token) of x by the coefficient row `index` selects.
 
     `tables` are (c, s) of shape (n_adapters, d_out); `index` has the shape of the leading axes of
@@ -195,8 +202,9 @@ def inverse(coeffs: Coefficients, group_size: int) -> Coefficients:
     sa, sb = _pairs(s, group_size)
     det = ca * cb + sa * sb
     if not torch.all(det != 0):
-        raise ValueError("this RoAd rotation is singular (some pair has c_a*c_b + s_a*s_b == 0); "
-                         "it cannot be inverted.")
+        raise ValueError(
+            "this RoAd rotation is singular (some pair has c_a*c_b + s_a*s_b == 0); it cannot be inverted."
+        )
     return _join(cb / det, ca / det), _join(-sa / det, -sb / det)
 
 
@@ -211,8 +219,9 @@ def compose(first: Coefficients, second: Coefficients, group_size: int) -> Coeff
     return c, s
 
 
-def expand_parameters(theta: torch.Tensor, alpha: torch.Tensor, variant: str, to_variant: str,
-                      group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def expand_parameters(
+    theta: torch.Tensor, alpha: torch.Tensor, variant: str, to_variant: str, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The same rotation's (theta, alpha) in a larger variant (road_1 -> road_2 -> road_4), exactly:
     road_1's per-pair values serve both features of the pair; road_2's per-feature values fill both
     of road_4's slots."""
@@ -236,8 +245,7 @@ def polar(coeffs: Coefficients) -> tuple[torch.Tensor, torch.Tensor]:
 
 def identity(out_features: int, dtype: torch.dtype = torch.float32, device=None) -> Coefficients:
     """Coefficients of the identity rotation (what `__base__` rows use)."""
-    return (torch.ones(out_features, dtype=dtype, device=device),
-            torch.zeros(out_features, dtype=dtype, device=device))
+    return (torch.ones(out_features, dtype=dtype, device=device), torch.zeros(out_features, dtype=dtype, device=device))
 
 
 def rotate_rows_(weight: torch.Tensor, coeffs: Coefficients, group_size: int) -> torch.Tensor:

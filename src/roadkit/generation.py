@@ -32,20 +32,27 @@ def left_padded(tokenizer: Any, prompts: Sequence[str]) -> dict[str, torch.Tenso
     rows = [prompt_ids(tokenizer, p) for p in prompts]
     empty = [i + 1 for i, r in enumerate(rows) if not r]
     if empty:  # a row of padding only: the model has nothing to continue (and fails, or makes up text)
-        raise ValueError(f"prompt {', '.join(map(str, empty))} of {len(rows)} is empty (the tokenizer adds no "
-                         "beginning-of-sequence token to it); give every prompt some text.")
+        raise ValueError(
+            f"prompt {', '.join(map(str, empty))} of {len(rows)} is empty (the tokenizer adds no "
+            "beginning-of-sequence token to it); give every prompt some text."
+        )
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
     return {"input_ids": ids, "attention_mask": mask}
 
 
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, prompts: Sequence[str], adapter_names: Optional[Sequence[str]] = None,
-             max_new_tokens: int = 32) -> list[str]:
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    adapter_names: Optional[Sequence[str]] = None,
+    max_new_tokens: int = 32,
+) -> list[str]:
     """Greedy continuations of `prompts` (new text only, special tokens dropped).
 
     With `adapter_names` (one per prompt: an adapter name, or "base" / "__base__" for none), the
@@ -56,9 +63,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], adapter_names: 
     batch = left_padded(tokenizer, prompts)
     context = context_length(model)
     if context is not None and batch["input_ids"].shape[1] + max_new_tokens > context:
-        raise ValueError(f"the longest prompt ({batch['input_ids'].shape[1]} tokens) plus {max_new_tokens} new "
-                         f"tokens exceeds the model's context of {context} tokens; shorten the prompt or generate "
-                         "fewer tokens.")
+        raise ValueError(
+            f"the longest prompt ({batch['input_ids'].shape[1]} tokens) plus {max_new_tokens} new "
+            f"tokens exceeds the model's context of {context} tokens; shorten the prompt or generate "
+            "fewer tokens."
+        )
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     kwargs: dict[str, Any] = {}
@@ -66,8 +75,13 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], adapter_names: 
         if len(adapter_names) != len(prompts):
             raise ValueError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts.")
         kwargs["adapter_names"] = [BASE if n in BASE_ALIASES else n for n in adapter_names]
-    out = model.generate(**batch, **kwargs, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=pad_token_id(tokenizer),
-                         eos_token_id=tokenizer.eos_token_id)
-    new = out[:, batch["input_ids"].shape[1]:]
+    out = model.generate(
+        **batch,
+        **kwargs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_token_id(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    new = out[:, batch["input_ids"].shape[1] :]
     return tokenizer.batch_decode(new, skip_special_tokens=True)

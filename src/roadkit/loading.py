@@ -84,9 +84,11 @@ def _check_hub(name: str) -> None:
     try:
         socket.create_connection((url.hostname, port), timeout=5).close()
     except OSError as err:
-        raise LoadError(f"{_not_local(name)}it is not in the local Hugging Face cache, and the Hub "
-                        f"({constants.ENDPOINT}) cannot be reached ({one_line(err)}); give a local model "
-                        "directory or .gguf file, or connect to the network.") from err
+        raise LoadError(
+            f"{_not_local(name)}it is not in the local Hugging Face cache, and the Hub "
+            f"({constants.ENDPOINT}) cannot be reached ({one_line(err)}); give a local model "
+            "directory or .gguf file, or connect to the network."
+        ) from err
 
 
 def _gguf_kwargs(name: str) -> tuple[str, dict[str, Any]]:
@@ -126,8 +128,11 @@ def same_model(a: Union[str, os.PathLike], b: Union[str, os.PathLike]) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
-def load_causal_lm(name_or_path: Union[str, os.PathLike], dtype: Union[torch.dtype, str, None] = None,
-                   device: Union[str, torch.device, None] = None) -> Any:
+def load_causal_lm(
+    name_or_path: Union[str, os.PathLike],
+    dtype: Union[torch.dtype, str, None] = None,
+    device: Union[str, torch.device, None] = None,
+) -> Any:
     """`AutoModelForCausalLM.from_pretrained`, in eval mode; `dtype=None` means float32."""
     import transformers
     from transformers import AutoModelForCausalLM
@@ -139,8 +144,9 @@ def load_causal_lm(name_or_path: Union[str, os.PathLike], dtype: Union[torch.dty
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **{dtype_key: dtype or torch.float32}, **extra)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise LoadError(f"cannot load a causal language model from {name!r}: {_not_local(name)}{one_line(err)}"
-                        ) from err
+        raise LoadError(
+            f"cannot load a causal language model from {name!r}: {_not_local(name)}{one_line(err)}"
+        ) from err
     if extra:
         model = _rebuilt(model)
         model.config._name_or_path = os.path.abspath(name)  # what adapters trained on it record as their base
@@ -181,8 +187,10 @@ def pick_device(requested: Optional[str] = None) -> torch.device:
     backend = getattr(torch, device.type, None) if device.type != "mps" else getattr(torch.backends, "mps", None)
     available = getattr(backend, "is_available", None)
     if available is None or not available():
-        raise ValueError(f"--device {requested!r}: this machine (or this build of torch) has no {device.type} "
-                         "device; use --device cpu.")
+        raise ValueError(
+            f"--device {requested!r}: this machine (or this build of torch) has no {device.type} "
+            "device; use --device cpu."
+        )
     count = getattr(backend, "device_count", None)
     if device.index is not None and count is not None and device.index >= count():
         raise ValueError(f"--device {requested!r}: there are only {count()} {device.type} devices.")

@@ -77,15 +77,20 @@ def _check_subspace(model: nn.Module, config: RoadConfig, tensors: dict[str, tor
         if count:
             bad.append(f"{path} ({count} entries)")
     if bad:
-        raise ValueError(f"adapter at {source!r} has subspace={config.subspace} but is not the identity outside "
-                         f"it in: {some_of(bad)}. The model was left unchanged.")
+        raise ValueError(
+            f"adapter at {source!r} has subspace={config.subspace} but is not the identity outside "
+            f"it in: {some_of(bad)}. The model was left unchanged."
+        )
 
 
 def _check_tensors(expected: dict[str, torch.Size], tensors: dict[str, torch.Tensor], source: str) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(f"{k}: file {tuple(tensors[k].shape)}, model {tuple(expected[k])}"
-                   for k in set(expected) & set(tensors) if tensors[k].shape != expected[k])
+    wrong = sorted(
+        f"{k}: file {tuple(tensors[k].shape)}, model {tuple(expected[k])}"
+        for k in set(expected) & set(tensors)
+        if tensors[k].shape != expected[k]
+    )
     problems = []
     if missing:
         problems.append(f"missing {some_of(missing, 'keys')}")
@@ -94,23 +99,32 @@ def _check_tensors(expected: dict[str, torch.Size], tensors: dict[str, torch.Ten
     if wrong:
         problems.append(f"{some_of(wrong, 'shape mismatches')}")
     if problems:
-        raise ValueError(f"adapter at {source!r} does not fit this model: " + "; ".join(problems)
-                         + ". The model was left unchanged.")
+        raise ValueError(
+            f"adapter at {source!r} does not fit this model: " + "; ".join(problems) + ". The model was left unchanged."
+        )
 
 
 class RoadModel(nn.Module):
     """A model with RoAd adapters. Attribute access falls through to the wrapped model."""
 
-    def __init__(self, model: nn.Module, config: RoadConfig, adapter_name: str = ckpt.DEFAULT_ADAPTER,
-                 autocast_adapter_dtype: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: RoadConfig,
+        adapter_name: str = ckpt.DEFAULT_ADAPTER,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         """Wrap `model` with a fresh adapter. Adapter parameters are float32 (`autocast_adapter_dtype`,
         the default, which trains well under bf16/fp16 bases) or, if False, each base layer's dtype."""
         super().__init__()
         self._check_config(config)
-        if isinstance(model, RoadModel) or any(isinstance(m, (RoadLayer, ModulesToSaveWrapper))
-                                               for m in model.modules()):
-            raise ValueError("this model already has RoAd adapters: add another with add_adapter() (or "
-                             "load_adapter()) on its RoadModel instead of wrapping it again.")
+        if isinstance(model, RoadModel) or any(
+            isinstance(m, (RoadLayer, ModulesToSaveWrapper)) for m in model.modules()
+        ):
+            raise ValueError(
+                "this model already has RoAd adapters: add another with add_adapter() (or "
+                "load_adapter()) on its RoadModel instead of wrapping it again."
+            )
         self._check_new_name(adapter_name, existing=())
         expected_tensors(model, config)  # every error before the model is touched
         self.model = model
@@ -145,8 +159,10 @@ class RoadModel(nn.Module):
         if adapter_name == BASE:
             raise ValueError(f"{BASE!r} is reserved for 'no adapter' in mixed batches; choose another name.")
         if hasattr(AdapterParameters(), adapter_name):  # it would shadow an attribute of the adapters' dicts
-            raise ValueError(f"adapter name {adapter_name!r} is reserved (an attribute of torch's ParameterDict, "
-                             "which holds the adapters); choose another name.")
+            raise ValueError(
+                f"adapter name {adapter_name!r} is reserved (an attribute of torch's ParameterDict, "
+                "which holds the adapters); choose another name."
+            )
         if adapter_name in existing:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; existing: {sorted(existing)}.")
 
@@ -224,8 +240,9 @@ class RoadModel(nn.Module):
     def active_adapter(self) -> Union[str, list[str]]:
         return self._active[0] if len(self._active) == 1 else list(self._active)
 
-    def add_adapter(self, adapter_name: str, config: RoadConfig,
-                    state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+    def add_adapter(
+        self, adapter_name: str, config: RoadConfig, state_dict: Optional[dict[str, torch.Tensor]] = None
+    ) -> None:
         """Add an adapter (inactive and not trainable until `set_adapter`), fresh or with the tensors
         of `state_dict` (PEFT keys, as `adapter_state_dict` returns them); checked before any change."""
         self._check_config(config)
@@ -278,8 +295,9 @@ class RoadModel(nn.Module):
         return memo
 
     @contextmanager
-    def _set_on_adapter_modules(self, attr: str, value: Any, reset: Any,
-                                modules: Optional[Sequence[nn.Module]] = None) -> Iterator[None]:
+    def _set_on_adapter_modules(
+        self, attr: str, value: Any, reset: Any, modules: Optional[Sequence[nn.Module]] = None
+    ) -> Iterator[None]:
         """Set `attr` on every RoAd layer and modules-to-save wrapper (or on `modules`, when the caller
         already has them) for the duration of a block."""
         if modules is None:
@@ -314,25 +332,31 @@ class RoadModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
-              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
 
     # ---- gradient checkpointing ------------------------------------------------------------------
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None,
-                                      **kwargs: Any) -> None:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any
+    ) -> None:
         """The wrapped model's gradient checkpointing, made safe for a frozen base (see `_inputs_require_grad`)."""
-        self._hf_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
-                                                       **kwargs)
+        self._hf_model().gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs
+        )
         self._inputs_require_grad()
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,
-                                        **kwargs: Any) -> None:
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any
+    ) -> None:
         """transformers 5's name for `gradient_checkpointing_enable` (what its `Trainer` calls)."""
         enable = getattr(self.model, "activation_checkpointing_enable", None)
         if enable is None:  # transformers 4
             self._hf_model().gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+                gradient_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs
+            )
         else:
             enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
         self._inputs_require_grad()
@@ -354,7 +378,8 @@ class RoadModel(nn.Module):
         if embeddings is not None:  # a plain torch model
             # nn.Module.__setattr__ takes any value; torch's stub says Tensor | Module.
             self.model._require_grads_hook = embeddings.register_forward_hook(  # type: ignore[assignment]
-                lambda _module, _inputs, output: output.requires_grad_(True))
+                lambda _module, _inputs, output: output.requires_grad_(True)
+            )
 
     # ---- merging -------------------------------------------------------------------------------
 
@@ -391,9 +416,11 @@ class RoadModel(nn.Module):
             for p in layer._merge_params():
                 others = sorted(owners.get(p.data_ptr(), set()) - {f"{path}.base_layer"})
                 if others:
-                    raise ValueError(f"cannot merge into {path!r}: its weight is shared with {others} (tied "
-                                     "weights), which merging would change too. Keep the adapter unmerged, or "
-                                     "untie the weights first. Nothing was merged.")
+                    raise ValueError(
+                        f"cannot merge into {path!r}: its weight is shared with {others} (tied "
+                        "weights), which merging would change too. Keep the adapter unmerged, or "
+                        "untie the weights first. Nothing was merged."
+                    )
 
     def unmerge_adapter(self) -> None:
         """Restore the base weights of every layer with merged adapters."""
@@ -401,8 +428,13 @@ class RoadModel(nn.Module):
             if layer.merged:
                 layer.unmerge()
 
-    def _unwrap(self, merge: bool, safe_merge: bool = False, adapter_names: Optional[list[str]] = None,
-                progressbar: bool = False) -> nn.Module:
+    def _unwrap(
+        self,
+        merge: bool,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+        progressbar: bool = False,
+    ) -> nn.Module:
         if merge:
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
         else:
@@ -418,8 +450,9 @@ class RoadModel(nn.Module):
             self._replace(path, wrapper.active_module() if merge else wrapper.original_module)
         return self.model
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
+    ) -> nn.Module:
         """Merge adapters into the weights and return the plain base model (RoAd layers removed)."""
         return self._unwrap(True, safe_merge, adapter_names, progressbar)
 
@@ -435,14 +468,17 @@ class RoadModel(nn.Module):
         model = self._hf_model()
         head = model.get_output_embeddings()
         if isinstance(head, RoadLayer):
-            raise ValueError("cannot resize the token embeddings: the output head carries RoAd adapters, whose "
-                             "rotations act on the vocabulary; resize the base model before adding them.")
+            raise ValueError(
+                "cannot resize the token embeddings: the output head carries RoAd adapters, whose "
+                "rotations act on the vocabulary; resize the base model before adding them."
+            )
         wrapper = model.get_input_embeddings()
         if not isinstance(wrapper, RoadLayer):
             return model.resize_token_embeddings(*args, **kwargs)
         if wrapper.merged:
-            raise ValueError("cannot resize the token embeddings while adapters are merged into them; unmerge "
-                             "them first.")
+            raise ValueError(
+                "cannot resize the token embeddings while adapters are merged into them; unmerge them first."
+            )
         model.set_input_embeddings(wrapper.get_base_layer())
         try:
             model.resize_token_embeddings(*args, **kwargs)
@@ -453,8 +489,12 @@ class RoadModel(nn.Module):
 
     # ---- forward / generate ----------------------------------------------------------------------
 
-    def route(self, adapter_names: list[str], adapter_indices: Optional[torch.Tensor] = None,
-              batch_shape: Optional[tuple[int, ...]] = None) -> Routing:
+    def route(
+        self,
+        adapter_names: list[str],
+        adapter_indices: Optional[torch.Tensor] = None,
+        batch_shape: Optional[tuple[int, ...]] = None,
+    ) -> Routing:
         """Which adapter each batch row (or token) uses, checked and ready for the layers.
 
         `adapter_names` alone: one adapter name per batch row (`__base__` for none). With
@@ -474,13 +514,15 @@ class RoadModel(nn.Module):
         names = list(adapter_names)
         unknown = sorted({n for n in names if n != BASE and n not in self.peft_config})
         if unknown:
-            raise ValueError(f"unknown adapter(s) in adapter_names: {unknown}; available: "
-                             f"{sorted(self.peft_config)} and {BASE!r}.")
+            raise ValueError(
+                f"unknown adapter(s) in adapter_names: {unknown}; available: {sorted(self.peft_config)} and {BASE!r}."
+            )
         layers = [m for m in self._adapter_modules() if isinstance(m, RoadLayer)]
         merged = sorted({n for m in layers for n in m.merged_adapters})
         if merged:
-            raise ValueError(f"adapters {merged} are merged into the weights; call unmerge_adapter() before "
-                             "mixed-adapter batches.")
+            raise ValueError(
+                f"adapters {merged} are merged into the weights; call unmerge_adapter() before mixed-adapter batches."
+            )
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         if adapter_indices is None:
             if batch_shape is not None and len(names) != batch_shape[0]:
@@ -506,12 +548,19 @@ class RoadModel(nn.Module):
         with self._set_on_adapter_modules("routing", routing, reset=None):
             yield
 
-    def _routing_for(self, args: tuple, kwargs: dict, adapter_names: Optional[list[str]],
-                     adapter_indices: Optional[torch.Tensor], routing: Optional[Routing]) -> Optional[Routing]:
+    def _routing_for(
+        self,
+        args: tuple,
+        kwargs: dict,
+        adapter_names: Optional[list[str]],
+        adapter_indices: Optional[torch.Tensor],
+        routing: Optional[Routing],
+    ) -> Optional[Routing]:
         if routing is not None:
             if adapter_names is not None or adapter_indices is not None:
-                raise ValueError("give either routing= (from model.route) or adapter_names / adapter_indices, "
-                                 "not both.")
+                raise ValueError(
+                    "give either routing= (from model.route) or adapter_names / adapter_indices, not both."
+                )
             if not isinstance(routing, Routing):
                 raise TypeError(f"routing must be a Routing made by model.route(...), got {type(routing).__name__}.")
             return routing
@@ -534,8 +583,10 @@ class RoadModel(nn.Module):
             # compared, not hashed: under torch.compile hashing a symbolic size would fix it to one value
             allowed = (tuple(batch_shape[:1]), tuple(batch_shape), (math.prod(batch_shape),))
             if not any(tuple(indices.shape) == shape for shape in allowed):
-                raise ValueError(f"adapter_indices has shape {tuple(indices.shape)}; for a batch of shape "
-                                 f"{tuple(batch_shape)} give [batch], [batch, seq] or flat [tokens].")
+                raise ValueError(
+                    f"adapter_indices has shape {tuple(indices.shape)}; for a batch of shape "
+                    f"{tuple(batch_shape)} give [batch], [batch, seq] or flat [tokens]."
+                )
         return indices.long()
 
     @staticmethod
@@ -550,9 +601,14 @@ class RoadModel(nn.Module):
             return None
         return tuple(first.shape[:2]) if first.dim() == 2 and not first.is_floating_point() else tuple(first.shape[:1])
 
-    def forward(self, *args: Any, adapter_names: Optional[list[str]] = None,
-                adapter_indices: Optional[torch.Tensor] = None, routing: Optional[Routing] = None,
-                **kwargs: Any) -> Any:
+    def forward(
+        self,
+        *args: Any,
+        adapter_names: Optional[list[str]] = None,
+        adapter_indices: Optional[torch.Tensor] = None,
+        routing: Optional[Routing] = None,
+        **kwargs: Any,
+    ) -> Any:
         """Run the model, optionally with several adapters in one batch.
 
         `adapter_names` alone: one adapter name per batch row (`__base__` for none). With
@@ -566,8 +622,9 @@ class RoadModel(nn.Module):
         with self._routed(routing):
             return self.model(*args, **kwargs)
 
-    def generate(self, *args: Any, adapter_names: Optional[list[str]] = None, routing: Optional[Routing] = None,
-                 **kwargs: Any) -> Any:
+    def generate(
+        self, *args: Any, adapter_names: Optional[list[str]] = None, routing: Optional[Routing] = None, **kwargs: Any
+    ) -> Any:
         """`model.generate`, optionally with one adapter per prompt row in a single batch (`adapter_names`,
         or a per-row `routing` from `route`)."""
         routing = self._routing_for(args, kwargs, adapter_names, None, routing)
@@ -594,9 +651,15 @@ class RoadModel(nn.Module):
                     out[ckpt.adapter_key(path, pname)] = t.detach()
         return out
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], safe_serialization: bool = True,
-                        selected_adapters: Optional[list[str]] = None, save_embedding_layers: Union[str, bool] = "auto",
-                        is_main_process: bool = True, **kwargs: Any) -> None:
+    def save_pretrained(
+        self,
+        save_directory: Union[str, os.PathLike],
+        safe_serialization: bool = True,
+        selected_adapters: Optional[list[str]] = None,
+        save_embedding_layers: Union[str, bool] = "auto",
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
         """Write adapters in PEFT's layout: "default" at the root, every other one in a subfolder.
 
         Takes PEFT's keywords: with `is_main_process=False` (the other ranks of a distributed run) it
@@ -606,12 +669,16 @@ class RoadModel(nn.Module):
         if kwargs:
             warnings.warn(f"RoadModel.save_pretrained ignores {sorted(kwargs)}.", stacklevel=2)
         if not safe_serialization:
-            warnings.warn("RoadModel.save_pretrained writes safetensors only (safe_serialization=False "
-                          "is ignored).", stacklevel=2)
+            warnings.warn(
+                "RoadModel.save_pretrained writes safetensors only (safe_serialization=False is ignored).", stacklevel=2
+            )
         names = list(self.peft_config) if selected_adapters is None else _as_list(selected_adapters)
         if not names:
-            raise ValueError("there is no adapter to save: this RoadModel has none left"
-                             if not self.peft_config else "selected_adapters is empty: no adapter to save.")
+            raise ValueError(
+                "there is no adapter to save: this RoadModel has none left"
+                if not self.peft_config
+                else "selected_adapters is empty: no adapter to save."
+            )
         self._check_known(names)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a directory.")
@@ -623,18 +690,29 @@ class RoadModel(nn.Module):
             fields = {**config.to_dict(), "inference_mode": True}
             if config.layers_to_transform is not None or config.exclude_modules is not None:
                 # PEFT's RoadConfig has neither field: store the selection they made as exact paths.
-                fields.update(target_modules=sorted(p for p, layer in self.road_layers() if name in layer.road_theta),
-                              layers_to_transform=None, layers_pattern=None, exclude_modules=None)
+                fields.update(
+                    target_modules=sorted(p for p, layer in self.road_layers() if name in layer.road_theta),
+                    layers_to_transform=None,
+                    layers_pattern=None,
+                    exclude_modules=None,
+                )
             if config.base_model_name_or_path is None:
                 fields["base_model_name_or_path"] = base_name
-            ckpt.write_adapter(ckpt.adapter_subdir(save_directory, name), RoadConfig.from_dict(fields),
-                               self.adapter_state_dict(name))
+            ckpt.write_adapter(
+                ckpt.adapter_subdir(save_directory, name), RoadConfig.from_dict(fields), self.adapter_state_dict(name)
+            )
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike],
-                        adapter_name: str = ckpt.DEFAULT_ADAPTER, is_trainable: bool = False,
-                        subfolder: Optional[str] = None, revision: Optional[str] = None,
-                        autocast_adapter_dtype: bool = True) -> "RoadModel":
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: Union[str, os.PathLike],
+        adapter_name: str = ckpt.DEFAULT_ADAPTER,
+        is_trainable: bool = False,
+        subfolder: Optional[str] = None,
+        revision: Optional[str] = None,
+        autocast_adapter_dtype: bool = True,
+    ) -> "RoadModel":
         """Wrap `model` with the adapter saved at `model_id` (a directory or a Hub id)."""
         config, tensors = ckpt.read_adapter(model_id, subfolder, revision)
         config.inference_mode = not is_trainable
@@ -646,8 +724,14 @@ class RoadModel(nn.Module):
             wrapped.eval()
         return wrapped
 
-    def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
-                     subfolder: Optional[str] = None, revision: Optional[str] = None) -> None:
+    def load_adapter(
+        self,
+        model_id: Union[str, os.PathLike],
+        adapter_name: str,
+        is_trainable: bool = False,
+        subfolder: Optional[str] = None,
+        revision: Optional[str] = None,
+    ) -> None:
         """Add the adapter saved at `model_id` under `adapter_name` (not activated)."""
         self._check_new_name(adapter_name, existing=self.peft_config)
         config, tensors = ckpt.read_adapter(model_id, subfolder, revision)
@@ -663,13 +747,21 @@ class RoadModel(nn.Module):
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         for path, layer in self.road_layers():
             if adapter_name in layer.road_theta:
-                layer.load_parameters(adapter_name, tensors[ckpt.adapter_key(path, "road_theta")],
-                                      tensors[ckpt.adapter_key(path, "road_alpha")])
+                layer.load_parameters(
+                    adapter_name,
+                    tensors[ckpt.adapter_key(path, "road_theta")],
+                    tensors[ckpt.adapter_key(path, "road_alpha")],
+                )
         for path, wrapper in self._saved_wrappers():
             if adapter_name in wrapper.modules_to_save:
                 module = wrapper.modules_to_save[adapter_name]
-                module.load_state_dict({k[len(ckpt.adapter_key(path, "")):]: v for k, v in tensors.items()
-                                        if k.startswith(ckpt.adapter_key(path, ""))})
+                module.load_state_dict(
+                    {
+                        k[len(ckpt.adapter_key(path, "")) :]: v
+                        for k, v in tensors.items()
+                        if k.startswith(ckpt.adapter_key(path, ""))
+                    }
+                )
 
 
 @dataclass(frozen=True)
@@ -683,8 +775,10 @@ class TensorParallelIssue:
     tp_size: int
 
     def __str__(self) -> str:
-        return (f"{self.module} (adapter {self.adapter!r}): out_features={self.out_features} / tp_size="
-                f"{self.tp_size} is not a multiple of group_size={self.group_size}")
+        return (
+            f"{self.module} (adapter {self.adapter!r}): out_features={self.out_features} / tp_size="
+            f"{self.tp_size} is not a multiple of group_size={self.group_size}"
+        )
 
 
 def check_tensor_parallel(model: RoadModel, tp_size: int) -> list[TensorParallelIssue]:
@@ -706,8 +800,12 @@ def check_tensor_parallel(model: RoadModel, tp_size: int) -> list[TensorParallel
     return issues
 
 
-def get_peft_model(model: nn.Module, peft_config: RoadConfig, adapter_name: str = ckpt.DEFAULT_ADAPTER,
-                   autocast_adapter_dtype: bool = True) -> RoadModel:
+def get_peft_model(
+    model: nn.Module,
+    peft_config: RoadConfig,
+    adapter_name: str = ckpt.DEFAULT_ADAPTER,
+    autocast_adapter_dtype: bool = True,
+) -> RoadModel:
     """Wrap `model` with a fresh RoAd adapter (PEFT's entry point, for RoAd).
 
     `autocast_adapter_dtype=False` keeps adapter parameters in the base layers' dtype (e.g. bf16)

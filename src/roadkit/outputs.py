@@ -26,8 +26,10 @@ class OutputTakenError(OutputExistsError):
     was kept beside it, at `kept`."""
 
     def __init__(self, target: str, kept: str) -> None:
-        super().__init__(f"output directory {target!r} was created by another run while this one worked; it was "
-                         f"left as it is, and this run's result was saved in {kept!r} instead.")
+        super().__init__(
+            f"output directory {target!r} was created by another run while this one worked; it was "
+            f"left as it is, and this run's result was saved in {kept!r} instead."
+        )
         self.kept = kept
 
 
@@ -41,16 +43,21 @@ def check_output(target: PathLike, overwrite: bool, inputs: Iterable[PathLike] =
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutputExistsError(f"output {os.fspath(target)!r} is a file, not a directory.")
     if os.path.isdir(path) and not overwrite:
-        raise OutputExistsError(f"output directory {os.fspath(target)!r} already exists; "
-                                f"{hint or 'pass --overwrite to replace it'}.")
+        raise OutputExistsError(
+            f"output directory {os.fspath(target)!r} already exists; {hint or 'pass --overwrite to replace it'}."
+        )
     for item in inputs:
         src = os.path.abspath(os.fspath(item))
         if os.path.exists(src) and (src == path or src.startswith(path + os.sep)):
-            raise ValueError(f"output directory {os.fspath(target)!r} holds the input {os.fspath(item)!r}; "
-                             "choose another output directory.")
+            raise ValueError(
+                f"output directory {os.fspath(target)!r} holds the input {os.fspath(item)!r}; "
+                "choose another output directory."
+            )
         if os.path.isdir(src) and path.startswith(src + os.sep):
-            raise ValueError(f"output directory {os.fspath(target)!r} is inside the input directory "
-                             f"{os.fspath(item)!r}; choose an output outside it.")
+            raise ValueError(
+                f"output directory {os.fspath(target)!r} is inside the input directory "
+                f"{os.fspath(item)!r}; choose an output outside it."
+            )
     return path
 
 
@@ -132,4 +139,3 @@ def _copy_missing(source: str, destination: str) -> None:
                 shutil.copytree(src, dst, symlinks=True)
         elif not os.path.lexists(dst):
             shutil.copy2(src, dst, follow_symlinks=False)
-

@@ -31,8 +31,9 @@ def _smooth(values: Sequence[float], width: int) -> list[float]:
     return out
 
 
-def loss_curves(runs: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]], path: PathLike,
-                title: str = "training loss") -> None:
+def loss_curves(
+    runs: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]], path: PathLike, title: str = "training loss"
+) -> None:
     """One panel per run: per-step training loss (raw and smoothed) and the eval losses.
 
     `runs` maps a run name to a training log: {"train": [{"step", "loss"}, ...], "eval": [...]}.
@@ -53,8 +54,7 @@ def loss_curves(runs: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]],
                 ax.plot(steps, losses, color="tab:blue", label="train")
         evals = log.get("eval", [])
         if evals:
-            ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", color="tab:orange",
-                    label="held-out")
+            ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", color="tab:orange", label="held-out")
         ax.set_xlabel("step")
         ax.set_ylabel("mean token loss")
         ax.set_title(name if len(runs) > 1 else title)
@@ -66,8 +66,13 @@ def loss_curves(runs: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]],
     _save(fig, path)
 
 
-def adapter_heatmap(layers: Sequence[str], angles: Sequence[Sequence[float]], scales: Sequence[Sequence[float]],
-                    path: PathLike, title: str = "RoAd adapter") -> None:
+def adapter_heatmap(
+    layers: Sequence[str],
+    angles: Sequence[Sequence[float]],
+    scales: Sequence[Sequence[float]],
+    path: PathLike,
+    title: str = "RoAd adapter",
+) -> None:
     """Two heatmaps, rows = layers, columns = feature groups: mean |theta| (degrees) and mean alpha.
 
     Rows may have different lengths (layers of different widths); missing cells stay blank.
@@ -82,7 +87,7 @@ def adapter_heatmap(layers: Sequence[str], angles: Sequence[Sequence[float]], sc
     def grid(rows: Sequence[Sequence[float]]) -> np.ndarray:
         out = np.full((len(rows), width), np.nan)
         for i, r in enumerate(rows):
-            out[i, :len(r)] = r
+            out[i, : len(r)] = r
         return out
 
     a, s = grid(angles), grid(scales)
@@ -98,8 +103,13 @@ def adapter_heatmap(layers: Sequence[str], angles: Sequence[Sequence[float]], sc
     fig.colorbar(img, ax=ax_a, label="mean |theta| (degrees)")
     spread = float(np.nanmax(np.abs(s - 1.0))) if np.isfinite(s).any() else 0.0
     spread = spread if spread > 0 and math.isfinite(spread) else 1e-3
-    img = ax_s.imshow(s, aspect="auto", cmap="coolwarm", interpolation="nearest",
-                      norm=TwoSlopeNorm(vcenter=1.0, vmin=1.0 - spread, vmax=1.0 + spread))
+    img = ax_s.imshow(
+        s,
+        aspect="auto",
+        cmap="coolwarm",
+        interpolation="nearest",
+        norm=TwoSlopeNorm(vcenter=1.0, vmin=1.0 - spread, vmax=1.0 + spread),
+    )
     fig.colorbar(img, ax=ax_s, label="mean alpha (1 = no scaling)")
     ax_a.set_yticks(range(0, len(layers), every), _short_names(layers)[::every], fontsize=fontsize)
     ax_a.set_title("rotation angle by feature group")

@@ -62,8 +62,8 @@ def inspect_adapter(directory: Union[str, os.PathLike]) -> AdapterReport:
     layers, other = [], 0
     for key in sorted(tensors, key=_natural):
         if key.endswith(THETA):
-            path = key[len(ckpt.KEY_PREFIX):-len(THETA)]
-            alpha_key = key[:-len(THETA)] + ALPHA
+            path = key[len(ckpt.KEY_PREFIX) : -len(THETA)]
+            alpha_key = key[: -len(THETA)] + ALPHA
             if alpha_key not in tensors:
                 raise ValueError(f"{os.fspath(directory)}: {key} has no matching {alpha_key}.")
             layers.append(_layer_stats(path, config, tensors[key], tensors[alpha_key]))
@@ -84,13 +84,20 @@ def _layer_stats(path: str, config: RoadConfig, theta: torch.Tensor, alpha: torc
     out_features = out_features_for(config.variant, theta.numel())
     groups = max(1, out_features // config.group_size)
     if theta.numel() % groups or theta.shape != alpha.shape:
-        raise ValueError(f"layer {path}: road_theta {tuple(theta.shape)} / road_alpha {tuple(alpha.shape)} do "
-                         f"not fit variant {config.variant} with group_size {config.group_size}.")
+        raise ValueError(
+            f"layer {path}: road_theta {tuple(theta.shape)} / road_alpha {tuple(alpha.shape)} do "
+            f"not fit variant {config.variant} with group_size {config.group_size}."
+        )
     degrees = torch.rad2deg(theta.abs())
     return LayerStats(
-        module=path, variant=config.variant, group_size=config.group_size, out_features=out_features,
-        parameters=theta.numel() + alpha.numel(), mean_abs_angle=float(degrees.mean()),
-        alpha_min=float(alpha.min()), alpha_max=float(alpha.max()),
+        module=path,
+        variant=config.variant,
+        group_size=config.group_size,
+        out_features=out_features,
+        parameters=theta.numel() + alpha.numel(),
+        mean_abs_angle=float(degrees.mean()),
+        alpha_min=float(alpha.min()),
+        alpha_max=float(alpha.max()),
         angle_by_group=degrees.view(groups, -1).mean(1).tolist(),
         alpha_by_group=alpha.view(groups, -1).mean(1).tolist(),
     )
@@ -99,20 +106,33 @@ def _layer_stats(path: str, config: RoadConfig, theta: torch.Tensor, alpha: torc
 def format_table(report: AdapterReport) -> str:
     """A plain-text table, one row per layer, and a totals line."""
     header = ("layer", "d_out", "theta/alpha", "variant", "group", "params", "mean |theta| deg", "alpha range")
-    rows = [(s.module, str(s.out_features), "x".join(map(str, s.shape)), s.variant, str(s.group_size),
-             f"{s.parameters:,d}", f"{s.mean_abs_angle:.3f}", f"{s.alpha_min:.4f} .. {s.alpha_max:.4f}")
-            for s in report.layers]
+    rows = [
+        (
+            s.module,
+            str(s.out_features),
+            "x".join(map(str, s.shape)),
+            s.variant,
+            str(s.group_size),
+            f"{s.parameters:,d}",
+            f"{s.mean_abs_angle:.3f}",
+            f"{s.alpha_min:.4f} .. {s.alpha_max:.4f}",
+        )
+        for s in report.layers
+    ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     right = {1, 2, 4, 5, 6}
 
     def line(cells: tuple[str, ...]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths,
-                                                                                                 strict=True)))
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
 
     out = [line(header), "  ".join("-" * w for w in widths), *map(line, rows)]
     angles = [s.mean_abs_angle for s in report.layers]
-    summary = (f"{len(report.layers)} RoAd layers, {report.parameters:,d} parameters, mean |theta| "
-               f"{sum(angles) / len(angles):.3f} deg (max layer {max(angles):.3f})")
+    summary = (
+        f"{len(report.layers)} RoAd layers, {report.parameters:,d} parameters, mean |theta| "
+        f"{sum(angles) / len(angles):.3f} deg (max layer {max(angles):.3f})"
+    )
     if report.other_parameters:
         summary += f"; {report.other_parameters:,d} of them in modules_to_save"
     out.append(summary)
@@ -124,7 +144,10 @@ def plot_report(report: AdapterReport, path: Union[str, os.PathLike], title: str
     from .plots import adapter_heatmap
 
     layers = report.layers
-    adapter_heatmap([s.module for s in layers], [s.angle_by_group for s in layers],
-                    [s.alpha_by_group for s in layers], path,
-                    title=title or f"{report.config.variant}, group_size {report.config.group_size}")
-
+    adapter_heatmap(
+        [s.module for s in layers],
+        [s.angle_by_group for s in layers],
+        [s.alpha_by_group for s in layers],
+        path,
+        title=title or f"{report.config.variant}, group_size {report.config.group_size}",
+    )

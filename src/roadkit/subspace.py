@@ -34,15 +34,17 @@ def normalize_spec(spec: Any) -> Optional[Spec]:
     if isinstance(spec, str):
         k, sep, n = spec.partition("/")
         if not sep or not k.strip().isdigit() or not n.strip().isdigit():
-            raise ValueError(f"RoadConfig.subspace={spec!r}: a string subspace must be a shard \"k/n\", e.g. \"0/2\".")
+            raise ValueError(f'RoadConfig.subspace={spec!r}: a string subspace must be a shard "k/n", e.g. "0/2".')
         spec = {"shard": int(k), "num_shards": int(n)}
     elif isinstance(spec, (list, tuple)):
         spec = {"pairs": list(spec)}
     elif isinstance(spec, float):
         spec = {"fraction": spec, "seed": 0}
     if not isinstance(spec, dict):
-        raise TypeError(f"RoadConfig.subspace must be a dict, \"k/n\", a list of pair indices or a fraction, "
-                        f"got {type(spec).__name__}: {spec!r}.")
+        raise TypeError(
+            f'RoadConfig.subspace must be a dict, "k/n", a list of pair indices or a fraction, '
+            f"got {type(spec).__name__}: {spec!r}."
+        )
     keys = set(spec)
     if keys == {"shard", "num_shards"}:
         k, n = spec["shard"], spec["num_shards"]
@@ -57,18 +59,23 @@ def normalize_spec(spec: Any) -> Optional[Spec]:
     if keys == {"pairs"}:
         pairs = spec["pairs"]
         if not isinstance(pairs, (list, tuple)) or not pairs or not all(_int(p) and p >= 0 for p in pairs):
-            raise ValueError(f"RoadConfig.subspace={spec!r}: \"pairs\" must be a non-empty list of "
-                             "non-negative pair indices.")
+            raise ValueError(
+                f'RoadConfig.subspace={spec!r}: "pairs" must be a non-empty list of non-negative pair indices.'
+            )
         return {"pairs": sorted(set(pairs))}
     if keys == {"union"}:
         parts = spec["union"]
         if not isinstance(parts, (list, tuple)) or not parts or any(p is None for p in parts):
-            raise ValueError(f"RoadConfig.subspace={spec!r}: \"union\" must be a non-empty list of subspaces "
-                             "(None, the whole layer, is not a part of a union).")
+            raise ValueError(
+                f'RoadConfig.subspace={spec!r}: "union" must be a non-empty list of subspaces '
+                "(None, the whole layer, is not a part of a union)."
+            )
         return {"union": [normalize_spec(p) for p in parts]}
-    raise ValueError(f"RoadConfig.subspace={spec!r} is not a subspace; allowed forms: "
-                     "{\"shard\": k, \"num_shards\": n}, {\"fraction\": f, \"seed\": s}, {\"pairs\": [...]}, "
-                     "{\"union\": [...]}, or the shorthands \"k/n\", [p, ...], f.")
+    raise ValueError(
+        f"RoadConfig.subspace={spec!r} is not a subspace; allowed forms: "
+        '{"shard": k, "num_shards": n}, {"fraction": f, "seed": s}, {"pairs": [...]}, '
+        '{"union": [...]}, or the shorthands "k/n", [p, ...], f.'
+    )
 
 
 def pairs_of(spec: Optional[Spec], n_pairs: int, where: str = "layer") -> torch.Tensor:
@@ -85,8 +92,10 @@ def pairs_of(spec: Optional[Spec], n_pairs: int, where: str = "layer") -> torch.
     if "pairs" in spec:
         pairs = torch.tensor(spec["pairs"], dtype=torch.int64)
         if int(pairs.max()) >= n_pairs:
-            raise ValueError(f"{where}: subspace pair {int(pairs.max())} is out of range; this layer has "
-                             f"{n_pairs} pairs (0..{n_pairs - 1}).")
+            raise ValueError(
+                f"{where}: subspace pair {int(pairs.max())} is out of range; this layer has "
+                f"{n_pairs} pairs (0..{n_pairs - 1})."
+            )
         return pairs
     return torch.cat([pairs_of(p, n_pairs, where) for p in spec["union"]]).unique()
 
@@ -113,20 +122,30 @@ def features_of(pairs: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.cat((a, a + half)).sort().values
 
 
-def free_entries(spec: Optional[Spec], variant: str, group_size: int, out_features: int,
-                 where: str = "layer") -> Optional[torch.Tensor]:
+def free_entries(
+    spec: Optional[Spec], variant: str, group_size: int, out_features: int, where: str = "layer"
+) -> Optional[torch.Tensor]:
     """Entries of a layer's parameters an adapter may move; None when it owns every pair."""
     if spec is None:
         return None
     pairs = pairs_of(spec, out_features // 2, where)
     if not len(pairs):
-        raise ValueError(f"{where}: subspace {spec} selects none of its {out_features // 2} pairs; use fewer "
-                         "shards or a larger fraction.")
+        raise ValueError(
+            f"{where}: subspace {spec} selects none of its {out_features // 2} pairs; use fewer "
+            "shards or a larger fraction."
+        )
     return entries_of(variant, group_size, pairs)
 
 
-def outside_count(spec: Optional[Spec], variant: str, group_size: int, out_features: int, theta: torch.Tensor,
-                  alpha: torch.Tensor, where: str = "layer") -> int:
+def outside_count(
+    spec: Optional[Spec],
+    variant: str,
+    group_size: int,
+    out_features: int,
+    theta: torch.Tensor,
+    alpha: torch.Tensor,
+    where: str = "layer",
+) -> int:
     """How many entries of a layer's full-length (theta, alpha) lie outside the subspace `spec` and
     are not the identity (0, 1): what a file must not have to be loaded as this subspace adapter."""
     free = free_entries(spec, variant, group_size, out_features, where)

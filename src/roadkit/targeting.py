@@ -12,9 +12,25 @@ from .layers import LAYER_TYPES, ModulesToSaveWrapper, RoadLayer, wrapper_for
 
 # Target modules used when `target_modules` is None, by `config.model_type` (ROAD_SPEC.md).
 DEFAULT_TARGETS: dict[str, list[str]] = {
-    **{t: ["q_proj", "v_proj"] for t in (
-        "llama", "llama4", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt",
-        "gptj", "gpt_neo", "bart", "stablelm")},
+    **{
+        t: ["q_proj", "v_proj"]
+        for t in (
+            "llama",
+            "llama4",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "opt",
+            "gptj",
+            "gpt_neo",
+            "bart",
+            "stablelm",
+        )
+    },
     **{t: ["q", "v"] for t in ("t5", "mt5")},
     **{t: ["c_attn"] for t in ("gpt2", "gpt_bigcode")},
     **{t: ["query_key_value"] for t in ("bloom", "gpt_neox", "falcon", "chatglm")},
@@ -121,5 +137,8 @@ def select_modules_to_save(model: nn.Module, config: RoadConfig) -> list[str]:
     """Dotted names of the modules matched by `config.modules_to_save` (exact or dotted suffix)."""
     if not config.modules_to_save:
         return []
-    return [name for name, module in _candidates(model)
-            if not isinstance(module, RoadLayer) and _matches(name, config.modules_to_save)]
+    return [
+        name
+        for name, module in _candidates(model)
+        if not isinstance(module, RoadLayer) and _matches(name, config.modules_to_save)
+    ]

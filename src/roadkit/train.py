@@ -38,6 +38,7 @@ from .fileio import atomic_write_bytes
 from .loading import one_line
 
 if TYPE_CHECKING:
+    from .model import RoadModel
     from .trainer import TrainingRun
 
 CHECKPOINT_NAME = "checkpoint"
@@ -80,16 +81,18 @@ def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
     the Trainer (benchmarks/quality.py trains every method, PEFT's too, with one such loop)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
-    total = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                        ignore_index=IGNORE_INDEX, reduction="sum")
+    total = nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return total, int((labels != IGNORE_INDEX).sum())
 
 
 # ---- run directories ---------------------------------------------------------------------------
 
 
-def write_run(directory: Union[str, os.PathLike], model: nn.Module, trainer: "TrainingRun", status: str,
-              run: dict[str, Any]) -> None:
+def write_run(
+    directory: Union[str, os.PathLike], model: "RoadModel", trainer: "TrainingRun", status: str, run: dict[str, Any]
+) -> None:
     """Write a run directory: the adapter (`model.save_pretrained`), the trainer's last checkpoint as
     `checkpoint/` for resuming, `training_log.json` (with `run`, JSON-able settings) and `loss_curve.png`."""
     from .plots import loss_curves
@@ -97,11 +100,20 @@ def write_run(directory: Union[str, os.PathLike], model: nn.Module, trainer: "Tr
     model.save_pretrained(directory)
     if trainer.checkpoint is not None:
         shutil.copytree(trainer.checkpoint, os.path.join(directory, CHECKPOINT_NAME), dirs_exist_ok=True)
-    log = {"status": status, "step": trainer.step, "total_steps": trainer.total_steps,
-           "trainable_parameters": sum(p.numel() for p in trainer.params), "run": run, **trainer.log}
+    log = {
+        "status": status,
+        "step": trainer.step,
+        "total_steps": trainer.total_steps,
+        "trainable_parameters": sum(p.numel() for p in trainer.params),
+        "run": run,
+        **trainer.log,
+    }
     atomic_write_bytes(os.path.join(directory, LOG_NAME), (json.dumps(log, indent=1) + "\n").encode())
-    loss_curves({"run": trainer.log}, os.path.join(directory, CURVE_NAME),
-                title=f"training loss ({status} at step {trainer.step}/{trainer.total_steps})")
+    loss_curves(
+        {"run": trainer.log},
+        os.path.join(directory, CURVE_NAME),
+        title=f"training loss ({status} at step {trainer.step}/{trainer.total_steps})",
+    )
 
 
 def load_state(directory: Union[str, os.PathLike]) -> dict[str, Any]:
@@ -110,11 +122,14 @@ def load_state(directory: Union[str, os.PathLike]) -> dict[str, Any]:
     roadkit's."""
     checkpoint = os.path.join(directory, CHECKPOINT_NAME)
     if os.path.isfile(os.path.join(directory, "trainer_state.pt")):
-        raise ValueError(f"{os.fspath(directory)!r} holds a trainer_state.pt: a run of an earlier roadkit, whose "
-                         "checkpoints this one cannot resume; resume it with that version, or start a new run.")
+        raise ValueError(
+            f"{os.fspath(directory)!r} holds a trainer_state.pt: a run of an earlier roadkit, whose "
+            "checkpoints this one cannot resume; resume it with that version, or start a new run."
+        )
     if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
-        raise FileNotFoundError(f"{os.fspath(directory)!r} holds no {CHECKPOINT_NAME}/trainer_state.json: not a "
-                                "roadkit training run.")
+        raise FileNotFoundError(
+            f"{os.fspath(directory)!r} holds no {CHECKPOINT_NAME}/trainer_state.json: not a roadkit training run."
+        )
     files = [os.path.join(checkpoint, name) for name in sorted(os.listdir(checkpoint))]
     for path in [os.path.join(directory, LOG_NAME), *files]:
         try:
@@ -134,8 +149,13 @@ def load_state(directory: Union[str, os.PathLike]) -> dict[str, Any]:
         step = json.load(fh).get("global_step")
     if not isinstance(log, dict) or not isinstance(step, int):
         raise ValueError(f"{os.fspath(directory)!r}: not a roadkit training run.")
-    return {"step": step, "status": log.get("status"), "run": log.get("run"), "checkpoint": checkpoint,
-            "log": {"train": log.get("train", []), "eval": log.get("eval", [])}}
+    return {
+        "step": step,
+        "status": log.get("status"),
+        "run": log.get("run"),
+        "checkpoint": checkpoint,
+        "log": {"train": log.get("train", []), "eval": log.get("eval", [])},
+    }
 
 
 # ---- signals -----------------------------------------------------------------------------------
@@ -171,8 +191,11 @@ def signals_request_stop(stop: Any) -> Iterator[None]:
             raise KeyboardInterrupt
         stop.requested = True
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{name}: stopping after this step to save a checkpoint (Ctrl-C again aborts without one).",
-              file=sys.stderr, flush=True)
+        print(
+            f"\n{name}: stopping after this step to save a checkpoint (Ctrl-C again aborts without one).",
+            file=sys.stderr,
+            flush=True,
+        )
 
     with _handle_signals(request_stop):
         yield
@@ -193,22 +216,49 @@ def deferred_stop_signals() -> Iterator[list[int]]:
     with _handle_signals(record):
         yield received
 
+
 # ---- run settings (what `roadkit train` stores in a run and checks on --resume) ------------------
 
 # Settings a resumed run takes from the interrupted one; giving a different value is an error.
-RUN_FIXED = ("model", "data", "eval_data", "variant", "group_size", "targets", "subspace", "lr", "batch_size",
-             "max_length", "bf16", "seed", "warmup_steps", "eval_every")
+RUN_FIXED = (
+    "model",
+    "data",
+    "eval_data",
+    "variant",
+    "group_size",
+    "targets",
+    "subspace",
+    "lr",
+    "batch_size",
+    "max_length",
+    "bf16",
+    "seed",
+    "warmup_steps",
+    "eval_every",
+)
 # The values live in `defaults` (the command's help reads them there too).
-RUN_DEFAULTS: dict[str, Any] = {"variant": defaults.VARIANT, "group_size": defaults.GROUP_SIZE,
-                                "targets": defaults.TARGETS, "subspace": None, "lr": defaults.LR, "epochs": 1,
-                                "max_steps": defaults.MAX_STEPS, "batch_size": defaults.BATCH_SIZE,
-                                "max_length": defaults.MAX_LENGTH, "bf16": False, "seed": 0, "warmup_steps": 0,
-                                "eval_every": None, "eval_data": None}
+RUN_DEFAULTS: dict[str, Any] = {
+    "variant": defaults.VARIANT,
+    "group_size": defaults.GROUP_SIZE,
+    "targets": defaults.TARGETS,
+    "subspace": None,
+    "lr": defaults.LR,
+    "epochs": 1,
+    "max_steps": defaults.MAX_STEPS,
+    "batch_size": defaults.BATCH_SIZE,
+    "max_length": defaults.MAX_LENGTH,
+    "bf16": False,
+    "seed": 0,
+    "warmup_steps": 0,
+    "eval_every": None,
+    "eval_data": None,
+}
 _DATA_FILES = (("data", "data_sha256", "training data"), ("eval_data", "eval_data_sha256", "held-out data"))
 
 
-def run_settings(given: dict[str, Any], output: Union[str, os.PathLike],
-                 resume: bool) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+def run_settings(
+    given: dict[str, Any], output: Union[str, os.PathLike], resume: bool
+) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
     """The settings of a run: `given` (None for "not given") over `RUN_DEFAULTS` for a new run, or, with
     `resume`, the settings stored in `output`'s trainer state, which `given` may only extend (`max_steps`,
     `epochs`); returns them with that saved state (None for a new run). Paths must already be absolute.
@@ -230,8 +280,10 @@ def run_settings(given: dict[str, Any], output: Union[str, os.PathLike],
     for key in RUN_FIXED:
         if given.get(key) is not None and given[key] != run.get(key):
             shown = given[key] if not isinstance(given[key], dict) else json.dumps(given[key])
-            raise ValueError(f"--resume: --{key.replace('_', '-')} {shown} differs from the run's "
-                             f"{run.get(key)}; leave it out to use the run's.")
+            raise ValueError(
+                f"--resume: --{key.replace('_', '-')} {shown} differs from the run's "
+                f"{run.get(key)}; leave it out to use the run's."
+            )
     if given.get("max_steps") is not None:
         run["max_steps"] = given["max_steps"]
     elif given.get("epochs") is not None:
@@ -240,6 +292,8 @@ def run_settings(given: dict[str, Any], output: Union[str, os.PathLike],
         if run.get(key) is None or digest not in run:  # no such file, or a run that did not record it
             continue
         if not os.path.isfile(run[key]) or file_sha256(run[key]) != run[digest]:
-            raise ValueError(f"--resume: the {what} {run[key]} is missing or changed since the run started; "
-                             "resuming needs the same data.")
+            raise ValueError(
+                f"--resume: the {what} {run[key]} is missing or changed since the run started; "
+                "resuming needs the same data."
+            )
     return run, state

@@ -31,7 +31,7 @@ import inspect
 import math
 import os
 import tempfile
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 import torch
 from torch import nn
@@ -52,8 +52,9 @@ TRAINING_ARGS_NAME = "training_args.bin"
 class _ShiftedLabelSmoother(LabelSmoother):
     """Label smoothing with labels shifted by one, as the Trainer does for causal LMs it recognises."""
 
-    def __call__(self, model_output: Any, labels: torch.Tensor, shift_labels: bool = True,
-                 num_items_in_batch: Any = None) -> torch.Tensor:
+    def __call__(
+        self, model_output: Any, labels: torch.Tensor, shift_labels: bool = True, num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         return super().__call__(model_output, labels, shift_labels=True, num_items_in_batch=num_items_in_batch)
 
 
@@ -76,7 +77,8 @@ def _reload_adapters(model: RoadModel, directory: str) -> list[str]:
     for name in model.peft_config:
         sub = ckpt.adapter_subdir(directory, name)
         if os.path.isfile(os.path.join(sub, ckpt.WEIGHTS_NAME)) or os.path.isfile(
-                os.path.join(sub, ckpt.LEGACY_WEIGHTS_NAME)):
+            os.path.join(sub, ckpt.LEGACY_WEIGHTS_NAME)
+        ):
             found[name] = ckpt.read_adapter(sub)
     missing = [n for n in model.active_adapters if n not in found]
     if missing:
@@ -85,9 +87,11 @@ def _reload_adapters(model: RoadModel, directory: str) -> list[str]:
         ours = model.peft_config[name]
         fields = ("variant", "group_size", "subspace")
         if any(getattr(config, f, None) != getattr(ours, f, None) for f in fields):
-            raise ValueError(f"adapter {name!r} in {directory!r} was saved with "
-                             f"{ {f: getattr(config, f, None) for f in fields} }, but the model's has "
-                             f"{ {f: getattr(ours, f, None) for f in fields} }. Nothing was loaded.")
+            raise ValueError(
+                f"adapter {name!r} in {directory!r} was saved with "
+                f"{ {f: getattr(config, f, None) for f in fields} }, but the model's has "
+                f"{ {f: getattr(ours, f, None) for f in fields} }. Nothing was loaded."
+            )
         expected = {k: t.shape for k, t in model.adapter_state_dict(name).items()}
         _check_tensors(expected, tensors, ckpt.adapter_subdir(directory, name))
     for name, (_, tensors) in found.items():
@@ -111,8 +115,9 @@ class RoadTrainer(Trainer):
             self.can_return_loss = can_return_loss(type(base))
             self.model_accepts_loss_kwargs = self.model_accepts_loss_kwargs and _accepts_loss_kwargs(base)
             if self.label_smoother is not None and base._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-                self.label_smoother = _ShiftedLabelSmoother(self.label_smoother.epsilon,
-                                                            self.label_smoother.ignore_index)
+                self.label_smoother = _ShiftedLabelSmoother(
+                    self.label_smoother.epsilon, self.label_smoother.ignore_index
+                )
 
     def _road_model(self, model: Optional[nn.Module] = None) -> Optional[RoadModel]:
         """The `RoadModel` under any DDP / compile wrapper, or None."""
@@ -128,7 +133,10 @@ class RoadTrainer(Trainer):
         road = self._road_model()
         if self._signature_columns is None and road is not None:
             columns = list(inspect.signature(road.get_base_model().forward).parameters)
-            self._signature_columns = columns + sorted({"label", "label_ids", *self.label_names} - set(columns))
+            # transformers declares the attribute as None; it holds a list of column names once set
+            self._signature_columns = columns + sorted(  # type: ignore[assignment]
+                {"label", "label_ids", *self.label_names} - set(columns)
+            )
         super()._set_signature_columns_if_needed()
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
@@ -139,12 +147,15 @@ class RoadTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return None
+        if output_dir is None:
+            raise ValueError("RoadTrainer has no output_dir to save to: set TrainingArguments(output_dir=...).")
         os.makedirs(output_dir, exist_ok=True)
         road.save_pretrained(output_dir)
+        tokenizer = getattr(self.data_collator, "tokenizer", None)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        elif getattr(self.data_collator, "tokenizer", None) is not None:
-            self.data_collator.tokenizer.save_pretrained(output_dir)
+        elif tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
         return None
 
@@ -161,7 +172,8 @@ class RoadTrainer(Trainer):
         road = self._road_model()
         if road is None:
             return super()._load_best_model()
-        _reload_adapters(road, self.state.best_model_checkpoint)
+        if self.state.best_model_checkpoint is not None:
+            _reload_adapters(road, self.state.best_model_checkpoint)
         return None
 
 
@@ -176,17 +188,20 @@ class RunLog(TrainerCallback):
         self.log: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}
         self._lr = float("nan")
 
-    def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, lr_scheduler: Any = None,
-                      **kwargs: Any) -> None:
+    def on_step_begin(
+        self, args: TrainingArguments, state: Any, control: Any, lr_scheduler: Any = None, **kwargs: Any
+    ) -> None:
         self._lr = float(lr_scheduler.get_last_lr()[0])
 
-    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: Optional[dict] = None,
-               **kwargs: Any) -> None:
+    def on_log(
+        self, args: TrainingArguments, state: Any, control: Any, logs: Optional[dict] = None, **kwargs: Any
+    ) -> None:
         if logs and "loss" in logs:
             self.log["train"].append({"step": state.global_step, "loss": float(logs["loss"]), "lr": self._lr})
 
-    def on_evaluate(self, args: TrainingArguments, state: Any, control: Any, metrics: Optional[dict] = None,
-                    **kwargs: Any) -> None:
+    def on_evaluate(
+        self, args: TrainingArguments, state: Any, control: Any, metrics: Optional[dict] = None, **kwargs: Any
+    ) -> None:
         evals = self.log["eval"]
         if metrics and "eval_loss" in metrics and not (evals and evals[-1]["step"] == state.global_step):
             evals.append({"step": state.global_step, "loss": float(metrics["eval_loss"])})
@@ -222,8 +237,9 @@ class ResumeSchedule(TrainerCallback):
     """A resumed run restores the schedule's step but keeps this run's schedule, which may be longer (a larger
     `max_steps`): recompute the learning rate for the step, as the saved one followed the old schedule."""
 
-    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, lr_scheduler: Any = None,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: Any, control: Any, lr_scheduler: Any = None, **kwargs: Any
+    ) -> None:
         if state.global_step and lr_scheduler is not None:
             lr_scheduler.last_epoch -= 1
             lr_scheduler.step()  # sets the optimizer's learning rates for `last_epoch` from the lambdas
@@ -234,24 +250,32 @@ class Progress(TrainerCallback):
     held-out evaluation after the first step."""
 
     def __init__(self, run_log: RunLog) -> None:
-        self.run_log, self.enabled, self.bar = run_log, None, None
+        self.run_log, self.bar = run_log, None
+        self.enabled: Optional[bool] = None  # None: a bar on terminals only
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         from tqdm.auto import tqdm
 
         if state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", dynamic_ncols=True,
-                            disable=None if self.enabled is None else not self.enabled)
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                desc="training",
+                dynamic_ncols=True,
+                disable=None if self.enabled is None else not self.enabled,
+            )
 
-    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: Optional[dict] = None,
-               **kwargs: Any) -> None:
+    def on_log(
+        self, args: TrainingArguments, state: Any, control: Any, logs: Optional[dict] = None, **kwargs: Any
+    ) -> None:
         if self.bar is not None and logs and "loss" in logs:
             last = self.run_log.log["train"][-1]
             self.bar.update(state.global_step - self.bar.n)
             self.bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
 
-    def on_evaluate(self, args: TrainingArguments, state: Any, control: Any, metrics: Optional[dict] = None,
-                    **kwargs: Any) -> None:
+    def on_evaluate(
+        self, args: TrainingArguments, state: Any, control: Any, metrics: Optional[dict] = None, **kwargs: Any
+    ) -> None:
         if self.bar is not None and state.global_step and metrics and "eval_loss" in metrics:
             self.bar.write(f"step {state.global_step}/{state.max_steps}: eval loss {metrics['eval_loss']:.4f}")
 
@@ -286,8 +310,15 @@ class TrainingRun:
     this object lives); `self.checkpoint` is the last one written. Under torchrun every process runs one,
     with the same `output_dir`, and the processes split each batch (DDP)."""
 
-    def __init__(self, model: nn.Module, train_data: Sequence[Sample], config: TrainConfig, tokenizer: Any,
-                 eval_data: Optional[Sequence[Sample]] = None, output_dir: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: Sequence[Sample],
+        config: TrainConfig,
+        tokenizer: Any,
+        eval_data: Optional[Sequence[Sample]] = None,
+        output_dir: Optional[str] = None,
+    ) -> None:
         if not train_data:
             raise ValueError("no training samples.")
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -300,7 +331,7 @@ class TrainingRun:
         self.train_data, self.eval_data = list(train_data), list(eval_data or [])
         self.total_steps = config.max_steps or config.epochs * math.ceil(len(self.train_data) / config.batch_size)
         self.eval_every = config.eval_every or max(1, self.total_steps // 10)
-        self.step, self.checkpoint = 0, None
+        self.step, self.checkpoint = 0, cast(Optional[str], None)
         if output_dir is None:
             self._scratch = tempfile.TemporaryDirectory(prefix="roadkit-train-")
             output_dir = self._scratch.name
@@ -311,17 +342,35 @@ class TrainingRun:
             torch.cuda.set_device(device)  # the Trainer moves the model to the current CUDA device
         share = config.batch_size // processes
         args = TrainingArguments(
-            output_dir=output_dir, max_steps=self.total_steps, per_device_train_batch_size=share,
-            per_device_eval_batch_size=share, learning_rate=config.lr, lr_scheduler_type="linear",
-            warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-            max_grad_norm=config.max_grad_norm or 0.0, optim="adamw_torch", seed=config.seed,
-            eval_strategy="steps" if self.eval_data else "no", eval_steps=self.eval_every, save_strategy="no",
-            logging_strategy="steps", logging_steps=1, report_to="none", disable_tqdm=True,
-            use_cpu=device.type == "cpu", dataloader_num_workers=0)
+            output_dir=output_dir,
+            max_steps=self.total_steps,
+            per_device_train_batch_size=share,
+            per_device_eval_batch_size=share,
+            learning_rate=config.lr,
+            lr_scheduler_type="linear",
+            warmup_steps=config.warmup_steps,
+            weight_decay=config.weight_decay,
+            max_grad_norm=config.max_grad_norm or 0.0,
+            optim="adamw_torch",
+            seed=config.seed,
+            eval_strategy="steps" if self.eval_data else "no",
+            eval_steps=self.eval_every,
+            save_strategy="no",
+            logging_strategy="steps",
+            logging_steps=1,
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=device.type == "cpu",
+            dataloader_num_workers=0,
+        )
         self.road_trainer = RoadTrainer(
-            model=model, args=args, data_collator=_collator(tokenizer), train_dataset=_rows(self.train_data),
+            model=model,
+            args=args,
+            data_collator=_collator(tokenizer),
+            train_dataset=_rows(self.train_data),
             eval_dataset=_rows(self.eval_data) or None,
-            callbacks=[self.run_log, self.stop, ResumeSchedule(), self.progress])
+            callbacks=[self.run_log, self.stop, ResumeSchedule(), self.progress],
+        )
         for callback in (ProgressCallback, PrinterCallback):
             self.road_trainer.remove_callback(callback)
 
@@ -350,10 +399,11 @@ class TrainingRun:
         with signals_request_stop(self.stop):
             trainer.train(resume_from_checkpoint=self.checkpoint)
         self.step = trainer.state.global_step
-        self.checkpoint = os.path.join(trainer.args.output_dir, f"checkpoint-{self.step}")
+        self.checkpoint = os.path.join(str(trainer.args.output_dir), f"checkpoint-{self.step}")
         return INTERRUPTED if self.step < self.total_steps else COMPLETED
 
     def evaluate(self, data: Optional[Sequence[Sample]] = None) -> float:
         """Mean token loss over `data` (default: the eval set), batch by batch."""
         rows = _rows(self.eval_data if data is None else data)
-        return float(self.road_trainer.evaluate(eval_dataset=rows, metric_key_prefix="data")["data_loss"])
+        # a list of rows serves as a dataset (indexable, with a length)
+        return float(self.road_trainer.evaluate(eval_dataset=cast(Any, rows), metric_key_prefix="data")["data_loss"])

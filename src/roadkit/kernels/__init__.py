@@ -70,22 +70,38 @@ def new_memo(x: torch.Tensor, dim: int = -1) -> Any:
     return backend(x, dim).new_memo()
 
 
-def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1,
-            prepared: Any = None) -> torch.Tensor:
+def forward(
+    x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1, prepared: Any = None
+) -> torch.Tensor:
     """y = R x along `dim`, result in x's dtype; c and s are per feature (d,) or per row (..., d)."""
     ops = backend(x, dim) if c.dim() == 1 else torch_ops
     return ops.forward(x, c, s, group_size, dim, prepared)
 
 
-def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: torch.Tensor, group_size: int,
-             dim: int, need_gx: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+def backward(
+    gy: torch.Tensor,
+    x: Optional[torch.Tensor],
+    c: torch.Tensor,
+    s: torch.Tensor,
+    group_size: int,
+    dim: int,
+    need_gx: bool,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(dx, dc, ds) of y = R x; dc and ds only when x is given (else None)."""
     ops = backend(gy, dim) if c.dim() == 1 else torch_ops
     return ops.backward(gy, x, c, s, group_size, dim, need_gx)
 
 
-def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
-                    group_size: int, dim: int = -1, prepared: Any = None, memo: Any = None) -> torch.Tensor:
+def forward_indexed(
+    x: torch.Tensor,
+    c_table: torch.Tensor,
+    s_table: torch.Tensor,
+    index: torch.Tensor,
+    group_size: int,
+    dim: int = -1,
+    prepared: Any = None,
+    memo: Any = None,
+) -> torch.Tensor:
     """Mixed batches: each row (or token) of x uses its own row of the coefficient tables.
 
     `prepared` is `prepare(c_table, s_table, group_size)`; `memo` (`new_memo`) is kept by one
@@ -96,5 +112,14 @@ def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tenso
 
 rotate_rows_ = torch_ops.rotate_rows_
 
-__all__ = ["BACKENDS", "backend", "backward", "forward", "forward_indexed", "implementation", "new_memo", "prepare",
-           "rotate_rows_"]
+__all__ = [
+    "BACKENDS",
+    "backend",
+    "backward",
+    "forward",
+    "forward_indexed",
+    "implementation",
+    "new_memo",
+    "prepare",
+    "rotate_rows_",
+]

@@ -17,8 +17,9 @@ from typing import NamedTuple, Optional
 import torch
 
 
-def rotate_values(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1,
-                  transpose: bool = False) -> torch.Tensor:
+def rotate_values(
+    x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1, transpose: bool = False
+) -> torch.Tensor:
     """R x (or R^T x) along `dim`, computed and returned in the coefficients' dtype. No autograd.
 
     One output buffer: out = x * c, then each half gets its cross term added in place.
@@ -61,8 +62,7 @@ def _coefficients_along(v: torch.Tensor, trailing: int, group_size: int) -> torc
     return _pairs_along(v, -1, group_size)[(...,) + (None,) * trailing]
 
 
-def rotate_traced(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int,
-                  dim: int = -1) -> torch.Tensor:
+def rotate_traced(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1) -> torch.Tensor:
     """R x as one expression with no in-place ops, for compilers: x*c + swap(x)*(-s0, s1), where
     swap exchanges the halves of each group. A compiler fuses it into one pass over x; eager
     PyTorch would copy the swapped x first, so the eager paths use `rotate_values` and
@@ -74,8 +74,15 @@ def rotate_traced(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size:
     return (xv * cv + xv.flip(dim + 1) * sv).flatten(dim, dim + 2)
 
 
-def backward_traced(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: torch.Tensor,
-                    group_size: int, dim: int, need_gx: bool):
+def backward_traced(
+    gy: torch.Tensor,
+    x: Optional[torch.Tensor],
+    c: torch.Tensor,
+    s: torch.Tensor,
+    group_size: int,
+    dim: int,
+    need_gx: bool,
+):
     """`backward` for compilers, with no in-place ops (see `rotate_traced`): R^T gy is
     gy*c + swap(gy*(-s0, s1)); dc sums gy*x, and ds sums gy*swap(x), then takes the signs back."""
     dim = dim % gy.dim()
@@ -154,8 +161,9 @@ def new_memo() -> RowMemo:
     return RowMemo()
 
 
-def rotate_shifted(x: torch.Tensor, c: torch.Tensor, s_up: torch.Tensor, s_down: torch.Tensor,
-                   half: int) -> torch.Tensor:
+def rotate_shifted(
+    x: torch.Tensor, c: torch.Tensor, s_up: torch.Tensor, s_down: torch.Tensor, half: int
+) -> torch.Tensor:
     """R x for features on the last axis, as three ops over long contiguous rows. No autograd.
 
     Each feature's partner sits g/2 away, so the cross terms are two windows of x shifted by g/2
@@ -173,8 +181,14 @@ def rotate_shifted(x: torch.Tensor, c: torch.Tensor, s_up: torch.Tensor, s_down:
     return out
 
 
-def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1,
-            prepared: Optional[ShiftedLayout] = None) -> torch.Tensor:
+def forward(
+    x: torch.Tensor,
+    c: torch.Tensor,
+    s: torch.Tensor,
+    group_size: int,
+    dim: int = -1,
+    prepared: Optional[ShiftedLayout] = None,
+) -> torch.Tensor:
     """y = R x along `dim`: math in the coefficients' dtype, result in x's dtype. No autograd.
 
     With `prepared` (`prepare(c, s)`, the shifted layout, made once by callers that reuse coefficients) and
@@ -192,8 +206,15 @@ def _in_dtype_of(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: torch.Tensor, group_size: int,
-             dim: int, need_gx: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+def backward(
+    gy: torch.Tensor,
+    x: Optional[torch.Tensor],
+    c: torch.Tensor,
+    s: torch.Tensor,
+    group_size: int,
+    dim: int,
+    need_gx: bool,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(dx = R^T gy, dc, ds) of y = R x; dc and ds (reduced to c's shape) only when x is given.
 
     dc sums gy * x; ds sums gy0 * x1 and gy1 * x0 half by half and stacks the reduced halves, so no
@@ -218,9 +239,16 @@ def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: to
     return gx, gc, gs
 
 
-def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
-                    group_size: int, dim: int = -1, prepared: Optional[ShiftedLayout] = None,
-                    memo: Optional[RowMemo] = None) -> torch.Tensor:
+def forward_indexed(
+    x: torch.Tensor,
+    c_table: torch.Tensor,
+    s_table: torch.Tensor,
+    index: torch.Tensor,
+    group_size: int,
+    dim: int = -1,
+    prepared: Optional[ShiftedLayout] = None,
+    memo: Optional[RowMemo] = None,
+) -> torch.Tensor:
     """Mixed batches: gather each row's (or token's) coefficients by `index`, then one fused pass.
 
     `index` covers a prefix of the axes before `dim` (per batch row) or all of them (per token).
@@ -265,8 +293,9 @@ class RowMemo:
         self.nbytes = 0
 
 
-def _gathered(table: ShiftedLayout, index: torch.Tensor, x_dim: int, half: int,
-              memo: Optional[RowMemo] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gathered(
+    table: ShiftedLayout, index: torch.Tensor, x_dim: int, half: int, memo: Optional[RowMemo] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each index entry's packed row, shaped to broadcast against an x of `x_dim` axes, as the
     windows `rotate_shifted` reads; through `memo` when given."""
     key = (id(table.packed), tuple(index.shape), x_dim)
@@ -284,8 +313,9 @@ def _gathered(table: ShiftedLayout, index: torch.Tensor, x_dim: int, half: int,
     return windows
 
 
-def _forward_indexed_chunked(x: torch.Tensor, shifted_table: ShiftedLayout, index: torch.Tensor,
-                             half: int) -> torch.Tensor:
+def _forward_indexed_chunked(
+    x: torch.Tensor, shifted_table: ShiftedLayout, index: torch.Tensor, half: int
+) -> torch.Tensor:
     """`forward_indexed` through the packed tables, over chunks of at most `GATHER_BYTES` gathered.
 
     Each index entry gathers a (3, d) row, three times the size of a row of x. With one entry per
@@ -299,13 +329,19 @@ def _forward_indexed_chunked(x: torch.Tensor, shifted_table: ShiftedLayout, inde
     step = max(1, GATHER_BYTES // (shifted_table.row_bytes * math.prod(index_.shape[1:])))
     out = torch.empty(x_.shape, dtype=x.dtype, device=x.device)
     for start in range(0, index_.shape[0], step):
-        windows = _gathered(shifted_table, index_[start:start + step], x_.dim(), half)
-        out[start:start + step] = rotate_shifted(x_[start:start + step], *windows, half)
+        windows = _gathered(shifted_table, index_[start : start + step], x_.dim(), half)
+        out[start : start + step] = rotate_shifted(x_[start : start + step], *windows, half)
     return out.view(x.shape)
 
 
-def rotate_rows_(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int,
-                 dtype: Optional[torch.dtype] = None, chunk_bytes: int = 4 << 20) -> torch.Tensor:
+def rotate_rows_(
+    w: torch.Tensor,
+    c: torch.Tensor,
+    s: torch.Tensor,
+    group_size: int,
+    dtype: Optional[torch.dtype] = None,
+    chunk_bytes: int = 4 << 20,
+) -> torch.Tensor:
     """In place: w <- R w, for the output features on axis 0 of w (a weight or a bias).
 
     The math runs in `dtype` (default: w's dtype, at least float32). In w's own dtype each chunk is
@@ -324,9 +360,9 @@ def rotate_rows_(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: 
     native = w.dtype == dtype  # rotate in place, keeping only the first half of each pair aside
     scratch = torch.empty((1 if native else 3,) + tuple(wv[:step, 0].shape), dtype=dtype, device=w.device)
     for start in range(0, wv.shape[0], step):
-        a, b = wv[start:start + step].unbind(1)
-        ca, cb = cv[start:start + step].unbind(1)
-        sa, sb = sv[start:start + step].unbind(1)
+        a, b = wv[start : start + step].unbind(1)
+        ca, cb = cv[start : start + step].unbind(1)
+        sa, sb = sv[start : start + step].unbind(1)
         n = a.shape[0]
         if native:
             a_ = scratch[0, :n].copy_(a)
@@ -339,7 +375,6 @@ def rotate_rows_(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: 
             a.copy_(torch.mul(a_, ca, out=out).addcmul_(b_, sa, value=-1))
             b.copy_(torch.mul(b_, cb, out=out).addcmul_(a_, sb))
     return w
-
 
 
 def rotate_shifted_halves(x: torch.Tensor, rows: torch.Tensor, halves: tuple[int, ...]) -> torch.Tensor:
@@ -359,8 +394,9 @@ def rotate_shifted_halves(x: torch.Tensor, rows: torch.Tensor, halves: tuple[int
     return out
 
 
-def forward_slots(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, half_table: torch.Tensor,
-                  index: torch.Tensor) -> torch.Tensor:
+def forward_slots(
+    x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, half_table: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
     """Row r of x (features last) is rotated by table row index[r], with that row's own group size
     2 * half_table[index[r]]. The reference for `triton_ops.forward_slots`: one masked pass per group
     size in use. Result in x's dtype."""

@@ -33,8 +33,21 @@ def _tile(pid_g, d, HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_G: tl.const
 
 
 @triton.jit
-def _rotate_fwd(X, C, S, IDX, Y, n_rows, d, rows_per_index, HALF: tl.constexpr, HALF_P2: tl.constexpr,
-                HAS_IDX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+def _rotate_fwd(
+    X,
+    C,
+    S,
+    IDX,
+    Y,
+    n_rows,
+    d,
+    rows_per_index,
+    HALF: tl.constexpr,
+    HALF_P2: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     fa, fmask = _tile(tl.program_id(1), d, HALF, HALF_P2, BLOCK_G)
     rmask = (rows < n_rows)[:, None, None]
@@ -59,8 +72,24 @@ def _rotate_fwd(X, C, S, IDX, Y, n_rows, d, rows_per_index, HALF: tl.constexpr, 
 
 
 @triton.jit
-def _rotate_bwd(GY, X, C, S, GX, DC, DS, n_rows, d, n_row_progs, HALF: tl.constexpr, HALF_P2: tl.constexpr,
-                NEED_GX: tl.constexpr, NEED_CS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+def _rotate_bwd(
+    GY,
+    X,
+    C,
+    S,
+    GX,
+    DC,
+    DS,
+    n_rows,
+    d,
+    n_row_progs,
+    HALF: tl.constexpr,
+    HALF_P2: tl.constexpr,
+    NEED_GX: tl.constexpr,
+    NEED_CS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
     """dx = R^T gy, and per-program partial sums of dc = sum gy*x, ds = sum gy*rot(x)."""
     pid_r = tl.program_id(0)
     fa, fmask = _tile(tl.program_id(1), d, HALF, HALF_P2, BLOCK_G)
@@ -108,15 +137,33 @@ def _blocks(d: int, group_size: int) -> tuple[int, int, int]:
     return max(1, TILE_PAIRS // (block_g * half_p2)), block_g, half_p2
 
 
-def _launch_fwd(x2: torch.Tensor, c: torch.Tensor, s: torch.Tensor, idx: Optional[torch.Tensor],
-                group_size: int, rows_per_index: int = 1) -> torch.Tensor:
+def _launch_fwd(
+    x2: torch.Tensor,
+    c: torch.Tensor,
+    s: torch.Tensor,
+    idx: Optional[torch.Tensor],
+    group_size: int,
+    rows_per_index: int = 1,
+) -> torch.Tensor:
     n_rows, d = x2.shape
     y = torch.empty_like(x2)
     block_r, block_g, half_p2 = _blocks(d, group_size)
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(d // group_size, block_g))
-    _rotate_fwd[grid](x2, c, s, idx if idx is not None else c, y, n_rows, d, rows_per_index,
-                      HALF=group_size // 2, HALF_P2=half_p2, HAS_IDX=idx is not None,
-                      BLOCK_R=block_r, BLOCK_G=block_g)
+    _rotate_fwd[grid](
+        x2,
+        c,
+        s,
+        idx if idx is not None else c,
+        y,
+        n_rows,
+        d,
+        rows_per_index,
+        HALF=group_size // 2,
+        HALF_P2=half_p2,
+        HAS_IDX=idx is not None,
+        BLOCK_R=block_r,
+        BLOCK_G=block_g,
+    )
     return y
 
 
@@ -136,15 +183,23 @@ def new_memo() -> None:
     return None
 
 
-def forward(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1,
-            prepared: None = None) -> torch.Tensor:
+def forward(
+    x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1, prepared: None = None
+) -> torch.Tensor:
     """y = R x over the last axis with per-feature (c, s) of shape (d,); result in x's dtype."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     return _launch_fwd(x2, c.float().contiguous(), s.float().contiguous(), None, group_size).view(x.shape)
 
 
-def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: torch.Tensor, group_size: int,
-             dim: int, need_gx: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+def backward(
+    gy: torch.Tensor,
+    x: Optional[torch.Tensor],
+    c: torch.Tensor,
+    s: torch.Tensor,
+    group_size: int,
+    dim: int,
+    need_gx: bool,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(dx = R^T gy, dc, ds) in one pass over gy and x; dc and ds only when x is given."""
     gy2 = gy.reshape(-1, gy.shape[-1]).contiguous()
     x2 = x.reshape(-1, x.shape[-1]).contiguous() if x is not None else None
@@ -156,16 +211,39 @@ def backward(gy: torch.Tensor, x: Optional[torch.Tensor], c: torch.Tensor, s: to
     dc = torch.empty(n_row_progs, d, device=gy.device, dtype=torch.float32) if x2 is not None else c32
     ds = torch.empty_like(dc) if x2 is not None else s32
     grid = (n_row_progs, triton.cdiv(d // group_size, block_g))
-    _rotate_bwd[grid](gy2, x2 if x2 is not None else gy2, c32, s32, gx, dc, ds, n_rows, d, n_row_progs,
-                      HALF=group_size // 2, HALF_P2=half_p2, NEED_GX=need_gx, NEED_CS=x2 is not None,
-                      BLOCK_R=block_r, BLOCK_G=block_g)
+    _rotate_bwd[grid](
+        gy2,
+        x2 if x2 is not None else gy2,
+        c32,
+        s32,
+        gx,
+        dc,
+        ds,
+        n_rows,
+        d,
+        n_row_progs,
+        HALF=group_size // 2,
+        HALF_P2=half_p2,
+        NEED_GX=need_gx,
+        NEED_CS=x2 is not None,
+        BLOCK_R=block_r,
+        BLOCK_G=block_g,
+    )
     if x2 is None:
         return (gx.view(gy.shape) if need_gx else None), None, None
     return (gx.view(gy.shape) if need_gx else None), dc.sum(0).to(c.dtype), ds.sum(0).to(s.dtype)
 
 
-def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, index: torch.Tensor,
-                    group_size: int, dim: int = -1, prepared: None = None, memo: None = None) -> torch.Tensor:
+def forward_indexed(
+    x: torch.Tensor,
+    c_table: torch.Tensor,
+    s_table: torch.Tensor,
+    index: torch.Tensor,
+    group_size: int,
+    dim: int = -1,
+    prepared: None = None,
+    memo: None = None,
+) -> torch.Tensor:
     """Mixed batches: row r of x (flattened leading axes) uses coefficient row index[r] of the tables.
 
     `index` covers a prefix of x's leading axes (per batch row) or all of them (per token). Each
@@ -174,11 +252,10 @@ def forward_indexed(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tenso
     contiguous, the tables are float32 and the index is int32 (as `RoadModel`'s routing makes it).
     """
     lead = x.shape[:-1]
-    rows_per_index = math.prod(lead[index.dim():])
+    rows_per_index = math.prod(lead[index.dim() :])
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     idx = index.reshape(-1).to(torch.int32).contiguous()
-    y = _launch_fwd(x2, c_table.float().contiguous(), s_table.float().contiguous(), idx, group_size,
-                    rows_per_index)
+    y = _launch_fwd(x2, c_table.float().contiguous(), s_table.float().contiguous(), idx, group_size, rows_per_index)
     return y.view(x.shape)
 
 
@@ -204,8 +281,9 @@ def _rotate_slots_fwd(X, C, S, HALF, IDX, Y, n_rows, d, n_slots, BLOCK_R: tl.con
     tl.store(Y + rows.to(tl.int64)[:, None] * d + f[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-def forward_slots(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, half_table: torch.Tensor,
-                  index: torch.Tensor) -> torch.Tensor:
+def forward_slots(
+    x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, half_table: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
     """Serving: row r of x (features last) is rotated by table row index[r] with that row's own group
     size 2 * half_table[index[r]], all group sizes in one pass. Tables are float32 (n_slots + 1, d)
     with the identity in the last row; indices outside [0, n_slots) select it, so a persistent index
@@ -217,6 +295,7 @@ def forward_slots(x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor,
     block_d = min(triton.next_power_of_2(d), 1024)
     block_r = max(1, 4096 // block_d)
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(d, block_d))
-    _rotate_slots_fwd[grid](x2, c_table, s_table, half_table, index, y, n_rows, d,
-                            c_table.shape[0] - 1, BLOCK_R=block_r, BLOCK_D=block_d)
+    _rotate_slots_fwd[grid](
+        x2, c_table, s_table, half_table, index, y, n_rows, d, c_table.shape[0] - 1, BLOCK_R=block_r, BLOCK_D=block_d
+    )
     return y.view(x.shape)

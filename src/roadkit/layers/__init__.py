@@ -27,10 +27,26 @@ def out_features_of(module: nn.Module) -> int:
     """Number of output features a RoAd wrapper would rotate (TypeError if no RoAd wrapper fits `module`)."""
     wrapper = wrapper_for(module)
     if wrapper is None:
-        raise TypeError(f"RoAd cannot wrap a {type(module).__module__}.{type(module).__qualname__}; "
-                        f"supported layer types: {', '.join(t.base_type for t in LAYER_TYPES)}.")
+        raise TypeError(
+            f"RoAd cannot wrap a {type(module).__module__}.{type(module).__qualname__}; "
+            f"supported layer types: {', '.join(t.base_type for t in LAYER_TYPES)}."
+        )
     return wrapper.features_of(module)
 
 
-__all__ = ["BASE", "LAYER_TYPES", "AdapterParameters", "Conv", "Embedding", "Linear", "Linear4bit", "Linear8bitLt",
-           "ModulesToSaveWrapper", "RoadLayer", "Routing", "TransformersConv1D", "out_features_of", "wrapper_for"]
+__all__ = [
+    "BASE",
+    "LAYER_TYPES",
+    "AdapterParameters",
+    "Conv",
+    "Embedding",
+    "Linear",
+    "Linear4bit",
+    "Linear8bitLt",
+    "ModulesToSaveWrapper",
+    "RoadLayer",
+    "Routing",
+    "TransformersConv1D",
+    "out_features_of",
+    "wrapper_for",
+]

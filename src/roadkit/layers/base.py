@@ -106,9 +106,16 @@ class RoadLayer(nn.Module):
         """The size of `module`'s input (for information, like nn.Linear.in_features)."""
         raise NotImplementedError
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str = "default", variant: str = "road_1",
-                 group_size: int = 64, init_weights: bool = True, subspace: Optional[Spec] = None,
-                 dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str = "default",
+        variant: str = "road_1",
+        group_size: int = 64,
+        init_weights: bool = True,
+        subspace: Optional[Spec] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
         """Wrap `base_layer` with one adapter, `adapter_name`, active (see `update_layer`)."""
         super().__init__()
         self.base_layer = base_layer
@@ -155,9 +162,15 @@ class RoadLayer(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-    def update_layer(self, adapter_name: str, variant: str = "road_1", group_size: int = 64,
-                     init_weights: bool = True, subspace: Optional[Spec] = None,
-                     dtype: Optional[torch.dtype] = None) -> None:
+    def update_layer(
+        self,
+        adapter_name: str,
+        variant: str = "road_1",
+        group_size: int = 64,
+        init_weights: bool = True,
+        subspace: Optional[Spec] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
         """Create (or re-create) the parameters of `adapter_name` on the base layer's device.
 
         `dtype` defaults to float32. With a `subspace`, the parameters hold only the entries of the
@@ -245,8 +258,11 @@ class RoadLayer(nn.Module):
     def coefficients(self, adapter_name: str, dtype: Optional[torch.dtype] = None) -> F.Coefficients:
         """(c, s) of one adapter (in `dtype`, default the parameters'); cached in eval mode, while its
         parameters are unchanged and no gradient is needed (the serving path)."""
-        if self.training or (torch.is_grad_enabled() and self.road_theta[adapter_name].requires_grad) \
-                or torch.compiler.is_compiling():
+        if (
+            self.training
+            or (torch.is_grad_enabled() and self.road_theta[adapter_name].requires_grad)
+            or torch.compiler.is_compiling()
+        ):
             return self._coefficients(adapter_name, dtype)
         key = self._stamp(self._params((adapter_name,)))
         hit = self._cache.get((adapter_name, dtype))
@@ -287,8 +303,12 @@ class RoadLayer(nn.Module):
             if p.grad is not None:
                 return None
         modules: dict[str, Any] = self._modules  # not self.road_theta: nn.Module.__getattr__ is slow on this hot path
-        return (self._moves, modules["road_theta"].generation, modules["road_alpha"].generation,
-                sum(map(_version, params)))
+        return (
+            self._moves,
+            modules["road_theta"].generation,
+            modules["road_alpha"].generation,
+            sum(map(_version, params)),
+        )
 
     def _apply(self, fn: Any, recurse: bool = True) -> RoadLayer:
         self._moves += 1
@@ -360,8 +380,7 @@ class RoadLayer(nn.Module):
         entry = self._serving
         if entry is not None and entry[0] == self._epoch and entry[1] is not None and entry[1] == self._stamp(entry[2]):
             return entry[3]
-        names = [n for n in self._active_adapters
-                 if n in self.road_theta._parameters and n not in self.merged_adapters]
+        names = [n for n in self._active_adapters if n in self.road_theta._parameters and n not in self.merged_adapters]
         params = self._params(names)
         stamp, rotations = self._stamp(params), []
         for name in names:
@@ -437,13 +456,13 @@ class RoadLayer(nn.Module):
     def _rotate_params(self, coeffs: F.Coefficients, group_size: int, check_finite: bool, name: str) -> None:
         """Rotate the output-feature rows of weight and bias in place; with `check_finite`, on copies
         first, so NaN or inf leaves the weights untouched."""
-        params = [p.data.movedim(self.weight_feature_dim, 0) if p.dim() > 1 else p.data
-                  for p in self._merge_params()]
+        params = [p.data.movedim(self.weight_feature_dim, 0) if p.dim() > 1 else p.data for p in self._merge_params()]
         if check_finite:
             new = [F.rotate_rows_(p.clone(), coeffs, group_size) for p in params]
             if not all(torch.isfinite(v).all() for v in new):
-                raise ValueError(f"merging adapter {name!r} would put NaN or inf into the weights; "
-                                 "nothing was changed.")
+                raise ValueError(
+                    f"merging adapter {name!r} would put NaN or inf into the weights; nothing was changed."
+                )
             for p, v in zip(params, new, strict=True):
                 p.copy_(v)
         else:

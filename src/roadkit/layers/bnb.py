@@ -91,8 +91,11 @@ class _QuantizedLinear(Linear):
                     if len(work) > 1:
                         self._linear().bias.data.copy_(work[1])
         if self.merged_adapters != before:  # stacklevel: this generator, contextlib, merge(), its caller
-            warnings.warn(f"{action} RoAd adapters requantizes the weight of a {self.base_type} layer; outputs "
-                          "change slightly by the rounding (see the README, 'Quantized bases').", stacklevel=4)
+            warnings.warn(
+                f"{action} RoAd adapters requantizes the weight of a {self.base_type} layer; outputs "
+                "change slightly by the rounding (see the README, 'Quantized bases').",
+                stacklevel=4,
+            )
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """`RoadLayer.merge` through a float copy of the weight, requantized once at the end (warns).
@@ -123,8 +126,10 @@ class Linear8bitLt(_QuantizedLinear):
         # The scales live on the weight until the first forward moves them to the layer's state.
         scb = weight.SCB if weight.SCB is not None else state.SCB
         if scb is None:
-            raise RuntimeError("this Linear8bitLt layer's int8 weight has no scales (SCB) on the weight or in its "
-                               "state; it cannot be dequantized for merging")
+            raise RuntimeError(
+                "this Linear8bitLt layer's int8 weight has no scales (SCB) on the weight or in its "
+                "state; it cannot be dequantized for merging"
+            )
         return bnb.functional.int8_vectorwise_dequant(weight.data, scb)
 
     def _quantize(self, weight: torch.Tensor) -> None:
@@ -160,10 +165,22 @@ class Linear4bit(_QuantizedLinear):
 
         base = cast(bnb.nn.Linear4bit, self.base_layer)
         old = cast(bnb.nn.Params4bit, base.weight)
-        data, state = bnb.functional.quantize_4bit(weight.contiguous(), blocksize=old.blocksize,
-                                                   compress_statistics=old.compress_statistics,
-                                                   quant_type=old.quant_type, quant_storage=old.quant_storage)
-        base.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=old.blocksize,
-                                        compress_statistics=old.compress_statistics, quant_type=old.quant_type,
-                                        quant_storage=old.quant_storage, module=base, bnb_quantized=True)
+        data, state = bnb.functional.quantize_4bit(
+            weight.contiguous(),
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
+        )
+        base.weight = bnb.nn.Params4bit(
+            data,
+            requires_grad=False,
+            quant_state=state,
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
+            module=base,
+            bnb_quantized=True,
+        )
         base.quant_state = state
