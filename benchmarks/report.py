@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from . import contenders as C
 from .settings import GROUP_SIZE, LORA_ALPHA, LORA_RANK, VARIANT
@@ -310,13 +311,20 @@ def plot_decode(results: dict, path: str) -> bool:
     m = su["model"]
     ax.set_title(f"decode {su['new_tokens']} tokens, batch {su['batch']}; Llama {m['layers']}L "
                  f"h{m['hidden']}; {results['meta']['threads']} threads", fontsize=10)
+    finish_figure(fig, ax, path)
+    return True
+
+
+def finish_figure(fig: Any, ax: Any, path: str) -> None:
+    """Grid, legend and layout, then write the PNG atomically (to a temporary file, renamed over `path`)."""
+    import matplotlib.pyplot as plt
+
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(f"{path}.tmp", dpi=120, format="png")
     os.replace(f"{path}.tmp", path)
     plt.close(fig)
-    return True
 
 
 def write_all(results: dict, out_dir: str) -> list[str]:

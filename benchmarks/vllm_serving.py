@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .report import finish_figure
 from .run import _cpu_name, _cpu_pressure, _loadavg, _set_omp_wait_policy
 from .settings import GROUP_SIZE, LORA_ALPHA, LORA_RANK, VARIANT, ModelSize
 from .settings import QUICK as DECODE_QUICK
@@ -389,12 +390,7 @@ def plot(results: dict, path: str) -> None:
     su, m = results["settings"], results["settings"]["model"]
     ax.set_title(f"vLLM {results['meta']['vllm']} on CPU, {su['requests']} requests x {su['max_tokens']} tokens; "
                  f"Llama {m['layers']}L h{m['hidden']}, {results['engines'][BASE]['dtype']}", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(f"{path}.tmp", dpi=120, format="png")
-    os.replace(f"{path}.tmp", path)
-    plt.close(fig)
+    finish_figure(fig, ax, path)
 
 
 def write_all(results: dict, out_dir: str) -> list[str]:
