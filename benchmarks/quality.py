@@ -627,6 +627,7 @@ def plot(results: dict[str, Any], path: str) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from roadkit.fileio import atomic_write_bytes
 
@@ -637,7 +638,7 @@ def plot(results: dict[str, Any], path: str) -> bool:
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(tasks))]
-        left.bar(xs, [v or 0 for v in r["em"]], width, label=f"{r['label']} (lr {r['lr']:g})")
+        left.bar(xs, [v or 0 for v in r["em"]], width, label=f"{r['label']} (lr {r['lr']:g})", color=f"C{i}")
     for j, t in enumerate(tasks):
         if t in results["base"]:
             left.hlines(results["base"][t]["exact_match"], j - 0.45, j + 0.45, colors="black", linestyles="dashed",
@@ -646,14 +647,18 @@ def plot(results: dict[str, Any], path: str) -> bool:
     left.set_ylabel("held-out exact match (%)")
     left.set_ylim(0, 125)  # room above the bars for the legend
     left.set_yticks(range(0, 101, 20))
-    left.legend(fontsize=7, loc="upper center", ncol=4)
+    left.legend(fontsize=7, loc="upper center", ncol=3)
     left.set_title(f"{results['meta']['model']}: after {results['meta']['settings']['steps']} steps")
+    points: dict[tuple[int, float], list[str]] = {}  # methods with the same numbers share one point
     for r in rows:
         if r["mean_em"] is not None:
-            right.scatter(r["trainable"], r["mean_em"], s=40)
-            right.annotate(r["label"], (r["trainable"], r["mean_em"]), fontsize=7, xytext=(4, 3),
-                           textcoords="offset points")
+            points.setdefault((r["trainable"], round(r["mean_em"], 6)), []).append(r["label"])
+    colors = {r["label"]: f"C{i}" for i, r in enumerate(rows)}  # as in the bars
+    for (trainable, mean_em), labels in points.items():
+        right.scatter(trainable, mean_em, s=40, color=colors[labels[0]])
+        right.annotate(" = ".join(labels), (trainable, mean_em), fontsize=7, xytext=(4, 3), textcoords="offset points")
     right.set_xscale("log")
+    right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     right.set_xlabel("trainable parameters")
     right.set_ylabel("mean held-out exact match (%)")
     right.set_title("exact match vs adapter size")
