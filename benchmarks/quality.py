@@ -65,10 +65,48 @@ def _addition(rng: random.Random) -> tuple[str, str]:
     return f"What is {a} + {b}?\nAnswer:", f" {a + b}"
 
 
-WORDS = ["cat", "river", "lamp", "stone", "apple", "cloud", "train", "chair", "music", "paper", "tiger", "bread",
-         "glass", "horse", "candle", "garden", "window", "pencil", "forest", "bottle", "rabbit", "mirror", "silver",
-         "orange", "planet", "coffee", "jacket", "island", "ladder", "button", "dragon", "carpet", "wallet", "violin",
-         "helmet", "pepper", "anchor", "tunnel", "castle", "kettle"]
+WORDS = [
+    "cat",
+    "river",
+    "lamp",
+    "stone",
+    "apple",
+    "cloud",
+    "train",
+    "chair",
+    "music",
+    "paper",
+    "tiger",
+    "bread",
+    "glass",
+    "horse",
+    "candle",
+    "garden",
+    "window",
+    "pencil",
+    "forest",
+    "bottle",
+    "rabbit",
+    "mirror",
+    "silver",
+    "orange",
+    "planet",
+    "coffee",
+    "jacket",
+    "island",
+    "ladder",
+    "button",
+    "dragon",
+    "carpet",
+    "wallet",
+    "violin",
+    "helmet",
+    "pepper",
+    "anchor",
+    "tunnel",
+    "castle",
+    "kettle",
+]
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
@@ -76,8 +114,20 @@ def _reverse(rng: random.Random) -> tuple[str, str]:
     return (f"Reverse the order of these words: {', '.join(words)}\nAnswer:", f" {', '.join(reversed(words))}")
 
 
-SUBJECTS = ["the movie", "the food", "the service", "the hotel room", "the concert", "the book", "the staff",
-            "the app", "the trip", "the coffee", "the lecture", "the game"]
+SUBJECTS = [
+    "the movie",
+    "the food",
+    "the service",
+    "the hotel room",
+    "the concert",
+    "the book",
+    "the staff",
+    "the app",
+    "the trip",
+    "the coffee",
+    "the lecture",
+    "the game",
+]
 POSITIVE = ["great", "wonderful", "excellent", "pleasant", "delightful", "superb", "enjoyable", "lovely"]
 NEGATIVE = ["awful", "terrible", "boring", "disappointing", "dreadful", "bland", "annoying", "poor"]
 
@@ -94,15 +144,21 @@ def _sentiment(rng: random.Random) -> tuple[str, str]:
         labels.append("positive" if positive != negated else "negative")
     asked = rng.randrange(2)
     sentence = f"{clauses[0][0].upper()}{clauses[0][1:]}, {rng.choice(['but', 'and', 'while'])} {clauses[1]}."
-    return (f"Review: {sentence}\nHow was {(first, second)[asked]}: positive or negative?\nAnswer:",
-            f" {labels[asked]}")
+    return (
+        f"Review: {sentence}\nHow was {(first, second)[asked]}: positive or negative?\nAnswer:",
+        f" {labels[asked]}",
+    )
 
 
 TASKS = [
     Task("addition", "What is a + b? for 10 <= a, b <= 99", _addition, 5),
     Task("reverse", "reverse a comma-separated list of 4 distinct words drawn from 40", _reverse, 9),
-    Task("sentiment", "positive/negative of one of two aspects of a templated review, each negated half the time",
-         _sentiment, 3),
+    Task(
+        "sentiment",
+        "positive/negative of one of two aspects of a templated review, each negated half the time",
+        _sentiment,
+        3,
+    ),
 ]
 
 
@@ -148,28 +204,34 @@ def _peft(kind: str) -> Callable[[Any], Any]:
         import peft
 
         if kind == "lora":
-            config: Any = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(TARGETS),
-                                          task_type="CAUSAL_LM")
+            config: Any = peft.LoraConfig(
+                r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(TARGETS), task_type="CAUSAL_LM"
+            )
         elif kind == "ia3":
-            config = peft.IA3Config(target_modules=list(TARGETS), feedforward_modules=["down_proj"],
-                                    task_type="CAUSAL_LM")
+            config = peft.IA3Config(
+                target_modules=list(TARGETS), feedforward_modules=["down_proj"], task_type="CAUSAL_LM"
+            )
         else:
-            config = peft.RoadConfig(variant="road_1", group_size=64, target_modules=list(TARGETS),
-                                     task_type="CAUSAL_LM")
+            config = peft.RoadConfig(
+                variant="road_1", group_size=64, target_modules=list(TARGETS), task_type="CAUSAL_LM"
+            )
         return peft.get_peft_model(base, config)
 
     return build
 
 
 RATES = (1e-3, 3e-3, 1e-2)  # every method sweeps the same rates
-METHODS = {m.name: m for m in [
-    Method("road_1", "roadkit road_1", RATES, _roadkit("road_1")),
-    Method("lora", "PEFT LoRA r=8", RATES, _peft("lora")),
-    Method("ia3", "PEFT IA3", RATES, _peft("ia3")),
-    Method("peft_road", "PEFT RoAd road_1", RATES, _peft("road")),
-    Method("road_2", "roadkit road_2", RATES, _roadkit("road_2")),
-    Method("road_4", "roadkit road_4", RATES, _roadkit("road_4")),
-]}
+METHODS = {
+    m.name: m
+    for m in [
+        Method("road_1", "roadkit road_1", RATES, _roadkit("road_1")),
+        Method("lora", "PEFT LoRA r=8", RATES, _peft("lora")),
+        Method("ia3", "PEFT IA3", RATES, _peft("ia3")),
+        Method("peft_road", "PEFT RoAd road_1", RATES, _peft("road")),
+        Method("road_2", "roadkit road_2", RATES, _roadkit("road_2")),
+        Method("road_4", "roadkit road_4", RATES, _roadkit("road_4")),
+    ]
+}
 
 
 # ---- settings ----------------------------------------------------------------------------------
@@ -254,17 +316,19 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[tuple[str, str]], task: 
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(samples), 100):
-            part_total, part_count = token_loss(model, collate(samples[i:i + 100], pad_id))
+            part_total, part_count = token_loss(model, collate(samples[i : i + 100], pad_id))
             total, count = total + float(part_total), count + part_count
     outputs: list[str] = []
     for i in range(0, len(rows), 200):
-        outputs += generate(model, tokenizer, [p for p, _ in rows[i:i + 200]], max_new_tokens=task.max_new_tokens)
+        outputs += generate(model, tokenizer, [p for p, _ in rows[i : i + 200]], max_new_tokens=task.max_new_tokens)
     exact = [out.strip() == answer.strip() for out, (_, answer) in zip(outputs, rows, strict=True)]
     first = [answers_first(out, answer) for out, (_, answer) in zip(outputs, rows, strict=True)]
-    return {"loss": total / max(count, 1), "exact_match": 100.0 * sum(exact) / len(rows),
-            "answer_first": 100.0 * sum(first) / len(rows),
-            "examples": [{"prompt": p, "answer": a, "output": o} for (p, a), o in zip(rows[:3], outputs[:3],
-                                                                                      strict=True)]}
+    return {
+        "loss": total / max(count, 1),
+        "exact_match": 100.0 * sum(exact) / len(rows),
+        "answer_first": 100.0 * sum(first) / len(rows),
+        "examples": [{"prompt": p, "answer": a, "output": o} for (p, a), o in zip(rows[:3], outputs[:3], strict=True)],
+    }
 
 
 def answers_first(output: str, answer: str) -> bool:
@@ -282,8 +346,9 @@ def adapter_tensors(model: Any, method: str) -> dict[str, Any]:
     return {k: v.clone() for k, v in model.adapter_state_dict().items()}
 
 
-def train_loop(model: Any, samples: Sequence[Any], lr: float, settings: Settings,
-               pad_id: int) -> tuple[list[float], list[float]]:
+def train_loop(
+    model: Any, samples: Sequence[Any], lr: float, settings: Settings, pad_id: int
+) -> tuple[list[float], list[float]]:
     """The loop every method trains with: AdamW (no weight decay), the rate decayed linearly to 0, gradients
     clipped at norm 1.0, mean token loss over each batch's completion tokens, batches in a seeded shuffled order
     (what `roadkit train` does, written out here so that every method, roadkit's or PEFT's, runs the same code).
@@ -303,7 +368,7 @@ def train_loop(model: Any, samples: Sequence[Any], lr: float, settings: Settings
     for step in range(steps):
         epoch, i = divmod(step, per_epoch)
         order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(settings.seed + epoch)).tolist()
-        batch = collate([samples[j] for j in order[i * size:(i + 1) * size]], pad_id)
+        batch = collate([samples[j] for j in order[i * size : (i + 1) * size]], pad_id)
         start = time.perf_counter()
         total, count = token_loss(model, batch)
         loss = total / max(count, 1)
@@ -318,8 +383,17 @@ def train_loop(model: Any, samples: Sequence[Any], lr: float, settings: Settings
     return losses, seconds
 
 
-def train_one(base: Any, tokenizer: Any, method: Method, task: Task, lr: float, train_rows: Sequence[tuple[str, str]],
-              eval_rows: Sequence[tuple[str, str]], settings: Settings, pad_id: int) -> tuple[dict[str, Any], Any]:
+def train_one(
+    base: Any,
+    tokenizer: Any,
+    method: Method,
+    task: Task,
+    lr: float,
+    train_rows: Sequence[tuple[str, str]],
+    eval_rows: Sequence[tuple[str, str]],
+    settings: Settings,
+    pad_id: int,
+) -> tuple[dict[str, Any], Any]:
     """Train one adapter from the base model; returns the run's record and the trained model."""
     import torch
 
@@ -334,10 +408,18 @@ def train_one(base: Any, tokenizer: Any, method: Method, task: Task, lr: float, 
         losses, seconds = train_loop(model, samples, lr, settings, pad_id)
     train_seconds = time.perf_counter() - start
     after = evaluate(model, tokenizer, eval_rows, task, pad_id)
-    record = {"method": method.name, "task": task.name, "lr": lr, "trainable": trainable,
-              "seconds_per_step": statistics.median(seconds), "train_seconds": train_seconds,
-              "peak_rss_rise_mib": memory.rise_mib, "train_loss_first": losses[0],
-              "train_loss_last10": statistics.fmean(losses[-10:]), "after": after}
+    record = {
+        "method": method.name,
+        "task": task.name,
+        "lr": lr,
+        "trainable": trainable,
+        "seconds_per_step": statistics.median(seconds),
+        "train_seconds": train_seconds,
+        "peak_rss_rise_mib": memory.rise_mib,
+        "train_loss_first": losses[0],
+        "train_loss_last10": statistics.fmean(losses[-10:]),
+        "after": after,
+    }
     return record, model
 
 
@@ -355,15 +437,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny step counts and eval sets: a smoke run (minutes)")
     p.add_argument("--model", help="transformers directory of the base model (default: scripts/fetch_smollm2.py's)")
-    p.add_argument("--methods", default=",".join(METHOD_ORDER),
-                   help=f"comma-separated subset of {','.join(METHOD_ORDER)}, run in this order")
+    p.add_argument(
+        "--methods",
+        default=",".join(METHOD_ORDER),
+        help=f"comma-separated subset of {','.join(METHOD_ORDER)}, run in this order",
+    )
     p.add_argument("--steps", type=int, help="training steps per run (default 40; quick 3)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--omp-wait-policy", choices=["default", "passive", "active"], default="passive",
-                   help="OpenMP wait policy (default passive: spinning threads stall on a shared machine)")
+    p.add_argument(
+        "--omp-wait-policy",
+        choices=["default", "passive", "active"],
+        default="passive",
+        help="OpenMP wait policy (default passive: spinning threads stall on a shared machine)",
+    )
     p.add_argument("--out", help="output folder (default benchmarks/results; quick: benchmarks/results/quick)")
-    p.add_argument("--render", metavar="JSON", help="only rewrite the markdown and the plot beside this "
-                                                     "quality.json (no training)")
+    p.add_argument(
+        "--render", metavar="JSON", help="only rewrite the markdown and the plot beside this quality.json (no training)"
+    )
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
@@ -415,28 +505,50 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base_params = sum(p.numel() for p in base.parameters())
     n_train = settings.steps * settings.batch_size  # every training row is seen once
     command = " ".join([".venv/bin/python -m benchmarks.quality", *(sys.argv[1:] if argv is None else argv)])
-    results: dict[str, Any] = {"meta": {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "command": command,
-        "model": os.path.basename(os.path.normpath(model_dir)), "model_dir": model_dir, "base_parameters": base_params,
-        "settings": dataclasses.asdict(settings), "n_train": n_train, "targets": TARGETS,
-        "methods": {m: {"label": METHODS[m].label, "lrs": sweep_rates(METHODS[m], settings.lrs_per_method)}
-                    for m in args.methods},
-        "tasks": {t.name: t.description for t in TASKS}, "sweep_task": TASKS[0].name,
-        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-        "python": platform.python_version(), "cpu": _cpu_name(), "threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "omp_wait_policy_set_by_harness": omp_set,
-        "loadavg_start": _loadavg(), "cpu_pressure_start": _cpu_pressure(),
-        "memory_metric": "peak rise of the process RSS during training over its value before the first step "
-                         "(after malloc_trim), sampled every 2 ms from /proc/self/statm",
-    }, "base": {}, "runs": [], "best_lr": {}, "parity": []}
+    results: dict[str, Any] = {
+        "meta": {
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": command,
+            "model": os.path.basename(os.path.normpath(model_dir)),
+            "model_dir": model_dir,
+            "base_parameters": base_params,
+            "settings": dataclasses.asdict(settings),
+            "n_train": n_train,
+            "targets": TARGETS,
+            "methods": {
+                m: {"label": METHODS[m].label, "lrs": sweep_rates(METHODS[m], settings.lrs_per_method)}
+                for m in args.methods
+            },
+            "tasks": {t.name: t.description for t in TASKS},
+            "sweep_task": TASKS[0].name,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "python": platform.python_version(),
+            "cpu": _cpu_name(),
+            "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "omp_wait_policy_set_by_harness": omp_set,
+            "loadavg_start": _loadavg(),
+            "cpu_pressure_start": _cpu_pressure(),
+            "memory_metric": "peak rise of the process RSS during training over its value before the first step "
+            "(after malloc_trim), sampled every 2 ms from /proc/self/statm",
+        },
+        "base": {},
+        "runs": [],
+        "best_lr": {},
+        "parity": [],
+    }
     data = {t.name: task_data(t, n_train, settings.n_eval, seed=1000 + i) for i, t in enumerate(TASKS)}
     total_runs = len(args.methods) * (settings.lrs_per_method + len(TASKS) - 1)
     write = _writer(results, out_dir, t_start, total_runs)
     for task in TASKS:
         log(f"base model on {task.name} ({settings.n_eval} held-out rows)")
         results["base"][task.name] = evaluate(base, tokenizer, data[task.name][1], task, pad_id)
-        log(f"  exact match {results['base'][task.name]['exact_match']:.1f}%, "
-            f"loss {results['base'][task.name]['loss']:.3f}")
+        log(
+            f"  exact match {results['base'][task.name]['exact_match']:.1f}%, "
+            f"loss {results['base'][task.name]['loss']:.3f}"
+        )
     write()
     road_1_adapters: dict[tuple[str, str, float], Any] = {}
     try:
@@ -459,9 +571,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _run(results: dict[str, Any], base: Any, tokenizer: Any, method: Method, task: Task, lr: float,
-         data: dict[str, Any], settings: Settings, pad_id: int, road_1_adapters: dict[tuple[str, str, float], Any],
-         write: Callable[[], list[str]]) -> None:
+def _run(
+    results: dict[str, Any],
+    base: Any,
+    tokenizer: Any,
+    method: Method,
+    task: Task,
+    lr: float,
+    data: dict[str, Any],
+    settings: Settings,
+    pad_id: int,
+    road_1_adapters: dict[tuple[str, str, float], Any],
+    write: Callable[[], list[str]],
+) -> None:
     """One training run, recorded (with the roadkit/PEFT RoAd comparison when both have run) and written."""
     train_rows, eval_rows = data[task.name]
     log(f"{method.name} on {task.name}, lr {lr:g}, {settings.steps} steps")
@@ -477,8 +599,10 @@ def _run(results: dict[str, Any], base: Any, tokenizer: Any, method: Method, tas
     del model
     results["runs"].append(record)
     after = record["after"]
-    log(f"  exact match {after['exact_match']:.1f}%, loss {after['loss']:.3f}, "
-        f"{record['seconds_per_step']:.2f} s/step, +{record['peak_rss_rise_mib']:.0f} MiB")
+    log(
+        f"  exact match {after['exact_match']:.1f}%, loss {after['loss']:.3f}, "
+        f"{record['seconds_per_step']:.2f} s/step, +{record['peak_rss_rise_mib']:.0f} MiB"
+    )
     write()
 
 
@@ -526,14 +650,22 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         done = [r for r in runs if r is not None]
         if not done:
             continue
-        rows.append({"method": m, "label": results["meta"]["methods"][m]["label"], "lr": results["best_lr"][m],
-                     "trainable": done[0]["trainable"], "percent": 100.0 * done[0]["trainable"] / base_params,
-                     "em": [None if r is None else r["after"]["exact_match"] for r in runs],
-                     "loss": [None if r is None else r["after"]["loss"] for r in runs],
-                     "mean_em": statistics.fmean(r["after"]["exact_match"] for r in done) if len(done) == len(runs)
-                     else None,
-                     "seconds_per_step": statistics.median(r["seconds_per_step"] for r in done),
-                     "peak_mib": max(r["peak_rss_rise_mib"] for r in done)})
+        rows.append(
+            {
+                "method": m,
+                "label": results["meta"]["methods"][m]["label"],
+                "lr": results["best_lr"][m],
+                "trainable": done[0]["trainable"],
+                "percent": 100.0 * done[0]["trainable"] / base_params,
+                "em": [None if r is None else r["after"]["exact_match"] for r in runs],
+                "loss": [None if r is None else r["after"]["loss"] for r in runs],
+                "mean_em": statistics.fmean(r["after"]["exact_match"] for r in done)
+                if len(done) == len(runs)
+                else None,
+                "seconds_per_step": statistics.median(r["seconds_per_step"] for r in done),
+                "peak_mib": max(r["peak_rss_rise_mib"] for r in done),
+            }
+        )
     return rows
 
 
@@ -553,12 +685,16 @@ def goal_lines(results: dict[str, Any]) -> list[str]:
         gap = road["mean_em"] - lora["mean_em"]
         ratio = road["trainable"] / lora["trainable"]
         ok = gap >= -2.0 and ratio <= 0.1
-        lines.append(f"road_1 vs LoRA r=8: mean exact match {road['mean_em']:.1f}% vs {lora['mean_em']:.1f}% "
-                     f"({gap:+.1f} points) with {ratio:.3f}x its trainable parameters: "
-                     f"{'met' if ok else 'not met'} (goal: within 2 points at <= 0.1x).")
+        lines.append(
+            f"road_1 vs LoRA r=8: mean exact match {road['mean_em']:.1f}% vs {lora['mean_em']:.1f}% "
+            f"({gap:+.1f} points) with {ratio:.3f}x its trainable parameters: "
+            f"{'met' if ok else 'not met'} (goal: within 2 points at <= 0.1x)."
+        )
     if ia3 and ia3["mean_em"] is not None:
-        lines.append(f"road_1 vs IA3: {road['mean_em']:.1f}% vs {ia3['mean_em']:.1f}%: "
-                     f"{'ahead' if road['mean_em'] > ia3['mean_em'] else 'not ahead'}.")
+        lines.append(
+            f"road_1 vs IA3: {road['mean_em']:.1f}% vs {ia3['mean_em']:.1f}%: "
+            f"{'ahead' if road['mean_em'] > ia3['mean_em'] else 'not ahead'}."
+        )
     return lines
 
 
@@ -567,51 +703,77 @@ def markdown(results: dict[str, Any]) -> str:
     s = meta["settings"]
     lines = [f"# Quality benchmark: {meta['model']}", ""]
     if not meta.get("complete"):
-        lines += [f"**Partial results: {meta.get('runs_done', 0)} of {meta.get('runs_planned', '?')} runs "
-                  "finished.**", ""]
-    lines += [f"{meta['date']}; `{meta['command']}`; {meta['cpu']}, {meta['threads']} threads; torch "
-              f"{meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}; "
-              f"{meta.get('total_seconds', 0) / 60:.0f} min.", "",
-              f"Every run: {s['steps']} steps of batch {s['batch_size']} ({meta['n_train']} distinct training rows, "
-              f"seen once, same order for all), targets {', '.join(meta['targets'])} in every layer, held-out "
-              f"sets of {s['n_eval']} rows. Rates swept on {meta['sweep_task']}; the best (highest exact match; "
-              "within 1 point of it, lowest loss) runs the other tasks. Exact match: greedy completion, stripped, "
-              "equal to the answer. "
-              f"Memory: {meta['memory_metric']}.", "",
-              "| method | lr | trainable params | % of model | "
-              + " | ".join(f"{t} EM (base {results['base'][t]['exact_match']:.1f}%)" if t in results["base"] else t
-                           for t in tasks) + " | mean EM | " + " | ".join(f"{t} loss" for t in tasks)
-              + " | s/step (median of its runs) | peak MiB (largest of its runs) |",
-              "|---|---:|---:|---:|" + "---:|" * (2 * len(tasks) + 3)]
+        lines += [
+            f"**Partial results: {meta.get('runs_done', 0)} of {meta.get('runs_planned', '?')} runs finished.**",
+            "",
+        ]
+    lines += [
+        f"{meta['date']}; `{meta['command']}`; {meta['cpu']}, {meta['threads']} threads; torch "
+        f"{meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}; "
+        f"{meta.get('total_seconds', 0) / 60:.0f} min.",
+        "",
+        f"Every run: {s['steps']} steps of batch {s['batch_size']} ({meta['n_train']} distinct training rows, "
+        f"seen once, same order for all), targets {', '.join(meta['targets'])} in every layer, held-out "
+        f"sets of {s['n_eval']} rows. Rates swept on {meta['sweep_task']}; the best (highest exact match; "
+        "within 1 point of it, lowest loss) runs the other tasks. Exact match: greedy completion, stripped, "
+        "equal to the answer. "
+        f"Memory: {meta['memory_metric']}.",
+        "",
+        "| method | lr | trainable params | % of model | "
+        + " | ".join(
+            f"{t} EM (base {results['base'][t]['exact_match']:.1f}%)" if t in results["base"] else t for t in tasks
+        )
+        + " | mean EM | "
+        + " | ".join(f"{t} loss" for t in tasks)
+        + " | s/step (median of its runs) | peak MiB (largest of its runs) |",
+        "|---|---:|---:|---:|" + "---:|" * (2 * len(tasks) + 3),
+    ]
     for r in summary_rows(results):
-        lines.append(f"| {r['label']} | {r['lr']:g} | {r['trainable']:,} | {r['percent']:.3f}% | "
-                     + " | ".join(_f(v, ".1f") + ("%" if v is not None else "") for v in r["em"])
-                     + f" | {_f(r['mean_em'], '.1f')}{'%' if r['mean_em'] is not None else ''} | "
-                     + " | ".join(_f(v, ".3f") for v in r["loss"])
-                     + f" | {r['seconds_per_step']:.2f} | {r['peak_mib']:.0f} |")
+        lines.append(
+            f"| {r['label']} | {r['lr']:g} | {r['trainable']:,} | {r['percent']:.3f}% | "
+            + " | ".join(_f(v, ".1f") + ("%" if v is not None else "") for v in r["em"])
+            + f" | {_f(r['mean_em'], '.1f')}{'%' if r['mean_em'] is not None else ''} | "
+            + " | ".join(_f(v, ".3f") for v in r["loss"])
+            + f" | {r['seconds_per_step']:.2f} | {r['peak_mib']:.0f} |"
+        )
     if results["base"]:
-        lines.append("| base model (before) | – | 0 | 0 | "
-                     + " | ".join(f"{results['base'][t]['exact_match']:.1f}%" if t in results["base"] else "–"
-                                  for t in tasks) + " | "
-                     + _f(statistics.fmean(results["base"][t]["exact_match"] for t in results["base"]), ".1f") + "% | "
-                     + " | ".join(_f(results["base"][t]["loss"], ".3f") if t in results["base"] else "–"
-                                  for t in tasks) + " | – | – |")
+        lines.append(
+            "| base model (before) | – | 0 | 0 | "
+            + " | ".join(f"{results['base'][t]['exact_match']:.1f}%" if t in results["base"] else "–" for t in tasks)
+            + " | "
+            + _f(statistics.fmean(results["base"][t]["exact_match"] for t in results["base"]), ".1f")
+            + "% | "
+            + " | ".join(_f(results["base"][t]["loss"], ".3f") if t in results["base"] else "–" for t in tasks)
+            + " | – | – |"
+        )
     lines += ["", *[f"* {line}" for line in goal_lines(results)]]
     for p in results["parity"]:
-        lines.append(f"* roadkit road_1 vs PEFT RoAd road_1 after training on {p['task']} at lr {p['lr']:g}: "
-                     + (f"largest adapter parameter difference {p['max_abs_diff']:.2e}" if p["same_keys"]
-                        else "different tensor keys"))
-    lines += ["", "## Every run", "",
-              "| method | task | lr | EM before → after | answer first (after) | loss before → after | "
-              "train loss first → last 10 | s/step | peak MiB |", "|---|---|---:|---|---:|---|---|---:|---:|"]
+        lines.append(
+            f"* roadkit road_1 vs PEFT RoAd road_1 after training on {p['task']} at lr {p['lr']:g}: "
+            + (
+                f"largest adapter parameter difference {p['max_abs_diff']:.2e}"
+                if p["same_keys"]
+                else "different tensor keys"
+            )
+        )
+    lines += [
+        "",
+        "## Every run",
+        "",
+        "| method | task | lr | EM before → after | answer first (after) | loss before → after | "
+        "train loss first → last 10 | s/step | peak MiB |",
+        "|---|---|---:|---|---:|---|---|---:|---:|",
+    ]
     for r in results["runs"]:
         b = results["base"][r["task"]]
         chosen = " **(chosen)**" if results["best_lr"].get(r["method"]) == r["lr"] else ""
         a = r["after"]
-        lines.append(f"| {meta['methods'][r['method']]['label']} | {r['task']} | {r['lr']:g}{chosen} | "
-                     f"{b['exact_match']:.1f}% → {a['exact_match']:.1f}% | {a['answer_first']:.1f}% | "
-                     f"{b['loss']:.3f} → {a['loss']:.3f} | {r['train_loss_first']:.3f} → "
-                     f"{r['train_loss_last10']:.3f} | {r['seconds_per_step']:.2f} | {r['peak_rss_rise_mib']:.0f} |")
+        lines.append(
+            f"| {meta['methods'][r['method']]['label']} | {r['task']} | {r['lr']:g}{chosen} | "
+            f"{b['exact_match']:.1f}% → {a['exact_match']:.1f}% | {a['answer_first']:.1f}% | "
+            f"{b['loss']:.3f} → {a['loss']:.3f} | {r['train_loss_first']:.3f} → "
+            f"{r['train_loss_last10']:.3f} | {r['seconds_per_step']:.2f} | {r['peak_rss_rise_mib']:.0f} |"
+        )
     lines += ["", "## Tasks", ""] + [f"* **{t}**: {d}" for t, d in meta["tasks"].items()]
     for t in tasks:
         if t in results["base"]:
@@ -641,8 +803,14 @@ def plot(results: dict[str, Any], path: str) -> bool:
         left.bar(xs, [v or 0 for v in r["em"]], width, label=f"{r['label']} (lr {r['lr']:g})", color=f"C{i}")
     for j, t in enumerate(tasks):
         if t in results["base"]:
-            left.hlines(results["base"][t]["exact_match"], j - 0.45, j + 0.45, colors="black", linestyles="dashed",
-                        label="base model" if j == 0 else None)
+            left.hlines(
+                results["base"][t]["exact_match"],
+                j - 0.45,
+                j + 0.45,
+                colors="black",
+                linestyles="dashed",
+                label="base model" if j == 0 else None,
+            )
     left.set_xticks(range(len(tasks)), tasks)
     left.set_ylabel("held-out exact match (%)")
     left.set_ylim(0, 125)  # room above the bars for the legend

@@ -47,8 +47,9 @@ def test_quick_run_on_the_demo_model_writes_everything(tmp_path):
     shutil.copytree(BASE_DIR, model)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
-    code = quality.main(["--quick", "--model", str(model), "--methods", "road_1,peft_road", "--steps", "2",
-                         "--out", str(tmp_path)])
+    code = quality.main(
+        ["--quick", "--model", str(model), "--methods", "road_1,peft_road", "--steps", "2", "--out", str(tmp_path)]
+    )
     assert code == 0
     res = json.loads((tmp_path / "quality.json").read_text())
     assert res["meta"]["complete"] is True and len(res["runs"]) == 2 * (2 + 2)
