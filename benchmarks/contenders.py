@@ -38,10 +38,17 @@ def build_llama(size: ModelSize, seed: int, device: str = "cpu", dtype: torch.dt
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.heads,
-        max_position_embeddings=2048, tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=size.vocab,
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(seed)
     with torch.device(device):
@@ -51,42 +58,53 @@ def build_llama(size: ModelSize, seed: int, device: str = "cpu", dtype: torch.dt
 
 
 def roadkit_config(targets=TARGET_MODULES, task_type="CAUSAL_LM") -> roadkit.RoadConfig:
-    return roadkit.RoadConfig(variant=VARIANT, group_size=GROUP_SIZE, init_weights=False,
-                              target_modules=list(targets), task_type=task_type)
+    return roadkit.RoadConfig(
+        variant=VARIANT, group_size=GROUP_SIZE, init_weights=False, target_modules=list(targets), task_type=task_type
+    )
 
 
 def peft_road_config(targets=TARGET_MODULES, task_type="CAUSAL_LM"):
     import peft
 
-    return peft.RoadConfig(variant=VARIANT, group_size=GROUP_SIZE, init_weights=False,
-                           target_modules=list(targets), task_type=task_type)
+    return peft.RoadConfig(
+        variant=VARIANT, group_size=GROUP_SIZE, init_weights=False, target_modules=list(targets), task_type=task_type
+    )
 
 
 def peft_lora_config(targets=TARGET_MODULES, task_type="CAUSAL_LM"):
     import peft
 
-    return peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, init_lora_weights=False,
-                           target_modules=list(targets), task_type=task_type)
+    return peft.LoraConfig(
+        r=LORA_RANK,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=0.0,
+        init_lora_weights=False,
+        target_modules=list(targets),
+        task_type=task_type,
+    )
 
 
 def make_roadkit(base: nn.Module, n_adapters: int, targets=TARGET_MODULES, task_type="CAUSAL_LM", autocast=True):
-    model = roadkit.get_peft_model(copy.deepcopy(base), roadkit_config(targets, task_type), adapter_name(0),
-                                   autocast_adapter_dtype=autocast)
+    model = roadkit.get_peft_model(
+        copy.deepcopy(base), roadkit_config(targets, task_type), adapter_name(0), autocast_adapter_dtype=autocast
+    )
     for i in range(1, n_adapters):
         model.add_adapter(adapter_name(i), roadkit_config(targets, task_type))
     model.set_adapter(adapter_name(0))
     return model
 
 
-def make_peft_road_like(rk_model, base: nn.Module, n_adapters: int, targets=TARGET_MODULES,
-                        task_type="CAUSAL_LM", autocast=True):
+def make_peft_road_like(
+    rk_model, base: nn.Module, n_adapters: int, targets=TARGET_MODULES, task_type="CAUSAL_LM", autocast=True
+):
     """PEFT RoAd with the *same* adapter numbers as `rk_model`: roadkit's `adapter_state_dict`
     (PEFT's checkpoint keys) is loaded with PEFT's own `set_peft_model_state_dict`."""
     import peft
     from peft.utils import set_peft_model_state_dict
 
-    model = peft.get_peft_model(copy.deepcopy(base), peft_road_config(targets, task_type), adapter_name(0),
-                                autocast_adapter_dtype=autocast)
+    model = peft.get_peft_model(
+        copy.deepcopy(base), peft_road_config(targets, task_type), adapter_name(0), autocast_adapter_dtype=autocast
+    )
     for i in range(1, n_adapters):
         model.add_adapter(adapter_name(i), peft_road_config(targets, task_type), autocast_adapter_dtype=autocast)
     for i in range(n_adapters):
@@ -99,13 +117,15 @@ def make_peft_road_like(rk_model, base: nn.Module, n_adapters: int, targets=TARG
     return model
 
 
-def make_peft_lora(base: nn.Module, n_adapters: int, targets=TARGET_MODULES, task_type="CAUSAL_LM", seed=1,
-                   autocast=True):
+def make_peft_lora(
+    base: nn.Module, n_adapters: int, targets=TARGET_MODULES, task_type="CAUSAL_LM", seed=1, autocast=True
+):
     import peft
 
     torch.manual_seed(seed)
-    model = peft.get_peft_model(copy.deepcopy(base), peft_lora_config(targets, task_type), adapter_name(0),
-                                autocast_adapter_dtype=autocast)
+    model = peft.get_peft_model(
+        copy.deepcopy(base), peft_lora_config(targets, task_type), adapter_name(0), autocast_adapter_dtype=autocast
+    )
     for i in range(1, n_adapters):
         model.add_adapter(adapter_name(i), peft_lora_config(targets, task_type), autocast_adapter_dtype=autocast)
     model.set_adapter(adapter_name(0))
@@ -159,8 +179,9 @@ def _logits(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def check_inference_parity(models: dict[str, nn.Module], vocab: int, n_adapters: int, seed: int,
-                           atol: float = 1e-4, rel: float = 0.0) -> dict:
+def check_inference_parity(
+    models: dict[str, nn.Module], vocab: int, n_adapters: int, seed: int, atol: float = 1e-4, rel: float = 0.0
+) -> dict:
     """roadkit vs PEFT RoAd logits, on a mixed batch (several adapters and `__base__` rows) and on
     the plain single-adapter path; `__base__` rows must equal the base model, adapters must not."""
     rk, pr, base = models[ROADKIT], models[PEFT_ROAD], models[BASE]
@@ -180,9 +201,16 @@ def check_inference_parity(models: dict[str, nn.Module], vocab: int, n_adapters:
     b1 = _logits(pr(input_ids=ids, attention_mask=mask))
     single = (a1 - b1).abs().max().item()
     limit = max(atol, rel * adapted_vs_base)
-    result = {"mixed_batch_names": names, "max_abs_diff_mixed": mixed, "max_abs_diff_single": single,
-              "base_row_vs_base_model": base_diff, "adapted_row_vs_base_model": adapted_vs_base, "atol": atol,
-              "rel": rel, "limit": limit}
+    result = {
+        "mixed_batch_names": names,
+        "max_abs_diff_mixed": mixed,
+        "max_abs_diff_single": single,
+        "base_row_vs_base_model": base_diff,
+        "adapted_row_vs_base_model": adapted_vs_base,
+        "atol": atol,
+        "rel": rel,
+        "limit": limit,
+    }
     if not (mixed <= limit and single <= limit and base_diff <= limit):
         raise AssertionError(f"roadkit and PEFT RoAd disagree, refusing to benchmark: {result}")
     if adapted_vs_base <= 10 * atol:

@@ -22,19 +22,20 @@ import torch
 from torch import nn
 
 
-def saved_tensor_bytes(model: nn.Module, adapter_types: tuple[type, ...],
-                       forward: Callable[[], object]) -> dict:
+def saved_tensor_bytes(model: nn.Module, adapter_types: tuple[type, ...], forward: Callable[[], object]) -> dict:
     depth = {"adapter": 0, "base": 0}
     handles = []
 
     def enter(kind):
         def hook(*_):
             depth[kind] += 1
+
         return hook
 
     def leave(kind):
         def hook(*_):
             depth[kind] -= 1
+
         return hook
 
     n_layers = 0
@@ -43,8 +44,7 @@ def saved_tensor_bytes(model: nn.Module, adapter_types: tuple[type, ...],
             continue
         if isinstance(getattr(m, "base_layer", None), nn.Module):
             n_layers += 1
-            handles += [m.register_forward_pre_hook(enter("adapter")),
-                        m.register_forward_hook(leave("adapter"))]
+            handles += [m.register_forward_pre_hook(enter("adapter")), m.register_forward_hook(leave("adapter"))]
             b = m.base_layer
             handles += [b.register_forward_pre_hook(enter("base")), b.register_forward_hook(leave("base"))]
 
@@ -81,7 +81,11 @@ def saved_tensor_bytes(model: nn.Module, adapter_types: tuple[type, ...],
         raise RuntimeError(f"unbalanced forward hooks: {depth}")
     del out
     keep.clear()
-    return {"adapter_layers": n_layers,
-            "adapter_bytes": sum(adapter.values()), "adapter_storages": len(adapter),
-            "total_bytes": sum(total.values()), "total_storages": len(total),
-            "param_bytes_referenced": sum(params.values())}
+    return {
+        "adapter_layers": n_layers,
+        "adapter_bytes": sum(adapter.values()),
+        "adapter_storages": len(adapter),
+        "total_bytes": sum(total.values()),
+        "total_storages": len(total),
+        "param_bytes_referenced": sum(params.values()),
+    }

@@ -28,8 +28,15 @@ def tiny_llama(hidden: int, layers: int, seed: int) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -45,8 +52,9 @@ def quantize(model: nn.Module, kind: str) -> nn.Module:
             if kind == "int8":
                 layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias, has_fp16_weights=False)
             else:
-                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias, compute_dtype=torch.float32,
-                                          quant_type=kind)
+                layer = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias, compute_dtype=torch.float32, quant_type=kind
+                )
             layer.load_state_dict(child.state_dict())
             setattr(parent, name, layer.to(child.weight.device))  # quantizes
     return model
@@ -86,8 +94,13 @@ def measure(base: nn.Module, kind: str, adapters: str, steps: int, seed: int) ->
         with rm.disable_adapter():
             base_after = rm(test_ids).logits
     diff = (merged - unmerged).abs().max().item()
-    return {"max_abs": diff, "max_rel": diff / unmerged.abs().max().item(), "rel_l2": rel_l2(merged, unmerged),
-            "unmerge_rel_l2": rel_l2(base_after, base_before), "quant_rel_l2": rel_l2(base_before, reference)}
+    return {
+        "max_abs": diff,
+        "max_rel": diff / unmerged.abs().max().item(),
+        "rel_l2": rel_l2(merged, unmerged),
+        "unmerge_rel_l2": rel_l2(base_after, base_before),
+        "quant_rel_l2": rel_l2(base_before, reference),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,17 +114,23 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*requantizes the weight.*")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # one line per int8 matmul of a float32 input
     base = tiny_llama(args.hidden, args.layers, args.seed)
-    print(f"tiny Llama: hidden {args.hidden}, {args.layers} layers, RoAd road_2 group 64 on all linear layers; "
-          f"logits of 8 x 32 held-out tokens; torch {torch.__version__}")
-    print("| base | adapters | merged vs unmerged: max abs | max abs / max abs logit | rel. L2 "
-          "| after unmerge: rel. L2 | quantization error: rel. L2 |")
+    print(
+        f"tiny Llama: hidden {args.hidden}, {args.layers} layers, RoAd road_2 group 64 on all linear layers; "
+        f"logits of 8 x 32 held-out tokens; torch {torch.__version__}"
+    )
+    print(
+        "| base | adapters | merged vs unmerged: max abs | max abs / max abs logit | rel. L2 "
+        "| after unmerge: rel. L2 | quantization error: rel. L2 |"
+    )
     print("|---|---|---|---|---|---|---|")
     for kind in ("nf4", "fp4", "int8"):
         for adapters in ("random", "trained"):
             m = measure(base, kind, adapters, args.steps, args.seed)
             label = "init_weights=False" if adapters == "random" else f"trained {args.steps} steps"
-            print(f"| {kind} | {label} | {m['max_abs']:.3g} | {m['max_rel']:.3g} | {m['rel_l2']:.3g} "
-                  f"| {m['unmerge_rel_l2']:.3g} | {m['quant_rel_l2']:.3g} |")
+            print(
+                f"| {kind} | {label} | {m['max_abs']:.3g} | {m['max_rel']:.3g} | {m['rel_l2']:.3g} "
+                f"| {m['unmerge_rel_l2']:.3g} | {m['quant_rel_l2']:.3g} |"
+            )
 
 
 if __name__ == "__main__":

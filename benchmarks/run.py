@@ -22,23 +22,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small model and few reps: a smoke run (< 1 minute)")
-    size.add_argument("--gpu", action="store_true",
-                      help="on CUDA: a ~1.2B-parameter Llama in bfloat16, 256 MiB kernel tensors")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help=f"comma-separated subset of {','.join(SCENARIOS)}, run in this order (default: all)")
+    size.add_argument(
+        "--gpu", action="store_true", help="on CUDA: a ~1.2B-parameter Llama in bfloat16, 256 MiB kernel tensors"
+    )
+    p.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)}, run in this order (default: all)",
+    )
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default: 5, quick: 3)")
     p.add_argument("--warmup", type=int, default=None, help="warmup rounds before timing (default: 1)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="dtype of the decode/step/prefill model and the kernels tensors "
-                        "(default: float32; --gpu: bfloat16)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="dtype of the decode/step/prefill model and the kernels tensors (default: float32; --gpu: bfloat16)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
-    p.add_argument("--omp-wait-policy", choices=["default", "passive", "active"], default="default",
-                   help="OpenMP wait policy; 'passive' for machines shared with other busy processes")
-    p.add_argument("--keep-going", action="store_true",
-                   help="a scenario that fails is recorded (its error in the results) and the next one runs; "
-                        "the exit status is 1 if any failed")
-    p.add_argument("--out", default=None,
-                   help="output folder (default: benchmarks/results, quick: benchmarks/results/quick)")
+    p.add_argument(
+        "--omp-wait-policy",
+        choices=["default", "passive", "active"],
+        default="default",
+        help="OpenMP wait policy; 'passive' for machines shared with other busy processes",
+    )
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="a scenario that fails is recorded (its error in the results) and the next one runs; "
+        "the exit status is 1 if any failed",
+    )
+    p.add_argument(
+        "--out", default=None, help="output folder (default: benchmarks/results, quick: benchmarks/results/quick)"
+    )
     args = p.parse_args(argv)
     args.scenarios = [x.strip() for x in args.scenarios.split(",") if x.strip()]
     bad = [x for x in args.scenarios if x not in SCENARIOS]
@@ -69,11 +84,16 @@ def _gpu_info(torch) -> dict:
     props = torch.cuda.get_device_properties(0)
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
-            "cuda": torch.version.cuda, "triton": triton_version}
+    return {
+        "name": props.name,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+    }
 
 
 def _loadavg() -> list[float]:
@@ -135,51 +155,72 @@ def main(argv=None) -> int:
         print("error: --gpu needs a CUDA device, and torch.cuda.is_available() is False here.", file=sys.stderr)
         return 2
 
-    results = {"meta": {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)]),
-        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-        "roadkit": getattr(roadkit, "__version__", "?"), "python": platform.python_version(),
-        "platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
-        "device": settings.device, "dtype": settings.dtype,
-        "gpu": _gpu_info(torch) if settings.device == "cuda" else None,
-        "threads": torch.get_num_threads(), "reps": reps, "warmup": warmup, "scenarios": args.scenarios,
-        "settings": dataclasses.asdict(settings),
-        "loadavg_start": load_start, "cpu_pressure_start": psi_start,
-        "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-                if os.environ.get(k) is not None},
-        "omp_wait_policy_set_by_harness": omp_set_here,
-    }, "scenarios": {}}
+    results = {
+        "meta": {
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)]),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "roadkit": getattr(roadkit, "__version__", "?"),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpu": _cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "device": settings.device,
+            "dtype": settings.dtype,
+            "gpu": _gpu_info(torch) if settings.device == "cuda" else None,
+            "threads": torch.get_num_threads(),
+            "reps": reps,
+            "warmup": warmup,
+            "scenarios": args.scenarios,
+            "settings": dataclasses.asdict(settings),
+            "loadavg_start": load_start,
+            "cpu_pressure_start": psi_start,
+            "env": {
+                k: os.environ.get(k)
+                for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+                if os.environ.get(k) is not None
+            },
+            "omp_wait_policy_set_by_harness": omp_set_here,
+        },
+        "scenarios": {},
+    }
 
     last_lm = next((x for x in reversed(args.scenarios) if x in LM_SCENARIOS), None)
     failed = []
     for name in args.scenarios:
-        log(f"=== {name} ({settings.name}, reps {reps}, warmup {warmup}, "
-            f"threads {torch.get_num_threads()}) ===")
+        log(f"=== {name} ({settings.name}, reps {reps}, warmup {warmup}, threads {torch.get_num_threads()}) ===")
         t0 = time.perf_counter()
         try:
             results["scenarios"][name] = getattr(scenarios, name)(settings, reps, warmup)
         except KeyboardInterrupt:  # e.g. `timeout --signal=INT`: what finished is already written
-            log(f"=== interrupted during {name}; the results of {list(results['scenarios']) or 'no scenario'} "
-                f"are in {out_dir} ===")
+            log(
+                f"=== interrupted during {name}; the results of {list(results['scenarios']) or 'no scenario'} "
+                f"are in {out_dir} ==="
+            )
             return 130
         except Exception as exc:
             if not args.keep_going:
                 raise
             failed.append(name)
-            results["scenarios"][name] = {"error": f"{type(exc).__name__}: {exc}",
-                                          "traceback": traceback.format_exc()}
+            results["scenarios"][name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         results["scenarios"][name]["seconds"] = seconds = time.perf_counter() - t0
-        log(f"=== {name} FAILED after {seconds:.0f} s: {results['scenarios'][name]['error']} ==="
-            if name in failed else f"=== {name} done in {seconds:.0f} s ===")
+        log(
+            f"=== {name} FAILED after {seconds:.0f} s: {results['scenarios'][name]['error']} ==="
+            if name in failed
+            else f"=== {name} done in {seconds:.0f} s ==="
+        )
         if name == last_lm:
             scenarios.release()  # the models the LM scenarios share are no longer needed
         done = len(results["scenarios"]) == len(args.scenarios)
         paths = _write(results, out_dir, t_start, complete=done)
 
     print(report.markdown(results))
-    log(f"wrote {', '.join(paths)}; total {results['meta']['total_seconds']:.0f} s"
-        + (f"; failed: {', '.join(failed)}" if failed else ""))
+    log(
+        f"wrote {', '.join(paths)}; total {results['meta']['total_seconds']:.0f} s"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

@@ -66,8 +66,10 @@ def lm_contenders(s: Settings) -> tuple[dict[str, nn.Module], dict, int]:
         del base
         atol, rel = parity_tolerance(s.dtype)
         parity = C.check_inference_parity(models, s.lm.vocab, n, s.seed, atol=atol, rel=rel)
-        log(f"contenders built ({n} adapters each); roadkit vs PEFT RoAd logits: mixed "
-            f"{parity['max_abs_diff_mixed']:.2e}, single {parity['max_abs_diff_single']:.2e}")
+        log(
+            f"contenders built ({n} adapters each); roadkit vs PEFT RoAd logits: mixed "
+            f"{parity['max_abs_diff_mixed']:.2e}, single {parity['max_abs_diff_single']:.2e}"
+        )
         _LM_CACHE[key] = (models, parity, n)
     return _LM_CACHE[key]
 
@@ -80,13 +82,29 @@ def release() -> None:
 
 
 def decode(s: Settings, reps: int, warmup: int) -> dict:
-    return _generate_cases(s, reps, warmup, "decode", [k for k in s.decode_ks if k <= s.decode_batch],
-                           warm_new_tokens=min(s.warmup_new_tokens, s.new_tokens), extra={})
+    return _generate_cases(
+        s,
+        reps,
+        warmup,
+        "decode",
+        [k for k in s.decode_ks if k <= s.decode_batch],
+        warm_new_tokens=min(s.warmup_new_tokens, s.new_tokens),
+        extra={},
+    )
 
 
-def _generate_cases(s: Settings, reps: int, warmup: int, label: str, ks: list[int], warm_new_tokens: int,
-                    extra: dict, mixed: tuple[str, ...] = C.ADAPTER_CONTENDERS, after_warmup=None,
-                    check_eager: bool = False) -> dict:
+def _generate_cases(
+    s: Settings,
+    reps: int,
+    warmup: int,
+    label: str,
+    ks: list[int],
+    warm_new_tokens: int,
+    extra: dict,
+    mixed: tuple[str, ...] = C.ADAPTER_CONTENDERS,
+    after_warmup=None,
+    check_eager: bool = False,
+) -> dict:
     """Interleaved greedy `generate` calls of base, floor, each contender's single adapter and, for
     the `mixed` contenders, each k of mixed adapters, with `extra` generate kwargs. With
     `check_eager`, each case is run once more without them, and the share of identical greedy
@@ -101,18 +119,26 @@ def _generate_cases(s: Settings, reps: int, warmup: int, label: str, ks: list[in
     def generate(label: str, model: nn.Module, names, n_new: int, kwargs: dict) -> torch.Tensor:
         kw = {} if names is None else {"adapter_names": names}
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new,
-                                 min_new_tokens=n_new, do_sample=False, **kwargs, **kw)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,
+                do_sample=False,
+                **kwargs,
+                **kw,
+            )
         _sync(s)
         if tuple(out.shape) != (s.decode_batch, s.prompt_len + n_new):
             raise RuntimeError(f"{label}: generate returned shape {tuple(out.shape)}")
-        return out[:, s.prompt_len:]
+        return out[:, s.prompt_len :]
 
     def case(label: str, model: nn.Module, names, n_new: int):
         def fn():
             out = generate(label, model, names, n_new, extra)
             if n_new == s.new_tokens:
                 outputs[label] = out
+
         return fn
 
     specs, info = {}, {}
@@ -135,8 +161,7 @@ def _generate_cases(s: Settings, reps: int, warmup: int, label: str, ks: list[in
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run = run_interleaved(cases, reps, warmup, label=label, warm_cases=warm, after_warmup=after_warmup)
-        eager = {lb: generate(lb, m, names, s.new_tokens, {}) for lb, (m, names) in specs.items()
-                 if check_eager}
+        eager = {lb: generate(lb, m, names, s.new_tokens, {}) for lb, (m, names) in specs.items() if check_eager}
 
     # Same computation => same greedy tokens (up to float ties): report agreement, do not assert.
     agree = {}
@@ -144,16 +169,30 @@ def _generate_cases(s: Settings, reps: int, warmup: int, label: str, ks: list[in
         twin = case_label.replace(C.ROADKIT, C.PEFT_ROAD)
         if meta["contender"] == C.ROADKIT and twin in outputs:
             agree[case_label.replace(C.ROADKIT + " ", "")] = _agreement(outputs[case_label], outputs[twin])
-    result = {"setup": {"model": s.lm.as_dict(), "dtype": s.dtype, "batch": s.decode_batch,
-                        "prompt_len": s.prompt_len, "new_tokens": s.new_tokens, "warmup_new_tokens": warm_new_tokens,
-                        "ks": ks, "adapters_loaded": n_loaded,
-                        "call": ("model.generate(input_ids, attention_mask, adapter_names=..., "
-                                 "max_new_tokens=N, min_new_tokens=N, do_sample=False"
-                                 + "".join(f", {k}={v!r}" for k, v in extra.items() if isinstance(v, str))
-                                 + ") under torch.inference_mode()")},
-              "parity": parity, "greedy_token_agreement_roadkit_vs_peft_road": agree,
-              "cases": info, "raw": run["times"], "orders": run["orders"],
-              "summary": _summaries(run["times"], "base")}
+    result = {
+        "setup": {
+            "model": s.lm.as_dict(),
+            "dtype": s.dtype,
+            "batch": s.decode_batch,
+            "prompt_len": s.prompt_len,
+            "new_tokens": s.new_tokens,
+            "warmup_new_tokens": warm_new_tokens,
+            "ks": ks,
+            "adapters_loaded": n_loaded,
+            "call": (
+                "model.generate(input_ids, attention_mask, adapter_names=..., "
+                "max_new_tokens=N, min_new_tokens=N, do_sample=False"
+                + "".join(f", {k}={v!r}" for k, v in extra.items() if isinstance(v, str))
+                + ") under torch.inference_mode()"
+            ),
+        },
+        "parity": parity,
+        "greedy_token_agreement_roadkit_vs_peft_road": agree,
+        "cases": info,
+        "raw": run["times"],
+        "orders": run["orders"],
+        "summary": _summaries(run["times"], "base"),
+    }
     if check_eager:
         result["greedy_token_agreement_with_eager"] = {lb: _agreement(outputs[lb], eager[lb]) for lb in eager}
     return result
@@ -193,11 +232,14 @@ def step(s: Settings, reps: int, warmup: int) -> dict:
                 model(input_ids=nxt, past_key_values=cache, use_cache=True, **kw)
                 cache.crop(-1)
             _sync(s)
+
         return fn
 
     cases = {"base": case(models[C.BASE], None), C.FLOOR: case(models[C.FLOOR], None)}
-    info = {"base": {"contender": C.BASE, "k": 0, "mode": "base"},
-            C.FLOOR: {"contender": C.FLOOR, "k": 1, "mode": "floor"}}
+    info = {
+        "base": {"contender": C.BASE, "k": 0, "mode": "base"},
+        C.FLOOR: {"contender": C.FLOOR, "k": 1, "mode": "floor"},
+    }
     for c in (C.ROADKIT, C.PEFT_ROAD):
         label = f"{c} (1 adapter, unmerged)"
         cases[label] = case(models[c], None)
@@ -210,12 +252,25 @@ def step(s: Settings, reps: int, warmup: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run = run_interleaved(cases, reps * STEP_ROUNDS_PER_REP, warmup, label="step")
-    return {"setup": {"model": s.lm.as_dict(), "batch": s.decode_batch, "cache_len": s.prompt_len, "ks": ks,
-                      "adapters_loaded": n_loaded, "rounds": reps * STEP_ROUNDS_PER_REP,
-                      "call": ("model(input_ids=next_tokens, past_key_values=cache, use_cache=True"
-                               "[, adapter_names=...]) under torch.inference_mode(); cache.crop(-1)")},
-            "parity": parity, "cases": info, "raw": run["times"], "orders": run["orders"],
-            "summary": _summaries(run["times"], "base")}
+    return {
+        "setup": {
+            "model": s.lm.as_dict(),
+            "batch": s.decode_batch,
+            "cache_len": s.prompt_len,
+            "ks": ks,
+            "adapters_loaded": n_loaded,
+            "rounds": reps * STEP_ROUNDS_PER_REP,
+            "call": (
+                "model(input_ids=next_tokens, past_key_values=cache, use_cache=True"
+                "[, adapter_names=...]) under torch.inference_mode(); cache.crop(-1)"
+            ),
+        },
+        "parity": parity,
+        "cases": info,
+        "raw": run["times"],
+        "orders": run["orders"],
+        "summary": _summaries(run["times"], "base"),
+    }
 
 
 # ---- 3. prefill -------------------------------------------------------------------------------------
@@ -234,11 +289,14 @@ def prefill(s: Settings, reps: int, warmup: int) -> dict:
             with torch.inference_mode():
                 model(input_ids=ids, attention_mask=mask, logits_to_keep=1, **kw)
             _sync(s)
+
         return fn
 
     cases = {"base": case(models[C.BASE], None), C.FLOOR: case(models[C.FLOOR], None)}
-    info = {"base": {"contender": C.BASE, "k": 0, "mode": "base"},
-            C.FLOOR: {"contender": C.FLOOR, "k": 1, "mode": "floor"}}
+    info = {
+        "base": {"contender": C.BASE, "k": 0, "mode": "base"},
+        C.FLOOR: {"contender": C.FLOOR, "k": 1, "mode": "floor"},
+    }
     for c in C.ADAPTER_CONTENDERS:
         label = f"{c} (1 adapter, unmerged)"
         cases[label] = case(models[c], None)
@@ -253,12 +311,22 @@ def prefill(s: Settings, reps: int, warmup: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run = run_interleaved(cases, reps, warmup, label="prefill")
-    return {"setup": {"model": s.lm.as_dict(), "batch": s.prefill_batch, "seq_len": s.prefill_len, "ks": ks,
-                      "adapters_loaded": n_loaded,
-                      "call": "model(input_ids, attention_mask, logits_to_keep=1[, adapter_names=...]) "
-                              "under torch.inference_mode()"},
-            "parity": parity, "cases": info, "raw": run["times"], "orders": run["orders"],
-            "summary": _summaries(run["times"], "base")}
+    return {
+        "setup": {
+            "model": s.lm.as_dict(),
+            "batch": s.prefill_batch,
+            "seq_len": s.prefill_len,
+            "ks": ks,
+            "adapters_loaded": n_loaded,
+            "call": "model(input_ids, attention_mask, logits_to_keep=1[, adapter_names=...]) "
+            "under torch.inference_mode()",
+        },
+        "parity": parity,
+        "cases": info,
+        "raw": run["times"],
+        "orders": run["orders"],
+        "summary": _summaries(run["times"], "base"),
+    }
 
 
 # ---- 4. compiled: decode with the forward compiled -------------------------------------------------
@@ -293,16 +361,31 @@ def compiled(s: Settings, reps: int, warmup: int) -> dict:
     ks = sorted({1, max(k for k in s.decode_ks if k <= s.decode_batch)})
     graphs = [counters["stats"]["unique_graphs"]]
     with dynamo.patch({limit_name: COMPILE_CACHE_LIMIT}):
-        result = _generate_cases(s, reps, warmup, "compiled", ks, warm_new_tokens=s.new_tokens,
-                                 extra={"cache_implementation": "static", "compile_config": config},
-                                 mixed=(C.ROADKIT,), check_eager=True,
-                                 after_warmup=lambda: graphs.append(counters["stats"]["unique_graphs"]))
+        result = _generate_cases(
+            s,
+            reps,
+            warmup,
+            "compiled",
+            ks,
+            warm_new_tokens=s.new_tokens,
+            extra={"cache_implementation": "static", "compile_config": config},
+            mixed=(C.ROADKIT,),
+            check_eager=True,
+            after_warmup=lambda: graphs.append(counters["stats"]["unique_graphs"]),
+        )
     graphs.append(counters["stats"]["unique_graphs"])
-    result["setup"]["compile"] = {"backend": config.backend, "mode": config.mode, "fullgraph": config.fullgraph,
-                                  "dynamic": config.dynamic, limit_name: COMPILE_CACHE_LIMIT}
+    result["setup"]["compile"] = {
+        "backend": config.backend,
+        "mode": config.mode,
+        "fullgraph": config.fullgraph,
+        "dynamic": config.dynamic,
+        limit_name: COMPILE_CACHE_LIMIT,
+    }
     result["graphs_compiled"] = {"warmup": graphs[1] - graphs[0], "timed": graphs[2] - graphs[1]}
-    log(f"compiled: {result['graphs_compiled']['warmup']} graphs compiled in warmup, "
-        f"{result['graphs_compiled']['timed']} while timed")
+    log(
+        f"compiled: {result['graphs_compiled']['warmup']} graphs compiled in warmup, "
+        f"{result['graphs_compiled']['timed']} while timed"
+    )
     return result
 
 
@@ -349,27 +432,31 @@ def train(s: Settings, reps: int, warmup: int) -> dict:
         out = models[c](input_ids=ids, labels=ids)
         out.loss.backward()
         prefix = "model." if c == C.ROADKIT else "base_model.model."
-        grads = {n.removeprefix(prefix): p.grad.detach().clone()
-                 for n, p in models[c].named_parameters() if p.requires_grad}
+        grads = {
+            n.removeprefix(prefix): p.grad.detach().clone() for n, p in models[c].named_parameters() if p.requires_grad
+        }
         outs[c] = (out.loss.detach(), out.logits.detach(), grads)
         models[c].zero_grad(set_to_none=True)
     (la, xa, ga), (lb, xb, gb) = outs[C.ROADKIT], outs[C.PEFT_ROAD]
     if set(ga) != set(gb):
         raise AssertionError(f"trainable parameters differ: {sorted(set(ga) ^ set(gb))[:6]}")
     grad_rel = max((ga[n] - gb[n]).abs().max().item() / max(gb[n].abs().max().item(), 1e-30) for n in gb)
-    parity = {"loss_abs_diff": abs(la - lb).item(), "max_abs_diff_logits": (xa - xb).abs().max().item(),
-              "trainable_tensors": {c: len(o[2]) for c, o in outs.items()},
-              "max_rel_diff_adapter_grads": grad_rel}
+    parity = {
+        "loss_abs_diff": abs(la - lb).item(),
+        "max_abs_diff_logits": (xa - xb).abs().max().item(),
+        "trainable_tensors": {c: len(o[2]) for c, o in outs.items()},
+        "max_rel_diff_adapter_grads": grad_rel,
+    }
     if not (parity["max_abs_diff_logits"] <= 1e-4 and grad_rel <= 1e-3):
-        raise AssertionError(f"roadkit and PEFT RoAd disagree in training mode, refusing to benchmark: "
-                             f"{parity}")
+        raise AssertionError(f"roadkit and PEFT RoAd disagree in training mode, refusing to benchmark: {parity}")
     log(f"train: parity ok, logits {parity['max_abs_diff_logits']:.2e}, grads rel {grad_rel:.2e}")
     del outs
 
-    opts = {c: torch.optim.AdamW([p for p in models[c].parameters() if p.requires_grad], lr=1e-3)
-            for c in C.ADAPTER_CONTENDERS}
-    trainable = {c: sum(p.numel() for p in models[c].parameters() if p.requires_grad)
-                 for c in C.ADAPTER_CONTENDERS}
+    opts = {
+        c: torch.optim.AdamW([p for p in models[c].parameters() if p.requires_grad], lr=1e-3)
+        for c in C.ADAPTER_CONTENDERS
+    }
+    trainable = {c: sum(p.numel() for p in models[c].parameters() if p.requires_grad) for c in C.ADAPTER_CONTENDERS}
 
     def base_forward():
         m = models[C.BASE]
@@ -388,6 +475,7 @@ def train(s: Settings, reps: int, warmup: int) -> dict:
             model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
             _sync(s)
+
         return fn
 
     labels = {C.BASE: "base (frozen; fwd+bwd to input embeddings, no optimizer)"}
@@ -415,17 +503,33 @@ def train(s: Settings, reps: int, warmup: int) -> dict:
     # What any adapter could reach against PEFT RoAd: one that cost nothing would take the base
     # model's step. And roadkit's own cost (its step minus the base's) as a share of PEFT RoAd's.
     medians = {c: statistics.median(xs) for c, xs in (*t.items(), ("base", t_base))}
-    bound = {"zero_cost_adapter_over_peft_road": ratio_stats(t_base, t[C.PEFT_ROAD]),
-             "roadkit_overhead_over_peft_road_overhead":
-                 (medians[C.ROADKIT] - medians["base"]) / (medians[C.PEFT_ROAD] - medians["base"])}
+    bound = {
+        "zero_cost_adapter_over_peft_road": ratio_stats(t_base, t[C.PEFT_ROAD]),
+        "roadkit_overhead_over_peft_road_overhead": (medians[C.ROADKIT] - medians["base"])
+        / (medians[C.PEFT_ROAD] - medians["base"]),
+    }
     models.clear()
     opts.clear()
-    return {"setup": {"model": s.train_model.as_dict(), "batch": s.train_batch, "seq_len": s.train_len,
-                      "step": ("zero_grad; model(input_ids, labels=input_ids).loss.backward(); "
-                               "AdamW(lr=1e-3).step() on the adapter parameters")},
-            "rounds": reps * TRAIN_ROUNDS_PER_REP, "parity": parity, "cases": info, "memory": memory,
-            "roadkit_over_peft_road": vs_peft, "bound": bound, "raw": run["times"], "orders": run["orders"],
-            "summary": _summaries(run["times"], labels[C.BASE])}
+    return {
+        "setup": {
+            "model": s.train_model.as_dict(),
+            "batch": s.train_batch,
+            "seq_len": s.train_len,
+            "step": (
+                "zero_grad; model(input_ids, labels=input_ids).loss.backward(); "
+                "AdamW(lr=1e-3).step() on the adapter parameters"
+            ),
+        },
+        "rounds": reps * TRAIN_ROUNDS_PER_REP,
+        "parity": parity,
+        "cases": info,
+        "memory": memory,
+        "roadkit_over_peft_road": vs_peft,
+        "bound": bound,
+        "raw": run["times"],
+        "orders": run["orders"],
+        "summary": _summaries(run["times"], labels[C.BASE]),
+    }
 
 
 # ---- 6. merge ---------------------------------------------------------------------------------------
@@ -442,8 +546,10 @@ def merge(s: Settings, reps: int, warmup: int) -> dict:
         rk = C.make_roadkit(nn.Sequential(lin), 1, targets=["0"], task_type=None)
         pr = C.make_peft_road_like(rk, nn.Sequential(lin), 1, targets=["0"], task_type=None)
     models = {C.ROADKIT: rk, C.PEFT_ROAD: pr}
-    layers = {C.ROADKIT: next(layer for _, layer in rk.road_layers()).get_base_layer(),
-              C.PEFT_ROAD: pr.get_base_model()[0].get_base_layer()}
+    layers = {
+        C.ROADKIT: next(layer for _, layer in rk.road_layers()).get_base_layer(),
+        C.PEFT_ROAD: pr.get_base_model()[0].get_base_layer(),
+    }
     for c, layer in layers.items():
         assert layer is not lin and torch.equal(layer.weight, w0), c
     x = torch.randn(4, d, device=s.device)
@@ -478,6 +584,7 @@ def merge(s: Settings, reps: int, warmup: int) -> dict:
                 errors[c]["weight_rel"].append(((layer.weight - w0).abs().max() / w0.abs().max()).item())
                 errors[c]["bias_rel"].append(((layer.bias - b0).abs().max() / b0.abs().max()).item())
             return {"merge": t1 - t0, "unmerge": t3 - t2, "merge+unmerge": (t1 - t0) + (t3 - t2)}
+
         return fn
 
     cases = {c: case(c) for c in models}
@@ -487,16 +594,24 @@ def merge(s: Settings, reps: int, warmup: int) -> dict:
     diff = merged_weights[C.ROADKIT] - merged_weights[C.PEFT_ROAD]
     parity["max_abs_diff_merged_weights"] = diff.abs().max().item()
     summary = {c: {m: summarize(v) for m, v in run["times"][c].items()} for c in models}
-    speedup = {m: summary[C.PEFT_ROAD][m]["median"] / summary[C.ROADKIT][m]["median"]
-               for m in ("merge", "unmerge", "merge+unmerge")}
-    return {"setup": {"layer": f"nn.Linear({d}, {d}) with bias, in nn.Sequential, target_modules=['0']",
-                      "adapter": f"{VARIANT}, group_size {GROUP_SIZE}, init_weights=False",
-                      "timed": ("merge_adapter() and unmerge_adapter(), weights reset to the original "
-                                "before each rep")},
-            "parity": parity, "raw": run["times"], "orders": run["orders"], "summary": summary,
-            "speedup_peft_over_roadkit": speedup,
-            "unmerge_error": {c: {k: max(v) for k, v in e.items()} for c, e in errors.items()},
-            "unmerge_error_all_reps": errors}
+    speedup = {
+        m: summary[C.PEFT_ROAD][m]["median"] / summary[C.ROADKIT][m]["median"]
+        for m in ("merge", "unmerge", "merge+unmerge")
+    }
+    return {
+        "setup": {
+            "layer": f"nn.Linear({d}, {d}) with bias, in nn.Sequential, target_modules=['0']",
+            "adapter": f"{VARIANT}, group_size {GROUP_SIZE}, init_weights=False",
+            "timed": ("merge_adapter() and unmerge_adapter(), weights reset to the original before each rep"),
+        },
+        "parity": parity,
+        "raw": run["times"],
+        "orders": run["orders"],
+        "summary": summary,
+        "speedup_peft_over_roadkit": speedup,
+        "unmerge_error": {c: {k: max(v) for k, v in e.items()} for c, e in errors.items()},
+        "unmerge_error_all_reps": errors,
+    }
 
 
 # ---- 7. kernels -------------------------------------------------------------------------------------
@@ -536,16 +651,19 @@ def kernels(s: Settings, reps: int, warmup: int) -> dict:
 
     slot_c = torch.cat((tables[0], torch.ones(1, d, device=s.device))).float().contiguous()
     slot_s = torch.cat((tables[1], torch.zeros(1, d, device=s.device))).float().contiguous()
-    slot_half = torch.tensor([GROUP_SIZE // 2 >> (i % 2) for i in range(KERNEL_ADAPTERS)] + [1], dtype=torch.int32,
-                             device=s.device)
+    slot_half = torch.tensor(
+        [GROUP_SIZE // 2 >> (i % 2) for i in range(KERNEL_ADAPTERS)] + [1], dtype=torch.int32, device=s.device
+    )
     slot_index = torch.randint(-1, KERNEL_ADAPTERS, (rows,), device=s.device)
     slots_label = f"roadkit::rotate_slots (vLLM), {KERNEL_ADAPTERS} slots, 2 group sizes mixed"
 
     ops = {
         "copy: y.copy_(x)": (lambda: y.copy_(x), 2),
         "roadkit forward": (lambda: K.forward(x, c, sn, GROUP_SIZE, -1, shifted), 2),
-        f"roadkit forward, {KERNEL_ADAPTERS} adapters mixed (one per row)":
-            (lambda: K.forward_indexed(x, *tables, index, GROUP_SIZE, -1, shifted_table), 2),
+        f"roadkit forward, {KERNEL_ADAPTERS} adapters mixed (one per row)": (
+            lambda: K.forward_indexed(x, *tables, index, GROUP_SIZE, -1, shifted_table),
+            2,
+        ),
         "roadkit backward (dx, dc, ds)": (lambda: K.backward(gy, x, c, sn, GROUP_SIZE, -1, True), 3),
         slots_label: (lambda: serving_ops.rotate_slots(x, slot_c, slot_s, slot_half, slot_index), 2),
     }
@@ -556,10 +674,12 @@ def kernels(s: Settings, reps: int, warmup: int) -> dict:
     ref = {
         "roadkit forward": torch_ops.rotate_values(x64, c64, s64, GROUP_SIZE),
         f"roadkit forward, {KERNEL_ADAPTERS} adapters mixed (one per row)": torch_ops.rotate_values(
-            x64, tables[0].double()[index], tables[1].double()[index], GROUP_SIZE),
+            x64, tables[0].double()[index], tables[1].double()[index], GROUP_SIZE
+        ),
         "roadkit backward (dx, dc, ds)": torch_ops.backward(gy64, x64, c64, s64, GROUP_SIZE, 1, True),
-        slots_label: torch_ops.forward_slots(x64, slot_c.double(), slot_s.double(), slot_half,
-                                             torch.where(slot_index < 0, KERNEL_ADAPTERS, slot_index)),
+        slots_label: torch_ops.forward_slots(
+            x64, slot_c.double(), slot_s.double(), slot_half, torch.where(slot_index < 0, KERNEL_ADAPTERS, slot_index)
+        ),
     }
     errors = {}
     for label, want in ref.items():
@@ -577,6 +697,7 @@ def kernels(s: Settings, reps: int, warmup: int) -> dict:
                 fn()
             _sync(s)
             return {"seconds": (time.perf_counter() - t0) / s.kernel_calls}
+
         return timed
 
     run = run_interleaved({label: case(fn) for label, (fn, _) in ops.items()}, reps, warmup, label="kernels")
@@ -584,15 +705,29 @@ def kernels(s: Settings, reps: int, warmup: int) -> dict:
     summary = {}
     for label, (_, n_tensors) in ops.items():
         st = summarize(run["times"][label]["seconds"])
-        summary[label] = {"stats": st, "bytes": n_tensors * tensor_bytes,
-                          "gb_per_s": n_tensors * tensor_bytes / st["median"] / 1e9}
+        summary[label] = {
+            "stats": st,
+            "bytes": n_tensors * tensor_bytes,
+            "gb_per_s": n_tensors * tensor_bytes / st["median"] / 1e9,
+        }
     copy_bw = summary["copy: y.copy_(x)"]["gb_per_s"]
     for row in summary.values():
         row["fraction_of_copy_bandwidth"] = row["gb_per_s"] / copy_bw
-    return {"setup": {"shape": [rows, d], "dtype": s.dtype, "device": s.device, "implementation": K.implementation(x),
-                      "calls_per_sample": s.kernel_calls, "adapter": f"{VARIANT}, group_size {GROUP_SIZE}",
-                      "bytes": "tensors each op must read or write, times their size (coefficients not counted)"},
-            "max_rel_error_vs_float64": errors, "raw": run["times"], "orders": run["orders"], "summary": summary}
+    return {
+        "setup": {
+            "shape": [rows, d],
+            "dtype": s.dtype,
+            "device": s.device,
+            "implementation": K.implementation(x),
+            "calls_per_sample": s.kernel_calls,
+            "adapter": f"{VARIANT}, group_size {GROUP_SIZE}",
+            "bytes": "tensors each op must read or write, times their size (coefficients not counted)",
+        },
+        "max_rel_error_vs_float64": errors,
+        "raw": run["times"],
+        "orders": run["orders"],
+        "summary": summary,
+    }
 
 
 # ---- 8. overhead ------------------------------------------------------------------------------------
@@ -624,8 +759,10 @@ def overhead(s: Settings, reps: int, warmup: int) -> dict:
     x = torch.randn(OVERHEAD_ROWS, OVERHEAD_WIDTH, device=s.device)
     names = _names(OVERHEAD_ROWS, OVERHEAD_ADAPTERS)
     with torch.inference_mode():
-        parity = {"max_abs_diff_single": (rk(x) - pr(x)).abs().max().item(),
-                  "max_abs_diff_mixed": (rk(x, adapter_names=names) - pr(x, adapter_names=names)).abs().max().item()}
+        parity = {
+            "max_abs_diff_single": (rk(x) - pr(x)).abs().max().item(),
+            "max_abs_diff_mixed": (rk(x, adapter_names=names) - pr(x, adapter_names=names)).abs().max().item(),
+        }
     if max(parity.values()) > 1e-4:
         raise AssertionError(f"roadkit and PEFT RoAd disagree on the overhead stack: {parity}")
 
@@ -640,6 +777,7 @@ def overhead(s: Settings, reps: int, warmup: int) -> dict:
                     model(x, **kw)
                 _sync(s)
                 return {"seconds": (time.perf_counter() - t0) / OVERHEAD_CALLS}
+
         return fn
 
     cases = {"base": case(base, False), C.FLOOR: case(floor, False)}
@@ -652,7 +790,18 @@ def overhead(s: Settings, reps: int, warmup: int) -> dict:
     base_median = summary["base"]["stats"]["median"]
     for row in summary.values():
         row["per_layer_seconds"] = (row["stats"]["median"] - base_median) / OVERHEAD_LAYERS
-    return {"setup": {"layers": OVERHEAD_LAYERS, "width": OVERHEAD_WIDTH, "rows": OVERHEAD_ROWS,
-                      "adapters": OVERHEAD_ADAPTERS, "calls_per_sample": OVERHEAD_CALLS,
-                      "rounds": reps * OVERHEAD_ROUNDS_PER_REP, "device": s.device},
-            "parity": parity, "raw": run["times"], "orders": run["orders"], "summary": summary}
+    return {
+        "setup": {
+            "layers": OVERHEAD_LAYERS,
+            "width": OVERHEAD_WIDTH,
+            "rows": OVERHEAD_ROWS,
+            "adapters": OVERHEAD_ADAPTERS,
+            "calls_per_sample": OVERHEAD_CALLS,
+            "rounds": reps * OVERHEAD_ROUNDS_PER_REP,
+            "device": s.device,
+        },
+        "parity": parity,
+        "raw": run["times"],
+        "orders": run["orders"],
+        "summary": summary,
+    }

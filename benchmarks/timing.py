@@ -32,9 +32,14 @@ def _timed(fn: Case) -> dict:
     return out if isinstance(out, dict) else {"seconds": dt}
 
 
-def run_interleaved(cases: dict[str, Case], reps: int, warmup: int, label: str = "",
-                    warm_cases: dict[str, Case] | None = None,
-                    after_warmup: Callable[[], None] | None = None) -> dict[str, Any]:
+def run_interleaved(
+    cases: dict[str, Case],
+    reps: int,
+    warmup: int,
+    label: str = "",
+    warm_cases: dict[str, Case] | None = None,
+    after_warmup: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Warm up every case `warmup` times (with `warm_cases[name]` when given, e.g. a shorter
     generate through the same code paths), call `after_warmup`, then `reps` rounds of every case
     once, rotating the order.
@@ -77,5 +82,11 @@ def ratio_stats(xs: list[float], base: list[float]) -> dict:
     """Ratio to the base case of the same run: of the medians, and per repetition (paired)."""
     paired = sorted(x / b for x, b in zip(xs, base, strict=True))
     st = summarize(paired)
-    return {"of_medians": statistics.median(xs) / statistics.median(base), "paired_median": st["median"],
-            "paired_min": st["min"], "paired_max": st["max"], "paired_q1": st["q1"], "paired_q3": st["q3"]}
+    return {
+        "of_medians": statistics.median(xs) / statistics.median(base),
+        "paired_median": st["median"],
+        "paired_min": st["min"],
+        "paired_max": st["max"],
+        "paired_q1": st["q1"],
+        "paired_q3": st["q3"],
+    }

@@ -59,20 +59,43 @@ class ServingSettings:
 # deep: RoAd's cost per token grows with the width and a matmul's with its square, so the widest model
 # that fits is the fairest stand-in for the models people serve. 10 contenders x (warmup + 5 rounds).
 SERVING_MODEL = ModelSize(layers=4, hidden=2048, intermediate=5632, heads=32, vocab=8192)
-FULL = ServingSettings(name="full", model=SERVING_MODEL, requests=64, prompt_len=16, max_tokens=32,
-                       max_num_seqs=64, adapter_counts=(1, 4, 16, 64), rounds=5, kv_cache_mib=512)
-QUICK = ServingSettings(name="quick", model=DECODE_QUICK.lm, requests=32, prompt_len=8, max_tokens=8,
-                        max_num_seqs=16, adapter_counts=(1, 4, 16), rounds=2, kv_cache_mib=64)
+FULL = ServingSettings(
+    name="full",
+    model=SERVING_MODEL,
+    requests=64,
+    prompt_len=16,
+    max_tokens=32,
+    max_num_seqs=64,
+    adapter_counts=(1, 4, 16, 64),
+    rounds=5,
+    kv_cache_mib=512,
+)
+QUICK = ServingSettings(
+    name="quick",
+    model=DECODE_QUICK.lm,
+    requests=32,
+    prompt_len=8,
+    max_tokens=8,
+    max_num_seqs=16,
+    adapter_counts=(1, 4, 16),
+    rounds=2,
+    kv_cache_mib=64,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.vllm_serving", description=__doc__)
     p.add_argument("--quick", action="store_true", help="small model and workload, 2 rounds: a smoke run (~1 min)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 5, quick: 2)")
-    p.add_argument("--omp-wait-policy", choices=["passive", "default", "active"], default="passive",
-                   help="OpenMP wait policy (default: passive, for a machine shared with other busy processes)")
-    p.add_argument("--out", default=None,
-                   help="output folder (default: benchmarks/results, quick: benchmarks/results/quick)")
+    p.add_argument(
+        "--omp-wait-policy",
+        choices=["passive", "default", "active"],
+        default="passive",
+        help="OpenMP wait policy (default: passive, for a machine shared with other busy processes)",
+    )
+    p.add_argument(
+        "--out", default=None, help="output folder (default: benchmarks/results, quick: benchmarks/results/quick)"
+    )
     args = p.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         p.error("--rounds must be >= 1")
@@ -134,8 +157,9 @@ class Workload:
         self.tokens = [done[rid][1] for rid in ids]
         short = [len(t) for t in self.tokens if len(t) != params.max_tokens]
         if short:
-            raise RuntimeError(f"{len(short)} requests generated {sorted(set(short))} tokens, "
-                               f"not max_tokens={params.max_tokens}")
+            raise RuntimeError(
+                f"{len(short)} requests generated {sorted(set(short))} tokens, not max_tokens={params.max_tokens}"
+            )
         return {"seconds": wall, "latency": statistics.fmean(done[rid][0] - t0 for rid in ids)}
 
 
@@ -147,9 +171,15 @@ def build_engines(settings: ServingSettings, base_dir: str) -> dict[str, Any]:
     """
     from vllm import LLM
 
-    common = dict(dtype=settings.dtype, seed=settings.seed, enforce_eager=True, skip_tokenizer_init=True,
-                  max_num_seqs=settings.max_num_seqs, max_model_len=settings.prompt_len + settings.max_tokens,
-                  kv_cache_memory_bytes=settings.kv_cache_mib * 2**20)
+    common = dict(
+        dtype=settings.dtype,
+        seed=settings.seed,
+        enforce_eager=True,
+        skip_tokenizer_init=True,
+        max_num_seqs=settings.max_num_seqs,
+        max_model_len=settings.prompt_len + settings.max_tokens,
+        kv_cache_memory_bytes=settings.kv_cache_mib * 2**20,
+    )
     n = max(settings.adapter_counts)
     lora = dict(enable_lora=True, max_loras=n, max_cpu_loras=n, max_lora_rank=LORA_RANK)
     engines = {}
@@ -164,14 +194,17 @@ def engine_facts(llm: Any) -> dict[str, Any]:
     """The settings an engine actually runs with (after vLLM's platform defaults)."""
     cfg = llm.llm_engine.vllm_config
     lora = cfg.lora_config
-    return {"dtype": str(cfg.model_config.dtype).removeprefix("torch."),
-            "enforce_eager": cfg.model_config.enforce_eager,
-            "max_num_seqs": cfg.scheduler_config.max_num_seqs,
-            "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
-            "max_model_len": cfg.model_config.max_model_len,
-            "kv_cache_memory_bytes": cfg.cache_config.kv_cache_memory_bytes,
-            "lora": None if lora is None else {"max_loras": lora.max_loras, "max_cpu_loras": lora.max_cpu_loras,
-                                               "max_lora_rank": lora.max_lora_rank}}
+    return {
+        "dtype": str(cfg.model_config.dtype).removeprefix("torch."),
+        "enforce_eager": cfg.model_config.enforce_eager,
+        "max_num_seqs": cfg.scheduler_config.max_num_seqs,
+        "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
+        "max_model_len": cfg.model_config.max_model_len,
+        "kv_cache_memory_bytes": cfg.cache_config.kv_cache_memory_bytes,
+        "lora": None
+        if lora is None
+        else {"max_loras": lora.max_loras, "max_cpu_loras": lora.max_cpu_loras, "max_lora_rank": lora.max_lora_rank},
+    }
 
 
 def check_plugin() -> None:
@@ -183,8 +216,10 @@ def check_plugin() -> None:
 
     load_general_plugins()
     if lora_model_runner_mixin.LRUCacheWorkerLoRAManager is not RoadWorkerLoRAManager:
-        raise RuntimeError("roadkit's vLLM plugin is not active (is roadkit installed in this environment, and "
-                           "VLLM_PLUGINS unset or naming it?); see the log for roadkit's reason.")
+        raise RuntimeError(
+            "roadkit's vLLM plugin is not active (is roadkit installed in this environment, and "
+            "VLLM_PLUGINS unset or naming it?); see the log for roadkit's reason."
+        )
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -197,13 +232,18 @@ def measure(settings: ServingSettings, rounds: int, engines: dict[str, Any], pat
     from vllm.lora.request import LoRARequest
 
     rng = random.Random(settings.seed)
-    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(3, settings.model.vocab)
-                                              for _ in range(settings.prompt_len)])
-               for _ in range(settings.requests)]
-    adapters = {label: [LoRARequest(f"{label}-{i}", i + 1, path) for i, path in enumerate(paths[label])]
-                for label in (ROAD, LORA)}
-    cases: dict[str, dict[str, Any]] = {PLAIN: {"contender": PLAIN, "adapters": 0},
-                                        BASE: {"contender": BASE, "adapters": 0}}
+    prompts = [
+        TokensPrompt(prompt_token_ids=[rng.randrange(3, settings.model.vocab) for _ in range(settings.prompt_len)])
+        for _ in range(settings.requests)
+    ]
+    adapters = {
+        label: [LoRARequest(f"{label}-{i}", i + 1, path) for i, path in enumerate(paths[label])]
+        for label in (ROAD, LORA)
+    }
+    cases: dict[str, dict[str, Any]] = {
+        PLAIN: {"contender": PLAIN, "adapters": 0},
+        BASE: {"contender": BASE, "adapters": 0},
+    }
     workloads = {PLAIN: Workload(engines[PLAIN], prompts, []), BASE: Workload(engines[BASE], prompts, [])}
     for label in (ROAD, LORA):
         for k in settings.adapter_counts:
@@ -221,32 +261,57 @@ def measure(settings: ServingSettings, rounds: int, engines: dict[str, Any], pat
     out_tokens = settings.requests * settings.max_tokens
     tps = {name: [out_tokens / s for s in t["seconds"]] for name, t in raw["times"].items()}
     lat = {name: t["latency"] for name, t in raw["times"].items()}
-    summary = {name: {"tokens_per_s": summarize(tps[name]), "latency_s": summarize(lat[name]),
-                      "tokens_per_s_vs_base": ratio_stats(tps[name], tps[BASE]),
-                      "latency_vs_base": ratio_stats(lat[name], lat[BASE])}
-               for name in cases}
+    summary = {
+        name: {
+            "tokens_per_s": summarize(tps[name]),
+            "latency_s": summarize(lat[name]),
+            "tokens_per_s_vs_base": ratio_stats(tps[name], tps[BASE]),
+            "latency_vs_base": ratio_stats(lat[name], lat[BASE]),
+        }
+        for name in cases
+    }
     base_tokens = workloads[BASE].tokens
-    checks = {"plain_engine_matches_base": workloads[PLAIN].tokens == base_tokens,
-              "share_of_requests_changed_by_adapter": {
-                  name: statistics.fmean(a != b for a, b in zip(workloads[name].tokens, base_tokens, strict=True))
-                  for name, meta in cases.items() if meta["adapters"]}}
-    return {"cases": cases, "times": raw["times"], "tokens_per_s": tps, "orders": raw["orders"],
-            "summary": summary, "checks": checks,
-            "targets": targets(cases, tps, max(settings.adapter_counts))}
+    checks = {
+        "plain_engine_matches_base": workloads[PLAIN].tokens == base_tokens,
+        "share_of_requests_changed_by_adapter": {
+            name: statistics.fmean(a != b for a, b in zip(workloads[name].tokens, base_tokens, strict=True))
+            for name, meta in cases.items()
+            if meta["adapters"]
+        },
+    }
+    return {
+        "cases": cases,
+        "times": raw["times"],
+        "tokens_per_s": tps,
+        "orders": raw["orders"],
+        "summary": summary,
+        "checks": checks,
+        "targets": targets(cases, tps, max(settings.adapter_counts)),
+    }
 
 
 def targets(cases: dict[str, dict], tps: dict[str, list[float]], k: int) -> list[dict]:
     """The two throughput targets at k adapters: RoAd vs the base model, RoAd vs LoRA."""
+
     def case(label: str) -> str:
         return next(n for n, m in cases.items() if m["contender"] == label and m["adapters"] == k)
 
     road, lora = tps[case(ROAD)], tps[case(LORA)]
     out = []
-    for what, ref, goal in ((f"{ROAD} tokens/s / base tokens/s, {k} adapters", tps[BASE], TARGET_VS_BASE),
-                            (f"{ROAD} tokens/s / {LORA} tokens/s, {k} adapters", lora, TARGET_VS_LORA)):
+    for what, ref, goal in (
+        (f"{ROAD} tokens/s / base tokens/s, {k} adapters", tps[BASE], TARGET_VS_BASE),
+        (f"{ROAD} tokens/s / {LORA} tokens/s, {k} adapters", lora, TARGET_VS_LORA),
+    ):
         ratio = ratio_stats(road, ref)
-        out.append({"what": what, "goal": goal, "ratio_of_medians": ratio["of_medians"],
-                    "per_round_median": ratio["paired_median"], "met": ratio["of_medians"] >= goal})
+        out.append(
+            {
+                "what": what,
+                "goal": goal,
+                "ratio_of_medians": ratio["of_medians"],
+                "per_round_median": ratio["paired_median"],
+                "met": ratio["of_medians"] >= goal,
+            }
+        )
     return out
 
 
@@ -261,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join(["python -m benchmarks.vllm_serving", *(sys.argv[1:] if argv is None else argv)]),
-        "loadavg_start": _loadavg(), "cpu_pressure_start": _cpu_pressure()}
+        "loadavg_start": _loadavg(),
+        "cpu_pressure_start": _cpu_pressure(),
+    }
 
     import peft
     import torch
@@ -276,19 +343,36 @@ def main(argv: list[str] | None = None) -> int:
         paths = write_checkpoints(settings, root)
         engines = build_engines(settings, paths["base"])
         result = measure(settings, rounds, engines, paths)
-    meta.update({
-        "vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "roadkit": getattr(roadkit, "__version__", "?"),
-        "python": platform.python_version(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-        "omp_wait_policy_set_by_harness": omp_set_here,
-        "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_") or k in ("OMP_NUM_THREADS",)},
-        "rounds": rounds, "loadavg_end": _loadavg(), "cpu_pressure_end": _cpu_pressure(),
-        "total_seconds": time.perf_counter() - t_start})
-    results = {"meta": meta, "settings": asdict(settings),
-               "adapters": {ROAD: {"variant": VARIANT, "group_size": GROUP_SIZE},
-                            LORA: {"r": LORA_RANK, "lora_alpha": LORA_ALPHA}},
-               "engines": {name: engine_facts(llm) for name, llm in engines.items()}, **result}
+    meta.update(
+        {
+            "vllm": vllm.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "roadkit": getattr(roadkit, "__version__", "?"),
+            "python": platform.python_version(),
+            "cpu": _cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "omp_wait_policy_set_by_harness": omp_set_here,
+            "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_") or k in ("OMP_NUM_THREADS",)},
+            "rounds": rounds,
+            "loadavg_end": _loadavg(),
+            "cpu_pressure_end": _cpu_pressure(),
+            "total_seconds": time.perf_counter() - t_start,
+        }
+    )
+    results = {
+        "meta": meta,
+        "settings": asdict(settings),
+        "adapters": {
+            ROAD: {"variant": VARIANT, "group_size": GROUP_SIZE},
+            LORA: {"r": LORA_RANK, "lora_alpha": LORA_ALPHA},
+        },
+        "engines": {name: engine_facts(llm) for name, llm in engines.items()},
+        **result,
+    }
     paths_written = write_all(results, out_dir)
     print(markdown(results))
     log(f"wrote {', '.join(paths_written)}; total {meta['total_seconds']:.0f} s")
@@ -305,7 +389,8 @@ def markdown(results: dict) -> str:
     meta, su, eng = results["meta"], results["settings"], results["engines"][BASE]
     m, lora = su["model"], eng["lora"]
     lines = [
-        "# vLLM serving: RoAd (roadkit plugin) vs LoRA vs the base model", "",
+        "# vLLM serving: RoAd (roadkit plugin) vs LoRA vs the base model",
+        "",
         f"- date: {meta['date']}, run: `{meta['command']}` ({su['name']} settings), "
         f"total runtime {meta['total_seconds']:.0f} s",
         f"- vllm {meta['vllm']}, torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}, "
@@ -331,33 +416,55 @@ def markdown(results: dict) -> str:
         "per group (base, RoAd, LoRA), each adapter loaded once in the warmup round and resident thereafter",
         f"- {meta['rounds']} timed rounds after one warmup round; each round runs every case once, the order "
         "rotated by one case per round. Tokens/s = output tokens / wall time of the round; latency = mean over "
-        "requests of submission to finish. \"× base\" = median / the base's median (LoRA-enabled engine, no "
-        "adapter); \"per round\" = the ratio within each round",
+        'requests of submission to finish. "× base" = median / the base\'s median (LoRA-enabled engine, no '
+        'adapter); "per round" = the ratio within each round',
     ]
     if _busy(meta):
-        lines.append("- **note: other processes were competing for the CPU during this run** (load average above "
-                     "the thread count or CPU pressure above 10%): absolute numbers are inflated and noisy; "
-                     "compare the per-round ratios")
-    lines += ["", "| case | output tokens/s: median | min – max | × base | × base per round: median [min – max] "
-              "| mean latency (s): median | latency × base |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            "- **note: other processes were competing for the CPU during this run** (load average above "
+            "the thread count or CPU pressure above 10%): absolute numbers are inflated and noisy; "
+            "compare the per-round ratios"
+        )
+    lines += [
+        "",
+        "| case | output tokens/s: median | min – max | × base | × base per round: median [min – max] "
+        "| mean latency (s): median | latency × base |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name in results["cases"]:
         s = results["summary"][name]
         t, r, lat = s["tokens_per_s"], s["tokens_per_s_vs_base"], s["latency_s"]
-        lines.append(_row([name, _fmt(t["median"]), f"{_fmt(t['min'])} – {_fmt(t['max'])}",
-                           f"**{r['of_medians']:.3f}**",
-                           f"{r['paired_median']:.3f} [{r['paired_min']:.3f} – {r['paired_max']:.3f}]",
-                           _fmt(lat["median"]), f"{s['latency_vs_base']['of_medians']:.3f}"]))
+        lines.append(
+            _row(
+                [
+                    name,
+                    _fmt(t["median"]),
+                    f"{_fmt(t['min'])} – {_fmt(t['max'])}",
+                    f"**{r['of_medians']:.3f}**",
+                    f"{r['paired_median']:.3f} [{r['paired_min']:.3f} – {r['paired_max']:.3f}]",
+                    _fmt(lat["median"]),
+                    f"{s['latency_vs_base']['of_medians']:.3f}",
+                ]
+            )
+        )
     lines += ["", "## Targets", ""]
     for t in results["targets"]:
-        lines.append(f"- {t['what']}: **{t['ratio_of_medians']:.3f}** (per-round median {t['per_round_median']:.3f}),"
-                     f" goal ≥ {t['goal']}: **{'met' if t['met'] else 'NOT met'}**")
+        lines.append(
+            f"- {t['what']}: **{t['ratio_of_medians']:.3f}** (per-round median {t['per_round_median']:.3f}),"
+            f" goal ≥ {t['goal']}: **{'met' if t['met'] else 'NOT met'}**"
+        )
     checks = results["checks"]
     changed = checks["share_of_requests_changed_by_adapter"]
-    lines += ["", "## Checks", "",
-              f"- plain engine's tokens identical to the LoRA-enabled engine's base tokens: "
-              f"{checks['plain_engine_matches_base']}",
-              "- share of requests whose tokens differ from the base model's (the adapters are applied): "
-              + ", ".join(f"{name} {share:.2f}" for name, share in changed.items()), ""]
+    lines += [
+        "",
+        "## Checks",
+        "",
+        f"- plain engine's tokens identical to the LoRA-enabled engine's base tokens: "
+        f"{checks['plain_engine_matches_base']}",
+        "- share of requests whose tokens differ from the base model's (the adapters are applied): "
+        + ", ".join(f"{name} {share:.2f}" for name, share in changed.items()),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -371,16 +478,29 @@ def plot(results: dict, path: str) -> None:
     summary, cases = results["summary"], results["cases"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, color in ((ROAD, "tab:blue"), (LORA, "tab:green")):
-        rows = sorted((meta["adapters"], summary[name]["tokens_per_s"]) for name, meta in cases.items()
-                      if meta["contender"] == label)
+        rows = sorted(
+            (meta["adapters"], summary[name]["tokens_per_s"])
+            for name, meta in cases.items()
+            if meta["contender"] == label
+        )
         ks, stats = [k for k, _ in rows], [st for _, st in rows]
         ys = [st["median"] for st in stats]
         err = [[st["median"] - st["min"] for st in stats], [st["max"] - st["median"] for st in stats]]
         ax.errorbar(ks, ys, yerr=err, marker="o", capsize=3, color=color, label=label)
-    ax.axhline(summary[BASE]["tokens_per_s"]["median"], color="gray", linestyle="--", linewidth=1,
-               label="base (LoRA-enabled engine, no adapter)")
-    ax.axhline(summary[PLAIN]["tokens_per_s"]["median"], color="black", linestyle=":", linewidth=1,
-               label="base (engine without LoRA)")
+    ax.axhline(
+        summary[BASE]["tokens_per_s"]["median"],
+        color="gray",
+        linestyle="--",
+        linewidth=1,
+        label="base (LoRA-enabled engine, no adapter)",
+    )
+    ax.axhline(
+        summary[PLAIN]["tokens_per_s"]["median"],
+        color="black",
+        linestyle=":",
+        linewidth=1,
+        label="base (engine without LoRA)",
+    )
     ks_all = results["settings"]["adapter_counts"]
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks_all, [str(k) for k in ks_all])
@@ -388,8 +508,11 @@ def plot(results: dict, path: str) -> None:
     ax.set_xlabel("distinct adapters over the requests")
     ax.set_ylabel("output tokens/s (median; bars: min–max over rounds)")
     su, m = results["settings"], results["settings"]["model"]
-    ax.set_title(f"vLLM {results['meta']['vllm']} on CPU, {su['requests']} requests x {su['max_tokens']} tokens; "
-                 f"Llama {m['layers']}L h{m['hidden']}, {results['engines'][BASE]['dtype']}", fontsize=10)
+    ax.set_title(
+        f"vLLM {results['meta']['vllm']} on CPU, {su['requests']} requests x {su['max_tokens']} tokens; "
+        f"Llama {m['layers']}L h{m['hidden']}, {results['engines'][BASE]['dtype']}",
+        fontsize=10,
+    )
     finish_figure(fig, ax, path)
 
 

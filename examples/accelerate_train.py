@@ -38,8 +38,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-2, help="RoAd likes about 1e-3 on real models")
     parser.add_argument("--variant", default="road_1", choices=["road_1", "road_2", "road_4"])
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--target-modules", nargs="+", default=["all-linear"],
-                        help='module names, or "all-linear"')
+    parser.add_argument("--target-modules", nargs="+", default=["all-linear"], help='module names, or "all-linear"')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu", action="store_true", help="train on CPU processes (gloo) even if GPUs are present")
     return parser.parse_args()
@@ -51,8 +50,15 @@ def load_model(path: str | None) -> torch.nn.Module:
 
     if path:
         return AutoModelForCausalLM.from_pretrained(path)
-    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -70,14 +76,16 @@ def main() -> None:
     accelerator = Accelerator(cpu=args.cpu, dataloader_config=DataLoaderConfiguration(split_batches=True))
     set_seed(args.seed)  # the same base weights on every process
     targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
-    model = get_peft_model(load_model(args.model), RoadConfig(
-        variant=args.variant, group_size=args.group_size, target_modules=targets))
+    model = get_peft_model(
+        load_model(args.model), RoadConfig(variant=args.variant, group_size=args.group_size, target_modules=targets)
+    )
     if accelerator.is_main_process:
         model.print_trainable_parameters()
 
     data = synthetic_data(args.steps * args.batch_size, args.seq_len, model.config.vocab_size, args.seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(args.seed))
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 

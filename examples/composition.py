@@ -50,8 +50,7 @@ def examples(task: str, split: str, count: int) -> list[Example]:
 def replay(count: int, own: list[str]) -> list[Example]:
     """Pretraining rows for rehearsal, without the unnamed rows shaped like the `own` tasks' prompts."""
     markers = tuple(PROMPTS[t]("").strip() for t in own)
-    return [ex for ex in pretraining_examples(count, seed=1)
-            if not ex.completion.partition(" ")[2].startswith(markers)]
+    return [ex for ex in pretraining_examples(count, seed=1) if not ex.completion.partition(" ")[2].startswith(markers)]
 
 
 def run(s: dict = SETTINGS["full"], say: Callable[[str], None] = print) -> dict:
@@ -59,8 +58,10 @@ def run(s: dict = SETTINGS["full"], say: Callable[[str], None] = print) -> dict:
     losses of every model on both tasks."""
     torch.manual_seed(0)
     base, tokenizer = load_base()
-    data = {task: {split: tokenize_all(tokenizer, examples(task, split, s[split]), 64)[0]
-                   for split in ("train", "eval")} for task in PROMPTS}
+    data = {
+        task: {split: tokenize_all(tokenizer, examples(task, split, s[split]), 64)[0] for split in ("train", "eval")}
+        for task in PROMPTS
+    }
     task1, task2 = PROMPTS
     if s["replay"]:
         for task, own in ((task1, [task1]), (task2, [task2]), ("both", [task1, task2])):
@@ -71,8 +72,11 @@ def run(s: dict = SETTINGS["full"], say: Callable[[str], None] = print) -> dict:
     model = get_peft_model(copy.deepcopy(base), RoadConfig(**ADAPTER, subspace="0/2"), "A")
     model.add_adapter("B", RoadConfig(**ADAPTER, subspace="1/2"))
     model.add_adapter("joint", RoadConfig(**ADAPTER))
-    runs = {"A": data[task1]["train"] + data[task1]["replay"], "B": data[task2]["train"] + data[task2]["replay"],
-            "joint": data[task1]["train"] + data[task2]["train"] + data["both"]["replay"]}
+    runs = {
+        "A": data[task1]["train"] + data[task1]["replay"],
+        "B": data[task2]["train"] + data[task2]["replay"],
+        "joint": data[task1]["train"] + data[task2]["train"] + data["both"]["replay"],
+    }
     config = TrainConfig(lr=s["lr"], max_steps=s["steps"], batch_size=s["batch_size"])
     trainable = {}
     for name, train in runs.items():
@@ -81,8 +85,10 @@ def run(s: dict = SETTINGS["full"], say: Callable[[str], None] = print) -> dict:
         trainable[name] = sum(p.numel() for p in trainer.params)
         start = time.perf_counter()
         trainer.fit(progress=False)
-        say(f"trained {name} ({trainable[name]:,d} parameters, {s['steps']} steps) in "
-            f"{time.perf_counter() - start:.0f} s")
+        say(
+            f"trained {name} ({trainable[name]:,d} parameters, {s['steps']} steps) in "
+            f"{time.perf_counter() - start:.0f} s"
+        )
     compose(model, ["A", "B"], "union", mode="union")
 
     evaluator = TrainingRun(model, runs["A"], config, tokenizer)
@@ -96,8 +102,14 @@ def run(s: dict = SETTINGS["full"], say: Callable[[str], None] = print) -> dict:
     losses["A then B"] = {t: evaluator.evaluate(data[t]["eval"]) for t in PROMPTS}
 
     kept = {task1: _kept(losses, "A", task1), task2: _kept(losses, "B", task2)}
-    return {"settings": s, "adapter": ADAPTER, "trainable_parameters": trainable, "losses": losses,
-            "union_keeps": kept, "goal_met": all(v >= 0.9 for v in kept.values())}
+    return {
+        "settings": s,
+        "adapter": ADAPTER,
+        "trainable_parameters": trainable,
+        "losses": losses,
+        "union_keeps": kept,
+        "goal_met": all(v >= 0.9 for v in kept.values()),
+    }
 
 
 def _kept(losses: dict[str, dict[str, float]], single: str, task: str) -> float:

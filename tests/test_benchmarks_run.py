@@ -13,8 +13,22 @@ from benchmarks import run, scenarios
 
 
 def _main(tmp_path, names: str, *extra: str) -> int:
-    return run.main(["--quick", "--scenarios", names, "--reps", "1", "--warmup", "0",
-                     "--threads", str(torch.get_num_threads()), "--out", str(tmp_path), *extra])
+    return run.main(
+        [
+            "--quick",
+            "--scenarios",
+            names,
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            str(torch.get_num_threads()),
+            "--out",
+            str(tmp_path),
+            *extra,
+        ]
+    )
 
 
 def _results(tmp_path) -> dict:
@@ -57,8 +71,9 @@ def test_an_interrupt_stops_the_run_and_keeps_what_finished(tmp_path, monkeypatc
     assert list(_results(tmp_path)["scenarios"]) == ["kernels"]
 
 
-@pytest.mark.parametrize("names, message", [("kernels,kernels", "named twice: kernels"),
-                                            ("kernels,nope", "unknown scenario")])
+@pytest.mark.parametrize(
+    "names, message", [("kernels,kernels", "named twice: kernels"), ("kernels,nope", "unknown scenario")]
+)
 def test_bad_scenario_lists_are_refused_before_anything_runs(tmp_path, capsys, names, message):
     with pytest.raises(SystemExit):
         _main(tmp_path, names)

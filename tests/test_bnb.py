@@ -44,16 +44,20 @@ UNMERGE_TOL = {"nf4": 0.25, "fp4": 0.3, "int8": 0.02}
 WRAPPER = {"nf4": Linear4bit, "fp4": Linear4bit, "int8": Linear8bitLt}
 
 
-
-
 def quantized(layer: nn.Linear, kind: str, compress_statistics: bool = True) -> nn.Module:
     """A bitsandbytes copy of `layer`, quantized (nf4 / fp4: Linear4bit; int8: Linear8bitLt)."""
     bias = layer.bias is not None
     if kind == "int8":
         q = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias, has_fp16_weights=False)
     else:
-        q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias, compute_dtype=torch.float32,
-                              quant_type=kind, compress_statistics=compress_statistics)
+        q = bnb.nn.Linear4bit(
+            layer.in_features,
+            layer.out_features,
+            bias,
+            compute_dtype=torch.float32,
+            quant_type=kind,
+            compress_statistics=compress_statistics,
+        )
     q.load_state_dict(layer.state_dict())
     return q.to("cpu").requires_grad_(False)
 
@@ -124,8 +128,15 @@ def test_importing_roadkit_leaves_bitsandbytes_unimported():
 def test_all_linear_wraps_the_quantized_layers_but_not_the_head(bases, kind):
     rm = get_peft_model(copy.deepcopy(bases[kind]), all_linear())
     layers = dict(rm.road_layers())
-    assert {p.rsplit(".", 1)[-1] for p in layers} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                      "up_proj", "down_proj"}
+    assert {p.rsplit(".", 1)[-1] for p in layers} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert all(type(layer) is WRAPPER[kind] for layer in layers.values())
     down = layers["model.layers.0.mlp.down_proj"]
     assert (down.in_features, down.out_features) == (256, 128)
@@ -344,8 +355,10 @@ def test_parity_with_peft_forward_and_merged_weights(bases, kind):
     # PEFT dispatches to its bitsandbytes layers only for models flagged as loaded in 4 / 8 bits.
     setattr(base, "is_loaded_in_8bit" if kind == "int8" else "is_loaded_in_4bit", True)
     torch.manual_seed(0)
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.RoadConfig(variant="road_4", group_size=64,
-                                                                  init_weights=False, target_modules="all-linear"))
+    pm = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.RoadConfig(variant="road_4", group_size=64, init_weights=False, target_modules="all-linear"),
+    )
     rm = get_peft_model(base, all_linear("road_4"))
     src = {n.removeprefix("base_model.model."): p for n, p in pm.named_parameters() if ".road_" in n}
     dst = {n.removeprefix("model."): p for n, p in rm.named_parameters() if ".road_" in n}

@@ -30,30 +30,43 @@ def tiny_llama_cls(seed: int = 0, num_labels: int = 3):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                      num_labels=num_labels, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pad_token_id=0,
+    )
     return LlamaForSequenceClassification(cfg).eval()
 
 
 # Two adapters per setup, with different variants, group sizes and targets, each with a head to save.
 SETUPS = {
     "seq_cls": dict(
-        builder=tiny_llama_cls, head="score",
+        builder=tiny_llama_cls,
+        head="score",
         adapters={
-            "default": dict(task_type="SEQ_CLS", variant="road_2", group_size=32,
-                            target_modules=["q_proj", "v_proj"]),
-            "other": dict(task_type="SEQ_CLS", variant="road_4", group_size=64,
-                          target_modules=["o_proj", "down_proj"]),
+            "default": dict(task_type="SEQ_CLS", variant="road_2", group_size=32, target_modules=["q_proj", "v_proj"]),
+            "other": dict(task_type="SEQ_CLS", variant="road_4", group_size=64, target_modules=["o_proj", "down_proj"]),
         },
     ),
     "causal_lm": dict(
-        builder=tiny_llama, head="lm_head",
+        builder=tiny_llama,
+        head="lm_head",
         adapters={
-            "default": dict(variant="road_1", group_size=64, target_modules=r".*\.(q_proj|k_proj|up_proj)",
-                            modules_to_save=["lm_head"]),
-            "other": dict(variant="road_2", group_size=16, target_modules=["v_proj", "gate_proj"],
-                          modules_to_save=["lm_head"]),
+            "default": dict(
+                variant="road_1",
+                group_size=64,
+                target_modules=r".*\.(q_proj|k_proj|up_proj)",
+                modules_to_save=["lm_head"],
+            ),
+            "other": dict(
+                variant="road_2", group_size=16, target_modules=["v_proj", "gate_proj"], modules_to_save=["lm_head"]
+            ),
         },
     ),
 }
@@ -142,8 +155,7 @@ def files_bytes(root: str) -> dict[str, bytes]:
 
 
 def temp_leftovers(root: str) -> list[str]:
-    return [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files
-            if n.startswith(".tmp-")]
+    return [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files if n.startswith(".tmp-")]
 
 
 def snapshot(model: torch.nn.Module) -> dict:
@@ -157,8 +169,10 @@ def snapshot(model: torch.nn.Module) -> dict:
     if isinstance(model, RoadModel):
         snap["peft_config"] = {k: v.to_dict() for k, v in model.peft_config.items()}
         snap["active"] = model.active_adapters
-        snap["layers"] = [(p, lyr.active_adapters, list(lyr.merged_adapters), sorted(lyr.road_theta))
-                          for p, lyr in model.road_layers()]
+        snap["layers"] = [
+            (p, lyr.active_adapters, list(lyr.merged_adapters), sorted(lyr.road_theta))
+            for p, lyr in model.road_layers()
+        ]
     return snap
 
 
@@ -224,19 +238,22 @@ def test_roadkit_directory_loads_in_peft(setup, tmp_path, input_ids):
         rm.set_adapter(name)
         same_logits(rm, pm, input_ids)
     # PEFT's own subfolder convention finds the same adapter.
-    pm2 = peft.PeftModel.from_pretrained(SETUPS[setup]["builder"](), tmp_path, subfolder="other",
-                                         adapter_name="other")
+    pm2 = peft.PeftModel.from_pretrained(SETUPS[setup]["builder"](), tmp_path, subfolder="other", adapter_name="other")
     close(logits(pm2.eval(), input_ids), expected["other"])
 
 
-@pytest.mark.parametrize("selection, adapted", [
-    (dict(layers_to_transform=[1]), ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]),
-    (dict(exclude_modules=["model.layers.0.self_attn.q_proj"]),
-     ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj",
-      "model.layers.1.self_attn.v_proj"]),
-], ids=["layers_to_transform", "exclude_modules"])
-def test_roadkit_directory_with_restricted_targets_loads_in_peft(selection, adapted, tmp_path, llama,
-                                                                input_ids):
+@pytest.mark.parametrize(
+    "selection, adapted",
+    [
+        (dict(layers_to_transform=[1]), ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]),
+        (
+            dict(exclude_modules=["model.layers.0.self_attn.q_proj"]),
+            ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"],
+        ),
+    ],
+    ids=["layers_to_transform", "exclude_modules"],
+)
+def test_roadkit_directory_with_restricted_targets_loads_in_peft(selection, adapted, tmp_path, llama, input_ids):
     """An adapter trained in roadkit must run in PEFT with the same numbers, whatever selected its layers.
 
     PEFT's RoadConfig has no `layers_to_transform` / `exclude_modules` (it ignores those keys on
@@ -250,8 +267,11 @@ def test_roadkit_directory_with_restricted_targets_loads_in_peft(selection, adap
     rm.save_pretrained(tmp_path)
 
     pm = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
-    peft_adapted = sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules()
-                          if isinstance(m, peft.tuners.road.layer.RoadLayer))
+    peft_adapted = sorted(
+        n.removeprefix("base_model.model.")
+        for n, m in pm.named_modules()
+        if isinstance(m, peft.tuners.road.layer.RoadLayer)
+    )
     assert peft_adapted == adapted
     close(logits(pm, input_ids), expected)
     same_logits(rm, pm, input_ids)
@@ -284,9 +304,20 @@ def test_directory_layout(tmp_path):
     for name, where in (("default", tmp_path), ("other", tmp_path / "other"), ("third", tmp_path / "third")):
         cfg = rm.peft_config[name]
         data = json.loads((where / CONFIG).read_text())
-        required = {"peft_type", "variant", "group_size", "init_weights", "target_modules", "modules_to_save",
-                    "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-                    "peft_version"}
+        required = {
+            "peft_type",
+            "variant",
+            "group_size",
+            "init_weights",
+            "target_modules",
+            "modules_to_save",
+            "task_type",
+            "base_model_name_or_path",
+            "revision",
+            "inference_mode",
+            "auto_mapping",
+            "peft_version",
+        }
         assert required <= set(data)
         assert data["peft_type"] == "ROAD"
         assert data["variant"] == cfg.variant
@@ -375,16 +406,14 @@ def test_roundtrip(is_trainable, tmp_path, input_ids):
             assert torch.equal(layer.road_theta[name], orig[path].road_theta[name])
             assert torch.equal(layer.road_alpha[name], orig[path].road_alpha[name])
     for name in ("default", "other"):
-        assert torch.equal(loaded.model.score.modules_to_save[name].weight,
-                           rm.model.score.modules_to_save[name].weight)
+        assert torch.equal(loaded.model.score.modules_to_save[name].weight, rm.model.score.modules_to_save[name].weight)
 
     for name in ("default", "other"):
         loaded.set_adapter(name)
         close(logits(loaded, input_ids), expected[name])
         trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
         if is_trainable:
-            road = {n for n, _ in loaded.named_parameters()
-                    if f"road_theta.{name}" in n or f"road_alpha.{name}" in n}
+            road = {n for n, _ in loaded.named_parameters() if f"road_theta.{name}" in n or f"road_alpha.{name}" in n}
             head = {n for n, _ in loaded.named_parameters() if f"modules_to_save.{name}." in n}
             assert road and head
             assert trainable == road | head
@@ -437,6 +466,7 @@ def _edit_tensors(d, fn):
 def _set(key, value):
     def fn(t):
         t[key] = value(t) if callable(value) else value
+
     return fn
 
 
@@ -444,22 +474,27 @@ def _set(key, value):
 BAD = {
     "missing_directory": (lambda d: d / "does-not-exist", FileNotFoundError, [r"does not exist"]),
     "no_config": (lambda d: (os.remove(d / CONFIG), d)[1], FileNotFoundError, [r"no adapter_config\.json"]),
-    "no_weights": (lambda d: (os.remove(d / WEIGHTS), d)[1], FileNotFoundError,
-                   [r"adapter_model\.safetensors"]),
+    "no_weights": (lambda d: (os.remove(d / WEIGHTS), d)[1], FileNotFoundError, [r"adapter_model\.safetensors"]),
     "bad_json": (lambda d: ((d / CONFIG).write_text("{not json"), d)[1], ValueError, [r"not valid JSON"]),
     "lora": (lambda d: (_edit_config(d, peft_type="LORA"), d)[1], ValueError, [r"peft_type='LORA'", r"ROAD"]),
-    "missing_key": (lambda d: (_edit_tensors(d, lambda t: t.pop(Q1)), d)[1], ValueError,
-                    [r"missing keys", Q1]),
-    "extra_key": (lambda d: (_edit_tensors(d, _set(K0, torch.zeros(64))), d)[1], ValueError,
-                  [r"unexpected keys", K0]),
-    "wrong_shape": (lambda d: (_edit_tensors(d, _set(Q1, torch.zeros(66))), d)[1], ValueError,
-                    [r"shape mismatch", Q1, r"66"]),
-    "wrong_head_shape": (lambda d: (_edit_tensors(d, _set(HEAD, torch.zeros(95, 128))), d)[1], ValueError,
-                         [r"shape mismatch", HEAD]),
-    "variant_mismatch": (lambda d: (_edit_config(d, variant="road_4"), d)[1], ValueError,
-                         [r"shape mismatch"]),
-    "group_size": (lambda d: (_edit_config(d, group_size=48), d)[1], ValueError,
-                   [r"out_features=128", r"group_size=48", r"q_proj"]),
+    "missing_key": (lambda d: (_edit_tensors(d, lambda t: t.pop(Q1)), d)[1], ValueError, [r"missing keys", Q1]),
+    "extra_key": (lambda d: (_edit_tensors(d, _set(K0, torch.zeros(64))), d)[1], ValueError, [r"unexpected keys", K0]),
+    "wrong_shape": (
+        lambda d: (_edit_tensors(d, _set(Q1, torch.zeros(66))), d)[1],
+        ValueError,
+        [r"shape mismatch", Q1, r"66"],
+    ),
+    "wrong_head_shape": (
+        lambda d: (_edit_tensors(d, _set(HEAD, torch.zeros(95, 128))), d)[1],
+        ValueError,
+        [r"shape mismatch", HEAD],
+    ),
+    "variant_mismatch": (lambda d: (_edit_config(d, variant="road_4"), d)[1], ValueError, [r"shape mismatch"]),
+    "group_size": (
+        lambda d: (_edit_config(d, group_size=48), d)[1],
+        ValueError,
+        [r"out_features=128", r"group_size=48", r"q_proj"],
+    ),
 }
 
 
@@ -468,8 +503,9 @@ def saved_adapter(tmp_path_factory):
     """A valid roadkit adapter for tiny_llama: road_1, q_proj/v_proj, lm_head saved."""
     d = tmp_path_factory.mktemp("valid")
     torch.manual_seed(7)
-    cfg = RoadConfig(group_size=64, init_weights=False, target_modules=["q_proj", "v_proj"],
-                     modules_to_save=["lm_head"])
+    cfg = RoadConfig(
+        group_size=64, init_weights=False, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]
+    )
     rm = get_peft_model(tiny_llama(), cfg)
     rm.save_pretrained(d)
     return d
@@ -493,8 +529,9 @@ def _raises(exc, patterns, fn):
 def test_load_adapter_error_leaves_model_unchanged(case, saved_adapter, tmp_path, llama):
     path, exc, patterns = _prepare(case, saved_adapter, tmp_path)
     torch.manual_seed(0)
-    rm = get_peft_model(llama, RoadConfig(group_size=32, init_weights=False, target_modules=["o_proj"],
-                                          modules_to_save=["lm_head"]))
+    rm = get_peft_model(
+        llama, RoadConfig(group_size=32, init_weights=False, target_modules=["o_proj"], modules_to_save=["lm_head"])
+    )
     before = snapshot(rm)
     _raises(exc, patterns, lambda: rm.load_adapter(path, "new"))
     assert_unchanged(before, rm)
@@ -541,8 +578,9 @@ def test_save_over_existing_directory_replaces_files(tmp_path, input_ids):
     target = tmp_path / "out"
     fresh = tmp_path / "fresh"
     torch.manual_seed(0)
-    big = get_peft_model(tiny_llama(), RoadConfig(variant="road_4", group_size=16, init_weights=False,
-                                                  target_modules="all-linear"))
+    big = get_peft_model(
+        tiny_llama(), RoadConfig(variant="road_4", group_size=16, init_weights=False, target_modules="all-linear")
+    )
     big.save_pretrained(target)
     small = build_roadkit("causal_lm")
     small.save_pretrained(target)

@@ -26,13 +26,25 @@ TRAIN_ARGS = ["--targets", "all-linear", "--max-steps", "6", "--batch-size", "4"
 
 
 def roadkit(*args: str, cwd, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "roadkit", *map(str, args)], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "roadkit", *map(str, args)],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def start(*args: str, cwd) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "roadkit", *map(str, args)], cwd=cwd, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "roadkit", *map(str, args)],
+        cwd=cwd,
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def write_jsonl(path, rows):
@@ -49,16 +61,29 @@ def work(tmp_path_factory):
     model.save_pretrained(root / "tiny")
     tokenizer.save_pretrained(root / "tiny")
     for split, n in (("train", 24), ("eval", 8)):
-        write_jsonl(root / f"{split}.jsonl", [{"prompt": e.prompt, "completion": e.completion}
-                                              for e in task_examples("upper", split, n)])
+        write_jsonl(
+            root / f"{split}.jsonl",
+            [{"prompt": e.prompt, "completion": e.completion} for e in task_examples("upper", split, n)],
+        )
     return root
 
 
 @pytest.fixture(scope="module")
 def trained(work):
     """One `roadkit train` run (6 steps, all-linear)."""
-    result = roadkit("train", "--model", "tiny", "--data", "train.jsonl", "--eval-data", "eval.jsonl",
-                     "--output", "run", *TRAIN_ARGS, cwd=work)
+    result = roadkit(
+        "train",
+        "--model",
+        "tiny",
+        "--data",
+        "train.jsonl",
+        "--eval-data",
+        "eval.jsonl",
+        "--output",
+        "run",
+        *TRAIN_ARGS,
+        cwd=work,
+    )
     assert result.returncode == 0, result.stderr
     return work / "run", result
 
@@ -75,8 +100,13 @@ def probe():
 
 def test_train_writes_a_run_that_roadkit_and_peft_load(work, trained):
     run, result = trained
-    assert {"adapter_config.json", "adapter_model.safetensors", "training_log.json", "loss_curve.png",
-            "checkpoint"} <= set(os.listdir(run))
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "training_log.json",
+        "loss_curve.png",
+        "checkpoint",
+    } <= set(os.listdir(run))
     assert "wrote run" in result.stdout
     log = json.loads((run / "training_log.json").read_text())
     assert log["status"] == "completed" and log["step"] == log["total_steps"] == 6
@@ -120,8 +150,9 @@ def test_merge_writes_a_model_that_reproduces_the_adapted_logits(work, trained):
     assert AutoTokenizer.from_pretrained(work / "merged")("ab").input_ids == build_tokenizer()("ab").input_ids
     adapted = RoadModel.from_pretrained(load_tiny(work), work / "run")
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=probe()).logits, adapted(input_ids=probe()).logits,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            merged(input_ids=probe()).logits, adapted(input_ids=probe()).logits, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_generate_mixed_batch_equals_single_runs(work, trained):
@@ -130,11 +161,23 @@ def test_generate_mixed_batch_equals_single_runs(work, trained):
 
     torch.manual_seed(0)  # a second, random (not identity) adapter, so routing visibly matters
     get_peft_model(load_tiny(work), RoadConfig(target_modules="all-linear", init_weights=False)).save_pretrained(
-        work / "random")
+        work / "random"
+    )
     prompts = [("a", "kitten ->"), ("b", "kitten ->"), ("base", "kitten ->"), ("b", "bo ->"), ("__base__", "mu ->")]
-    result = roadkit("generate", "--model", "tiny", "--adapter", "a=run", "--adapter", "b=random", "--json",
-                     "--max-new-tokens", "6", *[x for name, text in prompts for x in ("--prompt", f"{name}:{text}")],
-                     cwd=work)
+    result = roadkit(
+        "generate",
+        "--model",
+        "tiny",
+        "--adapter",
+        "a=run",
+        "--adapter",
+        "b=random",
+        "--json",
+        "--max-new-tokens",
+        "6",
+        *[x for name, text in prompts for x in ("--prompt", f"{name}:{text}")],
+        cwd=work,
+    )
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert [(r["adapter"], r["prompt"]) for r in rows] == prompts
@@ -150,24 +193,45 @@ def test_generate_mixed_batch_equals_single_runs(work, trained):
 
 TRAIN_1 = ["train", "--model", "tiny", "--data", "train.jsonl", "--max-steps", "1"]
 BAD_INPUTS = {  # name: (arguments, what the one-line message says, an output directory that must not appear)
-    "missing data": (["train", "--model", "tiny", "--data", "nope.jsonl", "--output", "o1"],
-                     "nope.jsonl: no such file", "o1"),
-    "malformed jsonl": (["train", "--model", "tiny", "--data", "bad.jsonl", "--output", "o2"],
-                        "bad.jsonl:3: not valid JSON", "o2"),
-    "missing model": (["train", "--model", "./nomodel", "--data", "train.jsonl", "--output", "o3"],
-                      "nomodel' does not exist", "o3"),
+    "missing data": (
+        ["train", "--model", "tiny", "--data", "nope.jsonl", "--output", "o1"],
+        "nope.jsonl: no such file",
+        "o1",
+    ),
+    "malformed jsonl": (
+        ["train", "--model", "tiny", "--data", "bad.jsonl", "--output", "o2"],
+        "bad.jsonl:3: not valid JSON",
+        "o2",
+    ),
+    "missing model": (
+        ["train", "--model", "./nomodel", "--data", "train.jsonl", "--output", "o3"],
+        "nomodel' does not exist",
+        "o3",
+    ),
     "absent targets": ([*TRAIN_1, "--targets", "nonexistent_proj", "--output", "o4"], "nonexistent_proj", "o4"),
     "group size": ([*TRAIN_1, "--group-size", "48", "--output", "o5"], "not divisible by group_size=48", "o5"),
     "existing output": ([*TRAIN_1, "--output", "taken"], "already exists", None),
-    "missing adapter": (["merge", "--model", "tiny", "--adapter", "noadapter", "--output", "o6"],
-                        "'noadapter' does not exist", "o6"),
-    "not an adapter": (["merge", "--model", "tiny", "--adapter", "tiny", "--output", "o7"],
-                       "no adapter_config.json", "o7"),
-    "unrouted prompt": (["generate", "--model", "tiny", "--adapter", "a=run", "--adapter", "b=run", "--prompt",
-                         "x:hello"], "does not say which adapter", None),
+    "missing adapter": (
+        ["merge", "--model", "tiny", "--adapter", "noadapter", "--output", "o6"],
+        "'noadapter' does not exist",
+        "o6",
+    ),
+    "not an adapter": (
+        ["merge", "--model", "tiny", "--adapter", "tiny", "--output", "o7"],
+        "no adapter_config.json",
+        "o7",
+    ),
+    "unrouted prompt": (
+        ["generate", "--model", "tiny", "--adapter", "a=run", "--adapter", "b=run", "--prompt", "x:hello"],
+        "does not say which adapter",
+        None,
+    ),
     "resume nothing": (["train", "--output", "o8", "--resume"], "no run directory", "o8"),
-    "resume with other settings": (["train", "--output", "run", "--resume", "--lr", "0.5"],
-                                   "--lr 0.5 differs from the run's 0.01", None),
+    "resume with other settings": (
+        ["train", "--output", "run", "--resume", "--lr", "0.5"],
+        "--lr 0.5 differs from the run's 0.01",
+        None,
+    ),
     "inspect a model": (["inspect", "tiny"], "no adapter_config.json", None),
 }
 # These run as real `python -m roadkit` processes (side by side); the rest call `roadkit.cli.main` in this
@@ -227,8 +291,24 @@ def test_bad_inputs_in_process(name, bad_input_files, monkeypatch, capsys):
 
 
 def test_sigint_saves_a_checkpoint_that_resume_continues(work):
-    proc = start("train", "--model", "tiny", "--data", "train.jsonl", "--eval-data", "eval.jsonl", "--eval-every", "1",
-                 "--output", "interrupted", "--max-steps", "100000", "--batch-size", "4", cwd=work)
+    proc = start(
+        "train",
+        "--model",
+        "tiny",
+        "--data",
+        "train.jsonl",
+        "--eval-data",
+        "eval.jsonl",
+        "--eval-every",
+        "1",
+        "--output",
+        "interrupted",
+        "--max-steps",
+        "100000",
+        "--batch-size",
+        "4",
+        cwd=work,
+    )
     seen = [proc.stdout.readline() for _ in range(2)]  # the plan, then the first eval: the loop is running
     assert "Ctrl-C saves a checkpoint" in seen[0] and seen[1].startswith("step 1/100000"), (seen, proc.poll())
     proc.send_signal(signal.SIGINT)
@@ -258,8 +338,13 @@ def test_demo_fast(tmp_path):
         assert (out / "adapters" / task / "adapter_model.safetensors").is_file()
     assert summary["merge"]["max_abs_logit_difference"] < 1e-4 and summary["merge"]["same_generations"]
     assert {"base", "upper", "reverse", "prompt"} == set(summary["mixed_batch"][0])
-    for name in ("summary.md", "loss_curves.png", "angles_upper.png", "merged-upper/config.json",
-                 "base/tokenizer.json"):
+    for name in (
+        "summary.md",
+        "loss_curves.png",
+        "angles_upper.png",
+        "merged-upper/config.json",
+        "base/tokenizer.json",
+    ):
         assert (out / name).is_file(), name
     print(f"demo --fast took {time.perf_counter() - started:.1f} s")
 
@@ -285,8 +370,21 @@ def cli(args, capsys, cwd, monkeypatch):
     return code, out, err
 
 
-SMALL = ["--model", "tiny", "--data", "train.jsonl", "--targets", "all-linear", "--batch-size", "4", "--lr", "1e-2",
-         "--no-progress", "--device", "cpu"]
+SMALL = [
+    "--model",
+    "tiny",
+    "--data",
+    "train.jsonl",
+    "--targets",
+    "all-linear",
+    "--batch-size",
+    "4",
+    "--lr",
+    "1e-2",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 
 
 def one_line_error(code, err, *fragments):
@@ -300,10 +398,15 @@ def no_leftovers(parent):
 
 
 def test_resume_keeps_user_files_extends_the_schedule_and_checks_eval_data(work, tmp_path, capsys, monkeypatch):
-    eval_copy = write_jsonl(tmp_path / "eval.jsonl", [json.loads(line) for line in
-                                                      (work / "eval.jsonl").read_text().splitlines()])
-    code, _, err = cli(["train", *SMALL, "--eval-data", eval_copy, "--max-steps", "2", "--output", tmp_path / "r"],
-                       capsys, work, monkeypatch)
+    eval_copy = write_jsonl(
+        tmp_path / "eval.jsonl", [json.loads(line) for line in (work / "eval.jsonl").read_text().splitlines()]
+    )
+    code, _, err = cli(
+        ["train", *SMALL, "--eval-data", eval_copy, "--max-steps", "2", "--output", tmp_path / "r"],
+        capsys,
+        work,
+        monkeypatch,
+    )
     assert code == 0, err
     run = tmp_path / "r"
     code, _, err = cli(["inspect", run, "--plot", run / "angles.png"], capsys, work, monkeypatch)
@@ -336,8 +439,12 @@ def test_overwrite_refuses_an_output_that_holds_the_eval_data(work, tmp_path, ca
     out = tmp_path / "o"
     out.mkdir()
     held_out = write_jsonl(out / "eval.jsonl", [{"prompt": "a ->", "completion": " A"}])
-    code, _, err = cli(["train", *SMALL, "--eval-data", held_out, "--max-steps", "1", "--output", out, "--overwrite"],
-                       capsys, work, monkeypatch)
+    code, _, err = cli(
+        ["train", *SMALL, "--eval-data", held_out, "--max-steps", "1", "--output", out, "--overwrite"],
+        capsys,
+        work,
+        monkeypatch,
+    )
     one_line_error(code, err, "holds the input")
     assert held_out.is_file()
 
@@ -376,8 +483,9 @@ def test_sigterm_saves_a_checkpoint_and_no_staging_dir_exists_while_training(wor
     monkeypatch.setattr(RunLog, "on_step_begin", step)
     previous = signal.signal(signal.SIGTERM, sigterm_kills)
     try:
-        code, _, err = cli(["train", *SMALL, "--max-steps", "50", "--output", tmp_path / "r"], capsys, work,
-                           monkeypatch)
+        code, _, err = cli(
+            ["train", *SMALL, "--max-steps", "50", "--output", tmp_path / "r"], capsys, work, monkeypatch
+        )
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert code == 130, err
@@ -394,8 +502,15 @@ def gpt2_short(work):
 
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=64, n_layer=1, n_head=4,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=32,
+        n_embd=64,
+        n_layer=1,
+        n_head=4,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     GPT2LMHeadModel(config).save_pretrained(work / "gpt2short")
     tokenizer.save_pretrained(work / "gpt2short")
     write_jsonl(work / "long.jsonl", [{"text": "abcdefghij " * 6}, {"prompt": "abc ->", "completion": " ABC"}])
@@ -403,17 +518,31 @@ def gpt2_short(work):
 
 
 def test_rows_longer_than_the_context_are_cut_at_it(work, gpt2_short, tmp_path, capsys, monkeypatch):
-    args = ["train", "--model", gpt2_short, "--data", "long.jsonl", "--max-steps", "1", "--no-progress",
-            "--targets", "all-linear", "--device", "cpu"]
+    args = [
+        "train",
+        "--model",
+        gpt2_short,
+        "--data",
+        "long.jsonl",
+        "--max-steps",
+        "1",
+        "--no-progress",
+        "--targets",
+        "all-linear",
+        "--device",
+        "cpu",
+    ]
     code, _, err = cli([*args, "--output", tmp_path / "a"], capsys, work, monkeypatch)
     assert code == 0, err
     code, _, err = cli([*args, "--max-length", "100", "--output", tmp_path / "b"], capsys, work, monkeypatch)
     assert code == 0, err
     assert [line for line in err.splitlines() if line.startswith("warning:")] == [
-        "warning: --max-length 100 exceeds the model's context of 32 tokens; rows are cut at 32."]
+        "warning: --max-length 100 exceeds the model's context of 32 tokens; rows are cut at 32."
+    ]
 
-    code, _, err = cli(["generate", "--model", gpt2_short, "--prompt", "abc ->", "--max-new-tokens", "30"], capsys,
-                       work, monkeypatch)
+    code, _, err = cli(
+        ["generate", "--model", gpt2_short, "--prompt", "abc ->", "--max-new-tokens", "30"], capsys, work, monkeypatch
+    )
     one_line_error(code, err, "context of 32 tokens")
 
 
@@ -434,11 +563,13 @@ def test_truncated_adapter_is_a_one_line_error(work, trained, tmp_path, capsys, 
     shutil.copytree(trained[0], broken)
     weights = broken / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    code, _, err = cli(["generate", "--model", "tiny", "--adapter", f"a={broken}", "--prompt", "ab ->"], capsys,
-                       work, monkeypatch)
+    code, _, err = cli(
+        ["generate", "--model", "tiny", "--adapter", f"a={broken}", "--prompt", "ab ->"], capsys, work, monkeypatch
+    )
     one_line_error(code, err, "adapter_model.safetensors")
-    code, _, err = cli(["merge", "--model", "tiny", "--adapter", broken, "--output", tmp_path / "m"], capsys,
-                       work, monkeypatch)
+    code, _, err = cli(
+        ["merge", "--model", "tiny", "--adapter", broken, "--output", tmp_path / "m"], capsys, work, monkeypatch
+    )
     one_line_error(code, err, "adapter_model.safetensors")
 
 
@@ -458,15 +589,37 @@ def test_subspace_adapters_from_the_cli_compose_by_union(work, tmp_path, capsys,
     from roadkit import RoadConfig
 
     for shard in (0, 1):
-        code, _, err = cli(["train", *SMALL, "--max-steps", "1", "--subspace", f"{shard}/2",
-                            "--output", tmp_path / f"s{shard}"], capsys, work, monkeypatch)
+        code, _, err = cli(
+            ["train", *SMALL, "--max-steps", "1", "--subspace", f"{shard}/2", "--output", tmp_path / f"s{shard}"],
+            capsys,
+            work,
+            monkeypatch,
+        )
         assert code == 0, err
         assert RoadConfig.from_pretrained(tmp_path / f"s{shard}").subspace == {"shard": shard, "num_shards": 2}
-    code, _, err = cli(["compose", "--adapter", f"a={tmp_path / 's0'}", "--adapter", f"b={tmp_path / 's1'}",
-                        "--mode", "union", "--output", tmp_path / "both"], capsys, work, monkeypatch)
+    code, _, err = cli(
+        [
+            "compose",
+            "--adapter",
+            f"a={tmp_path / 's0'}",
+            "--adapter",
+            f"b={tmp_path / 's1'}",
+            "--mode",
+            "union",
+            "--output",
+            tmp_path / "both",
+        ],
+        capsys,
+        work,
+        monkeypatch,
+    )
     assert code == 0, err
-    code, _, err = cli(["train", "--output", tmp_path / "s0", "--resume", "--subspace", "1/2", "--max-steps", "2"],
-                       capsys, work, monkeypatch)
+    code, _, err = cli(
+        ["train", "--output", tmp_path / "s0", "--resume", "--subspace", "1/2", "--max-steps", "2"],
+        capsys,
+        work,
+        monkeypatch,
+    )
     one_line_error(code, err, "--subspace")
     code, _, err = cli(["train", *SMALL, "--subspace", "half", "--output", tmp_path / "x"], capsys, work, monkeypatch)
     one_line_error(code, err, "--subspace 'half'")

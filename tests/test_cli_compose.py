@@ -24,9 +24,11 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("compose")
     base = tiny_llama()
     torch.manual_seed(0)
-    specs = {"a": RoadConfig(group_size=8, init_weights=False, target_modules=QV, subspace="0/2"),
-             "b": RoadConfig(variant="road_2", group_size=8, init_weights=False, target_modules=QV, subspace="1/2"),
-             "c": RoadConfig(variant="road_4", group_size=8, init_weights=False, target_modules=["q_proj", "o_proj"])}
+    specs = {
+        "a": RoadConfig(group_size=8, init_weights=False, target_modules=QV, subspace="0/2"),
+        "b": RoadConfig(variant="road_2", group_size=8, init_weights=False, target_modules=QV, subspace="1/2"),
+        "c": RoadConfig(variant="road_4", group_size=8, init_weights=False, target_modules=["q_proj", "o_proj"]),
+    }
     for name, config in specs.items():
         model = get_peft_model(copy.deepcopy(base), config)
         with torch.no_grad():  # positive scales, so that interpolation (of log-scales) applies
@@ -46,16 +48,20 @@ def logits(base, dirs, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize(("mode", "names", "extra"), [
-    ("union", ["a", "b"], []),
-    ("sequential", ["a", "c", "b"], []),
-    ("interpolate", ["c", "a"], ["--weights", "1,0"]),
-])
+@pytest.mark.parametrize(
+    ("mode", "names", "extra"),
+    [
+        ("union", ["a", "b"], []),
+        ("sequential", ["a", "c", "b"], []),
+        ("interpolate", ["c", "a"], ["--weights", "1,0"]),
+    ],
+)
 def test_compose_writes_an_adapter_equal_to_its_definition(saved, input_ids, mode, names, extra, capsys):
     root, base = saved
     out = root / f"out-{mode}"
-    code = main(["compose", *[f"--adapter={n}={root / n}" for n in names], "--mode", mode, "--output", str(out),
-                 *extra])
+    code = main(
+        ["compose", *[f"--adapter={n}={root / n}" for n in names], "--mode", mode, "--output", str(out), *extra]
+    )
     assert code == 0, capsys.readouterr().err
     assert f"wrote {out}" in capsys.readouterr().out
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
@@ -66,22 +72,42 @@ def test_compose_writes_an_adapter_equal_to_its_definition(saved, input_ids, mod
 def test_compose_runs_as_a_command(saved):
     root, _ = saved
     out = root / "out-subprocess"
-    result = subprocess.run([sys.executable, "-m", "roadkit", "compose", "--adapter", f"a={root / 'a'}",
-                             "--adapter", f"b={root / 'b'}", "--mode", "union", "--output", str(out)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "roadkit",
+            "compose",
+            "--adapter",
+            f"a={root / 'a'}",
+            "--adapter",
+            f"b={root / 'b'}",
+            "--mode",
+            "union",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
-    assert RoadConfig.from_pretrained(out).subspace == {"union": [{"shard": 0, "num_shards": 2},
-                                                                   {"shard": 1, "num_shards": 2}]}
+    assert RoadConfig.from_pretrained(out).subspace == {
+        "union": [{"shard": 0, "num_shards": 2}, {"shard": 1, "num_shards": 2}]
+    }
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--adapter", "a={a}", "--adapter", "c={c}", "--mode", "union"], "overlap"),
-    (["--adapter", "a={a}", "--adapter", "c={c}", "--mode", "interpolate", "--weights", "1,x"], "--weights"),
-    (["--adapter", "a={a}", "--adapter", "c={c}", "--mode", "interpolate", "--weights", "1,0,1"], "one finite"),
-    (["--adapter", "a={a}", "--adapter", "c={c}", "--weights", "1,0"], "only to mode='interpolate'"),
-    (["--adapter", "a={a}", "--adapter", "m={root}/missing"], "does not exist"),
-    (["--adapter", "a={a}", "--adapter", "a={c}"], "given twice"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--adapter", "a={a}", "--adapter", "c={c}", "--mode", "union"], "overlap"),
+        (["--adapter", "a={a}", "--adapter", "c={c}", "--mode", "interpolate", "--weights", "1,x"], "--weights"),
+        (["--adapter", "a={a}", "--adapter", "c={c}", "--mode", "interpolate", "--weights", "1,0,1"], "one finite"),
+        (["--adapter", "a={a}", "--adapter", "c={c}", "--weights", "1,0"], "only to mode='interpolate'"),
+        (["--adapter", "a={a}", "--adapter", "m={root}/missing"], "does not exist"),
+        (["--adapter", "a={a}", "--adapter", "a={c}"], "given twice"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(saved, args, message, capsys):
     root, _ = saved
     out = root / "bad-out"
@@ -98,8 +124,17 @@ def test_existing_output_is_kept_unless_overwrite(saved, capsys):
     out = root / "kept"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    args = ["compose", "--adapter", f"a={root / 'a'}", "--adapter", f"b={root / 'b'}", "--mode", "union",
-            "--output", str(out)]
+    args = [
+        "compose",
+        "--adapter",
+        f"a={root / 'a'}",
+        "--adapter",
+        f"b={root / 'b'}",
+        "--mode",
+        "union",
+        "--output",
+        str(out),
+    ]
     assert main(args) == 1
     assert "already exists" in capsys.readouterr().err
     assert os.listdir(out) == ["mine.txt"]
@@ -118,8 +153,19 @@ def test_tampered_subspace_adapter_is_refused(saved, tmp_path, capsys):
     key = next(k for k in sorted(tensors) if k.endswith("road_theta"))
     tensors[key][-1] = 0.5  # the last pair belongs to shard 1, outside a's shard 0
     save_file(tensors, bad / "adapter_model.safetensors")
-    code = main(["compose", "--adapter", f"t={bad}", "--adapter", f"b={root / 'b'}", "--mode", "union",
-                 "--output", str(tmp_path / "out")])
+    code = main(
+        [
+            "compose",
+            "--adapter",
+            f"t={bad}",
+            "--adapter",
+            f"b={root / 'b'}",
+            "--mode",
+            "union",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 1 and "not the identity outside" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -128,8 +174,17 @@ def test_adapters_of_different_base_models_are_refused(saved, tmp_path, capsys):
     root, _ = saved
     other = tiny_llama(hidden=64)
     get_peft_model(other, RoadConfig(group_size=8, target_modules=QV)).save_pretrained(tmp_path / "other")
-    code = main(["compose", "--adapter", f"a={root / 'a'}", "--adapter", f"o={tmp_path / 'other'}",
-                 "--output", str(tmp_path / "out")])
+    code = main(
+        [
+            "compose",
+            "--adapter",
+            f"a={root / 'a'}",
+            "--adapter",
+            f"o={tmp_path / 'other'}",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "disagree on the size of layer" in err and "different base models" in err
     assert not (tmp_path / "out").exists()

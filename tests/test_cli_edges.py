@@ -35,8 +35,10 @@ def base_dir(tmp_path_factory):
             model.lm_head.weight = model.model.embed_tokens.weight
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
-    write_jsonl(root / "train.jsonl", [{"prompt": e.prompt, "completion": e.completion}
-                                       for e in task_examples("upper", "train", 8)])
+    write_jsonl(
+        root / "train.jsonl",
+        [{"prompt": e.prompt, "completion": e.completion} for e in task_examples("upper", "train", 8)],
+    )
     return root
 
 
@@ -48,8 +50,9 @@ def embedding_adapter(base_dir, name: str, capsys) -> str:
     out = base_dir / f"emb-{name}"
     if not out.exists():
         model = AutoModelForCausalLM.from_pretrained(base_dir / name)
-        get_peft_model(model, RoadConfig(target_modules=["embed_tokens", "q_proj"], init_weights=False)
-                       ).save_pretrained(out)
+        get_peft_model(
+            model, RoadConfig(target_modules=["embed_tokens", "q_proj"], init_weights=False)
+        ).save_pretrained(out)
     capsys.readouterr()
     return out
 
@@ -103,8 +106,13 @@ def test_save_pretrained_takes_peft_keywords_and_honours_is_main_process(tmp_pat
     road = get_peft_model(tiny_llama(), RoadConfig(target_modules=["q_proj"]))
     road.save_pretrained(tmp_path / "off", is_main_process=False)
     assert not (tmp_path / "off").exists()
-    road.save_pretrained(tmp_path / "on", safe_serialization=True, selected_adapters=["default"],
-                         save_embedding_layers="auto", is_main_process=True)
+    road.save_pretrained(
+        tmp_path / "on",
+        safe_serialization=True,
+        selected_adapters=["default"],
+        save_embedding_layers="auto",
+        is_main_process=True,
+    )
     assert (tmp_path / "on" / "adapter_model.safetensors").is_file()
     with pytest.warns(UserWarning, match="unused_option"):
         road.save_pretrained(tmp_path / "other", unused_option=1)
@@ -122,8 +130,12 @@ def test_merge_of_an_embedding_adapter_on_an_untied_base(base_dir, tmp_path, cap
     from transformers import AutoModelForCausalLM
 
     adapter = embedding_adapter(base_dir, "untied", capsys)
-    code, out, err = cli(["merge", "--model", base_dir / "untied", "--adapter", adapter, "--output",
-                          tmp_path / "merged"], capsys, tmp_path, monkeypatch)
+    code, out, err = cli(
+        ["merge", "--model", base_dir / "untied", "--adapter", adapter, "--output", tmp_path / "merged"],
+        capsys,
+        tmp_path,
+        monkeypatch,
+    )
     assert code == 0, err
     ids = torch.randint(4, 40, (2, 7), generator=torch.Generator().manual_seed(1))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -134,8 +146,12 @@ def test_merge_of_an_embedding_adapter_on_an_untied_base(base_dir, tmp_path, cap
 
 def test_merge_of_an_embedding_adapter_on_a_tied_base_is_refused(base_dir, tmp_path, capsys, monkeypatch):
     adapter = embedding_adapter(base_dir, "tied", capsys)
-    code, _, err = cli(["merge", "--model", base_dir / "tied", "--adapter", adapter, "--output", tmp_path / "m"],
-                       capsys, tmp_path, monkeypatch)
+    code, _, err = cli(
+        ["merge", "--model", base_dir / "tied", "--adapter", adapter, "--output", tmp_path / "m"],
+        capsys,
+        tmp_path,
+        monkeypatch,
+    )
     one_line_error(code, err, "tied")
     assert not (tmp_path / "m").exists() and no_leftovers(tmp_path)
 
@@ -150,13 +166,18 @@ def test_merge_on_a_full_disk_is_a_one_line_error(base_dir, tmp_path, capsys, mo
     def full_disk(tensors, filename, *args, **kwargs):
         with open(filename, "wb") as fh:
             fh.write(b"partial")
-        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
-                              "\"No space left on device\" })")
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     monkeypatch.setattr(modeling_utils, "safe_save_file", full_disk)
     adapter = embedding_adapter(base_dir, "untied", capsys)
-    code, _, err = cli(["merge", "--model", base_dir / "untied", "--adapter", adapter, "--output", tmp_path / "m"],
-                       capsys, tmp_path, monkeypatch)
+    code, _, err = cli(
+        ["merge", "--model", base_dir / "untied", "--adapter", adapter, "--output", tmp_path / "m"],
+        capsys,
+        tmp_path,
+        monkeypatch,
+    )
     one_line_error(code, err, "No space left on device")
     assert not (tmp_path / "m").exists() and no_leftovers(tmp_path)
 
@@ -176,8 +197,23 @@ def test_a_run_finishing_second_does_not_replace_the_first(base_dir, tmp_path, c
         return status
 
     monkeypatch.setattr(TrainingRun, "fit", fit_while_another_run_finishes)
-    code, out, err = cli(["train", "--model", base_dir / "untied", "--data", base_dir / "train.jsonl", "--max-steps",
-                          "1", "--no-progress", "--output", tmp_path / "run"], capsys, tmp_path, monkeypatch)
+    code, out, err = cli(
+        [
+            "train",
+            "--model",
+            base_dir / "untied",
+            "--data",
+            base_dir / "train.jsonl",
+            "--max-steps",
+            "1",
+            "--no-progress",
+            "--output",
+            tmp_path / "run",
+        ],
+        capsys,
+        tmp_path,
+        monkeypatch,
+    )
     one_line_error(code, err, "run-2")
     assert os.listdir(tmp_path / "run") == ["first.txt"]
     assert (tmp_path / "run-2" / "adapter_model.safetensors").is_file()
@@ -212,8 +248,16 @@ def test_version(capsys):
 def test_inspect_into_a_closed_pipe_is_quiet(tmp_path):
     road = get_peft_model(tiny_llama(layers=8), RoadConfig(target_modules="all-linear"))
     road.save_pretrained(tmp_path / "a")
-    result = subprocess.run(f"{sys.executable} -m roadkit inspect a | head -1; exit ${{PIPESTATUS[0]}}", shell=True,
-                            executable="/bin/bash", cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        f"{sys.executable} -m roadkit inspect a | head -1; exit ${{PIPESTATUS[0]}}",
+        shell=True,
+        executable="/bin/bash",
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.stderr == "", result.stderr
     assert result.returncode in (0, 141), result.returncode  # 141: 128 + SIGPIPE, like other tools
     assert len(result.stdout.splitlines()) == 1
@@ -273,24 +317,40 @@ def test_inspect_of_a_file_says_it_is_a_file(tmp_path, capsys, monkeypatch):
 def test_outputs_inside_an_input_adapter_are_refused(base_dir, tmp_path, capsys, monkeypatch):
     adapter = embedding_adapter(base_dir, "untied", capsys)
     before = sorted(os.listdir(adapter))
-    code, _, err = cli(["compose", "--adapter", f"a={adapter}", "--output", adapter / "inner"], capsys, tmp_path,
-                       monkeypatch)
+    code, _, err = cli(
+        ["compose", "--adapter", f"a={adapter}", "--output", adapter / "inner"], capsys, tmp_path, monkeypatch
+    )
     one_line_error(code, err, "inside")
-    code, _, err = cli(["merge", "--model", base_dir / "untied", "--adapter", adapter, "--output", adapter / "m"],
-                       capsys, tmp_path, monkeypatch)
+    code, _, err = cli(
+        ["merge", "--model", base_dir / "untied", "--adapter", adapter, "--output", adapter / "m"],
+        capsys,
+        tmp_path,
+        monkeypatch,
+    )
     one_line_error(code, err, "inside")
     assert sorted(os.listdir(adapter)) == before
 
 
 def test_step_counts_read_well(base_dir, tmp_path, capsys, monkeypatch):
-    common = ["train", "--model", base_dir / "untied", "--data", base_dir / "train.jsonl", "--no-progress",
-              "--batch-size", "4", "--output", tmp_path / "run"]
+    common = [
+        "train",
+        "--model",
+        base_dir / "untied",
+        "--data",
+        base_dir / "train.jsonl",
+        "--no-progress",
+        "--batch-size",
+        "4",
+        "--output",
+        tmp_path / "run",
+    ]
     code, out, err = cli([*common, "--max-steps", "1"], capsys, tmp_path, monkeypatch)
     assert code == 0, err
     assert "for 1 step " in out and "done: 1 step in" in out, out
     code, out, err = cli([*common, "--max-steps", "2", "--overwrite"], capsys, tmp_path, monkeypatch)
     assert code == 0, err
-    code, out, err = cli(["train", "--output", tmp_path / "run", "--resume", "--max-steps", "1"], capsys, tmp_path,
-                         monkeypatch)
+    code, out, err = cli(
+        ["train", "--output", tmp_path / "run", "--resume", "--max-steps", "1"], capsys, tmp_path, monkeypatch
+    )
     assert code == 0, err
     assert "of 1 step" not in out and "already did 2 steps" in out, out

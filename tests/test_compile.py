@@ -63,8 +63,9 @@ def test_compiled_mixed_batch_layer_matches_eager():
 @pytest.fixture(scope="module")
 def served():
     """A tiny Llama with two adapters of different group sizes, in eval mode."""
-    model = get_peft_model(tiny_llama(hidden=64), RoadConfig(target_modules=["q_proj", "up_proj"], group_size=16,
-                                                              init_weights=False))
+    model = get_peft_model(
+        tiny_llama(hidden=64), RoadConfig(target_modules=["q_proj", "up_proj"], group_size=16, init_weights=False)
+    )
     model.add_adapter("b", RoadConfig(target_modules=["v_proj", "up_proj"], group_size=8, init_weights=False))
     return model.eval()
 
@@ -104,8 +105,11 @@ def test_compiled_model_routes_by_indices_without_recompiling(served):
     compiled = torch.compile(served, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         for batch, seq in ((2, 5), (3, 6)):
-            compiled(input_ids=torch.randint(0, 96, (batch, seq), generator=gen), adapter_names=names,
-                     adapter_indices=torch.randint(0, len(names), (batch, seq), generator=gen))
+            compiled(
+                input_ids=torch.randint(0, 96, (batch, seq), generator=gen),
+                adapter_names=names,
+                adapter_indices=torch.randint(0, len(names), (batch, seq), generator=gen),
+            )
         with torch._dynamo.config.patch(error_on_recompile=True):
             for batch, seq in ((4, 7), (3, 6), (5, 9)):
                 ids = torch.randint(0, 96, (batch, seq), generator=gen)
@@ -140,8 +144,12 @@ def test_compiled_base_model_takes_the_mixed_batch_tables_as_inputs(served):
     with torch.no_grad():
         want = served(input_ids=ids, adapter_names=names, adapter_indices=index).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    ops = [getattr(n.target, "__name__", str(n.target)) for g in graphs for n in g.graph.nodes
-           if n.op in ("call_function", "call_method")]
+    ops = [
+        getattr(n.target, "__name__", str(n.target))
+        for g in graphs
+        for n in g.graph.nodes
+        if n.op in ("call_function", "call_method")
+    ]
     assert len(graphs) == 1 and "index_select" in ops  # the mixed-batch gather is in the graph
     read = [n.name for g in graphs for n in g.graph.nodes if n.op in ("placeholder", "get_attr")]
     assert not [n for n in read if "road_theta" in n or "road_alpha" in n]  # no adapter parameter is read

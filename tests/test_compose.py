@@ -35,8 +35,6 @@ QV = ["q_proj", "v_proj"]
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-
-
 @pytest.fixture
 def ids():
     return torch.randint(0, 96, (3, 8), generator=torch.Generator().manual_seed(11))
@@ -51,8 +49,13 @@ def build(base: nn.Module, adapters, seed: int = 0, positive: bool = False, **kw
     torch.manual_seed(seed)
     rm = None
     for name, variant, g, targets, *rest in adapters:
-        cfg = RoadConfig(variant=variant, group_size=g, init_weights=False, target_modules=copy.deepcopy(targets),
-                         subspace=rest[0] if rest else None)
+        cfg = RoadConfig(
+            variant=variant,
+            group_size=g,
+            init_weights=False,
+            target_modules=copy.deepcopy(targets),
+            subspace=rest[0] if rest else None,
+        )
         if rm is None:
             rm = get_peft_model(copy.deepcopy(base), cfg, adapter_name=name, **kwargs)
         else:
@@ -95,8 +98,11 @@ def peft_active(base: nn.Module, rm: RoadModel, names: list[str], directory) -> 
 
 
 def full_params(rm: RoadModel, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {path: tuple(t.detach().clone() for t in layer.parameters_of(name))
-            for path, layer in rm.road_layers() if name in layer.road_theta}
+    return {
+        path: tuple(t.detach().clone() for t in layer.parameters_of(name))
+        for path, layer in rm.road_layers()
+        if name in layer.road_theta
+    }
 
 
 def paths_of(rm: RoadModel, name: str) -> list[str]:
@@ -124,8 +130,11 @@ SEQUENTIAL = {
     "r1+r2": [("a", "road_1", 8, QV), ("b", "road_2", 8, ["v_proj", "o_proj"])],
     "r2+r4": [("a", "road_2", 64, ["q_proj", "k_proj", "v_proj"]), ("b", "road_4", 64, ["v_proj", "up_proj"])],
     "r4+r4": [("a", "road_4", 2, QV), ("b", "road_4", 2, QV, "1/2")],
-    "three": [("a", "road_1", 8, QV), ("b", "road_2", 8, ["v_proj", "o_proj", "up_proj"]),
-              ("c", "road_4", 8, r".*\.(q_proj|o_proj|down_proj)")],
+    "three": [
+        ("a", "road_1", 8, QV),
+        ("b", "road_2", 8, ["v_proj", "o_proj", "up_proj"]),
+        ("c", "road_4", 8, r".*\.(q_proj|o_proj|down_proj)"),
+    ],
 }
 
 
@@ -257,8 +266,9 @@ def test_union_of_shards_equals_both_active_exactly(llama_base, ids, tmp_path, v
     # disjoint pairs commute, and an adapter is exactly the identity outside its subspace
     assert torch.equal(composed, active_logits(rm, ["a", "b"], ids))
     assert torch.equal(composed, active_logits(rm, ["b", "a"], ids))
-    torch.testing.assert_close(logits(peft_active(llama_base, rm, ["a", "b"], tmp_path), ids), composed,
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        logits(peft_active(llama_base, rm, ["a", "b"], tmp_path), ids), composed, atol=1e-6, rtol=0
+    )
     # each pair's entries come from its owner
     pa, pb, pu = full_params(rm, "a"), full_params(rm, "b"), full_params(rm, "u")
     for path, (theta, alpha) in pu.items():
@@ -270,8 +280,11 @@ def test_union_of_shards_equals_both_active_exactly(llama_base, ids, tmp_path, v
 
 
 def test_union_mixed_variants(llama_base, ids, tmp_path):
-    adapters = [("a", "road_1", 8, QV, "0/3"), ("b", "road_4", 8, ["v_proj", "o_proj"], "1/3"),
-                ("c", "road_2", 8, ["q_proj", "o_proj"], {"pairs": [60, 61, 63]})]
+    adapters = [
+        ("a", "road_1", 8, QV, "0/3"),
+        ("b", "road_4", 8, ["v_proj", "o_proj"], "1/3"),
+        ("c", "road_2", 8, ["q_proj", "o_proj"], {"pairs": [60, 61, 63]}),
+    ]
     rm = build(llama_base, adapters)
     cfg = compose(rm, ["a", "b", "c"], "u", mode="union")
     assert cfg.variant == "road_2"
@@ -279,8 +292,9 @@ def test_union_mixed_variants(llama_base, ids, tmp_path):
     composed = active_logits(rm, "u", ids)
     torch.testing.assert_close(composed, active_logits(rm, ["a", "b", "c"], ids), atol=1e-6, rtol=0)
     torch.testing.assert_close(composed, active_logits(rm, ["c", "a", "b"], ids), atol=1e-6, rtol=0)
-    torch.testing.assert_close(logits(peft_active(llama_base, rm, ["a", "b", "c"], tmp_path / "p"), ids),
-                               composed, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        logits(peft_active(llama_base, rm, ["a", "b", "c"], tmp_path / "p"), ids), composed, atol=1e-6, rtol=0
+    )
     assert not torch.allclose(composed, active_logits(rm, ["a", "b"], ids), atol=1e-4)  # c matters
     # pairs nobody owns stay exactly the identity
     for path, (theta, alpha) in full_params(rm, "u").items():
@@ -301,10 +315,13 @@ def test_union_of_full_adapters_on_disjoint_layers(llama_base, ids):
     torch.testing.assert_close(active_logits(rm, "u", ids), active_logits(rm, ["a", "b"], ids), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("second, clash", [
-    ({"pairs": [3, 5, 40]}, [3, 5]),  # shard 0/2 of 64 pairs is 0..31
-    (None, list(range(32))),  # a full adapter overlaps every pair
-])
+@pytest.mark.parametrize(
+    "second, clash",
+    [
+        ({"pairs": [3, 5, 40]}, [3, 5]),  # shard 0/2 of 64 pairs is 0..31
+        (None, list(range(32))),  # a full adapter overlaps every pair
+    ],
+)
 def test_union_overlap_error_lists_layers_and_pairs(llama_base, second, clash):
     rm = build(llama_base, [("a", "road_2", 8, QV, "0/2"), ("b", "road_2", 8, ["v_proj", "up_proj"], second)])
     before = snapshot(rm)
@@ -345,8 +362,9 @@ def test_union_then_training_keeps_unowned_pairs_identity(llama_base, tmp_path):
     assert tm.get_nb_trainable_parameters()[0] == 4 * 2 * len(owned) * 2  # 4 layers, theta+alpha, 2 per pair
     before = full_params(tm, "u")
     tm.eval()
-    losses = train_steps(tm, torch.randint(0, 96, (4, 10), generator=torch.Generator().manual_seed(0)), 5,
-                         weight_decay=0.1)
+    losses = train_steps(
+        tm, torch.randint(0, 96, (4, 10), generator=torch.Generator().manual_seed(0)), 5, weight_decay=0.1
+    )
     assert losses[-1] < losses[0]
     idx_out, idx_in = entries_of("road_2", 8, shard2), entries_of("road_2", 8, owned)
     feats_out = features_of(shard2, 8)
@@ -363,8 +381,7 @@ def test_union_then_training_keeps_unowned_pairs_identity(llama_base, tmp_path):
 
 
 def test_interpolate_endpoint_equals_first(llama_base, ids):
-    rm = build(llama_base, [("a", "road_2", 8, QV, "0/2"), ("b", "road_4", 8, ["v_proj", "up_proj"])],
-               positive=True)
+    rm = build(llama_base, [("a", "road_2", 8, QV, "0/2"), ("b", "road_4", 8, ["v_proj", "up_proj"])], positive=True)
     cfg = compose(rm, ["a", "b"], "i", mode="interpolate", weights=[1, 0])
     assert_new_adapter_is_added_inactive(rm, "i", ["a"], cfg)
     assert cfg.variant == "road_4" and cfg.subspace is None
@@ -394,8 +411,9 @@ def test_interpolate_half_of_one_adapter(llama_base, ids, variant):
 
 
 def test_interpolate_weighted_angles_and_log_scales(llama_base):
-    rm = build(llama_base, [("a", "road_1", 8, QV, "0/2"), ("b", "road_2", 8, ["v_proj", "up_proj"], "0/2")],
-               positive=True)
+    rm = build(
+        llama_base, [("a", "road_1", 8, QV, "0/2"), ("b", "road_2", 8, ["v_proj", "up_proj"], "0/2")], positive=True
+    )
     w = [0.3, -0.45]
     cfg = compose(rm, ["a", "b"], "i", mode="interpolate", weights=w)
     assert cfg.variant == "road_2"
@@ -416,8 +434,9 @@ def test_interpolate_weighted_angles_and_log_scales(llama_base):
 
 
 def test_interpolate_default_weights_are_uniform(llama_base):
-    rm = build(llama_base, [("a", "road_4", 8, QV), ("b", "road_4", 8, QV), ("c", "road_4", 8, ["q_proj"])],
-               positive=True)
+    rm = build(
+        llama_base, [("a", "road_4", 8, QV), ("b", "road_4", 8, QV), ("c", "road_4", 8, ["q_proj"])], positive=True
+    )
     compose(rm, ["a", "b", "c"], "default_w", mode="interpolate")
     compose(rm, ["a", "b", "c"], "explicit", mode="interpolate", weights=[1 / 3, 1 / 3, 1 / 3])
     d, e = full_params(rm, "default_w"), full_params(rm, "explicit")
@@ -442,20 +461,36 @@ def test_interpolate_nonpositive_alpha_error(llama_base, bad_alpha):
     with torch.no_grad():
         layer.road_alpha["b"][3] = bad_alpha
     before = snapshot(rm)
-    with pytest.raises(ValueError, match=r"adapter 'b' has alpha <= 0 in model\.layers\.1\.self_attn\.v_proj "
-                                         r"\(1 entries\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"adapter 'b' has alpha <= 0 in model\.layers\.1\.self_attn\.v_proj "
+        r"\(1 entries\)",
+    ):
         compose(rm, ["a", "b"], "i", mode="interpolate", weights=[0.5, 0.5])
     assert_unchanged(before, rm)
     assert "i" not in rm.peft_config
 
 
-@pytest.mark.parametrize("weights", [[1.0], [0.2, 0.3, 0.5], [], [float("nan"), 1.0], [math.inf, 0.0],
-                                     [0.5, -math.inf], [True, 0.0], ["0.5", 0.5], [None, 1.0]])
+@pytest.mark.parametrize(
+    "weights",
+    [
+        [1.0],
+        [0.2, 0.3, 0.5],
+        [],
+        [float("nan"), 1.0],
+        [math.inf, 0.0],
+        [0.5, -math.inf],
+        [True, 0.0],
+        ["0.5", 0.5],
+        [None, 1.0],
+    ],
+)
 def test_interpolate_bad_weights(llama_base, weights):
     rm = build(llama_base, [("a", "road_2", 8, QV), ("b", "road_2", 8, QV)])
     before = snapshot(rm)
-    with pytest.raises(ValueError, match=re.escape(f"interpolate needs one finite number per adapter (2), "
-                                                   f"got weights={weights!r}")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"interpolate needs one finite number per adapter (2), got weights={weights!r}")
+    ):
         compose(rm, ["a", "b"], "i", mode="interpolate", weights=weights)
     assert_unchanged(before, rm)
 
@@ -479,20 +514,31 @@ def four(llama_base):
     return rm
 
 
-@pytest.mark.parametrize("args, kwargs, error, pattern", [
-    ((["a", "zz", "yy"], "n"), {}, ValueError,
-     r"unknown adapter\(s\) \['yy', 'zz'\]; available: \['a', 'b', 'g16', 'saving'\]"),
-    ((["a", "b"], "b"), {}, ValueError, r"an adapter named 'b' already exists"),
-    ((["a", "b"], "a"), {"mode": "union"}, ValueError, r"an adapter named 'a' already exists"),
-    ((["a", "b"], "__base__"), {}, ValueError, r"'__base__' is reserved"),
-    ((["a", "b"], "x.y"), {}, ValueError, r"non-empty string without '\.', got 'x\.y'"),
-    ((["a", "b"], ""), {}, ValueError, r"non-empty string without '\.', got ''"),
-    ((["a", "g16"], "n"), {}, ValueError, r"one group_size .*\{'a': 8, 'g16': 16\}"),
-    ((["a", "saving"], "n"), {}, ValueError, r"adapters \['saving'\] train whole modules \(modules_to_save\)"),
-    ((["a", "b"], "n"), {"mode": "concat"}, ValueError,
-     r"compose mode='concat' is not supported; allowed: sequential, union, interpolate"),
-    (([], "n"), {}, ValueError, r"at least one adapter"),
-])
+@pytest.mark.parametrize(
+    "args, kwargs, error, pattern",
+    [
+        (
+            (["a", "zz", "yy"], "n"),
+            {},
+            ValueError,
+            r"unknown adapter\(s\) \['yy', 'zz'\]; available: \['a', 'b', 'g16', 'saving'\]",
+        ),
+        ((["a", "b"], "b"), {}, ValueError, r"an adapter named 'b' already exists"),
+        ((["a", "b"], "a"), {"mode": "union"}, ValueError, r"an adapter named 'a' already exists"),
+        ((["a", "b"], "__base__"), {}, ValueError, r"'__base__' is reserved"),
+        ((["a", "b"], "x.y"), {}, ValueError, r"non-empty string without '\.', got 'x\.y'"),
+        ((["a", "b"], ""), {}, ValueError, r"non-empty string without '\.', got ''"),
+        ((["a", "g16"], "n"), {}, ValueError, r"one group_size .*\{'a': 8, 'g16': 16\}"),
+        ((["a", "saving"], "n"), {}, ValueError, r"adapters \['saving'\] train whole modules \(modules_to_save\)"),
+        (
+            (["a", "b"], "n"),
+            {"mode": "concat"},
+            ValueError,
+            r"compose mode='concat' is not supported; allowed: sequential, union, interpolate",
+        ),
+        (([], "n"), {}, ValueError, r"at least one adapter"),
+    ],
+)
 def test_compose_errors_leave_model_unchanged(four, args, kwargs, error, pattern):
     before = snapshot(four)
     with pytest.raises(error, match=pattern):

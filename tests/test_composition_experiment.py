@@ -34,8 +34,9 @@ def test_reduced_experiment(experiment):
     # Disjoint pairs commute: the union is exactly both adapters applied one after the other.
     assert losses["union"] == pytest.approx(losses["A then B"], abs=1e-5)
     kept = result["union_keeps"]
-    assert kept[task1] == pytest.approx((losses["base"][task1] - losses["union"][task1])
-                                        / (losses["base"][task1] - losses["A"][task1]))
+    assert kept[task1] == pytest.approx(
+        (losses["base"][task1] - losses["union"][task1]) / (losses["base"][task1] - losses["A"][task1])
+    )
     assert result["goal_met"] == (min(kept.values()) >= 0.9)
     assert "union keeps" in experiment.markdown(result)
 

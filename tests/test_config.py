@@ -9,8 +9,9 @@ import pytest
 from roadkit import RoadConfig
 
 
-@pytest.mark.parametrize("given, canonical", [("road_1", "road_1"), ("1", "road_1"), (2, "road_2"),
-                                              ("4", "road_4"), ("road_4", "road_4")])
+@pytest.mark.parametrize(
+    "given, canonical", [("road_1", "road_1"), ("1", "road_1"), (2, "road_2"), ("4", "road_4"), ("road_4", "road_4")]
+)
 def test_variant_aliases(given, canonical):
     assert RoadConfig(variant=given).variant == canonical
 
@@ -46,8 +47,13 @@ def test_seq_cls_adds_heads_to_modules_to_save():
 
 
 def test_json_round_trip_and_unknown_keys_ignored(tmp_path):
-    cfg = RoadConfig(variant="road_4", group_size=8, target_modules=["q_proj", "v_proj"],
-                     modules_to_save=["score"], init_weights=False)
+    cfg = RoadConfig(
+        variant="road_4",
+        group_size=8,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["score"],
+        init_weights=False,
+    )
     cfg.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert data["peft_type"] == "ROAD" and data["variant"] == "road_4" and data["group_size"] == 8

@@ -47,8 +47,9 @@ def test_conv_output_channels_rotate_like_the_dense_matrix(dims, batched):
 
 
 def test_model_with_convs_merges_mixes_and_round_trips(tmp_path):
-    rm = get_peft_model(CNN(), RoadConfig(variant="road_2", group_size=8, init_weights=False,
-                                          target_modules=["conv0", "conv1"]))
+    rm = get_peft_model(
+        CNN(), RoadConfig(variant="road_2", group_size=8, init_weights=False, target_modules=["conv0", "conv1"])
+    )
     rm.add_adapter("b", RoadConfig(variant="road_1", group_size=4, init_weights=False, target_modules=["conv1"]))
     rm.eval()
     x = torch.randn(3, 3, 6, 6)

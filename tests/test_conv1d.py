@@ -16,8 +16,9 @@ def tiny_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=96, n_embd=128, n_layer=2, n_head=4, n_positions=64,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=96, n_embd=128, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -41,8 +42,9 @@ def test_all_linear_includes_conv1d_but_not_the_head():
 
 @pytest.mark.parametrize("variant", ["road_1", "road_2", "road_4"])
 def test_forward_and_merge_follow_the_dense_rotation(variant):
-    rm = get_peft_model(tiny_gpt2(), RoadConfig(variant=variant, group_size=64, init_weights=False,
-                                                 target_modules="all-linear")).eval()
+    rm = get_peft_model(
+        tiny_gpt2(), RoadConfig(variant=variant, group_size=64, init_weights=False, target_modules="all-linear")
+    ).eval()
     path, layer = next(iter(rm.road_layers()))
     h = torch.randn(2, 5, layer.in_features)
     with torch.no_grad():

@@ -28,15 +28,18 @@ def test_read_jsonl_rows_and_blank_lines(tmp_path):
     assert read_jsonl(path) == [Example("", "abc", 1), Example("p", "c", 3)]
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"text": "a"', "not valid JSON"),
-    ('["a"]', "expected a JSON object"),
-    ('{"prompt": "a"}', "expected {\"text\""),
-    ('{"text": 3}', "'text' must be a string"),
-    ('{"text": ""}', "'text' is empty"),
-    ('{"text": "a", "prompt": "b", "completion": "c"}', "both 'text' and 'prompt'"),
-    ('{"prompt": "a", "completion": ""}', "'completion' is empty"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"text": "a"', "not valid JSON"),
+        ('["a"]', "expected a JSON object"),
+        ('{"prompt": "a"}', 'expected {"text"'),
+        ('{"text": 3}', "'text' must be a string"),
+        ('{"text": ""}', "'text' is empty"),
+        ('{"text": "a", "prompt": "b", "completion": "c"}', "both 'text' and 'prompt'"),
+        ('{"prompt": "a", "completion": ""}', "'completion' is empty"),
+    ],
+)
 def test_read_jsonl_errors_name_file_and_line(tmp_path, line, message):
     path = write(tmp_path / "bad.jsonl", [json.dumps({"text": "fine"}), line])
     with pytest.raises(DataError, match="bad.jsonl:2: ") as err:
@@ -58,8 +61,8 @@ def test_completion_only_labels(tokenizer):
     sample = tokenize(tokenizer, Example("ab ->", " AB"), max_length=64)
     prompt = tokenizer("ab ->").input_ids
     assert sample.input_ids == prompt + tokenizer(" AB", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    assert sample.labels[:len(prompt)] == [IGNORE_INDEX] * len(prompt)
-    assert sample.labels[len(prompt):] == sample.input_ids[len(prompt):]
+    assert sample.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert sample.labels[len(prompt) :] == sample.input_ids[len(prompt) :]
 
 
 def test_text_rows_label_every_token_after_bos(tokenizer):
@@ -99,7 +102,8 @@ def test_prompts_tokenize_the_same_in_training_and_generation():
     eos_after = build_tokenizer()  # a tokenizer that ends every text with EOS
     vocab = eos_after.get_vocab()
     eos_after._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])])
+        single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
+    )
     assert eos_after("ab").input_ids[-1] == eos_after.eos_token_id
     sample = tokenize(eos_after, Example("ab ->", " AB"), max_length=64)
     prompt = [i for i, label in zip(sample.input_ids, sample.labels, strict=True) if label == IGNORE_INDEX]

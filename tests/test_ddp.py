@@ -36,10 +36,12 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 def build() -> RoadModel:
     model = tiny_llama(hidden=64, layers=2)
     torch.manual_seed(1)
-    model = get_peft_model(model, RoadConfig(variant="road_2", group_size=32, target_modules="all-linear",
-                                             init_weights=False))
-    model.add_adapter("inactive", RoadConfig(variant="road_1", group_size=32, target_modules=["q_proj"],
-                                             init_weights=False))
+    model = get_peft_model(
+        model, RoadConfig(variant="road_2", group_size=32, target_modules="all-linear", init_weights=False)
+    )
+    model.add_adapter(
+        "inactive", RoadConfig(variant="road_1", group_size=32, target_modules=["q_proj"], init_weights=False)
+    )
     return model.train()
 
 
@@ -49,8 +51,11 @@ def batches() -> list[torch.Tensor]:
 
 
 def adapters(model: RoadModel) -> dict[str, torch.Tensor]:
-    return {f"{name}/{k}": t.detach().clone().contiguous() for name in model.peft_config
-            for k, t in model.adapter_state_dict(name).items()}
+    return {
+        f"{name}/{k}": t.detach().clone().contiguous()
+        for name in model.peft_config
+        for k, t in model.adapter_state_dict(name).items()
+    }
 
 
 def train(rank: int, world_size: int, port: int, out_dir: str) -> dict[str, torch.Tensor]:
@@ -103,13 +108,43 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
 def test_accelerate_example_two_processes_match_one(tmp_path):
     pytest.importorskip("accelerate")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}  # no user accelerate config
-    script = [str(ROOT / "examples" / "accelerate_train.py"), "--steps", "3", "--batch-size", "4", "--lr", "2e-3",
-              "--cpu"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    procs = {name: subprocess.Popen(prefix + script + ["--output", str(tmp_path / name)], env=env, cwd=ROOT,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, prefix in (("one", [sys.executable]), ("two", launch))}  # both at once
+    script = [
+        str(ROOT / "examples" / "accelerate_train.py"),
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--lr",
+        "2e-3",
+        "--cpu",
+    ]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ]
+    procs = {
+        name: subprocess.Popen(
+            prefix + script + ["--output", str(tmp_path / name)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, prefix in (("one", [sys.executable]), ("two", launch))
+    }  # both at once
     runs = {}
     for name, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
@@ -144,16 +179,34 @@ def training_run(out_dir: str) -> None:
     from roadkit.trainer import TrainingRun
 
     torch.set_num_threads(1)
-    run = TrainingRun(build(), training_run_samples(), TrainConfig(lr=1e-2, max_steps=STEPS, batch_size=GLOBAL_BATCH),
-                      build_tokenizer(), output_dir=out_dir)
+    run = TrainingRun(
+        build(),
+        training_run_samples(),
+        TrainConfig(lr=1e-2, max_steps=STEPS, batch_size=GLOBAL_BATCH),
+        build_tokenizer(),
+        output_dir=out_dir,
+    )
     assert run.fit(progress=False) == COMPLETED
 
 
 def test_training_run_two_processes_match_one(tmp_path):
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-              __file__, str(tmp_path / "two")]
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        __file__,
+        str(tmp_path / "two"),
+    ]
     proc = subprocess.Popen(launch, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     training_run(str(tmp_path / "one"))  # while the ranks start up
     _, stderr = proc.communicate(timeout=300)

@@ -36,10 +36,13 @@ def untied_llama():
 
 
 def test_embedding_adapter_in_a_model_mixes_merges_and_round_trips(tmp_path, input_ids):
-    rm = get_peft_model(untied_llama(), RoadConfig(variant="road_1", group_size=32, init_weights=False,
-                                                   target_modules=["embed_tokens", "q_proj"])).eval()
-    rm.add_adapter("b", RoadConfig(variant="road_4", group_size=64, init_weights=False,
-                                   target_modules=["embed_tokens"]))
+    rm = get_peft_model(
+        untied_llama(),
+        RoadConfig(variant="road_1", group_size=32, init_weights=False, target_modules=["embed_tokens", "q_proj"]),
+    ).eval()
+    rm.add_adapter(
+        "b", RoadConfig(variant="road_4", group_size=64, init_weights=False, target_modules=["embed_tokens"])
+    )
     names = ["b", "default", "__base__", "b"]
     with torch.no_grad():
         mixed = rm(input_ids, adapter_names=names).logits

@@ -50,16 +50,18 @@ def test_comparing_variants(model_dir):
     assert counts["road_2"] == 2 * counts["road_1"] and counts["road_4"] == 4 * counts["road_1"]
 
 
-@pytest.mark.parametrize("target_modules", ["all-linear", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                           "up_proj", "down_proj"]])
+@pytest.mark.parametrize(
+    "target_modules", ["all-linear", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]]
+)
 def test_all_linear_and_full_configuration(model_dir, target_modules):
     from transformers import AutoModelForCausalLM
 
     from roadkit import RoadConfig, get_peft_model
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = RoadConfig(variant="road_2", group_size=64, init_weights=True, target_modules=target_modules,
-                        modules_to_save=None)
+    config = RoadConfig(
+        variant="road_2", group_size=64, init_weights=True, target_modules=target_modules, modules_to_save=None
+    )
     peft_model = get_peft_model(model, config)
     wrapped = {p.rsplit(".", 1)[-1] for p, _ in peft_model.road_layers()}
     assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -70,10 +72,12 @@ def test_regex_target_modules_on_t5():
 
     from roadkit import RoadConfig, get_peft_model
 
-    model = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=2,
-                                                num_heads=4, decoder_start_token_id=0))
-    config = RoadConfig(variant="road_2", target_modules=".*decoder.*(SelfAttention|EncDecAttention).*(q|v)$",
-                        group_size=64)
+    model = T5ForConditionalGeneration(
+        T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    )
+    config = RoadConfig(
+        variant="road_2", target_modules=".*decoder.*(SelfAttention|EncDecAttention).*(q|v)$", group_size=64
+    )
     paths = [p for p, _ in get_peft_model(model, config).road_layers()]
     assert len(paths) == 2 * 2 * 2  # 2 decoder blocks x (self, cross) attention x (q, v)
     assert all(p.startswith("decoder.") and p[-2:] in (".q", ".v") for p in paths)
@@ -86,13 +90,22 @@ def test_modules_to_save_and_mixed_batch(model_dir):
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3)
     model.config.pad_token_id = 0
-    config = RoadConfig(variant="road_2", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                        modules_to_save=["classifier", "score"], group_size=64)
+    config = RoadConfig(
+        variant="road_2",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        modules_to_save=["classifier", "score"],
+        group_size=64,
+    )
     peft_model = get_peft_model(model, config, adapter_name="adapter1")
-    peft_model.add_adapter("adapter2", RoadConfig(variant="road_4", target_modules=["q_proj"], group_size=64,
-                                                  init_weights=False, modules_to_save=["score"]))
-    assert any(n.endswith("score.modules_to_save.adapter1.weight") for n, p in peft_model.named_parameters()
-               if p.requires_grad)
+    peft_model.add_adapter(
+        "adapter2",
+        RoadConfig(
+            variant="road_4", target_modules=["q_proj"], group_size=64, init_weights=False, modules_to_save=["score"]
+        ),
+    )
+    assert any(
+        n.endswith("score.modules_to_save.adapter1.weight") for n, p in peft_model.named_parameters() if p.requires_grad
+    )
     input_ids = torch.randint(1, 96, (3, 7))
     peft_model.eval()
     with torch.no_grad():

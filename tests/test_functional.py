@@ -147,8 +147,11 @@ def test_mixed_batches_gather_in_chunks_with_the_same_bits(index_shape, dtype, m
     tables = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(B, T, d, generator=gen).to(dtype)
-    index = {"row": torch.randint(0, 4, (B,), generator=gen), "token": torch.randint(0, 4, (B, T), generator=gen),
-             "flat": torch.randint(0, 4, (B * T,), generator=gen)}[index_shape]
+    index = {
+        "row": torch.randint(0, 4, (B,), generator=gen),
+        "token": torch.randint(0, 4, (B, T), generator=gen),
+        "flat": torch.randint(0, 4, (B * T,), generator=gen),
+    }[index_shape]
     if index_shape == "flat":
         x = x.view(B * T, d)
     shifted = F.prepare(tables, g)
@@ -296,8 +299,9 @@ def test_fused_parameter_path_equals_rotation_by_coefficients(variant):
     g, d = 4, 8
     theta, alpha = random_params(variant, d, seed=6)
     x = torch.randn(5, d, dtype=torch.float64)
-    torch.testing.assert_close(F.road(x, variant, g, theta, alpha),
-                               F.rotate(x, F.coefficients(variant, g, theta, alpha), g))
+    torch.testing.assert_close(
+        F.road(x, variant, g, theta, alpha), F.rotate(x, F.coefficients(variant, g, theta, alpha), g)
+    )
 
 
 def test_fused_backward_gradcheck_other_dim_and_per_row_coefficients():
@@ -345,9 +349,15 @@ def test_half_precision_input_is_computed_in_fp32_and_returned_in_its_dtype():
 
 # ---- properties ----------------------------------------------------------------------------------
 
+
 @settings(max_examples=40, deadline=None)
-@given(variant=st.sampled_from(VARIANTS), groups=st.integers(1, 3), half=st.integers(1, 4),
-       d_in=st.integers(1, 6), seed=st.integers(0, 2**16))
+@given(
+    variant=st.sampled_from(VARIANTS),
+    groups=st.integers(1, 3),
+    half=st.integers(1, 4),
+    d_in=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
 def test_merge_then_unmerge_restores_weights(variant, groups, half, d_in, seed):
     # Angles in [-0.5, 0.5] and scales in [0.75, 1.25] (where trained adapters live) keep every 2x2
     # block well conditioned; a near-singular block amplifies the fp32 rounding of the merged weights
@@ -365,8 +375,7 @@ def test_merge_then_unmerge_restores_weights(variant, groups, half, d_in, seed):
 
 
 @settings(max_examples=30, deadline=None)
-@given(variant=st.sampled_from(VARIANTS), groups=st.integers(1, 3), half=st.integers(1, 4),
-       seed=st.integers(0, 2**16))
+@given(variant=st.sampled_from(VARIANTS), groups=st.integers(1, 3), half=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_identity_parameters_leave_any_input_unchanged(variant, groups, half, seed):
     g = 2 * half
     d = groups * g

@@ -24,8 +24,15 @@ def tiny_vit(seed: int = 0):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
-    cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                    image_size=16, patch_size=4, num_labels=3)
+    cfg = ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=16,
+        patch_size=4,
+        num_labels=3,
+    )
     return ViTForImageClassification(cfg).eval()
 
 
@@ -34,12 +41,24 @@ def cases():
     ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
     pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     return {
-        "llama": (tiny_llama(), dict(input_ids=ids, labels=ids, use_cache=False),
-                  RoadConfig(variant="road_2", group_size=64, target_modules=["q_proj", "v_proj", "down_proj"],
-                             init_weights=False)),
-        "vit": (tiny_vit(), dict(pixel_values=pixels, labels=torch.tensor([0, 2])),
-                RoadConfig(variant="road_1", group_size=64, target_modules=["q_proj", "v_proj"],
-                           modules_to_save=["classifier"], init_weights=False)),
+        "llama": (
+            tiny_llama(),
+            dict(input_ids=ids, labels=ids, use_cache=False),
+            RoadConfig(
+                variant="road_2", group_size=64, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False
+            ),
+        ),
+        "vit": (
+            tiny_vit(),
+            dict(pixel_values=pixels, labels=torch.tensor([0, 2])),
+            RoadConfig(
+                variant="road_1",
+                group_size=64,
+                target_modules=["q_proj", "v_proj"],
+                modules_to_save=["classifier"],
+                init_weights=False,
+            ),
+        ),
     }
 
 
@@ -107,8 +126,9 @@ def trained(case, steps: int, fused: bool, use_reentrant=None):
     return model.adapter_state_dict()
 
 
-@pytest.mark.parametrize(("fused", "use_reentrant"), [
-    (False, True), (False, False), (True, True)])  # fused: no version bumps
+@pytest.mark.parametrize(
+    ("fused", "use_reentrant"), [(False, True), (False, False), (True, True)]
+)  # fused: no version bumps
 def test_training_steps_with_checkpointing_match_plain(cases, fused, use_reentrant):
     reference = trained(cases["llama"], 2, fused)
     got = trained(cases["llama"], 2, fused, use_reentrant)

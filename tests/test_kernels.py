@@ -63,8 +63,9 @@ def test_indexed_matches_torch_gather(index_shape):
     x = torch.randn(B, T, d).to(DEVICE)
     c, s = coeffs(d, n=5)
     gen = torch.Generator().manual_seed(3)
-    index = {"row": torch.randint(0, 5, (B,), generator=gen),
-             "token": torch.randint(0, 5, (B, T), generator=gen)}.get(index_shape)
+    index = {"row": torch.randint(0, 5, (B,), generator=gen), "token": torch.randint(0, 5, (B, T), generator=gen)}.get(
+        index_shape
+    )
     if index is None:
         index = torch.randint(0, 5, (B * T,), generator=gen)
         x = x.view(B * T, d)
@@ -131,8 +132,13 @@ def compiled_memory_ops() -> dict:
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    run = subprocess.run([sys.executable, "-c", _COMPILE_PTX, json.dumps(GROUP_SIZES_COMPILED)], env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPILE_PTX, json.dumps(GROUP_SIZES_COMPILED)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return {int(g): ops for g, ops in json.loads(run.stdout.strip().splitlines()[-1]).items()}
 

@@ -21,8 +21,12 @@ def make_layer(variant="road_2", g=4, d_in=6, d_out=8, bias=True, seed=0, init_w
 
 def R_of(layer: Linear, name: str) -> torch.Tensor:
     with torch.no_grad():
-        return dense(*F.coefficients(layer.variant[name], layer.group_size[name], layer.road_theta[name],
-                                     layer.road_alpha[name]), layer.group_size[name])
+        return dense(
+            *F.coefficients(
+                layer.variant[name], layer.group_size[name], layer.road_theta[name], layer.road_alpha[name]
+            ),
+            layer.group_size[name],
+        )
 
 
 @pytest.mark.parametrize("variant", ["road_1", "road_2", "road_4"])
@@ -140,8 +144,8 @@ def test_gradients_reach_theta_and_alpha_and_match_autograd_of_dense_reference()
     for k in range(2):
         for j in range(2):
             a, b = 4 * k + j, 4 * k + j + 2
-            R = R + torch.zeros_like(R).index_put((torch.tensor([a]), torch.tensor([b])), -s[a:a + 1])
-            R = R + torch.zeros_like(R).index_put((torch.tensor([b]), torch.tensor([a])), s[b:b + 1])
+            R = R + torch.zeros_like(R).index_put((torch.tensor([a]), torch.tensor([b])), -s[a : a + 1])
+            R = R + torch.zeros_like(R).index_put((torch.tensor([b]), torch.tensor([a])), s[b : b + 1])
     (layer.base_layer(h).detach() @ R.T).sin().sum().backward()
     torch.testing.assert_close(layer.road_theta["a"].grad, theta.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.road_alpha["a"].grad, alpha.grad, rtol=1e-5, atol=1e-6)

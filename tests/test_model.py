@@ -69,8 +69,9 @@ def snapshot(model: nn.Module) -> dict:
     if isinstance(model, RoadModel):
         snap["peft_config"] = {k: v.to_dict() for k, v in model.peft_config.items()}
         snap["active"] = model.active_adapters
-        snap["layers"] = [(p, lyr.active_adapters, list(lyr.merged_adapters), lyr.routing)
-                          for p, lyr in model.road_layers()]
+        snap["layers"] = [
+            (p, lyr.active_adapters, list(lyr.merged_adapters), lyr.routing) for p, lyr in model.road_layers()
+        ]
     return snap
 
 
@@ -92,10 +93,10 @@ def no_road(model: nn.Module) -> bool:
 def two(llama):
     """tiny Llama with two random adapters: "default" (road_2 on q/v) and "b" (road_4 on o_proj/v_proj)."""
     torch.manual_seed(1)
-    rm = get_peft_model(llama, RoadConfig(variant="road_2", group_size=32, init_weights=False,
-                                          target_modules=QV))
-    rm.add_adapter("b", RoadConfig(variant="road_4", group_size=64, init_weights=False,
-                                   target_modules=["o_proj", "v_proj"]))
+    rm = get_peft_model(llama, RoadConfig(variant="road_2", group_size=32, init_weights=False, target_modules=QV))
+    rm.add_adapter(
+        "b", RoadConfig(variant="road_4", group_size=64, init_weights=False, target_modules=["o_proj", "v_proj"])
+    )
     return rm.eval()
 
 
@@ -357,8 +358,13 @@ def test_unload_without_merge_is_exact(two, llama_base):
 @pytest.mark.parametrize("with_head", [False, True])
 def test_merge_and_unload(with_head, llama, llama_base, input_ids):
     torch.manual_seed(2)
-    cfg = RoadConfig(variant="road_4", group_size=32, init_weights=False, target_modules="all-linear",
-                     modules_to_save=["lm_head"] if with_head else None)
+    cfg = RoadConfig(
+        variant="road_4",
+        group_size=32,
+        init_weights=False,
+        target_modules="all-linear",
+        modules_to_save=["lm_head"] if with_head else None,
+    )
     rm = well_conditioned_(get_peft_model(llama, cfg).eval())
     if with_head:
         with torch.no_grad():
@@ -403,11 +409,15 @@ def test_variant_aliases(variant, canonical):
 # ---- adapter name errors ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("call", [
-    lambda rm: rm.set_adapter("nope"),
-    lambda rm: rm.set_adapter(["default", "nope"]),
-    lambda rm: rm.delete_adapter("nope"),
-], ids=["set_one", "set_list", "delete"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda rm: rm.set_adapter("nope"),
+        lambda rm: rm.set_adapter(["default", "nope"]),
+        lambda rm: rm.delete_adapter("nope"),
+    ],
+    ids=["set_one", "set_list", "delete"],
+)
 def test_unknown_adapter(call, two):
     two.set_adapter("b")
     before = snapshot(two)
@@ -440,19 +450,25 @@ def test_reserved_adapter_name(two, llama):
 # ---- targeting errors (model untouched) ------------------------------------------------------
 
 
-@pytest.mark.parametrize("cfg, patterns", [
-    (dict(target_modules=["does_not_exist"]), [r"matched no adaptable module", r"does_not_exist",
-                                               r"model\.layers\.0\.self_attn\.q_proj"]),
-    (dict(target_modules=r".*\.nothing"), [r"matched no adaptable module", r"q_proj"]),
-    (dict(target_modules=QV, layers_to_transform=[7]), [r"matched no adaptable module"]),
-    (dict(target_modules=["input_layernorm"]),
-     [r"input_layernorm", r"LlamaRMSNorm", r"cannot wrap", r"Linear"]),
-    (dict(target_modules=["rotary_emb"]), [r"rotary_emb", r"LlamaRotaryEmbedding", r"cannot wrap"]),
-    (dict(target_modules=["up_proj", "down_proj"], group_size=256),
-     [r"model\.layers\.0\.mlp\.down_proj", r"out_features=128", r"group_size=256"]),
-    (dict(target_modules=QV, group_size=48), [r"q_proj", r"out_features=128", r"group_size=48"]),
-], ids=["no_match_list", "no_match_regex", "no_such_layer", "layernorm", "rotary", "divisible_late",
-        "divisible"])
+@pytest.mark.parametrize(
+    "cfg, patterns",
+    [
+        (
+            dict(target_modules=["does_not_exist"]),
+            [r"matched no adaptable module", r"does_not_exist", r"model\.layers\.0\.self_attn\.q_proj"],
+        ),
+        (dict(target_modules=r".*\.nothing"), [r"matched no adaptable module", r"q_proj"]),
+        (dict(target_modules=QV, layers_to_transform=[7]), [r"matched no adaptable module"]),
+        (dict(target_modules=["input_layernorm"]), [r"input_layernorm", r"LlamaRMSNorm", r"cannot wrap", r"Linear"]),
+        (dict(target_modules=["rotary_emb"]), [r"rotary_emb", r"LlamaRotaryEmbedding", r"cannot wrap"]),
+        (
+            dict(target_modules=["up_proj", "down_proj"], group_size=256),
+            [r"model\.layers\.0\.mlp\.down_proj", r"out_features=128", r"group_size=256"],
+        ),
+        (dict(target_modules=QV, group_size=48), [r"q_proj", r"out_features=128", r"group_size=48"]),
+    ],
+    ids=["no_match_list", "no_match_regex", "no_such_layer", "layernorm", "rotary", "divisible_late", "divisible"],
+)
 def test_targeting_errors_leave_model_untouched(cfg, patterns, llama):
     llama.train()
     before = snapshot(llama)
@@ -465,13 +481,15 @@ def test_targeting_errors_leave_model_untouched(cfg, patterns, llama):
     assert all(p.requires_grad for p in llama.parameters())
 
 
-@pytest.mark.parametrize("cfg, pattern", [
-    (dict(target_modules=["does_not_exist"]), r"matched no adaptable module"),
-    (dict(target_modules=["post_attention_layernorm"]), r"cannot wrap"),
-    (dict(target_modules=["up_proj", "down_proj"], group_size=256),
-     r"down_proj.*out_features=128.*group_size=256"),
-    (dict(target_modules=["o_proj"], modules_to_save=["lm_head"], group_size=48), r"group_size=48"),
-])
+@pytest.mark.parametrize(
+    "cfg, pattern",
+    [
+        (dict(target_modules=["does_not_exist"]), r"matched no adaptable module"),
+        (dict(target_modules=["post_attention_layernorm"]), r"cannot wrap"),
+        (dict(target_modules=["up_proj", "down_proj"], group_size=256), r"down_proj.*out_features=128.*group_size=256"),
+        (dict(target_modules=["o_proj"], modules_to_save=["lm_head"], group_size=48), r"group_size=48"),
+    ],
+)
 def test_add_adapter_errors_leave_model_unchanged(cfg, pattern, two):
     before = snapshot(two)
     with pytest.raises(ValueError, match=pattern):
@@ -534,12 +552,18 @@ def test_layers_to_transform(llama):
 
 
 def test_exclude_modules(llama):
-    rm = get_peft_model(copy.deepcopy(llama), RoadConfig(group_size=32, target_modules=QV,
-                                                         exclude_modules=["model.layers.0.self_attn.q_proj"]))
-    assert _paths(rm) == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj",
-                          "model.layers.1.self_attn.v_proj"]
-    rm = get_peft_model(copy.deepcopy(llama), RoadConfig(group_size=32, target_modules=QV,
-                                                         exclude_modules=r".*\.1\..*"))
+    rm = get_peft_model(
+        copy.deepcopy(llama),
+        RoadConfig(group_size=32, target_modules=QV, exclude_modules=["model.layers.0.self_attn.q_proj"]),
+    )
+    assert _paths(rm) == [
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
+    rm = get_peft_model(
+        copy.deepcopy(llama), RoadConfig(group_size=32, target_modules=QV, exclude_modules=r".*\.1\..*")
+    )
     assert _paths(rm) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
 
 
@@ -547,8 +571,10 @@ def test_all_linear_skips_output_head_and_respects_exclude(llama):
     linear = sorted(n for n, m in llama.named_modules() if isinstance(m, nn.Linear) and n != "lm_head")
     rm = get_peft_model(copy.deepcopy(llama), RoadConfig(group_size=32, target_modules="all-linear"))
     assert _paths(rm) == linear
-    rm = get_peft_model(copy.deepcopy(llama), RoadConfig(group_size=32, target_modules="all-linear",
-                                                         exclude_modules=["v_proj", "mlp.up_proj"]))
+    rm = get_peft_model(
+        copy.deepcopy(llama),
+        RoadConfig(group_size=32, target_modules="all-linear", exclude_modules=["v_proj", "mlp.up_proj"]),
+    )
     assert _paths(rm) == [n for n in linear if not n.endswith(("v_proj", "up_proj"))]
 
 
@@ -564,14 +590,18 @@ def counted(two):
     return two, calls
 
 
-@pytest.mark.parametrize("names, setup, error, pattern", [
-    (["default", "x", "b", "y"], None, ValueError, r"unknown adapter.*'x'.*'y'.*available"),
-    (["default", "b", "__base__"], None, ValueError, r"3 entries.*4 rows"),
-    (["default"] * 5, None, ValueError, r"5 entries.*4 rows"),
-    (["default", "b", "default", "b"], "merge", ValueError, r"merged.*unmerge"),
-    (["default", "b", "default", "b"], "train", ValueError, r"eval"),
-    ("default", None, TypeError, r"adapter_names must be a list"),
-], ids=["unknown", "too_short", "too_long", "merged", "training", "not_a_list"])
+@pytest.mark.parametrize(
+    "names, setup, error, pattern",
+    [
+        (["default", "x", "b", "y"], None, ValueError, r"unknown adapter.*'x'.*'y'.*available"),
+        (["default", "b", "__base__"], None, ValueError, r"3 entries.*4 rows"),
+        (["default"] * 5, None, ValueError, r"5 entries.*4 rows"),
+        (["default", "b", "default", "b"], "merge", ValueError, r"merged.*unmerge"),
+        (["default", "b", "default", "b"], "train", ValueError, r"eval"),
+        ("default", None, TypeError, r"adapter_names must be a list"),
+    ],
+    ids=["unknown", "too_short", "too_long", "merged", "training", "not_a_list"],
+)
 def test_mixed_batch_errors_before_compute(names, setup, error, pattern, counted, input_ids):
     rm, calls = counted
     if setup == "merge":
@@ -725,19 +755,22 @@ def test_per_token_indices_switch_adapter_inside_a_row(two, input_ids):
     """A token's adapter changes that token's (causal) future only: earlier positions are unaffected."""
     T = input_ids.shape[1]
     idx = torch.zeros(input_ids.shape, dtype=torch.long)
-    idx[:, T // 2:] = 1
+    idx[:, T // 2 :] = 1
     out = logits(two, input_ids, adapter_names=["default", "b"], adapter_indices=idx)
     two.set_adapter("default")
     only_default = logits(two, input_ids)
     close(out[:, : T // 2], only_default[:, : T // 2], atol=1e-6)
-    assert differs(out[:, T // 2:], only_default[:, T // 2:])
+    assert differs(out[:, T // 2 :], only_default[:, T // 2 :])
 
 
-@pytest.mark.parametrize("indices, error, pattern", [
-    (torch.tensor([0, 1, 2, 0]), ValueError, r"adapter_indices must lie in \[0, 2\)"),
-    (torch.tensor([0.0, 1.0, 0.0, 1.0]), TypeError, "integer tensor"),
-    (torch.zeros(3, dtype=torch.long), ValueError, r"shape \(3,\).*\[batch\], \[batch, seq\] or flat \[tokens\]"),
-])
+@pytest.mark.parametrize(
+    "indices, error, pattern",
+    [
+        (torch.tensor([0, 1, 2, 0]), ValueError, r"adapter_indices must lie in \[0, 2\)"),
+        (torch.tensor([0.0, 1.0, 0.0, 1.0]), TypeError, "integer tensor"),
+        (torch.zeros(3, dtype=torch.long), ValueError, r"shape \(3,\).*\[batch\], \[batch, seq\] or flat \[tokens\]"),
+    ],
+)
 def test_per_token_index_errors(two, input_ids, indices, error, pattern):
     with pytest.raises(error, match=pattern):
         logits(two, input_ids, adapter_names=["default", "b"], adapter_indices=indices)

@@ -80,8 +80,6 @@ TASK_TYPE = {"llama": "CAUSAL_LM", "opt": "CAUSAL_LM", "mlp": None}
 # ---- models and inputs ---------------------------------------------------------------------------
 
 
-
-
 @pytest.fixture(scope="session")
 def bases(llama_base):
     """One base model per family, built once; tests only ever use deep copies."""
@@ -114,14 +112,23 @@ def run_seeded(model: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
 
 
 def peft_config(family: str, variant: str, group_size: int, targets, first: bool = True):
-    return peft.RoadConfig(variant=variant, group_size=group_size, init_weights=False,
-                           target_modules=copy.deepcopy(targets),
-                           task_type=TASK_TYPE[family] if first else None)
+    return peft.RoadConfig(
+        variant=variant,
+        group_size=group_size,
+        init_weights=False,
+        target_modules=copy.deepcopy(targets),
+        task_type=TASK_TYPE[family] if first else None,
+    )
 
 
 def road_config(family: str, variant: str, group_size: int, targets, first: bool = True):
-    return RoadConfig(variant=variant, group_size=group_size, init_weights=False,
-                      target_modules=copy.deepcopy(targets), task_type=TASK_TYPE[family] if first else None)
+    return RoadConfig(
+        variant=variant,
+        group_size=group_size,
+        init_weights=False,
+        target_modules=copy.deepcopy(targets),
+        task_type=TASK_TYPE[family] if first else None,
+    )
 
 
 def road_params(model: nn.Module, prefix: str) -> dict[str, nn.Parameter]:
@@ -130,7 +137,7 @@ def road_params(model: nn.Module, prefix: str) -> dict[str, nn.Parameter]:
     for name, p in model.named_parameters():
         if ".road_theta." in name or ".road_alpha." in name:
             assert name.startswith(prefix), name
-            out["model." + name[len(prefix):]] = p
+            out["model." + name[len(prefix) :]] = p
     return out
 
 
@@ -143,11 +150,17 @@ def rk_road_params(rm) -> dict[str, nn.Parameter]:
 
 
 def trainable_names(model: nn.Module, prefix: str) -> set[str]:
-    return {"model." + n[len(prefix):] for n, p in model.named_parameters() if p.requires_grad}
+    return {"model." + n[len(prefix) :] for n, p in model.named_parameters() if p.requires_grad}
 
 
-def build_pair(base: nn.Module, family: str, adapters: list[tuple[str, str, int, object]], transfer: str,
-               tmp_path=None, seed: int = 0):
+def build_pair(
+    base: nn.Module,
+    family: str,
+    adapters: list[tuple[str, str, int, object]],
+    transfer: str,
+    tmp_path=None,
+    seed: int = 0,
+):
     """A PEFT model and a roadkit model with the same adapters (name, variant, group_size, targets).
 
     The first adapter is active in both. PEFT draws the random parameters; roadkit gets them by
@@ -177,8 +190,7 @@ def build_pair(base: nn.Module, family: str, adapters: list[tuple[str, str, int,
         def where(name):
             return directory if name == "default" else os.path.join(directory, name)
 
-        rm = RoadModel.from_pretrained(copy.deepcopy(base), where(name0), adapter_name=name0,
-                                       is_trainable=True)
+        rm = RoadModel.from_pretrained(copy.deepcopy(base), where(name0), adapter_name=name0, is_trainable=True)
         for name, *_ in rest:
             rm.load_adapter(where(name), name, is_trainable=True)
         src, dst = peft_road_params(pm), rk_road_params(rm)
@@ -234,7 +246,7 @@ def base_weights(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     for name, p in model.named_parameters():
         if ".road_" in name:
             continue
-        out[name[len(prefix):].replace("base_layer.", "")] = p.detach().clone()
+        out[name[len(prefix) :].replace("base_layer.", "")] = p.detach().clone()
     return out
 
 
@@ -254,8 +266,7 @@ def assert_merge_parity(pm, rm, x: torch.Tensor, original: dict[str, torch.Tenso
         wp, wr = base_weights(pm, "base_model.model."), base_weights(rm, "model.")
         assert sorted(wr) == sorted(wp)
         for key in wp:
-            torch.testing.assert_close(wr[key], wp[key], **MERGED_WEIGHT_TOL,
-                                       msg=lambda m, key=key: f"{key}: {m}")
+            torch.testing.assert_close(wr[key], wp[key], **MERGED_WEIGHT_TOL, msg=lambda m, key=key: f"{key}: {m}")
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "nothing to unmerge" from untouched layers, in either library
@@ -278,8 +289,7 @@ def assert_merge_parity(pm, rm, x: torch.Tensor, original: dict[str, torch.Tenso
         assert sorted(restored_r) == sorted(original) == sorted(restored_p)
         err_r = max((restored_r[k] - original[k]).abs().max().item() for k in original)
         err_p = max((restored_p[k] - original[k]).abs().max().item() for k in original)
-        assert err_r <= max(err_p, UNMERGE_WEIGHT_ATOL), \
-            f"roadkit restored weights off by {err_r}, PEFT by {err_p}"
+        assert err_r <= max(err_p, UNMERGE_WEIGHT_ATOL), f"roadkit restored weights off by {err_r}, PEFT by {err_p}"
 
         plain_p = pm.merge_and_unload()
         plain_r = rm.merge_and_unload()
@@ -307,8 +317,16 @@ def _matrix():
                     # Alternate the transfer so every variant, group size and target style is
                     # reached both through a direct copy and through PEFT's files.
                     transfer = "files" if (vi + gi + ti) % 2 else "direct"
-                    cases.append(pytest.param(family, variant, group_size, style, transfer,
-                                              id=f"{family}-{variant}-g{group_size}-{style}-{transfer}"))
+                    cases.append(
+                        pytest.param(
+                            family,
+                            variant,
+                            group_size,
+                            style,
+                            transfer,
+                            id=f"{family}-{variant}-g{group_size}-{style}-{transfer}",
+                        )
+                    )
     return cases
 
 
@@ -338,8 +356,7 @@ def test_single_adapter_parity(bases, tmp_path, family, variant, group_size, sty
 def test_mlp_all_linear_group_size_error(bases, group_size):
     """On a plain module "all-linear" includes the 2-output head in both libraries: both refuse."""
     with pytest.raises(ValueError):
-        peft.get_peft_model(copy.deepcopy(bases["mlp"]),
-                            peft_config("mlp", "road_1", group_size, "all-linear"))
+        peft.get_peft_model(copy.deepcopy(bases["mlp"]), peft_config("mlp", "road_1", group_size, "all-linear"))
     with pytest.raises(ValueError):
         get_peft_model(copy.deepcopy(bases["mlp"]), road_config("mlp", "road_1", group_size, "all-linear"))
 
@@ -350,22 +367,27 @@ def test_mlp_all_linear_group_size_error(bases, group_size):
 # layers hold adapters of several group sizes at once. (Names avoid substrings of PEFT's "road_"
 # prefix, which PEFT warns about.)
 THREE = {
-    "llama": [("first", "road_1", 2, ["q_proj", "v_proj"]),
-              ("second", "road_2", 8, r".*\.(k_proj|v_proj|o_proj)"),
-              ("third", "road_4", 64, "all-linear")],
-    "opt": [("first", "road_1", 2, ["q_proj", "v_proj"]),
-            ("second", "road_2", 8, r".*\.(k_proj|v_proj|out_proj)"),
-            ("third", "road_4", 64, "all-linear")],
-    "mlp": [("first", "road_1", 2, "all-linear"),
-            ("second", "road_2", 8, ["lin1", "lin2"]),
-            ("third", "road_4", 64, r"lin[01]")],
+    "llama": [
+        ("first", "road_1", 2, ["q_proj", "v_proj"]),
+        ("second", "road_2", 8, r".*\.(k_proj|v_proj|o_proj)"),
+        ("third", "road_4", 64, "all-linear"),
+    ],
+    "opt": [
+        ("first", "road_1", 2, ["q_proj", "v_proj"]),
+        ("second", "road_2", 8, r".*\.(k_proj|v_proj|out_proj)"),
+        ("third", "road_4", 64, "all-linear"),
+    ],
+    "mlp": [
+        ("first", "road_1", 2, "all-linear"),
+        ("second", "road_2", 8, ["lin1", "lin2"]),
+        ("third", "road_4", 64, r"lin[01]"),
+    ],
 }
 NAMES = [name for name, *_ in THREE["llama"]]
 ROW_ADAPTERS = ["first", BASE, "second", "third", "second", "first"]
 # OPT runs fc1/fc2 on (batch * seq, features), where PEFT cannot route one adapter per batch row
 # (test_mixed_batch_opt_flattened_layers_beyond_peft); parity runs on OPT use attention projections.
-MIXED = {**THREE,
-         "opt": THREE["opt"][:2] + [("third", "road_4", 64, r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)")]}
+MIXED = {**THREE, "opt": THREE["opt"][:2] + [("third", "road_4", 64, r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)")]}
 
 
 @pytest.mark.parametrize("transfer", ["direct", "files"])
@@ -421,8 +443,7 @@ def test_mixed_batch_generate_parity(bases, tmp_path, family):
     pm.eval()
     rm.eval()
     x = make_inputs(family, rows=len(ROW_ADAPTERS))
-    kwargs = dict(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=5, do_sample=False,
-                  pad_token_id=0)
+    kwargs = dict(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=5, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         gen_p = pm.generate(adapter_names=ROW_ADAPTERS, **kwargs)
         gen_r = rm.generate(adapter_names=ROW_ADAPTERS, **kwargs)

@@ -56,8 +56,9 @@ def test_the_gguf_model_and_its_converted_directory_agree(smollm2):
     _, directory, model, _ = smollm2
     ids = torch.tensor([[1, 504, 3287, 314, 260, 2365]])
     with torch.no_grad():
-        torch.testing.assert_close(load_causal_lm(directory)(input_ids=ids).logits, model(input_ids=ids).logits,
-                                   atol=0, rtol=0)
+        torch.testing.assert_close(
+            load_causal_lm(directory)(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0
+        )
 
 
 @pytest.mark.parametrize("variant", ["road_1", "road_2", "road_4"])
@@ -68,8 +69,9 @@ def test_roadkit_gives_peft_logits_on_every_linear_layer(smollm2, variant, tmp_p
     with torch.no_grad():
         plain = base(input_ids=ids).logits
     torch.manual_seed(0)
-    pm = peft.get_peft_model(base, peft.RoadConfig(variant=variant, target_modules="all-linear", init_weights=False,
-                                                   task_type="CAUSAL_LM"))
+    pm = peft.get_peft_model(
+        base, peft.RoadConfig(variant=variant, target_modules="all-linear", init_weights=False, task_type="CAUSAL_LM")
+    )
     with torch.no_grad():
         expected = pm(input_ids=ids).logits
     pm.save_pretrained(tmp_path / "peft")
@@ -98,15 +100,41 @@ def _task(n: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
-def test_cli_training_lowers_the_held_out_loss_and_mixed_generation_equals_single_runs(smollm2, tmp_path, capsys,
-                                                                                        monkeypatch):
+def test_cli_training_lowers_the_held_out_loss_and_mixed_generation_equals_single_runs(
+    smollm2, tmp_path, capsys, monkeypatch
+):
     _, directory, _, tokenizer = smollm2
     write_jsonl(tmp_path / "train.jsonl", _task(32, 0))
     write_jsonl(tmp_path / "eval.jsonl", _task(8, 1))
-    code, out, err = cli(["train", "--model", directory, "--data", "train.jsonl", "--eval-data", "eval.jsonl",
-                          "--output", "run", "--max-steps", "6", "--batch-size", "4", "--lr", "1e-2",
-                          "--eval-every", "6", "--max-length", "16", "--no-progress", "--device", "cpu"],
-                         capsys, tmp_path, monkeypatch)
+    code, out, err = cli(
+        [
+            "train",
+            "--model",
+            directory,
+            "--data",
+            "train.jsonl",
+            "--eval-data",
+            "eval.jsonl",
+            "--output",
+            "run",
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-2",
+            "--eval-every",
+            "6",
+            "--max-length",
+            "16",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+        tmp_path,
+        monkeypatch,
+    )
     assert code == 0, err
     log = json.loads((tmp_path / "run" / "training_log.json").read_text())
     before, after = log["eval"][0]["loss"], log["eval"][-1]["loss"]
@@ -114,13 +142,26 @@ def test_cli_training_lowers_the_held_out_loss_and_mixed_generation_equals_singl
 
     # A second, random adapter (other targets, variant and group size), then one mixed batch against
     # each prompt alone.
-    other = get_peft_model(load_causal_lm(directory), RoadConfig(variant="road_2", group_size=32,
-                                                                 target_modules=["o_proj", "down_proj"],
-                                                                 init_weights=False))
+    other = get_peft_model(
+        load_causal_lm(directory),
+        RoadConfig(variant="road_2", group_size=32, target_modules=["o_proj", "down_proj"], init_weights=False),
+    )
     other.save_pretrained(tmp_path / "other")
     prompts = [("trained", "reverse abc ="), ("other", "The capital of France is"), ("base", "reverse xyz =")]
-    args = ["generate", "--model", directory, "--adapter", "trained=run", "--adapter", f"other={tmp_path / 'other'}",
-            "--max-new-tokens", "6", "--json", "--device", "cpu"]
+    args = [
+        "generate",
+        "--model",
+        directory,
+        "--adapter",
+        "trained=run",
+        "--adapter",
+        f"other={tmp_path / 'other'}",
+        "--max-new-tokens",
+        "6",
+        "--json",
+        "--device",
+        "cpu",
+    ]
     for name, text in prompts:
         args += ["--prompt", f"{name}:{text}"]
     code, out, err = cli(args, capsys, tmp_path, monkeypatch)

@@ -41,8 +41,6 @@ PER_PAIR = {"road_1": 1, "road_2": 2, "road_4": 4}  # entries of theta (and of a
 TARGETS = ["q_proj", "v_proj", "up_proj"]  # out_features 128, 128, 256 on the tiny Llama
 
 
-
-
 # ---- references ------------------------------------------------------------------------------------
 
 
@@ -117,23 +115,28 @@ def logits(model, ids, **kwargs) -> torch.Tensor:
 # ---- spec normalisation --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec, expected", [
-    (None, None),
-    ("0/2", {"shard": 0, "num_shards": 2}),
-    (" 3 / 4 ", {"shard": 3, "num_shards": 4}),
-    ("0/1", {"shard": 0, "num_shards": 1}),
-    ({"shard": 1, "num_shards": 3}, {"shard": 1, "num_shards": 3}),
-    (0.25, {"fraction": 0.25, "seed": 0}),
-    (1.0, {"fraction": 1.0, "seed": 0}),
-    ({"fraction": 0.5}, {"fraction": 0.5, "seed": 0}),
-    ({"fraction": 1, "seed": 7}, {"fraction": 1.0, "seed": 7}),
-    ([5, 1, 5, 0], {"pairs": [0, 1, 5]}),
-    ((2, 3), {"pairs": [2, 3]}),
-    ({"pairs": [9, 4]}, {"pairs": [4, 9]}),
-    ({"union": ["0/3", [7, 8], 0.5]},
-     {"union": [{"shard": 0, "num_shards": 3}, {"pairs": [7, 8]}, {"fraction": 0.5, "seed": 0}]}),
-    ({"union": [{"union": ["1/2"]}]}, {"union": [{"union": [{"shard": 1, "num_shards": 2}]}]}),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        (None, None),
+        ("0/2", {"shard": 0, "num_shards": 2}),
+        (" 3 / 4 ", {"shard": 3, "num_shards": 4}),
+        ("0/1", {"shard": 0, "num_shards": 1}),
+        ({"shard": 1, "num_shards": 3}, {"shard": 1, "num_shards": 3}),
+        (0.25, {"fraction": 0.25, "seed": 0}),
+        (1.0, {"fraction": 1.0, "seed": 0}),
+        ({"fraction": 0.5}, {"fraction": 0.5, "seed": 0}),
+        ({"fraction": 1, "seed": 7}, {"fraction": 1.0, "seed": 7}),
+        ([5, 1, 5, 0], {"pairs": [0, 1, 5]}),
+        ((2, 3), {"pairs": [2, 3]}),
+        ({"pairs": [9, 4]}, {"pairs": [4, 9]}),
+        (
+            {"union": ["0/3", [7, 8], 0.5]},
+            {"union": [{"shard": 0, "num_shards": 3}, {"pairs": [7, 8]}, {"fraction": 0.5, "seed": 0}]},
+        ),
+        ({"union": [{"union": ["1/2"]}]}, {"union": [{"union": [{"shard": 1, "num_shards": 2}]}]}),
+    ],
+)
 def test_normalize_spec(spec, expected):
     out = normalize_spec(copy.deepcopy(spec))
     assert out == expected
@@ -142,46 +145,51 @@ def test_normalize_spec(spec, expected):
     assert RoadConfig(subspace=copy.deepcopy(spec)).subspace == expected
 
 
-ALLOWED_FORMS = r"allowed forms: \{\"shard\": k, \"num_shards\": n\}, \{\"fraction\": f, \"seed\": s\}, " \
-                r"\{\"pairs\": \[\.\.\.\]\}, \{\"union\": \[\.\.\.\]\}"
+ALLOWED_FORMS = (
+    r"allowed forms: \{\"shard\": k, \"num_shards\": n\}, \{\"fraction\": f, \"seed\": s\}, "
+    r"\{\"pairs\": \[\.\.\.\]\}, \{\"union\": \[\.\.\.\]\}"
+)
 
 
-@pytest.mark.parametrize("spec, error, patterns", [
-    ("abc", ValueError, ["'abc'", r'shard "k/n"']),
-    ("1/", ValueError, ["'1/'", r'"k/n"']),
-    ("-1/2", ValueError, ["'-1/2'", r'"k/n"']),
-    ("1/2/3", ValueError, ["'1/2/3'", r'"k/n"']),
-    ("2/2", ValueError, ["'shard': 2", "'num_shards': 2", "0 <= shard < num_shards"]),
-    ("0/0", ValueError, ["'num_shards': 0", "0 <= shard < num_shards"]),
-    ({"shard": -1, "num_shards": 2}, ValueError, ["'shard': -1", "0 <= shard < num_shards"]),
-    ({"shard": True, "num_shards": 2}, ValueError, ["'shard': True", "integers"]),
-    ({"shard": 0.0, "num_shards": 2}, ValueError, ["'shard': 0.0", "integers"]),
-    ({"shard": 0}, ValueError, ["{'shard': 0}", ALLOWED_FORMS]),
-    ({"shard": 0, "num_shards": 2, "seed": 1}, ValueError, ["'seed': 1", ALLOWED_FORMS]),
-    ({"fraction": 0.0}, ValueError, ["'fraction': 0.0", "0 < fraction <= 1"]),
-    ({"fraction": 1.5}, ValueError, ["'fraction': 1.5", "0 < fraction <= 1"]),
-    ({"fraction": -0.5}, ValueError, ["'fraction': -0.5", "0 < fraction <= 1"]),
-    ({"fraction": float("nan")}, ValueError, ["'fraction': nan", "0 < fraction <= 1"]),
-    ({"fraction": True}, ValueError, ["'fraction': True", "0 < fraction <= 1"]),
-    ({"fraction": "0.5"}, ValueError, ["'fraction': '0.5'", "0 < fraction <= 1"]),
-    ({"fraction": 0.5, "seed": 1.5}, ValueError, ["'seed': 1.5", "integer seed"]),
-    (0.0, ValueError, ["'fraction': 0.0", "0 < fraction <= 1"]),
-    (2.5, ValueError, ["'fraction': 2.5", "0 < fraction <= 1"]),
-    ([], ValueError, ["'pairs': \\[\\]", "non-empty list of non-negative pair indices"]),
-    ([1, -2], ValueError, ["-2", "non-negative pair indices"]),
-    ([1, 2.0], ValueError, ["2.0", "non-negative pair indices"]),
-    ([True], ValueError, ["True", "non-negative pair indices"]),
-    ({"pairs": "0,1"}, ValueError, ["'0,1'", "non-empty list"]),
-    ({"union": []}, ValueError, ["'union': \\[\\]", "non-empty list of subspaces"]),
-    ({"union": "0/2"}, ValueError, ["'union': '0/2'", "non-empty list of subspaces"]),
-    ({"union": ["0/2", "x"]}, ValueError, ["'x'", '"k/n"']),
-    ({"union": [None]}, ValueError, ["None"]),
-    ({}, ValueError, ["{}", ALLOWED_FORMS]),
-    ({"layers": 3}, ValueError, ["'layers': 3", ALLOWED_FORMS]),
-    (3, TypeError, ["int: 3", r'a dict, "k/n", a list of pair indices or a fraction']),
-    (True, TypeError, ["bool: True", r'a dict, "k/n", a list of pair indices or a fraction']),
-    ({1, 2}, TypeError, ["set", r'a dict, "k/n", a list of pair indices or a fraction']),
-])
+@pytest.mark.parametrize(
+    "spec, error, patterns",
+    [
+        ("abc", ValueError, ["'abc'", r'shard "k/n"']),
+        ("1/", ValueError, ["'1/'", r'"k/n"']),
+        ("-1/2", ValueError, ["'-1/2'", r'"k/n"']),
+        ("1/2/3", ValueError, ["'1/2/3'", r'"k/n"']),
+        ("2/2", ValueError, ["'shard': 2", "'num_shards': 2", "0 <= shard < num_shards"]),
+        ("0/0", ValueError, ["'num_shards': 0", "0 <= shard < num_shards"]),
+        ({"shard": -1, "num_shards": 2}, ValueError, ["'shard': -1", "0 <= shard < num_shards"]),
+        ({"shard": True, "num_shards": 2}, ValueError, ["'shard': True", "integers"]),
+        ({"shard": 0.0, "num_shards": 2}, ValueError, ["'shard': 0.0", "integers"]),
+        ({"shard": 0}, ValueError, ["{'shard': 0}", ALLOWED_FORMS]),
+        ({"shard": 0, "num_shards": 2, "seed": 1}, ValueError, ["'seed': 1", ALLOWED_FORMS]),
+        ({"fraction": 0.0}, ValueError, ["'fraction': 0.0", "0 < fraction <= 1"]),
+        ({"fraction": 1.5}, ValueError, ["'fraction': 1.5", "0 < fraction <= 1"]),
+        ({"fraction": -0.5}, ValueError, ["'fraction': -0.5", "0 < fraction <= 1"]),
+        ({"fraction": float("nan")}, ValueError, ["'fraction': nan", "0 < fraction <= 1"]),
+        ({"fraction": True}, ValueError, ["'fraction': True", "0 < fraction <= 1"]),
+        ({"fraction": "0.5"}, ValueError, ["'fraction': '0.5'", "0 < fraction <= 1"]),
+        ({"fraction": 0.5, "seed": 1.5}, ValueError, ["'seed': 1.5", "integer seed"]),
+        (0.0, ValueError, ["'fraction': 0.0", "0 < fraction <= 1"]),
+        (2.5, ValueError, ["'fraction': 2.5", "0 < fraction <= 1"]),
+        ([], ValueError, ["'pairs': \\[\\]", "non-empty list of non-negative pair indices"]),
+        ([1, -2], ValueError, ["-2", "non-negative pair indices"]),
+        ([1, 2.0], ValueError, ["2.0", "non-negative pair indices"]),
+        ([True], ValueError, ["True", "non-negative pair indices"]),
+        ({"pairs": "0,1"}, ValueError, ["'0,1'", "non-empty list"]),
+        ({"union": []}, ValueError, ["'union': \\[\\]", "non-empty list of subspaces"]),
+        ({"union": "0/2"}, ValueError, ["'union': '0/2'", "non-empty list of subspaces"]),
+        ({"union": ["0/2", "x"]}, ValueError, ["'x'", '"k/n"']),
+        ({"union": [None]}, ValueError, ["None"]),
+        ({}, ValueError, ["{}", ALLOWED_FORMS]),
+        ({"layers": 3}, ValueError, ["'layers': 3", ALLOWED_FORMS]),
+        (3, TypeError, ["int: 3", r'a dict, "k/n", a list of pair indices or a fraction']),
+        (True, TypeError, ["bool: True", r'a dict, "k/n", a list of pair indices or a fraction']),
+        ({1, 2}, TypeError, ["set", r'a dict, "k/n", a list of pair indices or a fraction']),
+    ],
+)
 def test_normalize_spec_errors(spec, error, patterns):
     for build in (normalize_spec, lambda s: RoadConfig(subspace=s)):
         with pytest.raises(error) as info:
@@ -326,8 +334,9 @@ def test_outside_count():
 
 def subspace_model(base, variant, g, spec, init_weights=False, targets=TARGETS, name="default", seed=0):
     torch.manual_seed(seed)
-    cfg = RoadConfig(variant=variant, group_size=g, init_weights=init_weights, target_modules=list(targets),
-                     subspace=spec)
+    cfg = RoadConfig(
+        variant=variant, group_size=g, init_weights=init_weights, target_modules=list(targets), subspace=spec
+    )
     return get_peft_model(copy.deepcopy(base), cfg, adapter_name=name)
 
 
@@ -374,8 +383,11 @@ def assert_identity_outside(rm: RoadModel, name: str, expect_moved: bool = True)
 
 def pairs_of_model(rm: RoadModel, name: str) -> int:
     spec = rm.peft_config[name].subspace
-    return sum(len(ref_pairs(spec, layer.out_features // 2)) * PER_PAIR[layer.variant[name]]
-               for _, layer in rm.road_layers() if name in layer.road_theta)
+    return sum(
+        len(ref_pairs(spec, layer.out_features // 2)) * PER_PAIR[layer.variant[name]]
+        for _, layer in rm.road_layers()
+        if name in layer.road_theta
+    )
 
 
 TRAIN_CASES = [
@@ -388,8 +400,9 @@ TRAIN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("variant, init_weights, spec, g", TRAIN_CASES,
-                         ids=[f"{v}-init{i}-g{g}" for v, i, _, g in TRAIN_CASES])
+@pytest.mark.parametrize(
+    "variant, init_weights, spec, g", TRAIN_CASES, ids=[f"{v}-init{i}-g{g}" for v, i, _, g in TRAIN_CASES]
+)
 def test_training_keeps_outside_pairs_identity(llama_base, variant, init_weights, spec, g):
     rm = subspace_model(llama_base, variant, g, spec, init_weights=init_weights)
     expected = pairs_of_model(rm, "default")
@@ -398,16 +411,19 @@ def test_training_keeps_outside_pairs_identity(llama_base, variant, init_weights
     full = subspace_model(llama_base, variant, g, None, init_weights=init_weights)
     owned_fraction = expected / (full.get_nb_trainable_parameters()[0] / 2)
     assert 0 < owned_fraction < 1
-    before = {p: (layer.parameters_of("default")[0].detach().clone(),
-                  layer.parameters_of("default")[1].detach().clone()) for p, layer in rm.road_layers()}
+    before = {
+        p: (layer.parameters_of("default")[0].detach().clone(), layer.parameters_of("default")[1].detach().clone())
+        for p, layer in rm.road_layers()
+    }
     if not init_weights:
         assert_identity_outside(rm, "default")
 
     params = [p for p in rm.parameters() if p.requires_grad]
     assert sum(p.numel() for p in params) == 2 * expected
     rm.eval()  # eval afterwards too: the checks below read the inference path
-    losses = train_steps(rm, torch.randint(0, 96, (4, 10), generator=torch.Generator().manual_seed(0)), 6,
-                         weight_decay=0.1)  # weight decay must not move anything outside the subspace
+    losses = train_steps(
+        rm, torch.randint(0, 96, (4, 10), generator=torch.Generator().manual_seed(0)), 6, weight_decay=0.1
+    )  # weight decay must not move anything outside the subspace
     assert losses[-1] < losses[0], losses
 
     assert_identity_outside(rm, "default")
@@ -431,8 +447,9 @@ def test_subspace_gradients_equal_full_adapter_gradients(llama_base, variant):
             theta, alpha = ls.parameters_of("default")
             lf.road_theta["default"].copy_(theta)
             lf.road_alpha["default"].copy_(alpha)
-            free[path] = entries_of(variant, 8, torch.tensor(sorted(ref_pairs(sub.peft_config["default"].subspace,
-                                                                             ls.out_features // 2))))
+            free[path] = entries_of(
+                variant, 8, torch.tensor(sorted(ref_pairs(sub.peft_config["default"].subspace, ls.out_features // 2)))
+            )
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
     for m in (sub, full):
         m.train()
@@ -459,8 +476,11 @@ def test_pairs_out_of_range_names_layer_before_any_change(llama_base):
     plain = copy.deepcopy(llama_base)
     before = snapshot(plain)
     cfg = RoadConfig(variant="road_1", group_size=8, target_modules=["up_proj", "q_proj"], subspace=[3, 100])
-    with pytest.raises(ValueError, match=r"target module 'model\.layers\.\d\.self_attn\.q_proj'.*pair 100 is out of "
-                                         r"range; this layer has 64 pairs"):
+    with pytest.raises(
+        ValueError,
+        match=r"target module 'model\.layers\.\d\.self_attn\.q_proj'.*pair 100 is out of "
+        r"range; this layer has 64 pairs",
+    ):
         get_peft_model(plain, cfg)
     assert_unchanged(before, plain)
     assert no_road(plain)
@@ -482,15 +502,19 @@ def test_pairs_out_of_range_names_layer_before_any_change(llama_base):
 def test_save_load_round_trip_and_peft_loads_it(llama_base, input_ids, tmp_path):
     spec = {"union": ["1/4", [0, 2]]}
     rm = subspace_model(llama_base, "road_4", 8, spec).eval()
-    rm.add_adapter("other", RoadConfig(variant="road_1", group_size=16, init_weights=False,
-                                       target_modules=["v_proj"], subspace="0/2"))
+    rm.add_adapter(
+        "other",
+        RoadConfig(variant="road_1", group_size=16, init_weights=False, target_modules=["v_proj"], subspace="0/2"),
+    )
     expected = logits(rm, input_ids)
     assert not torch.allclose(expected, logits(llama_base, input_ids), atol=1e-3)
     rm.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert data["subspace"] == normalize_spec(spec)
-    assert json.loads((tmp_path / "other" / "adapter_config.json").read_text())["subspace"] == \
-        {"shard": 0, "num_shards": 2}
+    assert json.loads((tmp_path / "other" / "adapter_config.json").read_text())["subspace"] == {
+        "shard": 0,
+        "num_shards": 2,
+    }
 
     loaded = RoadModel.from_pretrained(copy.deepcopy(llama_base), tmp_path)
     loaded.load_adapter(tmp_path / "other", "other")
@@ -528,8 +552,9 @@ def test_tampered_file_is_refused_before_any_change(llama_base, input_ids, tmp_p
     tensors = load_file(tmp_path / "good" / "adapter_model.safetensors")
     layer_path = "model.layers.1.self_attn.v_proj"
     key = f"base_model.model.{layer_path}.road_{what}"
-    outside = next(i for i in range(128) if i not in set(entries_of("road_2", 8, pairs_of(normalize_spec("1/2"),
-                                                                                              64)).tolist()))
+    outside = next(
+        i for i in range(128) if i not in set(entries_of("road_2", 8, pairs_of(normalize_spec("1/2"), 64)).tolist())
+    )
     tensors[key][outside] += 0.5
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -584,8 +609,10 @@ def road_dtypes(rm: RoadModel) -> set[torch.dtype]:
 
 @pytest.mark.parametrize("spec", [None, "0/2"])
 def test_autocast_adapter_dtype_default_fp32(llama_bf16, spec):
-    rm = get_peft_model(copy.deepcopy(llama_bf16), RoadConfig(variant="road_2", group_size=8, init_weights=False,
-                                                              target_modules=TARGETS, subspace=spec))
+    rm = get_peft_model(
+        copy.deepcopy(llama_bf16),
+        RoadConfig(variant="road_2", group_size=8, init_weights=False, target_modules=TARGETS, subspace=spec),
+    )
     assert road_dtypes(rm) == {torch.float32}
     rm.train()
     ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(0))
@@ -616,17 +643,20 @@ def _train_step(rm, ids):
 
 def test_autocast_adapter_dtype_false_bf16(llama_bf16, tmp_path):
     ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(0))
-    rm = get_peft_model(copy.deepcopy(llama_bf16), RoadConfig(variant="road_4", group_size=8, init_weights=False,
-                                                              target_modules=TARGETS, subspace="1/2"),
-                        autocast_adapter_dtype=False)
+    rm = get_peft_model(
+        copy.deepcopy(llama_bf16),
+        RoadConfig(variant="road_4", group_size=8, init_weights=False, target_modules=TARGETS, subspace="1/2"),
+        autocast_adapter_dtype=False,
+    )
     assert road_dtypes(rm) == {torch.bfloat16}
     params = _train_step(rm, ids)
     assert {p.dtype for p in params} == {torch.bfloat16}
     assert_identity_outside(rm, "default")
 
     rm.save_pretrained(tmp_path)
-    kept = RoadModel.from_pretrained(copy.deepcopy(llama_bf16), tmp_path, is_trainable=True,
-                                     autocast_adapter_dtype=False)
+    kept = RoadModel.from_pretrained(
+        copy.deepcopy(llama_bf16), tmp_path, is_trainable=True, autocast_adapter_dtype=False
+    )
     assert road_dtypes(kept) == {torch.bfloat16}
     assert torch.equal(logits(kept, ids), logits(rm, ids))
     _train_step(kept, ids)
@@ -640,11 +670,15 @@ def test_autocast_adapter_dtype_false_bf16(llama_bf16, tmp_path):
 
 
 def test_mixed_batch_bf16_adapters(llama_bf16):
-    rm = get_peft_model(copy.deepcopy(llama_bf16), RoadConfig(variant="road_2", group_size=8, init_weights=False,
-                                                              target_modules=TARGETS, subspace="0/2"),
-                        adapter_name="a", autocast_adapter_dtype=False)
-    rm.add_adapter("b", RoadConfig(variant="road_1", group_size=16, init_weights=False,
-                                   target_modules=["v_proj", "o_proj"]))
+    rm = get_peft_model(
+        copy.deepcopy(llama_bf16),
+        RoadConfig(variant="road_2", group_size=8, init_weights=False, target_modules=TARGETS, subspace="0/2"),
+        adapter_name="a",
+        autocast_adapter_dtype=False,
+    )
+    rm.add_adapter(
+        "b", RoadConfig(variant="road_1", group_size=16, init_weights=False, target_modules=["v_proj", "o_proj"])
+    )
     rm.eval()
     assert road_dtypes(rm) == {torch.bfloat16}
     rows = ["a", "__base__", "b", "a", "b"]

@@ -78,8 +78,13 @@ def test_stop_request_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
     first.road_trainer.add_callback(AtStep(3, lambda: setattr(first.stop, "requested", True)))  # stop after step 3
     assert first.fit(progress=False) == INTERRUPTED and first.step == 3
     write_run(tmp_path / "run", model, first, INTERRUPTED, {"note": "test"})
-    assert {"adapter_config.json", "adapter_model.safetensors", "checkpoint", "training_log.json",
-            "loss_curve.png"} <= set(os.listdir(tmp_path / "run"))
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "checkpoint",
+        "training_log.json",
+        "loss_curve.png",
+    } <= set(os.listdir(tmp_path / "run"))
     saved = set(os.listdir(tmp_path / "run" / "checkpoint"))  # adapter-only: no full model weights
     assert {"adapter_model.safetensors", "optimizer.pt", "trainer_state.json"} <= saved
     assert not saved & {"model.safetensors", "pytorch_model.bin"}

@@ -29,8 +29,12 @@ class Tokens(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i],
-                "extra": i}
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": torch.ones_like(self.ids[i]),
+            "labels": self.ids[i],
+            "extra": i,
+        }
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +52,20 @@ def road_model(base) -> RoadModel:
 def arguments(output_dir, **overrides):
     from transformers import TrainingArguments
 
-    kwargs = dict(output_dir=str(output_dir), max_steps=6, save_steps=3, per_device_train_batch_size=4,
-                  per_device_eval_batch_size=8, learning_rate=1e-2, use_cpu=True, report_to="none",
-                  disable_tqdm=True, logging_steps=100, seed=0, dataloader_num_workers=0)
+    kwargs = dict(
+        output_dir=str(output_dir),
+        max_steps=6,
+        save_steps=3,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=100,
+        seed=0,
+        dataloader_num_workers=0,
+    )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 
@@ -68,8 +83,9 @@ def assert_same(a: dict, b: dict, atol: float = 1e-7) -> None:
 def test_checkpoints_hold_adapters_only_and_resume_exactly(base, tmp_path):
     model = road_model(base)
     start = adapters(model)
-    trainer = RoadTrainer(model=model, args=arguments(tmp_path / "run"), train_dataset=Tokens(24),
-                          eval_dataset=Tokens(8, seed=1))
+    trainer = RoadTrainer(
+        model=model, args=arguments(tmp_path / "run"), train_dataset=Tokens(24), eval_dataset=Tokens(8, seed=1)
+    )
     assert trainer.label_names == ["labels"]
     batch = next(iter(trainer.get_train_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "labels"}  # `extra` dropped, the model's columns kept
@@ -77,8 +93,11 @@ def test_checkpoints_hold_adapters_only_and_resume_exactly(base, tmp_path):
     assert "eval_loss" in trainer.evaluate()
     end = adapters(model)
     assert all((end[k] != start[k]).any() for k in end if k.startswith("default:")), "the adapter did not train"
-    assert_same({k: v for k, v in end.items() if k.startswith("other:")},
-                {k: v for k, v in start.items() if k.startswith("other:")}, atol=0)
+    assert_same(
+        {k: v for k, v in end.items() if k.startswith("other:")},
+        {k: v for k, v in start.items() if k.startswith("other:")},
+        atol=0,
+    )
 
     for step in (3, 6):
         ckpt = tmp_path / "run" / f"checkpoint-{step}"
@@ -97,7 +116,8 @@ def test_checkpoints_hold_adapters_only_and_resume_exactly(base, tmp_path):
             if "road_" in name:
                 p.add_(0.1)
     RoadTrainer(model=resumed, args=arguments(tmp_path / "resumed"), train_dataset=Tokens(24)).train(
-        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3")
+    )
     assert_same(adapters(resumed), end)
 
 
@@ -107,16 +127,22 @@ def eval_loss(model: RoadModel, data: Tokens) -> float:
         return model(input_ids=data.ids, labels=data.ids).loss.item()
 
 
-@pytest.mark.parametrize("optim", [
-    "adamw_torch",
-    "adamw_torch_fused",  # fused steps do not bump version counters: the coefficient cache must notice
-])
+@pytest.mark.parametrize(
+    "optim",
+    [
+        "adamw_torch",
+        "adamw_torch_fused",  # fused steps do not bump version counters: the coefficient cache must notice
+    ],
+)
 def test_evaluation_during_training_sees_the_trained_adapter(base, tmp_path, optim):
     data = Tokens(8, seed=1)
     model = road_model(base)
-    trainer = RoadTrainer(model=model, args=arguments(tmp_path, optim=optim, max_steps=4, save_steps=4,
-                                                      eval_strategy="steps", eval_steps=2),
-                          train_dataset=Tokens(16), eval_dataset=data)
+    trainer = RoadTrainer(
+        model=model,
+        args=arguments(tmp_path, optim=optim, max_steps=4, save_steps=4, eval_strategy="steps", eval_steps=2),
+        train_dataset=Tokens(16),
+        eval_dataset=data,
+    )
     trainer.train()
     reported = trainer.evaluate()["eval_loss"]
     fresh = RoadModel.from_pretrained(copy.deepcopy(base), tmp_path / "checkpoint-4")
@@ -131,10 +157,19 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(base, tmp_path):
         evaluations.append(len(evaluations))
         return {"order": float(evaluations[-1])}
 
-    args = arguments(tmp_path, max_steps=4, save_steps=2, eval_strategy="steps", eval_steps=2,
-                     load_best_model_at_end=True, metric_for_best_model="order", greater_is_better=False)
-    trainer = RoadTrainer(model=model, args=args, train_dataset=Tokens(16), eval_dataset=Tokens(4, seed=1),
-                          compute_metrics=first_is_best)
+    args = arguments(
+        tmp_path,
+        max_steps=4,
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="order",
+        greater_is_better=False,
+    )
+    trainer = RoadTrainer(
+        model=model, args=args, train_dataset=Tokens(16), eval_dataset=Tokens(4, seed=1), compute_metrics=first_is_best
+    )
     trainer.train()
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
     best = load_file(tmp_path / "checkpoint-2" / "adapter_model.safetensors")
