@@ -307,9 +307,9 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[tuple[str, str]], task: 
     """Held-out completion loss (teacher-forced) and exact match of greedy completions."""
     import torch
 
-    from roadkit.data import Example, collate, tokenize
-    from roadkit.generation import generate
-    from roadkit.train import token_loss
+    from roadkit.app.data import Example, collate, tokenize
+    from roadkit.app.generation import generate
+    from roadkit.app.training import token_loss
 
     model.eval()
     samples = [tokenize(tokenizer, Example(p, a), 512) for p, a in rows]
@@ -355,8 +355,8 @@ def train_loop(
     Returns each step's loss and seconds."""
     import torch
 
-    from roadkit.data import collate
-    from roadkit.train import token_loss
+    from roadkit.app.data import collate
+    from roadkit.app.training import token_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -397,7 +397,7 @@ def train_one(
     """Train one adapter from the base model; returns the run's record and the trained model."""
     import torch
 
-    from roadkit.data import Example, tokenize
+    from roadkit.app.data import Example, tokenize
 
     torch.manual_seed(settings.seed)
     model = method.build(copy.deepcopy(base))
@@ -487,8 +487,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
     import transformers
 
-    from roadkit.data import pad_token_id
-    from roadkit.loading import load_causal_lm, load_tokenizer, quiet_transformers
+    from roadkit.app.data import pad_token_id
+    from roadkit.app.loading import load_causal_lm, load_tokenizer, quiet_transformers
 
     settings = QUICK if args.quick else FULL
     if args.steps is not None:

@@ -645,9 +645,9 @@ def kernels(s: Settings, reps: int, warmup: int) -> dict:
     tables = (torch.stack([q[0] for q in coeffs]), torch.stack([q[1] for q in coeffs]))
     shifted, shifted_table = F.prepare((c, sn), GROUP_SIZE), F.prepare(tables, GROUP_SIZE)
     index = torch.randint(0, KERNEL_ADAPTERS, (rows,), device=s.device)
-    # vLLM serving (roadkit.vllm): one table row per slot plus the identity, half the slots at half
+    # vLLM serving (roadkit.integrations.vllm): one table row per slot plus the identity, half the slots at half
     # the group size, each row's group size read by the kernel; slot -1 (no adapter) included.
-    from roadkit.vllm import ops as serving_ops
+    from roadkit.integrations.vllm import ops as serving_ops
 
     slot_c = torch.cat((tables[0], torch.ones(1, d, device=s.device))).float().contiguous()
     slot_s = torch.cat((tables[1], torch.zeros(1, d, device=s.device))).float().contiguous()

@@ -212,7 +212,7 @@ def check_plugin() -> None:
     from vllm.plugins import load_general_plugins
     from vllm.v1.worker import lora_model_runner_mixin
 
-    from roadkit.vllm.manager import RoadWorkerLoRAManager
+    from roadkit.integrations.vllm.manager import RoadWorkerLoRAManager
 
     load_general_plugins()
     if lora_model_runner_mixin.LRUCacheWorkerLoRAManager is not RoadWorkerLoRAManager:

@@ -29,10 +29,10 @@ from typing import Callable
 import torch
 
 from roadkit import RoadConfig, compose, get_peft_model
-from roadkit.data import Example, tokenize_all
-from roadkit.demo import TASKS, load_base, pretraining_examples, words
-from roadkit.train import TrainConfig
-from roadkit.trainer import TrainingRun
+from roadkit.app.data import Example, tokenize_all
+from roadkit.app.demo import TASKS, load_base, pretraining_examples, words
+from roadkit.app.runs import TrainConfig
+from roadkit.app.training import TrainingRun
 
 PROMPTS: dict[str, Callable[[str], str]] = {"upper": lambda w: f"{w} ->", "reverse": lambda w: f"{w} <-"}
 ADAPTER = {"variant": "road_1", "group_size": 64, "target_modules": "all-linear"}

@@ -1,9 +1,9 @@
-"""Rebuild the demo's base model (src/roadkit/demo_base/) from scratch: deterministic, offline, CPU.
+"""Rebuild the demo's base model (src/roadkit/app/demo_base/) from scratch: deterministic, offline, CPU.
 
-    python scripts/build_demo_base.py [--steps 3000] [--output src/roadkit/demo_base]
+    python scripts/build_demo_base.py [--steps 3000] [--output src/roadkit/app/demo_base]
 
-A small Llama over characters (`roadkit.demo.build_model`) is pretrained on
-`roadkit.demo.pretraining_examples`: named string operations ("upper: kitten -> KITTEN") and
+A small Llama over characters (`roadkit.app.demo.build_model`) is pretrained on
+`roadkit.app.demo.pretraining_examples`: named string operations ("upper: kitten -> KITTEN") and
 unnamed copies ("kitten -> kitten"). It takes about 15 minutes on 2 CPU cores. The script prints
 the exact-match rate of each operation on held-out words at the end.
 """
@@ -16,11 +16,12 @@ import sys
 
 import torch
 
-from roadkit.data import tokenize_all
-from roadkit.demo import BASE_DIR, SKILLS, build_model, build_tokenizer, pretraining_examples, prompt_for, words
-from roadkit.generation import generate
-from roadkit.outputs import check_output, staged_directory
-from roadkit.train import TrainConfig, Trainer
+from roadkit.app.data import tokenize_all
+from roadkit.app.demo import BASE_DIR, SKILLS, build_model, build_tokenizer, pretraining_examples, prompt_for, words
+from roadkit.app.generation import generate
+from roadkit.app.outputs import check_output, staged_directory
+from roadkit.app.runs import TrainConfig
+from roadkit.app.training import TrainingRun
 
 
 def main() -> int:
@@ -35,7 +36,7 @@ def main() -> int:
     model = build_model(tokenizer)
     samples, _ = tokenize_all(tokenizer, pretraining_examples(args.steps * 64 // 4), max_length=64)
     config = TrainConfig(lr=3e-3, max_steps=args.steps, batch_size=64, warmup_steps=100, weight_decay=0.01)
-    Trainer(model, samples, config, tokenizer.pad_token_id).fit()
+    TrainingRun(model, samples, config, tokenizer).fit()
     model.eval()
     held_out = words("eval", 64)
     for name, operation in [("", SKILLS["copy"]), *SKILLS.items()]:

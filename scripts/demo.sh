@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/venv.sh
-setup_venv
+setup_venv cli
 roadkit demo --output roadkit-demo --overwrite "$@"

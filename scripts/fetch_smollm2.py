@@ -84,8 +84,8 @@ def fetch_gguf(cache: str = DEFAULT_CACHE) -> str:
 def convert(gguf_path: str, out: str) -> str:
     """Write the GGUF model and its tokenizer to `out` as a transformers directory (skipped when `out`
     already holds a converted model); returns `out`'s absolute path."""
-    from roadkit.loading import load_causal_lm, load_tokenizer, quiet_transformers
-    from roadkit.outputs import staged_directory
+    from roadkit.app.loading import load_causal_lm, load_tokenizer, quiet_transformers
+    from roadkit.app.outputs import staged_directory
 
     out = os.path.abspath(out)
     if os.path.isfile(os.path.join(out, "model.safetensors")) and os.path.isfile(os.path.join(out, "config.json")):

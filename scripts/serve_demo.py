@@ -156,8 +156,8 @@ def roadkit_completions(
     import torch
 
     from roadkit import RoadModel
-    from roadkit.generation import generate
-    from roadkit.loading import load_causal_lm, load_tokenizer, quiet_transformers
+    from roadkit.app.generation import generate
+    from roadkit.app.loading import load_causal_lm, load_tokenizer, quiet_transformers
 
     quiet_transformers()
     torch.set_num_threads(1)
@@ -230,7 +230,7 @@ def main() -> int:
         print(f"error: {', '.join(missing)} not found: run `bash scripts/demo.sh` first.", file=sys.stderr)
         return 1
 
-    from roadkit.demo import prompt_for, words
+    from roadkit.app.demo import prompt_for, words
 
     prompts = [prompt_for(w) for w in words("eval", args.words)]
     port = args.port or free_port()

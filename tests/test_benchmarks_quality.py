@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from benchmarks import quality
-from roadkit.demo import BASE_DIR
+from roadkit.app.demo import BASE_DIR
 
 
 @pytest.mark.parametrize("task", quality.TASKS, ids=lambda t: t.name)

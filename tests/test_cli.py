@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from roadkit.demo import build_model, build_tokenizer, task_examples
+from roadkit.app.demo import build_model, build_tokenizer, task_examples
 
 # One thread per subprocess: the models are tiny, and the cases run side by side on a few cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -157,7 +157,7 @@ def test_merge_writes_a_model_that_reproduces_the_adapted_logits(work, trained):
 
 def test_generate_mixed_batch_equals_single_runs(work, trained):
     from roadkit import RoadConfig, RoadModel, get_peft_model
-    from roadkit.generation import generate
+    from roadkit.app.generation import generate
 
     torch.manual_seed(0)  # a second, random (not identity) adapter, so routing visibly matters
     get_peft_model(load_tiny(work), RoadConfig(target_modules="all-linear", init_weights=False)).save_pretrained(
@@ -234,7 +234,7 @@ BAD_INPUTS = {  # name: (arguments, what the one-line message says, an output di
     ),
     "inspect a model": (["inspect", "tiny"], "no adapter_config.json", None),
 }
-# These run as real `python -m roadkit` processes (side by side); the rest call `roadkit.cli.main` in this
+# These run as real `python -m roadkit` processes (side by side); the rest call `roadkit.app.cli.main` in this
 # process, which is the same code minus the interpreter start (2-3 s each).
 IN_SUBPROCESS = ("malformed jsonl", "group size", "existing output", "unrouted prompt")
 
@@ -277,7 +277,7 @@ def test_bad_inputs_in_subprocesses(bad_input_files):
 def test_bad_inputs_in_process(name, bad_input_files, monkeypatch, capsys):
     from transformers.utils import logging
 
-    from roadkit.cli import main
+    from roadkit.app.cli import main
 
     monkeypatch.chdir(bad_input_files)
     verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
@@ -349,14 +349,14 @@ def test_demo_fast(tmp_path):
     print(f"demo --fast took {time.perf_counter() - started:.1f} s")
 
 
-# ---- in-process regressions: `roadkit.cli.main` in this process ---------------------------------
+# ---- in-process regressions: `roadkit.app.cli.main` in this process ---------------------------------
 
 
 def cli(args, capsys, cwd, monkeypatch):
     """`roadkit ARGS` in this process, in `cwd`; returns (exit code, stdout, stderr)."""
     from transformers.utils import logging
 
-    from roadkit.cli import main
+    from roadkit.app.cli import main
 
     monkeypatch.chdir(cwd)
     verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
@@ -450,16 +450,16 @@ def test_overwrite_refuses_an_output_that_holds_the_eval_data(work, tmp_path, ca
 
 
 def test_ctrl_c_while_saving_keeps_the_completed_run(work, tmp_path, capsys, monkeypatch):
-    import roadkit.train
+    import roadkit.app.training
 
-    write_run = roadkit.train.write_run
+    write_run = roadkit.app.training.write_run
 
     def interrupted_write(directory, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)  # even twice
         write_run(directory, *args, **kwargs)
 
-    monkeypatch.setattr(roadkit.train, "write_run", interrupted_write)
+    monkeypatch.setattr(roadkit.app.training, "write_run", interrupted_write)
     code, out, err = cli(["train", *SMALL, "--max-steps", "1", "--output", tmp_path / "r"], capsys, work, monkeypatch)
     assert code == 0, err
     assert json.loads((tmp_path / "r" / "training_log.json").read_text())["status"] == "completed"
@@ -467,7 +467,7 @@ def test_ctrl_c_while_saving_keeps_the_completed_run(work, tmp_path, capsys, mon
 
 
 def test_sigterm_saves_a_checkpoint_and_no_staging_dir_exists_while_training(work, tmp_path, capsys, monkeypatch):
-    from roadkit.trainer import RunLog
+    from roadkit.app.training import RunLog
 
     def sigterm_kills(signum, frame):
         raise SystemExit("SIGTERM was not handled by roadkit")

@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_llama
 
 from roadkit import RoadConfig, RoadModel, get_peft_model
-from roadkit.cli import main
+from roadkit.app.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QV = ["q_proj", "v_proj"]

@@ -16,7 +16,7 @@ from test_cli import ENV, cli, no_leftovers, one_line_error, write_jsonl
 from torch import nn
 
 from roadkit import RoadConfig, RoadModel, get_peft_model
-from roadkit.demo import build_model, build_tokenizer, task_examples
+from roadkit.app.demo import build_model, build_tokenizer, task_examples
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def test_merge_on_a_full_disk_is_a_one_line_error(base_dir, tmp_path, capsys, mo
 
 
 def test_a_run_finishing_second_does_not_replace_the_first(base_dir, tmp_path, capsys, monkeypatch):
-    from roadkit.trainer import TrainingRun
+    from roadkit.app.training import TrainingRun
 
     fit = TrainingRun.fit
 
@@ -237,7 +237,7 @@ def test_an_empty_prompt_without_bos_is_a_one_line_error(base_dir, tmp_path, cap
 
 def test_version(capsys):
     from roadkit import __version__
-    from roadkit.cli import main
+    from roadkit.app.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
@@ -278,7 +278,7 @@ def test_a_long_key_list_is_counted_not_spelled_out(base_dir, tmp_path):
 def test_the_heatmap_of_a_30_layer_all_linear_adapter_has_a_capped_size(tmp_path):
     from PIL import Image
 
-    from roadkit.report import inspect_adapter, plot_report
+    from roadkit.app.report import inspect_adapter, plot_report
 
     road = get_peft_model(tiny_llama(hidden=64, layers=30), RoadConfig(target_modules="all-linear", group_size=8))
     road.save_pretrained(tmp_path / "a")

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from roadkit.data import IGNORE_INDEX, DataError, Example, collate, read_jsonl, tokenize, tokenize_all
-from roadkit.demo import build_tokenizer
-from roadkit.generation import left_padded
+from roadkit.app.data import IGNORE_INDEX, DataError, Example, collate, read_jsonl, tokenize, tokenize_all
+from roadkit.app.demo import build_tokenizer
+from roadkit.app.generation import left_padded
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_left_padding_for_generation(tokenizer):
 def test_prompts_tokenize_the_same_in_training_and_generation():
     from tokenizers import processors
 
-    from roadkit.data import prompt_ids
+    from roadkit.app.data import prompt_ids
 
     eos_after = build_tokenizer()  # a tokenizer that ends every text with EOS
     vocab = eos_after.get_vocab()
@@ -114,7 +114,7 @@ def test_prompts_tokenize_the_same_in_training_and_generation():
 def test_pad_token_fallbacks(tokenizer):
     import copy
 
-    from roadkit.data import pad_token_id
+    from roadkit.app.data import pad_token_id
 
     assert pad_token_id(tokenizer) == tokenizer.pad_token_id
     no_pad = copy.deepcopy(tokenizer)

@@ -161,7 +161,7 @@ def test_accelerate_example_two_processes_match_one(tmp_path):
 
 def training_run_samples() -> list:
     """12 rows of 6-13 tokens, the first 2-4 of them an unlabelled prompt: token counts differ between ranks."""
-    from roadkit.data import IGNORE_INDEX, Sample
+    from roadkit.app.data import IGNORE_INDEX, Sample
 
     g = torch.Generator().manual_seed(2)
     rows = []
@@ -174,9 +174,9 @@ def training_run_samples() -> list:
 
 def training_run(out_dir: str) -> None:
     """`STEPS` steps of `TrainingRun` with the global batch `GLOBAL_BATCH`, checkpoints in `out_dir`."""
-    from roadkit.demo import build_tokenizer
-    from roadkit.train import COMPLETED, TrainConfig
-    from roadkit.trainer import TrainingRun
+    from roadkit.app.demo import build_tokenizer
+    from roadkit.app.runs import COMPLETED, TrainConfig
+    from roadkit.app.training import TrainingRun
 
     torch.set_num_threads(1)
     run = TrainingRun(

@@ -12,6 +12,7 @@ from torch import nn
 from roadkit import Linear
 from roadkit import functional as F
 from roadkit.layers import Routing
+from roadkit.layers.base import CACHE_ENTRIES
 
 
 def make_layer(variant="road_2", g=4, d_in=6, d_out=8, bias=True, seed=0, init_weights=False):
@@ -249,6 +250,6 @@ def test_mixed_batch_tables_are_bounded_for_ever_changing_adapter_lists():
             y = layer(h)
         layer.routing = None
         x = layer.base_layer(h)
-    assert len(layer._mixed_cache) <= 16
+    assert len(layer._cache) <= CACHE_ENTRIES
     for row, name in enumerate(combo):  # the last call is still right
         torch.testing.assert_close(y[row], R_of(layer, name) @ x[row])

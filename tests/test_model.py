@@ -805,7 +805,7 @@ def registries():
     return {(mod.__name__, n): len(getattr(mod, n)) for mod in (M, O) for n in dir(mod)
             if n.startswith("_global_") and hasattr(getattr(mod, n), "__len__")}
 before = registries()
-import roadkit, roadkit.model, roadkit.layers, roadkit.trainer
+import roadkit, roadkit.model, roadkit.layers, roadkit.integrations.trainer, roadkit.app.training
 after = registries()
 assert before == after, (before, after)
 print(len(before))

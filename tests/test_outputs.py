@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from roadkit.outputs import OutputExistsError, check_output, staged_directory
+from roadkit.app.outputs import OutputExistsError, check_output, staged_directory
 
 
 def leftovers(parent):
@@ -75,7 +75,7 @@ def test_keep_existing_copies_the_users_files_into_the_new_directory(tmp_path):
 def test_a_missing_local_model_is_not_reported_as_only_a_hub_error(tmp_path, monkeypatch):
     import transformers
 
-    from roadkit.loading import LoadError, load_causal_lm
+    from roadkit.app.loading import LoadError, load_causal_lm
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")

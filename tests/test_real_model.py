@@ -23,9 +23,9 @@ pytest.importorskip("gguf", reason="reading GGUF files needs the gguf package (p
 from test_cli import cli, write_jsonl  # noqa: E402
 
 from roadkit import RoadModel, get_peft_model  # noqa: E402
+from roadkit.app.generation import generate  # noqa: E402
+from roadkit.app.loading import load_causal_lm, load_tokenizer  # noqa: E402
 from roadkit.config import RoadConfig  # noqa: E402
-from roadkit.generation import generate  # noqa: E402
-from roadkit.loading import load_causal_lm, load_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 

@@ -1,5 +1,5 @@
-"""The training path (`roadkit.trainer.TrainingRun` on `RoadTrainer`): learning, schedule, evaluation, stop requests
-and exact resumption."""
+"""The training path (`roadkit.app.training.TrainingRun` on `RoadTrainer`): learning, schedule, evaluation, stop
+requests and exact resumption."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch
 from transformers import TrainerCallback
 
 from roadkit import RoadConfig, get_peft_model
-from roadkit.data import tokenize_all
-from roadkit.demo import build_model, build_tokenizer, task_examples
-from roadkit.train import COMPLETED, INTERRUPTED, TrainConfig, load_state, write_run
-from roadkit.trainer import TrainingRun
+from roadkit.app.data import tokenize_all
+from roadkit.app.demo import build_model, build_tokenizer, task_examples
+from roadkit.app.runs import COMPLETED, INTERRUPTED, TrainConfig, load_state
+from roadkit.app.training import TrainingRun, write_run
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_write_run_without_steps_draws_no_empty_legend(tmp_path, setup):
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
 def test_deferred_stop_signals_records_and_restores(setup):
-    from roadkit.train import deferred_stop_signals
+    from roadkit.app.runs import deferred_stop_signals
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with deferred_stop_signals() as received:

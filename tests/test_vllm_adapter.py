@@ -1,5 +1,5 @@
-"""Reading RoAd adapter directories for serving (`roadkit.vllm.adapter`) and the vLLM version check
-(`roadkit.vllm.compat`); neither needs vLLM installed."""
+"""Reading RoAd adapter directories for serving (`roadkit.integrations.vllm.adapter`) and the vLLM version check
+(`roadkit.integrations.vllm.compat`); neither needs vLLM installed."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 from roadkit import RoadConfig, get_peft_model
 from roadkit import checkpoint as ckpt
 from roadkit import functional as F
+from roadkit.integrations.vllm.adapter import RoadAdapterError, is_road_directory, read_road_adapter
+from roadkit.integrations.vllm.compat import SUPPORTED, check_vllm, installed_version
 from roadkit.kernels import torch_ops
-from roadkit.vllm.adapter import RoadAdapterError, is_road_directory, read_road_adapter
-from roadkit.vllm.compat import SUPPORTED, check_vllm, installed_version
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),

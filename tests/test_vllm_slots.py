@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from roadkit import functional as F
+from roadkit.integrations.vllm.ops import SlotRouting
+from roadkit.integrations.vllm.slots import SlotTable
 from roadkit.kernels import torch_ops
-from roadkit.vllm.ops import SlotRouting
-from roadkit.vllm.slots import SlotTable
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from .composition import SavedAdapter, compose, compose_adapters
 from .config import RoadConfig
+from .extras import MissingExtraError, require
 from .layers import (
     Conv,
     Embedding,
@@ -23,6 +24,7 @@ __all__ = [
     "Linear",
     "Linear4bit",
     "Linear8bitLt",
+    "MissingExtraError",
     "ModulesToSaveWrapper",
     "RoadConfig",
     "RoadLayer",
@@ -40,9 +42,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    """`RoadTrainer` is imported on first use: `transformers.Trainer` takes seconds to import and needs accelerate."""
+    """`RoadTrainer` is imported on first use: `transformers.Trainer` takes seconds to import and comes with the
+    `hf` extra."""
     if name == "RoadTrainer":
-        from .trainer import RoadTrainer
+        require("hf", "roadkit.RoadTrainer")
+        from .integrations.trainer import RoadTrainer
 
         return RoadTrainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

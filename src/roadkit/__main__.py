@@ -1,7 +1,7 @@
-"""`python -m roadkit ...`: the command line (see `roadkit.cli`)."""
+"""`python -m roadkit ...`: the command line (see `roadkit.app.cli`)."""
 
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

@@ -58,8 +58,8 @@ def compose(
     if not isinstance(model, RoadModel):
         raise TypeError(f"compose needs a roadkit RoadModel, got {type(model).__name__}.")
     names = [adapters] if isinstance(adapters, str) else list(adapters)
-    model._check_known(names)
-    model._check_new_name(new_name, existing=model.peft_config)
+    model.check_adapter_names(names)
+    model.check_new_adapter_name(new_name)
     inputs = [SavedAdapter(n, model.peft_config[n], model.adapter_state_dict(n)) for n in names]
     config, tensors = compose_adapters(inputs, mode, weights)
     model.add_adapter(new_name, config, state_dict=tensors)

@@ -104,6 +104,19 @@ def _check_tensors(expected: dict[str, torch.Size], tensors: dict[str, torch.Ten
         )
 
 
+def _check_adapter_name(adapter_name: Any) -> None:
+    """Raise ValueError unless `adapter_name` is a usable adapter name (whether or not it is taken)."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}.")
+    if adapter_name == BASE:
+        raise ValueError(f"{BASE!r} is reserved for 'no adapter' in mixed batches; choose another name.")
+    if hasattr(AdapterParameters(), adapter_name):  # it would shadow an attribute of the adapters' dicts
+        raise ValueError(
+            f"adapter name {adapter_name!r} is reserved (an attribute of torch's ParameterDict, "
+            "which holds the adapters); choose another name."
+        )
+
+
 class RoadModel(nn.Module):
     """A model with RoAd adapters. Attribute access falls through to the wrapped model."""
 
@@ -125,7 +138,7 @@ class RoadModel(nn.Module):
                 "this model already has RoAd adapters: add another with add_adapter() (or "
                 "load_adapter()) on its RoadModel instead of wrapping it again."
             )
-        self._check_new_name(adapter_name, existing=())
+        _check_adapter_name(adapter_name)
         expected_tensors(model, config)  # every error before the model is touched
         self.model = model
         self.training = model.training
@@ -153,20 +166,14 @@ class RoadModel(nn.Module):
         if not isinstance(config, RoadConfig):
             raise TypeError(f"expected a roadkit.RoadConfig, got {type(config).__name__}.")
 
-    def _check_new_name(self, adapter_name: Any, existing: Iterable[str]) -> None:
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}.")
-        if adapter_name == BASE:
-            raise ValueError(f"{BASE!r} is reserved for 'no adapter' in mixed batches; choose another name.")
-        if hasattr(AdapterParameters(), adapter_name):  # it would shadow an attribute of the adapters' dicts
-            raise ValueError(
-                f"adapter name {adapter_name!r} is reserved (an attribute of torch's ParameterDict, "
-                "which holds the adapters); choose another name."
-            )
-        if adapter_name in existing:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; existing: {sorted(existing)}.")
+    def check_new_adapter_name(self, adapter_name: Any) -> None:
+        """Raise ValueError unless `adapter_name` can name a new adapter: a valid name not in use."""
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; existing: {sorted(self.peft_config)}.")
 
-    def _check_known(self, names: Iterable[str]) -> None:
+    def check_adapter_names(self, names: Iterable[str]) -> None:
+        """Raise ValueError naming every unknown adapter among `names`, and the available ones."""
         unknown = sorted({n for n in names if n not in self.peft_config})
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; available: {sorted(self.peft_config)}.")
@@ -246,7 +253,7 @@ class RoadModel(nn.Module):
         """Add an adapter (inactive and not trainable until `set_adapter`), fresh or with the tensors
         of `state_dict` (PEFT keys, as `adapter_state_dict` returns them); checked before any change."""
         self._check_config(config)
-        self._check_new_name(adapter_name, existing=self.peft_config)
+        self.check_new_adapter_name(adapter_name)
         expected = expected_tensors(self.model, config)
         if state_dict is not None:
             _check_tensors(expected, state_dict, "the given state_dict")
@@ -260,13 +267,13 @@ class RoadModel(nn.Module):
         names = _as_list(adapter_name)
         if not names:
             raise ValueError("set_adapter needs at least one adapter name.")
-        self._check_known(names)
+        self.check_adapter_names(names)
         self._active = names
         self._apply_active()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter from every layer; if it was active, the remaining ones stay active."""
-        self._check_known([adapter_name])
+        self.check_adapter_names([adapter_name])
         merged = [p for p, layer in self.road_layers() if adapter_name in layer.merged_adapters]
         if merged:
             raise ValueError(f"adapter {adapter_name!r} is merged into {merged}; call unmerge_adapter() first.")
@@ -390,7 +397,7 @@ class RoadModel(nn.Module):
         model is left as it was.
         """
         names = self._active if adapter_names is None else _as_list(adapter_names)
-        self._check_known(names)
+        self.check_adapter_names(names)
         self._check_untied(names)
         done: list[tuple[RoadLayer, int]] = []
         try:
@@ -638,7 +645,7 @@ class RoadModel(nn.Module):
 
     def adapter_state_dict(self, adapter_name: str = ckpt.DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
         """The adapter's tensors under PEFT's keys (what `save_pretrained` writes)."""
-        self._check_known([adapter_name])
+        self.check_adapter_names([adapter_name])
         out: dict[str, torch.Tensor] = {}
         for path, layer in self.road_layers():
             if adapter_name in layer.road_theta:
@@ -679,7 +686,7 @@ class RoadModel(nn.Module):
                 if not self.peft_config
                 else "selected_adapters is empty: no adapter to save."
             )
-        self._check_known(names)
+        self.check_adapter_names(names)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a directory.")
         if not is_main_process:
@@ -724,6 +731,24 @@ class RoadModel(nn.Module):
             wrapped.eval()
         return wrapped
 
+    def check_adapter_values(
+        self, adapter_name: str, state_dict: dict[str, torch.Tensor], source: str = "the given state_dict"
+    ) -> None:
+        """Raise ValueError (naming `source`) unless `state_dict` (PEFT keys, as `adapter_state_dict` returns
+        them) fits the existing adapter `adapter_name`: the same keys and shapes, nothing outside its subspace."""
+        self.check_adapter_names([adapter_name])
+        expected = {k: t.shape for k, t in self.adapter_state_dict(adapter_name).items()}
+        _check_tensors(expected, state_dict, source)
+        _check_subspace(self.model, self.peft_config[adapter_name], state_dict, source)
+
+    def load_adapter_values(
+        self, adapter_name: str, state_dict: dict[str, torch.Tensor], source: str = "the given state_dict"
+    ) -> None:
+        """Copy `state_dict` into the existing adapter `adapter_name` in place, after `check_adapter_values`:
+        the parameter objects stay the same, so an optimizer tracking them keeps doing so (resuming a run)."""
+        self.check_adapter_values(adapter_name, state_dict, source)
+        self._load_tensors(adapter_name, state_dict)
+
     def load_adapter(
         self,
         model_id: Union[str, os.PathLike],
@@ -733,7 +758,7 @@ class RoadModel(nn.Module):
         revision: Optional[str] = None,
     ) -> None:
         """Add the adapter saved at `model_id` under `adapter_name` (not activated)."""
-        self._check_new_name(adapter_name, existing=self.peft_config)
+        self.check_new_adapter_name(adapter_name)
         config, tensors = ckpt.read_adapter(model_id, subfolder, revision)
         config.inference_mode = not is_trainable
         _check_tensors(expected_tensors(self.model, config), tensors, os.fspath(model_id))

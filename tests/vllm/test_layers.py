@@ -19,9 +19,9 @@ from vllm.lora.punica_wrapper import get_punica_wrapper
 from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 
 from roadkit import functional as F
-from roadkit.vllm.adapter import ModuleRotation
-from roadkit.vllm.layers import RoadLinear
-from roadkit.vllm.ops import SlotRouting
+from roadkit.integrations.vllm.adapter import ModuleRotation
+from roadkit.integrations.vllm.layers import RoadLinear
+from roadkit.integrations.vllm.ops import SlotRouting
 
 N_SLOTS, TOKENS, D_IN, D_OUT = 3, 5, 48, 64
 

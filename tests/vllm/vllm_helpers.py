@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
 from roadkit import RoadConfig, RoadModel, get_peft_model
 
 HERE = Path(__file__).parent
-TOKENIZER = Path(__file__).parents[2] / "src" / "roadkit" / "demo_base"
+TOKENIZER = Path(__file__).parents[2] / "src" / "roadkit" / "app" / "demo_base"
 VOCAB = 85  # the demo tokenizer's
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

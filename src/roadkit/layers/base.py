@@ -11,7 +11,7 @@ import operator
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Union, cast
+from typing import Any, Callable, Hashable, Iterable, Optional, TypeVar, Union, cast
 
 import torch
 from torch import nn
@@ -21,15 +21,19 @@ from ..config import normalize_variant
 from ..subspace import Spec, free_entries
 
 BASE = "__base__"
+_T = TypeVar("_T")
 
 _version = operator.attrgetter("_version")  # a tensor's in-place update count
 
-_MIXED_CACHE_ENTRIES = 16  # per layer: entries (group sizes, tables) for the most recent adapter lists
+# Per layer: the serving rotations, coefficients in use, and the tables (and group sizes) of the most recent
+# mixed-batch adapter lists. Bounded: a server with continuous batching sees a new list on most calls.
+CACHE_ENTRIES = 16
+_SERVING = "serving"  # the cache key of the serving path's rotations
 
 
 class AdapterParameters(nn.ParameterDict):
     """An `nn.ParameterDict` that counts the entries put in or taken out (`generation`), so the
-    layer's caches can tell with one integer that a parameter object was replaced or deleted."""
+    layer's cache can tell with one integer that a parameter object was replaced or deleted."""
 
     generation: int = 0
 
@@ -121,8 +125,6 @@ class RoadLayer(nn.Module):
         self.base_layer = base_layer
         self.road_theta = AdapterParameters()
         self.road_alpha = AdapterParameters()
-        self._moves = 0  # dtype and device moves (`_apply`): they change storage without a version bump
-        self._epoch = 0  # changes of the active or merged adapters (set_adapter, merge, unmerge, delete)
         self.variant: dict[str, str] = {}
         self.group_size: dict[str, int] = {}
         self.free: dict[str, Optional[torch.Tensor]] = {}  # subspace adapters: parameter entries they own
@@ -130,12 +132,9 @@ class RoadLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self.routing: Optional[Routing] = None  # set by the model wrapper for one mixed-batch call
-        self._cache: dict[Any, Any] = {}  # per adapter: (name, dtype) -> (stamp, coefficients)
-        # per routing's adapter list: the coefficient tables, least recently used first. Bounded:
-        # a server with continuous batching sees a new combination of adapters on most calls.
-        self._mixed_cache: OrderedDict[Any, Any] = OrderedDict()
-        # (epoch, stamp or None, the parameters stamped, rotations)
-        self._serving: Optional[tuple[int, Optional[tuple], list[torch.Tensor], list[_Prepared]]] = None
+        # The layer's one cache (see `_cached`): key -> (parameters read, their stamp, value), least recently
+        # used first. Emptied on every adapter change, dtype or device move, and `train()`.
+        self._cache: OrderedDict[Hashable, tuple[list[torch.Tensor], tuple, Any]] = OrderedDict()
         self.update_layer(adapter_name, variant, group_size, init_weights, subspace, dtype)
         self.set_adapter(adapter_name)
 
@@ -188,6 +187,7 @@ class RoadLayer(nn.Module):
         self.free[adapter_name] = free
         self.reset_parameters(adapter_name, init_weights)
         self._set_requires_grad()
+        self._cache.clear()
 
     def reset_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
         """Identity (theta=0, alpha=1) when `init_weights`, else theta ~ N(0, 0.5^2), alpha ~ N(1, 0.5^2)."""
@@ -204,7 +204,7 @@ class RoadLayer(nn.Module):
         """Activate these adapters (in this order); only active adapters' parameters train."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self._active_adapters = names
-        self._epoch += 1
+        self._cache.clear()
         self._set_requires_grad()
 
     def _set_requires_grad(self) -> None:
@@ -220,10 +220,7 @@ class RoadLayer(nn.Module):
             if adapter_name in store:
                 del store[adapter_name]
         self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
-        self._epoch += 1
         self._cache.clear()
-        self._mixed_cache.clear()
-        self._serving = None
 
     def _base_device(self) -> torch.device:
         for p in self.base_layer.parameters():
@@ -264,15 +261,9 @@ class RoadLayer(nn.Module):
             or torch.compiler.is_compiling()
         ):
             return self._coefficients(adapter_name, dtype)
-        key = self._stamp(self._params((adapter_name,)))
-        hit = self._cache.get((adapter_name, dtype))
-        if key is not None and hit is not None and hit[0] == key:
-            return hit[1]
-        with torch.no_grad():
-            value = self._coefficients(adapter_name, dtype)
-        if key is not None:
-            self._cache[(adapter_name, dtype)] = (key, value)
-        return value
+        return self._cached(
+            ("coefficients", adapter_name, dtype), (adapter_name,), lambda: self._coefficients(adapter_name, dtype)
+        )
 
     def _coefficients(self, adapter_name: str, dtype: Optional[torch.dtype]) -> F.Coefficients:
         theta, alpha = self.parameters_of(adapter_name)
@@ -289,12 +280,12 @@ class RoadLayer(nn.Module):
 
     def _stamp(self, params: list[torch.Tensor]) -> Optional[tuple]:
         """Changes whenever these parameters (`_params`) may have: an in-place update (their version
-        counters only grow, so their sum grows too), a replaced or deleted entry
-        (`AdapterParameters.generation`) or a dtype or device move. None, which matches nothing and
-        is never cached, while any of them holds a gradient: an optimizer step may be pending, and
-        fused optimizers (`AdamW(fused=True)`, the HF Trainer's default) update parameters without
-        bumping their version counters. Serving, and evaluation after `zero_grad()`, hold none. Edits
-        through `.data` bypass version counters; make them under `torch.no_grad()` instead.
+        counters only grow, so their sum grows too; `load_state_dict` copies in place) or a replaced or
+        deleted entry (`AdapterParameters.generation`). None, which matches nothing and is never cached,
+        while any of them holds a gradient: an optimizer step may be pending, and fused optimizers
+        (`AdamW(fused=True)`, the HF Trainer's default) update parameters without bumping their version
+        counters. Serving, and evaluation after `zero_grad()`, hold none. Edits through `.data` bypass
+        version counters; make them under `torch.no_grad()` instead.
 
         It is checked on every inference call, after a matmul has pushed the interpreter out of
         cache, so it reads plain dicts and integers only.
@@ -303,51 +294,53 @@ class RoadLayer(nn.Module):
             if p.grad is not None:
                 return None
         modules: dict[str, Any] = self._modules  # not self.road_theta: nn.Module.__getattr__ is slow on this hot path
-        return (
-            self._moves,
-            modules["road_theta"].generation,
-            modules["road_alpha"].generation,
-            sum(map(_version, params)),
-        )
+        return (modules["road_theta"].generation, modules["road_alpha"].generation, sum(map(_version, params)))
+
+    def _cached(self, key: Hashable, names: Iterable[str], build: Callable[[], _T]) -> _T:
+        """`build()`, run without grad, kept in the layer's cache under `key` while the named adapters'
+        parameters are unchanged (`_stamp`). Adapter changes, moves and `train()` empty the cache, so an
+        entry never outlives the adapter state it was built in."""
+        hit = self._cache.get(key)
+        if hit is not None and hit[1] == self._stamp(hit[0]):
+            self._cache.move_to_end(key)
+            return hit[2]
+        params = self._params(names)
+        stamp = self._stamp(params)
+        with torch.no_grad():
+            value = build()
+        if stamp is not None:
+            self._cache[key] = (params, stamp, value)
+            self._cache.move_to_end(key)
+            while len(self._cache) > CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+        return value
 
     def _apply(self, fn: Any, recurse: bool = True) -> RoadLayer:
-        self._moves += 1
+        self._cache.clear()  # a dtype or device move changes storage without a version bump
         return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> RoadLayer:
+        """Set training mode; entering it drops the inference cache (training does not use it)."""
+        if mode:
+            self._cache.clear()
+        return super().train(mode)
 
     def _table(self, names: tuple[str, ...], group_size: int) -> _Prepared:
         """`_build_table`, cached while the parameters it reads are unchanged."""
-        hit = self._mixed_get(("table", names, group_size))
-        if hit is not None and hit[0] == self._stamp(hit[2]):
-            return hit[1]
-        params = self._params(n for n in names if n in self.road_theta and self.group_size[n] == group_size)
-        key = self._stamp(params)
-        with torch.no_grad():
-            table = self._build_table(names, group_size)
-        if key is not None:
-            self._mixed_put(("table", names, group_size), (key, table, params))
-        return table
+        own = [n for n in names if n in self.road_theta and self.group_size[n] == group_size]
+        return self._cached(("table", names, group_size), own, lambda: self._build_table(names, group_size))
 
     def _build_table(self, names: tuple[str, ...], group_size: int) -> _Prepared:
         """Stacked coefficients, one row per name; identity for `__base__`, for adapters this layer
         lacks, and for adapters of another group size (those are applied in their own pass)."""
-        coeffs = {n: self.coefficients(n) for n in names if n in self.road_theta and self.group_size[n] == group_size}
+        coeffs = {
+            n: self._coefficients(n, None) for n in names if n in self.road_theta and self.group_size[n] == group_size
+        }
         c0 = next(iter(coeffs.values()))[0]
         ident = F.identity(self.out_features, dtype=c0.dtype, device=c0.device)
         rows = [coeffs.get(n, ident) for n in names]
         tables = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
         return _Prepared(tables, F.prepare(tables, group_size, self.feature_dim), group_size)
-
-    def _mixed_get(self, key: Any) -> Any:
-        hit = self._mixed_cache.get(key)
-        if hit is not None:
-            self._mixed_cache.move_to_end(key)
-        return hit
-
-    def _mixed_put(self, key: Any, value: Any) -> None:
-        self._mixed_cache[key] = value
-        self._mixed_cache.move_to_end(key)
-        while len(self._mixed_cache) > _MIXED_CACHE_ENTRIES:
-            self._mixed_cache.popitem(last=False)
 
     # ---- forward -------------------------------------------------------------------------------
 
@@ -374,21 +367,19 @@ class RoadLayer(nn.Module):
     def _serving_rotations(self) -> list[_Prepared]:
         """The rotations of the active, unmerged adapters, in order: the eval-mode, no-grad path.
 
-        One cache entry for the whole layer, checked per call with an integer and one stamp of the
-        parameters it was built from, so serving pays almost no Python beyond the rotation itself.
+        One cache entry for all of them, checked per call with one stamp of the parameters it was built
+        from, so serving pays almost no Python beyond the rotation itself.
         """
-        entry = self._serving
-        if entry is not None and entry[0] == self._epoch and entry[1] is not None and entry[1] == self._stamp(entry[2]):
-            return entry[3]
+        hit = self._cache.get(_SERVING)
+        if hit is not None and hit[1] == self._stamp(hit[0]):
+            return hit[2]
         names = [n for n in self._active_adapters if n in self.road_theta._parameters and n not in self.merged_adapters]
-        params = self._params(names)
-        stamp, rotations = self._stamp(params), []
-        for name in names:
-            c, s = self.coefficients(name)
-            g = self.group_size[name]
-            rotations.append(_Prepared((c, s), F.prepare((c, s), g, self.feature_dim), g))
-        self._serving = (self._epoch, stamp, params, rotations)
-        return rotations
+        return self._cached(_SERVING, names, lambda: [self._rotation(n) for n in names])
+
+    def _rotation(self, adapter_name: str) -> _Prepared:
+        c, s = self._coefficients(adapter_name, None)
+        g = self.group_size[adapter_name]
+        return _Prepared((c, s), F.prepare((c, s), g, self.feature_dim), g)
 
     def _undo_merged(self, result: torch.Tensor) -> torch.Tensor:
         """Base output of a layer whose weights hold merged adapters, without touching the weights."""
@@ -409,11 +400,9 @@ class RoadLayer(nn.Module):
         if tables is None and torch.compiler.is_compiling():
             return [self._build_table(routing.names, g) for g in self._group_sizes(routing.names)]
         if tables is None:
-            hit = self._mixed_get(("sizes", routing.names))
-            if hit is None or hit[0] != self.road_theta.generation:  # adapters added, deleted or re-created
-                hit = (self.road_theta.generation, self._group_sizes(routing.names))
-                self._mixed_put(("sizes", routing.names), hit)
-            tables = routing.tables[self] = [self._table(routing.names, g) for g in hit[1]]
+            # no parameters read: kept while no adapter is added, deleted or re-created (the stamp's generations)
+            sizes = self._cached(("sizes", routing.names), (), lambda: self._group_sizes(routing.names))
+            tables = routing.tables[self] = [self._table(routing.names, g) for g in sizes]
         return tables
 
     def _group_sizes(self, names: Iterable[str]) -> list[int]:
@@ -482,7 +471,7 @@ class RoadLayer(nn.Module):
             coeffs = self.coefficients(name, dtype=torch.float64)
             self._rotate_params(coeffs, self.group_size[name], safe_merge, name)
             self.merged_adapters.append(name)
-            self._epoch += 1
+            self._cache.clear()
 
     @torch.no_grad()
     def unmerge(self, last: Optional[int] = None) -> None:
@@ -495,4 +484,4 @@ class RoadLayer(nn.Module):
             inv = F.inverse(self.coefficients(name, dtype=torch.float64), self.group_size[name])
             self._rotate_params(inv, self.group_size[name], False, name)
             self.merged_adapters.pop()
-            self._epoch += 1
+            self._cache.clear()

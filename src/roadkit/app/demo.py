@@ -30,10 +30,10 @@ from typing import Any, Callable, Union, cast
 
 import torch
 
-from .config import RoadConfig
+from ..config import RoadConfig
+from ..fileio import atomic_write_bytes
+from ..model import RoadModel, get_peft_model
 from .data import Example, tokenize_all
-from .fileio import atomic_write_bytes
-from .model import RoadModel, get_peft_model
 
 BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_base")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -237,8 +237,8 @@ def _train_task(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train, save and plot one task's adapter; returns its numbers and its training log."""
     from .report import inspect_adapter, plot_report
-    from .train import COMPLETED, TrainConfig, write_run
-    from .trainer import TrainingRun
+    from .runs import COMPLETED, TrainConfig
+    from .training import TrainingRun, write_run
 
     say(f"\ntask {task!r}: {prompt_for('kitten')!r} -> {' ' + TASKS[task]('kitten')!r}")
     model = get_peft_model(copy.deepcopy(base), RoadConfig(**ADAPTER_CONFIG))

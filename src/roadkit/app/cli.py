@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+from ..extras import MissingExtraError, require
 from . import defaults
 from .loading import is_local, one_line
 
@@ -118,7 +119,7 @@ def _targets(value: Optional[str]) -> Any:
 
 def _subspace(value: Optional[str]) -> Optional[dict[str, Any]]:
     """--subspace: "k/n" (a shard), a fraction ("0.5"), or comma-separated pair indices ("0,3,5"), normalised."""
-    from .subspace import normalize_spec
+    from ..subspace import normalize_spec
 
     if value is None:
         return None
@@ -140,9 +141,9 @@ def _subspace(value: Optional[str]) -> Optional[dict[str, Any]]:
 
 def _train_run_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
     """The run's settings (fresh, or those of the run being resumed) and, when resuming, its saved state."""
-    from .config import normalize_variant
+    from ..config import normalize_variant
     from .outputs import check_output
-    from .train import RUN_DEFAULTS, run_settings
+    from .runs import RUN_DEFAULTS, run_settings
 
     given = {key: getattr(args, key) for key in (*RUN_DEFAULTS, "model", "data")}
     if given["model"] is not None:
@@ -190,12 +191,12 @@ def _max_length(model: Any, run: dict[str, Any], given: Optional[int]) -> int:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import RoadConfig
+    from ..config import RoadConfig
+    from ..model import RoadModel, get_peft_model
     from .data import load_samples, read_jsonl
     from .loading import load_causal_lm, load_tokenizer, pick_device, quiet_transformers
-    from .model import RoadModel, get_peft_model
     from .outputs import staged_directory
-    from .train import COMPLETED, TrainConfig, deferred_stop_signals, write_run
+    from .runs import COMPLETED, TrainConfig, deferred_stop_signals
 
     run, state = _train_run_settings(args)
     for path in filter(None, (run["data"], run["eval_data"])):
@@ -220,7 +221,7 @@ def _train(args: argparse.Namespace) -> int:
     max_length = _max_length(base, run, args.max_length)
     train = load_samples(run["data"], tokenizer, max_length)
     held_out = load_samples(run["eval_data"], tokenizer, max_length) if run["eval_data"] else None
-    from .trainer import TrainingRun  # transformers' Trainer: imported once the inputs have been checked
+    from .training import TrainingRun, write_run  # transformers' Trainer: imported once the inputs have been checked
 
     trainer = TrainingRun(model, train, train_config, tokenizer, held_out)
     if state:
@@ -285,7 +286,7 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .checkpoint import read_adapter
+    from ..checkpoint import read_adapter
     from .export import merge_adapter, save_merged
     from .loading import load_causal_lm, load_tokenizer, quiet_transformers
     from .outputs import check_output, staged_directory
@@ -319,7 +320,7 @@ def _check_adapter_dir(path: str) -> None:
 def _warn_if_other_base(adapter: str, model: str) -> None:
     """A one-line warning when the adapter records a base model other than --model (not an error: the same
     model may live at another path, or be a copy)."""
-    from .config import CONFIG_NAME
+    from ..config import CONFIG_NAME
     from .loading import same_model
 
     try:
@@ -402,9 +403,9 @@ def _parse_prompts(specs: Sequence[str], adapters: Sequence[str]) -> list[tuple[
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
+    from ..model import RoadModel
     from .generation import generate
     from .loading import load_causal_lm, load_tokenizer, pick_device, quiet_transformers
-    from .model import RoadModel
 
     if args.max_new_tokens < 1:
         raise CommandError("--max-new-tokens must be at least 1.")
@@ -462,8 +463,8 @@ def _compose_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _compose(args: argparse.Namespace) -> int:
-    from .checkpoint import read_adapter, write_adapter
-    from .composition import SavedAdapter, compose_adapters
+    from ..checkpoint import read_adapter, write_adapter
+    from ..composition import SavedAdapter, compose_adapters
     from .outputs import check_output, staged_directory
 
     adapters = _parse_adapters(args.adapter)
@@ -549,7 +550,7 @@ COMMANDS = [
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subparser per entry of `COMMANDS`."""
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="roadkit", description="Train, inspect, merge and serve RoAd adapters.")
     parser.add_argument("--version", action="version", version=f"roadkit {__version__}")
@@ -565,6 +566,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run `roadkit ARGS`; returns the exit code (0 ok, 1 error, 2 bad usage, 130 interrupted, 141 closed pipe)."""
     args = build_parser().parse_args(argv)
     try:
+        require("cli", f"roadkit {args.command}")
         code = args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return code
@@ -577,6 +579,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"roadkit {args.command}: interrupted; nothing was written.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (CommandError, ValueError, OSError) as err:  # DataError, LoadError, OutputExistsError among them
+    except (CommandError, MissingExtraError, ValueError, OSError) as err:  # DataError, LoadError, OutputExistsError
         print(f"roadkit {args.command}: error: {one_line(err)}", file=sys.stderr)
         return EXIT_ERROR

@@ -11,7 +11,7 @@ import math
 import os
 from typing import Mapping, Sequence
 
-from .fileio import PathLike, atomic_write_bytes
+from ..fileio import PathLike, atomic_write_bytes
 
 
 def _save(fig, path: PathLike) -> None:

@@ -14,6 +14,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..extras import require
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
@@ -57,10 +59,7 @@ def _existing(name_or_path: Union[str, os.PathLike]) -> str:
     if is_gguf(name):
         if not os.path.isfile(name):
             raise LoadError(f"GGUF model file {name!r} does not exist.")
-        try:
-            import gguf  # noqa: F401  (transformers needs it to read GGUF files)
-        except ImportError as err:
-            raise LoadError(f"loading {name!r} needs the gguf package: pip install 'roadkit[gguf]'.") from err
+        require("gguf", f"loading {name!r}")  # transformers reads GGUF files with the gguf package
         return name
     if is_local(name) and not os.path.isdir(name):
         if os.path.isfile(name):

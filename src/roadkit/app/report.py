@@ -15,9 +15,9 @@ from typing import Union
 
 import torch
 
-from . import checkpoint as ckpt
-from .config import RoadConfig
-from .functional import out_features_for, parameter_length
+from .. import checkpoint as ckpt
+from ..config import RoadConfig
+from ..functional import out_features_for, parameter_length
 
 THETA, ALPHA = ".road_theta", ".road_alpha"
 

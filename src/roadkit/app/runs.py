@@ -1,45 +1,24 @@
-"""Settings, run directories and stop signals of adapter training; the training itself is `trainer.TrainingRun`.
+"""Run directories, their settings and stop signals: what `roadkit train` writes, resumes and checks.
 
-`trainer.TrainingRun` trains whatever parameters of a model require grad (a `RoadModel` leaves only its active
-adapters trainable) on tokenized `Sample`s: transformers' AdamW, linear schedule
-(`lr_scheduler_type="linear"`), `DataCollatorForSeq2Seq` (labels padded with IGNORE_INDEX) and the
-model's own causal-LM loss, with the token count averaged across processes, so a DDP run (torchrun)
-takes the steps one process would on the same global batch. What roadkit adds are callbacks (in `trainer`):
-
-* `RunLog` keeps the per-step loss and learning rate and the held-out losses;
-* `StopOnRequest` ends training after the current step with a checkpoint once the first SIGINT or
-  SIGTERM arrived (a second one aborts at once), and evaluates and saves at the last step;
-* `ResumeSchedule` recomputes the learning rate of a resumed run from its (possibly longer) schedule;
-* `Progress` draws the progress bar and prints the periodic held-out loss.
-
-Resuming is the Trainer's: optimizer, schedule, RNG states and the data order are restored from
-the checkpoint, so a run resumed at step k takes the steps an uninterrupted run would.
+A run directory holds the adapter, `checkpoint/` (the Trainer's, for resuming), `training_log.json` and
+`loss_curve.png`; the training itself is `training.TrainingRun`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
-import torch
-from torch import nn
-
+from ..fileio import file_sha256
 from . import defaults
-from .data import IGNORE_INDEX
-from .fileio import atomic_write_bytes
 from .loading import one_line
-
-if TYPE_CHECKING:
-    from .model import RoadModel
-    from .trainer import TrainingRun
 
 CHECKPOINT_NAME = "checkpoint"
 LOG_NAME = "training_log.json"
@@ -76,44 +55,7 @@ class TrainConfig:
             raise ValueError(f"the learning rate must be positive, got {self.lr}.")
 
 
-def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropies over labelled tokens, their count) for one batch: for loops outside
-    the Trainer (benchmarks/quality.py trains every method, PEFT's too, with one such loop)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    total = nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return total, int((labels != IGNORE_INDEX).sum())
-
-
 # ---- run directories ---------------------------------------------------------------------------
-
-
-def write_run(
-    directory: Union[str, os.PathLike], model: "RoadModel", trainer: "TrainingRun", status: str, run: dict[str, Any]
-) -> None:
-    """Write a run directory: the adapter (`model.save_pretrained`), the trainer's last checkpoint as
-    `checkpoint/` for resuming, `training_log.json` (with `run`, JSON-able settings) and `loss_curve.png`."""
-    from .plots import loss_curves
-
-    model.save_pretrained(directory)
-    if trainer.checkpoint is not None:
-        shutil.copytree(trainer.checkpoint, os.path.join(directory, CHECKPOINT_NAME), dirs_exist_ok=True)
-    log = {
-        "status": status,
-        "step": trainer.step,
-        "total_steps": trainer.total_steps,
-        "trainable_parameters": sum(p.numel() for p in trainer.params),
-        "run": run,
-        **trainer.log,
-    }
-    atomic_write_bytes(os.path.join(directory, LOG_NAME), (json.dumps(log, indent=1) + "\n").encode())
-    loss_curves(
-        {"run": trainer.log},
-        os.path.join(directory, CURVE_NAME),
-        title=f"training loss ({status} at step {trainer.step}/{trainer.total_steps})",
-    )
 
 
 def load_state(directory: Union[str, os.PathLike]) -> dict[str, Any]:
@@ -263,8 +205,6 @@ def run_settings(
     `resume`, the settings stored in `output`'s trainer state, which `given` may only extend (`max_steps`,
     `epochs`); returns them with that saved state (None for a new run). Paths must already be absolute.
     Raises ValueError when a resumed run's settings or data files differ from the stored ones."""
-    from .fileio import file_sha256
-
     if not resume:
         run = {k: (RUN_DEFAULTS[k] if given.get(k) is None else given[k]) for k in (*RUN_DEFAULTS, "model", "data")}
         if given.get("epochs") is not None and given.get("max_steps") is None:

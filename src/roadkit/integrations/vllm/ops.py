@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels import torch_ops
+from ...kernels import torch_ops
 
 
 @torch.library.custom_op("roadkit::rotate_slots", mutates_args=())
@@ -21,7 +21,7 @@ def rotate_slots(
 ) -> torch.Tensor:
     """Rotate row r of x (n, d) by table row index[r] (see `kernels.triton_ops.forward_slots`)."""
     if x.is_cuda:
-        from ..kernels import triton_ops
+        from ...kernels import triton_ops
 
         return triton_ops.forward_slots(x, c_table, s_table, half_table, index)
     n_slots = c_table.shape[0] - 1

@@ -14,7 +14,7 @@ import tempfile
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
-from .fileio import PathLike, current_umask
+from ..fileio import PathLike, current_umask
 
 
 class OutputExistsError(FileExistsError):

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from .fileio import PathLike
+from ..fileio import PathLike
+from ..model import RoadModel
 from .loading import one_line
-from .model import RoadModel
 
 
 def probe_batch(model: Any, length: int = 16, rows: int = 2) -> torch.Tensor:

@@ -6,8 +6,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..layers import BASE
 from .data import pad_token_id, prompt_ids
-from .layers import BASE
 
 BASE_ALIASES = ("base", BASE)  # what a user may write for "no adapter"
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import checkpoint as ckpt
-from .. import functional as F
-from ..config import CONFIG_NAME, PEFT_TYPE, RoadConfig
+from ... import checkpoint as ckpt
+from ... import functional as F
+from ...config import CONFIG_NAME, PEFT_TYPE, RoadConfig
 
 PARAMS = ("road_theta", "road_alpha")
 LIST_LIMIT = 5  # names quoted in one error message; the rest are counted

@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from .. import functional as F
-from ..kernels import torch_ops
+from ... import functional as F
+from ...kernels import torch_ops
 
 
 class SlotTable:

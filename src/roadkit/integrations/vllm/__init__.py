@@ -20,7 +20,7 @@ import logging
 
 from .compat import SUPPORTED, check_vllm
 
-logger = logging.getLogger("roadkit.vllm")
+logger = logging.getLogger(__name__)
 
 
 def register() -> None:
