@@ -10,7 +10,11 @@ LoRA ``init_lora_weights=False``).
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
+import sys
 import warnings
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -57,8 +61,8 @@ def build_llama(size: ModelSize, seed: int, device: str = "cpu", dtype: torch.dt
     return model
 
 
-def roadkit_config(targets=TARGET_MODULES, task_type="CAUSAL_LM") -> roadkit.RoadConfig:
-    return roadkit.RoadConfig(
+def roadkit_config(targets=TARGET_MODULES, task_type="CAUSAL_LM", package=roadkit) -> roadkit.RoadConfig:
+    return package.RoadConfig(
         variant=VARIANT, group_size=GROUP_SIZE, init_weights=False, target_modules=list(targets), task_type=task_type
     )
 
@@ -84,12 +88,33 @@ def peft_lora_config(targets=TARGET_MODULES, task_type="CAUSAL_LM"):
     )
 
 
-def make_roadkit(base: nn.Module, n_adapters: int, targets=TARGET_MODULES, task_type="CAUSAL_LM", autocast=True):
-    model = roadkit.get_peft_model(
-        copy.deepcopy(base), roadkit_config(targets, task_type), adapter_name(0), autocast_adapter_dtype=autocast
+def load_baseline(label: str, src: str) -> ModuleType:
+    """The roadkit package in another source tree (`src`, the directory holding `roadkit/`, e.g. an older
+    commit's `git worktree`), imported beside this one as `roadkit_baseline_<label>`: two versions timed
+    side by side in one process. Its modules import each other relatively, so the new name holds."""
+    name = "roadkit_baseline_" + "".join(ch if ch.isalnum() else "_" for ch in label)
+    init = os.path.join(src, "roadkit", "__init__.py")
+    if not os.path.isfile(init):
+        raise FileNotFoundError(f"--baseline {label}={src}: {init} does not exist (give a checkout's src/ directory)")
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[os.path.dirname(init)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_roadkit(
+    base: nn.Module, n_adapters: int, targets=TARGET_MODULES, task_type="CAUSAL_LM", autocast=True, package=roadkit
+):
+    model = package.get_peft_model(
+        copy.deepcopy(base),
+        roadkit_config(targets, task_type, package),
+        adapter_name(0),
+        autocast_adapter_dtype=autocast,
     )
     for i in range(1, n_adapters):
-        model.add_adapter(adapter_name(i), roadkit_config(targets, task_type))
+        model.add_adapter(adapter_name(i), roadkit_config(targets, task_type, package))
     model.set_adapter(adapter_name(0))
     return model
 

@@ -392,6 +392,16 @@ def _overhead_section(r: dict) -> list[str]:
             f"{row['per_layer_seconds'] * 1e6:.1f}",
         ]
         out.append(_row(cells))
+    for label, source in su.get("baselines", {}).items():
+        lines = []
+        for kind in ("1 adapter", f"{su['adapters']} adapters mixed, routed per call"):
+            new = r["summary"].get(f"roadkit RoAd ({kind})")
+            old = r["summary"].get(f"roadkit RoAd ({label}) ({kind})")
+            if new and old:
+                ratio = new["stats"]["median"] / old["stats"]["median"]
+                added = f"{new['per_layer_seconds'] * 1e6:.1f} vs {old['per_layer_seconds'] * 1e6:.1f} µs per layer"
+                lines.append(f"{kind}: **{ratio:.3f}x** its time per call ({added})")
+        out += ["", f"This roadkit against `{label}` ({source}): " + "; ".join(lines) + "."]
     return out + [""]
 
 

@@ -1,7 +1,7 @@
 """Entry point: ``python -m benchmarks.run [--quick | --gpu] [--scenarios a,b,...] [--reps N] [--dtype D]
-[--threads N] [--keep-going] [--out DIR]``; scenarios: decode, step, prefill, compiled, train, merge, kernels,
-overhead, run in the order given. The results are rewritten after every scenario, so a run cut short keeps
-what it finished. See benchmarks/README.md."""
+[--threads N] [--baseline LABEL=SRC] [--keep-going] [--out DIR]``; scenarios: decode, step, prefill, compiled,
+train, merge, kernels, overhead, run in the order given. The results are rewritten after every scenario, so a
+run cut short keeps what it finished. See benchmarks/README.md."""
 
 from __future__ import annotations
 
@@ -46,6 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="OpenMP wait policy; 'passive' for machines shared with other busy processes",
     )
     p.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="LABEL=SRC",
+        help="another roadkit source tree (a checkout's src/ directory, e.g. an older commit's git worktree) "
+        "timed beside this one in the overhead scenario; repeatable",
+    )
+    p.add_argument(
         "--keep-going",
         action="store_true",
         help="a scenario that fails is recorded (its error in the results) and the next one runs; "
@@ -66,6 +74,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--reps must be >= 1")
     if args.threads < 1:
         p.error("--threads must be >= 1")
+    baselines = {}
+    for item in args.baseline:
+        label, sep, src = item.partition("=")
+        if not sep or not label or not src:
+            p.error(f"--baseline takes LABEL=SRC (e.g. old=../old/src), got {item!r}")
+        if not os.path.isfile(os.path.join(src, "roadkit", "__init__.py")):
+            p.error(f"--baseline {item}: {src} holds no roadkit/__init__.py (give a checkout's src/ directory)")
+        baselines[label] = os.path.abspath(src)
+    args.baselines = baselines
     return args
 
 
@@ -146,6 +163,8 @@ def main(argv=None) -> int:
     settings = QUICK if args.quick else GPU if args.gpu else FULL
     if args.dtype is not None:
         settings = dataclasses.replace(settings, dtype=args.dtype)
+    if args.baselines:
+        settings = dataclasses.replace(settings, baselines=args.baselines)
     reps = args.reps if args.reps is not None else settings.reps
     warmup = args.warmup if args.warmup is not None else settings.warmup
     sub = [settings.name] if settings.name != FULL.name else []

@@ -732,6 +732,18 @@ def kernels(s: Settings, reps: int, warmup: int) -> dict:
 
 # ---- 8. overhead ------------------------------------------------------------------------------------
 
+
+def _describe_source(src: str) -> str:
+    """`src` and, when it is in a git checkout, its commit."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", src, "log", "-1", "--format=%h %s"], capture_output=True, text=True)
+    except OSError:
+        return src
+    return f"{src} (commit {out.stdout.strip()[:100]})" if out.returncode == 0 else src
+
+
 OVERHEAD_LAYERS, OVERHEAD_WIDTH, OVERHEAD_ROWS, OVERHEAD_ADAPTERS = 28, 128, 4, 4
 OVERHEAD_CALLS = 50  # forward calls per timed sample
 OVERHEAD_ROUNDS_PER_REP = 8
@@ -755,6 +767,12 @@ def overhead(s: Settings, reps: int, warmup: int) -> dict:
         rk = C.make_roadkit(base, OVERHEAD_ADAPTERS, targets=targets, task_type=None).eval()
         pr = C.make_peft_road_like(rk, base, OVERHEAD_ADAPTERS, targets=targets, task_type=None).eval()
         lo = C.make_peft_lora(base, OVERHEAD_ADAPTERS, targets=targets, task_type=None, seed=s.seed + 2).eval()
+        baselines = {}  # other roadkit versions, with roadkit's adapter values
+        for label, src in s.baselines.items():
+            package = C.load_baseline(label, src)
+            old = C.make_roadkit(base, OVERHEAD_ADAPTERS, targets=targets, task_type=None, package=package)
+            old.load_state_dict(rk.state_dict())
+            baselines[f"{C.ROADKIT} ({label})"] = old.eval()
     floor = C.make_floor(base, targets=targets).eval()
     x = torch.randn(OVERHEAD_ROWS, OVERHEAD_WIDTH, device=s.device)
     names = _names(OVERHEAD_ROWS, OVERHEAD_ADAPTERS)
@@ -763,6 +781,11 @@ def overhead(s: Settings, reps: int, warmup: int) -> dict:
             "max_abs_diff_single": (rk(x) - pr(x)).abs().max().item(),
             "max_abs_diff_mixed": (rk(x, adapter_names=names) - pr(x, adapter_names=names)).abs().max().item(),
         }
+        for case, old in baselines.items():
+            parity[f"max_abs_diff_single vs {case}"] = (rk(x) - old(x)).abs().max().item()
+            parity[f"max_abs_diff_mixed vs {case}"] = (
+                (rk(x, adapter_names=names) - old(x, adapter_names=names)).abs().max().item()
+            )
     if max(parity.values()) > 1e-4:
         raise AssertionError(f"roadkit and PEFT RoAd disagree on the overhead stack: {parity}")
 
@@ -781,9 +804,10 @@ def overhead(s: Settings, reps: int, warmup: int) -> dict:
         return fn
 
     cases = {"base": case(base, False), C.FLOOR: case(floor, False)}
-    for c, model in ((C.ROADKIT, rk), (C.PEFT_ROAD, pr), (C.PEFT_LORA, lo)):
+    contenders = [(C.ROADKIT, rk), *baselines.items(), (C.PEFT_ROAD, pr), (C.PEFT_LORA, lo)]
+    for c, model in contenders:
         cases[f"{c} (1 adapter)"] = case(model, False)
-    for c, model in ((C.ROADKIT, rk), (C.PEFT_ROAD, pr), (C.PEFT_LORA, lo)):
+    for c, model in contenders:
         cases[f"{c} ({OVERHEAD_ADAPTERS} adapters mixed, routed per call)"] = case(model, True)
     run = run_interleaved(cases, reps * OVERHEAD_ROUNDS_PER_REP, warmup, label="overhead")
     summary = _summaries(run["times"], "base")
@@ -799,6 +823,7 @@ def overhead(s: Settings, reps: int, warmup: int) -> dict:
             "calls_per_sample": OVERHEAD_CALLS,
             "rounds": reps * OVERHEAD_ROUNDS_PER_REP,
             "device": s.device,
+            "baselines": {label: _describe_source(src) for label, src in s.baselines.items()},
         },
         "parity": parity,
         "raw": run["times"],

@@ -49,6 +49,8 @@ class Settings:
     warmup: int = 1
     warmup_new_tokens: int = 2  # decode warmup rounds generate this many tokens (cheap, same code paths)
     seed: int = 0
+    # {label: src directory} of other roadkit versions timed beside this one in the overhead scenario
+    baselines: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
