@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -132,6 +133,30 @@ def test_inference_cache_follows_in_place_updates(fused, mode):
     layer.load_state_dict({k: torch.zeros_like(v) if "theta" in k else v for k, v in layer.state_dict().items()})
     with torch.no_grad():
         torch.testing.assert_close(layer(h), layer.base_layer(h) @ R_of(layer, "a").T, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("copied", [False, True])  # a deep copy's parameters are new objects, without hooks
+def test_inference_cache_follows_an_optimizer_step_after_zero_grad(fused, copied):
+    """eval mode throughout: cache filled, a training step, `zero_grad()` (no gradient left to see), then
+    inference again must see the stepped parameters, though a fused step bumps no version counter."""
+    layer = make_layer().eval()
+    if copied:
+        with torch.no_grad():
+            layer(torch.randn(2, 6))
+        layer = copy.deepcopy(layer)
+    h = torch.randn(2, 6)
+    opt = torch.optim.AdamW([layer.road_theta["a"], layer.road_alpha["a"]], lr=0.5, fused=fused)
+    with torch.no_grad():
+        before = layer(h)
+    layer(h).pow(2).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        after = layer(h)
+        expected = layer.base_layer(h) @ R_of(layer, "a").T
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_gradients_reach_theta_and_alpha_and_match_autograd_of_dense_reference():

@@ -29,8 +29,9 @@ import torch
 
 from . import torch_ops
 
-# (module `<name>_ops` of this package, the device type it serves or None for any), tried in this order.
-# A backend is imported when a tensor of its device type first shows up (Triton takes seconds).
+# (module `<name>_ops` of this package, the device type it serves or None for any), tried in this order; the
+# last, torch, serves every tensor. A backend is imported when a tensor of its device type first shows up
+# (Triton takes seconds).
 BACKENDS = (("triton", "cuda"), ("torch", None))
 
 
@@ -43,14 +44,23 @@ def _load(name: str) -> Optional[ModuleType]:
         return None
 
 
+@functools.cache
+def _backends_for(device_type: str) -> tuple[ModuleType, ...]:
+    """The installed backends that serve tensors of `device_type`, in the order of `BACKENDS`."""
+    loaded = (_load(name) for name, serves in BACKENDS if serves is None or serves == device_type)
+    return tuple(module for module in loaded if module is not None)
+
+
 def backend(x: torch.Tensor, dim: int = -1) -> ModuleType:
-    """The backend that rotates x along `dim` (under torch.compile, torch: the compiler fuses it)."""
-    if torch.compiler.is_compiling():
-        return torch_ops
-    for name, device_type in BACKENDS:
-        if device_type is None or x.device.type == device_type:
-            module = _load(name)
-            if module is not None and module.handles(x, dim):
+    """The backend that rotates x along `dim` (under torch.compile, torch: the compiler fuses it).
+
+    Asked on every rotation, so it costs little where torch is the only backend (CPU): the device type is
+    read through the tensor's flags (`x.device` builds an object), and nothing else is asked.
+    """
+    candidates = _backends_for("cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type)
+    if len(candidates) > 1 and not torch.compiler.is_compiling():
+        for module in candidates[:-1]:
+            if module.handles(x, dim):
                 return module
     return torch_ops
 

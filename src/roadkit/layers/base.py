@@ -7,8 +7,10 @@ output, `weight_feature_dim` of the parameters that merging rotates) and how man
 
 from __future__ import annotations
 
+import functools
 import operator
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Optional, TypeVar, Union, cast
@@ -29,6 +31,13 @@ _version = operator.attrgetter("_version")  # a tensor's in-place update count
 # mixed-batch adapter lists. Bounded: a server with continuous batching sees a new list on most calls.
 CACHE_ENTRIES = 16
 _SERVING = "serving"  # the cache key of the serving path's rotations
+
+
+def _clear_cache_of(layer: weakref.ref, param: torch.Tensor) -> None:
+    """A parameter's post-accumulate-grad hook (`RoadLayer._watch`): empty its layer's cache."""
+    alive = layer()
+    if alive is not None:
+        alive._cache.clear()
 
 
 class AdapterParameters(nn.ParameterDict):
@@ -135,6 +144,7 @@ class RoadLayer(nn.Module):
         # The layer's one cache (see `_cached`): key -> (parameters read, their stamp, value), least recently
         # used first. Emptied on every adapter change, dtype or device move, and `train()`.
         self._cache: OrderedDict[Hashable, tuple[list[torch.Tensor], tuple, Any]] = OrderedDict()
+        self._watched: dict[int, torch.Tensor] = {}  # id -> parameter: those whose gradients empty the cache
         self.update_layer(adapter_name, variant, group_size, init_weights, subspace, dtype)
         self.set_adapter(adapter_name)
 
@@ -221,6 +231,8 @@ class RoadLayer(nn.Module):
                 del store[adapter_name]
         self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
         self._cache.clear()
+        kept = {id(p) for p in self._params(self.road_theta)}
+        self._watched = {i: p for i, p in self._watched.items() if i in kept}
 
     def _base_device(self) -> torch.device:
         for p in self.base_layer.parameters():
@@ -262,7 +274,9 @@ class RoadLayer(nn.Module):
         ):
             return self._coefficients(adapter_name, dtype)
         return self._cached(
-            ("coefficients", adapter_name, dtype), (adapter_name,), lambda: self._coefficients(adapter_name, dtype)
+            ("coefficients", adapter_name, dtype),
+            lambda: (adapter_name,),
+            lambda: self._coefficients(adapter_name, dtype),
         )
 
     def _coefficients(self, adapter_name: str, dtype: Optional[torch.dtype]) -> F.Coefficients:
@@ -278,38 +292,53 @@ class RoadLayer(nn.Module):
         ap = cast("dict[str, torch.Tensor]", self.road_alpha._parameters)
         return [p for n in names for p in (tp[n], ap[n])]
 
-    def _stamp(self, params: list[torch.Tensor]) -> Optional[tuple]:
-        """Changes whenever these parameters (`_params`) may have: an in-place update (their version
-        counters only grow, so their sum grows too; `load_state_dict` copies in place) or a replaced or
-        deleted entry (`AdapterParameters.generation`). None, which matches nothing and is never cached,
-        while any of them holds a gradient: an optimizer step may be pending, and fused optimizers
-        (`AdamW(fused=True)`, the HF Trainer's default) update parameters without bumping their version
-        counters. Serving, and evaluation after `zero_grad()`, hold none. Edits through `.data` bypass
-        version counters; make them under `torch.no_grad()` instead.
+    def _stamp(self, params: list[torch.Tensor]) -> tuple:
+        """Changes whenever these parameters (`_params`) may have through their own operations: an in-place
+        update (their version counters only grow, so their sum grows too; `load_state_dict` copies in place)
+        or a replaced or deleted entry (`AdapterParameters.generation`). Optimizer steps are the one update
+        it cannot see (fused optimizers, `AdamW(fused=True)` as the HF Trainer uses it, bump no version
+        counter); `_watch` covers those. Edits through `.data` bypass version counters; make them under
+        `torch.no_grad()` instead.
 
         It is checked on every inference call, after a matmul has pushed the interpreter out of
         cache, so it reads plain dicts and integers only.
         """
-        for p in params:
-            if p.grad is not None:
-                return None
         modules: dict[str, Any] = self._modules  # not self.road_theta: nn.Module.__getattr__ is slow on this hot path
         return (modules["road_theta"].generation, modules["road_alpha"].generation, sum(map(_version, params)))
 
-    def _cached(self, key: Hashable, names: Iterable[str], build: Callable[[], _T]) -> _T:
-        """`build()`, run without grad, kept in the layer's cache under `key` while the named adapters'
-        parameters are unchanged (`_stamp`). Adapter changes, moves and `train()` empty the cache, so an
-        entry never outlives the adapter state it was built in."""
+    def _watch(self, params: list[torch.Tensor]) -> None:
+        """Have a gradient reaching any of these parameters empty the cache: an optimizer step, which no stamp
+        sees, can only follow one. The hooks are the parameters' own (`register_post_accumulate_grad_hook`),
+        registered once per parameter object, and hold the layer weakly. A frozen parameter (an inactive
+        adapter's) gets its hook too, for the day it is made trainable: torch registers hooks only on tensors
+        that require grad, so it does for the moment of the registration."""
+        for p in params:
+            if self._watched.get(id(p)) is not p:
+                frozen = not p.requires_grad
+                p.requires_grad_(True)
+                p.register_post_accumulate_grad_hook(functools.partial(_clear_cache_of, weakref.ref(self)))
+                p.requires_grad_(not frozen)
+                self._watched[id(p)] = p
+
+    def _cached(self, key: Hashable, reads: Callable[[], Iterable[str]], build: Callable[[], _T]) -> _T:
+        """`build()`, run without grad, kept in the layer's cache under `key` while the parameters of the
+        adapters it reads (`reads()`, asked on a miss) are unchanged (`_stamp`). Adapter changes, moves and
+        `train()` empty the cache, so an entry never outlives the adapter state it was built in."""
         hit = self._cache.get(key)
         if hit is not None and hit[1] == self._stamp(hit[0]):
             self._cache.move_to_end(key)
             return hit[2]
+        return self._build_cached(key, reads(), build)
+
+    def _build_cached(self, key: Hashable, names: Iterable[str], build: Callable[[], _T]) -> _T:
+        """The miss of `_cached`: build, and keep the result unless a parameter holds a gradient (an optimizer
+        step may then be pending; serving, and evaluation after `zero_grad()`, hold none)."""
         params = self._params(names)
-        stamp = self._stamp(params)
         with torch.no_grad():
             value = build()
-        if stamp is not None:
-            self._cache[key] = (params, stamp, value)
+        if all(p.grad is None for p in params):
+            self._watch(params)
+            self._cache[key] = (params, self._stamp(params), value)
             self._cache.move_to_end(key)
             while len(self._cache) > CACHE_ENTRIES:
                 self._cache.popitem(last=False)
@@ -324,11 +353,6 @@ class RoadLayer(nn.Module):
         if mode:
             self._cache.clear()
         return super().train(mode)
-
-    def _table(self, names: tuple[str, ...], group_size: int) -> _Prepared:
-        """`_build_table`, cached while the parameters it reads are unchanged."""
-        own = [n for n in names if n in self.road_theta and self.group_size[n] == group_size]
-        return self._cached(("table", names, group_size), own, lambda: self._build_table(names, group_size))
 
     def _build_table(self, names: tuple[str, ...], group_size: int) -> _Prepared:
         """Stacked coefficients, one row per name; identity for `__base__`, for adapters this layer
@@ -374,7 +398,7 @@ class RoadLayer(nn.Module):
         if hit is not None and hit[1] == self._stamp(hit[0]):
             return hit[2]
         names = [n for n in self._active_adapters if n in self.road_theta._parameters and n not in self.merged_adapters]
-        return self._cached(_SERVING, names, lambda: [self._rotation(n) for n in names])
+        return self._build_cached(_SERVING, names, lambda: [self._rotation(n) for n in names])
 
     def _rotation(self, adapter_name: str) -> _Prepared:
         c, s = self._coefficients(adapter_name, None)
@@ -393,16 +417,19 @@ class RoadLayer(nn.Module):
 
         The model wrapper looks them up for every layer before the model runs, so the decode steps
         of one `generate` pay no per-adapter bookkeeping, and a compiled model receives them as
-        inputs. A layer that finds none builds them: from its caches, or, under torch.compile, in
+        inputs. A layer that finds none builds them: from its cache, or, under torch.compile, in
         the graph from the parameters.
         """
         tables = routing.tables.get(self)
         if tables is None and torch.compiler.is_compiling():
             return [self._build_table(routing.names, g) for g in self._group_sizes(routing.names)]
         if tables is None:
-            # no parameters read: kept while no adapter is added, deleted or re-created (the stamp's generations)
-            sizes = self._cached(("sizes", routing.names), (), lambda: self._group_sizes(routing.names))
-            tables = routing.tables[self] = [self._table(routing.names, g) for g in sizes]
+            names = routing.names
+            tables = routing.tables[self] = self._cached(
+                ("tables", names),
+                lambda: [n for n in names if n in self.road_theta._parameters],
+                lambda: [self._build_table(names, g) for g in self._group_sizes(names)],
+            )
         return tables
 
     def _group_sizes(self, names: Iterable[str]) -> list[int]:
