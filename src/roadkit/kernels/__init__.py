@@ -57,8 +57,10 @@ def backend(x: torch.Tensor, dim: int = -1) -> ModuleType:
     Asked on every rotation, so it costs little where torch is the only backend (CPU): the device type is
     read through the tensor's flags (`x.device` builds an object), and nothing else is asked.
     """
+    if torch.compiler.is_compiling():
+        return torch_ops
     candidates = _backends_for("cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type)
-    if len(candidates) > 1 and not torch.compiler.is_compiling():
+    if len(candidates) > 1:
         for module in candidates[:-1]:
             if module.handles(x, dim):
                 return module
