@@ -6,10 +6,10 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional, TypedDict, Union
 
 from .fileio import atomic_write_bytes
-from .subspace import normalize_spec
+from .subspace import Spec, normalize_spec
 
 PEFT_TYPE = "ROAD"
 CONFIG_NAME = "adapter_config.json"
@@ -49,6 +49,15 @@ def _check_name_list(field_name: str, value: Any, allow_regex: bool) -> Any:
         return sorted(items) if isinstance(value, (set, frozenset)) else items
     kinds = "a list of module names or a regex string" if allow_regex else "a list of module names"
     raise TypeError(f"RoadConfig.{field_name} must be {kinds}, got {type(value).__name__}: {value!r}.")
+
+
+class LayerSettings(TypedDict):
+    """One adapter's settings as a RoAd layer takes them: the part of `RoadConfig` that is per layer."""
+
+    variant: str
+    group_size: int
+    init_weights: bool
+    subspace: Optional[Spec]
 
 
 @dataclass
@@ -115,6 +124,12 @@ class RoadConfig:
         if self.task_type == "SEQ_CLS":
             extra = [h for h in SEQ_CLS_HEADS if h not in (self.modules_to_save or [])]
             self.modules_to_save = (self.modules_to_save or []) + extra
+
+    def layer_settings(self) -> LayerSettings:
+        """What each targeted layer takes from this config (`RoadLayer.update_layer`'s keywords)."""
+        return LayerSettings(
+            variant=self.variant, group_size=self.group_size, init_weights=self.init_weights, subspace=self.subspace
+        )
 
     # ---- serialisation -------------------------------------------------------------------------
 

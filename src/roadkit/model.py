@@ -202,15 +202,14 @@ class RoadModel(nn.Module):
         for path in select_targets(self.model, config):
             module = self.model.get_submodule(path)
             dtype = None if self.autocast_adapter_dtype else _base_dtype(_base_of(module))
-            args = (adapter_name, config.variant, config.group_size, config.init_weights, config.subspace, dtype)
+            settings = config.layer_settings()
             if isinstance(module, RoadLayer):
-                module.update_layer(*args)
-            else:
-                wrapper = wrapper_for(module)
-                if wrapper is None:  # select_targets picks only modules that have a wrapper
-                    raise TypeError(f"RoAd cannot wrap {path!r} ({type(module).__name__})")
-                layer = wrapper(module, *args)
-                self._replace(path, layer.train(module.training))
+                module.update_layer(adapter_name, **settings, dtype=dtype)
+                continue
+            wrapper = wrapper_for(module)
+            if wrapper is None:  # select_targets picks only modules that have a wrapper
+                raise TypeError(f"RoAd cannot wrap {path!r} ({type(module).__name__})")
+            self._replace(path, wrapper(module, adapter_name, **settings, dtype=dtype).train(module.training))
         for path in select_modules_to_save(self.model, config):
             module = self.model.get_submodule(path)
             if isinstance(module, ModulesToSaveWrapper):
