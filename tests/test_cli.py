@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -346,6 +347,11 @@ def test_demo_fast(tmp_path):
         "base/tokenizer.json",
     ):
         assert (out / name).is_file(), name
+    # the command the demo suggests runs without a base-model warning: the adapters name the copied base
+    suggested = shlex.split(result.stdout.strip().splitlines()[-1].removeprefix("try: roadkit "))
+    again = roadkit(*suggested, cwd=tmp_path, timeout=300)
+    assert again.returncode == 0 and "warning" not in again.stderr, again.stderr
+    assert again.stdout.count(" -> ") == 3
     print(f"demo --fast took {time.perf_counter() - started:.1f} s")
 
 

@@ -187,6 +187,8 @@ def training_run(out_dir: str) -> None:
         output_dir=out_dir,
     )
     assert run.fit(progress=False) == COMPLETED
+    if dist.is_initialized():  # torchrun: gloo's threads must stop before exit, or the process may abort
+        dist.destroy_process_group()
 
 
 def test_training_run_two_processes_match_one(tmp_path):

@@ -29,7 +29,6 @@ __all__ = [
     "RoadConfig",
     "RoadLayer",
     "RoadModel",
-    "RoadTrainer",
     "Routing",
     "SavedAdapter",
     "TensorParallelIssue",
@@ -43,7 +42,7 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     """`RoadTrainer` is imported on first use: `transformers.Trainer` takes seconds to import and comes with the
-    `hf` extra."""
+    `hf` extra (so `RoadTrainer` stays out of `__all__`: `from roadkit import *` works without it)."""
     if name == "RoadTrainer":
         require("hf", "roadkit.RoadTrainer")
         from .integrations.trainer import RoadTrainer

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from .config import CONFIG_NAME, RoadConfig
-from .extras import require
+from .extras import MissingExtraError, require
 from .fileio import PathLike, atomic_write_bytes
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -50,7 +50,10 @@ def _resolve(model_id: PathLike, subfolder: Optional[str], revision: Optional[st
         return local
     if os.path.exists(os.fspath(model_id)) or os.path.isabs(os.fspath(model_id)):
         raise FileNotFoundError(f"adapter directory {local!r} does not exist.")
-    require("hf", f"reading adapter {os.fspath(model_id)!r} from the Hugging Face Hub")
+    try:
+        require("hf", "reading it as a Hugging Face Hub id")
+    except MissingExtraError as err:  # most often a mistyped local path
+        raise FileNotFoundError(f"adapter directory {local!r} does not exist; {err}") from None
     from huggingface_hub import snapshot_download
 
     pattern = f"{subfolder}/*" if subfolder else "*"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import warnings
@@ -441,6 +442,13 @@ class RoadModel(nn.Module):
         adapter_names: Optional[list[str]] = None,
         progressbar: bool = False,
     ) -> nn.Module:
+        if progressbar and importlib.util.find_spec("tqdm") is None:
+            warnings.warn(
+                "progressbar=True draws its bar with tqdm, which is not installed (pip install tqdm); "
+                "going on without one.",
+                stacklevel=3,
+            )
+            progressbar = False
         if merge:
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
         else:

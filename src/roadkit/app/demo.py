@@ -187,7 +187,7 @@ def run_demo(
     torch.set_num_threads(1)
     try:
         with staged_directory(target) as stage:
-            summary = _walk_through(stage, FAST if fast else FULL, say)
+            summary = _walk_through(stage, target, FAST if fast else FULL, say)
             summary.update(fast=fast, seconds=round(time.perf_counter() - start, 1))
             atomic_write_bytes(os.path.join(stage, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
             atomic_write_bytes(os.path.join(stage, "summary.md"), _summary_markdown(summary).encode())
@@ -207,7 +207,9 @@ def run_demo(
     return summary
 
 
-def _walk_through(stage: str, settings: DemoSettings, say: Callable[[str], None]) -> dict[str, Any]:
+def _walk_through(stage: str, target: str, settings: DemoSettings, say: Callable[[str], None]) -> dict[str, Any]:
+    """The demo's work, written into `stage`, which becomes `target` (the adapters name `target/base` as
+    their base model, the copy of the shipped base written there)."""
     from .plots import loss_curves
 
     base, tokenizer = load_base()
@@ -225,7 +227,9 @@ def _walk_through(stage: str, settings: DemoSettings, say: Callable[[str], None]
     }
     logs = {}
     for task in TASKS:
-        summary["tasks"][task], logs[task] = _train_task(task, base, tokenizer, settings, stage, say)
+        summary["tasks"][task], logs[task] = _train_task(
+            task, base, tokenizer, settings, stage, os.path.join(target, "base"), say
+        )
     loss_curves(logs, os.path.join(stage, "loss_curves.png"), title="RoAd adapters on the demo tasks")
     summary.update(_mixed_batch(base, tokenizer, settings, stage, say))
     summary["merge"] = _merge_check(base, tokenizer, summary["generated"]["upper"], stage, say)
@@ -233,7 +237,13 @@ def _walk_through(stage: str, settings: DemoSettings, say: Callable[[str], None]
 
 
 def _train_task(
-    task: str, base: Any, tokenizer: Any, settings: DemoSettings, stage: str, say: Callable[[str], None]
+    task: str,
+    base: Any,
+    tokenizer: Any,
+    settings: DemoSettings,
+    stage: str,
+    base_path: str,
+    say: Callable[[str], None],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train, save and plot one task's adapter; returns its numbers and its training log."""
     from .report import inspect_adapter, plot_report
@@ -241,7 +251,7 @@ def _train_task(
     from .training import TrainingRun, write_run
 
     say(f"\ntask {task!r}: {prompt_for('kitten')!r} -> {' ' + TASKS[task]('kitten')!r}")
-    model = get_peft_model(copy.deepcopy(base), RoadConfig(**ADAPTER_CONFIG))
+    model = get_peft_model(copy.deepcopy(base), RoadConfig(**ADAPTER_CONFIG, base_model_name_or_path=base_path))
     train, _ = tokenize_all(tokenizer, task_examples(task, "train", settings.train_rows), 64)
     held_out, _ = tokenize_all(tokenizer, task_examples(task, "eval", settings.eval_rows), 64)
     config = TrainConfig(
