@@ -172,6 +172,14 @@ def training_run_samples() -> list:
     return rows
 
 
+def end_process_group() -> None:
+    """Before a rank exits: wait for every rank, then stop gloo's threads (left running, they can abort the
+    process at exit with "terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def training_run(out_dir: str) -> None:
     """`STEPS` steps of `TrainingRun` with the global batch `GLOBAL_BATCH`, checkpoints in `out_dir`."""
     from roadkit.app.demo import build_tokenizer
@@ -187,8 +195,6 @@ def training_run(out_dir: str) -> None:
         output_dir=out_dir,
     )
     assert run.fit(progress=False) == COMPLETED
-    if dist.is_initialized():  # torchrun: gloo's threads must stop before exit, or the process may abort
-        dist.destroy_process_group()
 
 
 def test_training_run_two_processes_match_one(tmp_path):
@@ -228,3 +234,4 @@ def test_training_run_two_processes_match_one(tmp_path):
 
 if __name__ == "__main__":  # one rank of `test_training_run_two_processes_match_one`, under torchrun
     training_run(sys.argv[1])
+    end_process_group()

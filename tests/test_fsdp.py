@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from conftest import tiny_llama
 from safetensors.torch import load_file
-from test_ddp import adapters, training_run_samples
+from test_ddp import adapters, end_process_group, training_run_samples
 from torch.distributed.tensor import DTensor
 from transformers import LlamaForCausalLM
 
@@ -111,8 +111,6 @@ def training_run(base: str, out_dir: str) -> None:
         output_dir=out_dir,
     )
     assert run.fit(progress=False) == COMPLETED
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def test_training_run_fsdp2_two_processes_match_one(tmp_path):
@@ -170,3 +168,4 @@ def test_fully_shard_example_two_processes_match_one(tmp_path):
 
 if __name__ == "__main__":  # one rank of `test_training_run_fsdp2_two_processes_match_one`, under torchrun
     training_run(sys.argv[1], sys.argv[2])
+    end_process_group()
