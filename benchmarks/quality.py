@@ -303,21 +303,23 @@ class PeakRss:
         return (self.peak - self.start) / 2**20
 
 
-def evaluate(model: Any, tokenizer: Any, rows: Sequence[tuple[str, str]], task: Task, pad_id: int) -> dict[str, Any]:
-    """Held-out completion loss (teacher-forced) and exact match of greedy completions."""
+def evaluate(model: Any, tokenizer: Any, rows: Sequence[tuple[str, str]], task: Task) -> dict[str, Any]:
+    """Held-out completion loss (teacher-forced, the model's own loss) and exact match of greedy completions."""
     import torch
 
-    from roadkit.app.data import Example, collate, tokenize
+    from roadkit.app.data import IGNORE_INDEX, Example, tokenize
     from roadkit.app.generation import generate
-    from roadkit.app.training import token_loss
+    from roadkit.app.training import collator
 
     model.eval()
+    collate = collator(tokenizer)
     samples = [tokenize(tokenizer, Example(p, a), 512) for p, a in rows]
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(samples), 100):
-            part_total, part_count = token_loss(model, collate(samples[i : i + 100], pad_id))
-            total, count = total + float(part_total), count + part_count
+            batch = collate([{"input_ids": s.input_ids, "labels": s.labels} for s in samples[i : i + 100]])
+            labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the loss is their mean
+            total, count = total + float(model(**batch).loss) * labelled, count + labelled
     outputs: list[str] = []
     for i in range(0, len(rows), 200):
         outputs += generate(model, tokenizer, [p for p, _ in rows[i : i + 200]], max_new_tokens=task.max_new_tokens)
@@ -347,31 +349,33 @@ def adapter_tensors(model: Any, method: str) -> dict[str, Any]:
 
 
 def train_loop(
-    model: Any, samples: Sequence[Any], lr: float, settings: Settings, pad_id: int
+    model: Any, samples: Sequence[Any], lr: float, settings: Settings, tokenizer: Any
 ) -> tuple[list[float], list[float]]:
-    """The loop every method trains with: AdamW (no weight decay), the rate decayed linearly to 0, gradients
-    clipped at norm 1.0, mean token loss over each batch's completion tokens, batches in a seeded shuffled order
-    (what `roadkit train` does, written out here so that every method, roadkit's or PEFT's, runs the same code).
-    Returns each step's loss and seconds."""
+    """The loop every method trains with: AdamW (no weight decay), transformers' linear schedule (decay to 0),
+    gradients clipped at norm 1.0, the model's own loss (mean over each batch's completion tokens), batches of
+    `DataCollatorForSeq2Seq` in a seeded shuffled order (what `roadkit train` does, written out here so that
+    every method, roadkit's or PEFT's, runs the same code). Returns each step's loss and seconds."""
     import torch
+    from transformers import get_linear_schedule_with_warmup
 
-    from roadkit.app.data import collate
-    from roadkit.app.training import token_loss
+    from roadkit.app.training import collator
 
+    collate = collator(tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps, size = settings.steps, settings.batch_size
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, (steps - step) / steps))
+    schedule = get_linear_schedule_with_warmup(optimizer, 0, steps)
     per_epoch = -(-len(samples) // size)
     losses, seconds = [], []
     model.train()
     for step in range(steps):
         epoch, i = divmod(step, per_epoch)
         order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(settings.seed + epoch)).tolist()
-        batch = collate([samples[j] for j in order[i * size : (i + 1) * size]], pad_id)
+        batch = collate(
+            [{"input_ids": samples[j].input_ids, "labels": samples[j].labels} for j in order[i * size : (i + 1) * size]]
+        )
         start = time.perf_counter()
-        total, count = token_loss(model, batch)
-        loss = total / max(count, 1)
+        loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -392,7 +396,6 @@ def train_one(
     train_rows: Sequence[tuple[str, str]],
     eval_rows: Sequence[tuple[str, str]],
     settings: Settings,
-    pad_id: int,
 ) -> tuple[dict[str, Any], Any]:
     """Train one adapter from the base model; returns the run's record and the trained model."""
     import torch
@@ -405,9 +408,9 @@ def train_one(
     samples = [tokenize(tokenizer, Example(p, a), 512) for p, a in train_rows]
     start = time.perf_counter()
     with PeakRss() as memory:
-        losses, seconds = train_loop(model, samples, lr, settings, pad_id)
+        losses, seconds = train_loop(model, samples, lr, settings, tokenizer)
     train_seconds = time.perf_counter() - start
-    after = evaluate(model, tokenizer, eval_rows, task, pad_id)
+    after = evaluate(model, tokenizer, eval_rows, task)
     record = {
         "method": method.name,
         "task": task.name,
@@ -487,7 +490,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
     import transformers
 
-    from roadkit.app.data import pad_token_id
     from roadkit.app.loading import load_causal_lm, load_tokenizer, quiet_transformers
 
     settings = QUICK if args.quick else FULL
@@ -501,7 +503,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base = load_causal_lm(model_dir)
     for p in base.parameters():
         p.requires_grad_(False)
-    pad_id = pad_token_id(tokenizer, default=0)
     base_params = sum(p.numel() for p in base.parameters())
     n_train = settings.steps * settings.batch_size  # every training row is seen once
     command = " ".join([".venv/bin/python -m benchmarks.quality", *(sys.argv[1:] if argv is None else argv)])
@@ -544,7 +545,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write = _writer(results, out_dir, t_start, total_runs)
     for task in TASKS:
         log(f"base model on {task.name} ({settings.n_eval} held-out rows)")
-        results["base"][task.name] = evaluate(base, tokenizer, data[task.name][1], task, pad_id)
+        results["base"][task.name] = evaluate(base, tokenizer, data[task.name][1], task)
         log(
             f"  exact match {results['base'][task.name]['exact_match']:.1f}%, "
             f"loss {results['base'][task.name]['loss']:.3f}"
@@ -556,13 +557,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             method = METHODS[name]
             sweep = TASKS[0]
             for lr in sweep_rates(method, settings.lrs_per_method):
-                _run(results, base, tokenizer, method, sweep, lr, data, settings, pad_id, road_1_adapters, write)
+                _run(results, base, tokenizer, method, sweep, lr, data, settings, road_1_adapters, write)
             runs = [r for r in results["runs"] if r["method"] == name and r["task"] == sweep.name]
             best = best_rate(runs)
             results["best_lr"][name] = best
             log(f"{name}: best lr on {sweep.name}: {best:g}")
             for task in TASKS[1:]:
-                _run(results, base, tokenizer, method, task, best, data, settings, pad_id, road_1_adapters, write)
+                _run(results, base, tokenizer, method, task, best, data, settings, road_1_adapters, write)
     except KeyboardInterrupt:
         log(f"interrupted; {len(results['runs'])} runs are in {out_dir}")
         return 130
@@ -580,14 +581,13 @@ def _run(
     lr: float,
     data: dict[str, Any],
     settings: Settings,
-    pad_id: int,
     road_1_adapters: dict[tuple[str, str, float], Any],
     write: Callable[[], list[str]],
 ) -> None:
     """One training run, recorded (with the roadkit/PEFT RoAd comparison when both have run) and written."""
     train_rows, eval_rows = data[task.name]
     log(f"{method.name} on {task.name}, lr {lr:g}, {settings.steps} steps")
-    record, model = train_one(base, tokenizer, method, task, lr, train_rows, eval_rows, settings, pad_id)
+    record, model = train_one(base, tokenizer, method, task, lr, train_rows, eval_rows, settings)
     if method.name in ("road_1", "peft_road"):
         road_1_adapters[(method.name, task.name, lr)] = adapter_tensors(model, method.name)
         other = road_1_adapters.get(("peft_road" if method.name == "road_1" else "road_1", task.name, lr))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 
-from roadkit.app.data import IGNORE_INDEX, DataError, Example, collate, read_jsonl, tokenize, tokenize_all
+from roadkit.app.data import IGNORE_INDEX, DataError, Example, read_jsonl, tokenize, tokenize_all
 from roadkit.app.demo import build_tokenizer
 from roadkit.app.generation import left_padded
 
@@ -78,9 +79,14 @@ def test_truncation_drops_rows_without_a_completion_token(tokenizer):
     assert all(len(s.input_ids) <= 6 for s in samples)
 
 
-def test_collate_right_pads_and_masks(tokenizer):
+def test_training_batches_are_right_padded_with_unlabelled_padding(tokenizer):
+    from roadkit.app.training import collator
+
     samples, _ = tokenize_all(tokenizer, [Example("a", " b"), Example("abc", " d")], 64)
-    batch = collate(samples, pad_id=tokenizer.pad_token_id)
+    caller = copy.deepcopy(tokenizer)
+    caller.padding_side = "left"  # the caller's setting, which the collator must neither use nor change
+    batch = collator(caller)([{"input_ids": s.input_ids, "labels": s.labels} for s in samples])
+    assert caller.padding_side == "left"
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, 7)
     assert batch["attention_mask"][0].tolist() == [1, 1, 1, 1, 1, 0, 0]  # <s> a _ b </s> + 2 pads
     assert batch["labels"][0, 5:].tolist() == [IGNORE_INDEX] * 2

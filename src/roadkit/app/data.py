@@ -15,8 +15,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
-import torch
-
 IGNORE_INDEX = -100  # label of tokens the loss skips (what transformers' models expect)
 
 
@@ -151,17 +149,3 @@ def load_samples(path: Union[str, os.PathLike], tokenizer: Any, max_length: int)
             file=sys.stderr,
         )
     return samples
-
-
-def collate(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch for training: `input_ids`, `attention_mask`, `labels` (padding is unlabelled)."""
-    width = max(len(s.input_ids) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for row, s in enumerate(samples):
-        n = len(s.input_ids)
-        ids[row, :n] = torch.tensor(s.input_ids)
-        labels[row, :n] = torch.tensor(s.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

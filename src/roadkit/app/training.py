@@ -37,18 +37,6 @@ from ..model import RoadModel
 from .data import IGNORE_INDEX, Sample, pad_token_id
 from .runs import CHECKPOINT_NAME, COMPLETED, CURVE_NAME, INTERRUPTED, LOG_NAME, TrainConfig, signals_request_stop
 
-
-def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropies over labelled tokens, their count) for one batch: for loops outside
-    the Trainer (benchmarks/quality.py trains every method, PEFT's too, with one such loop)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    total = nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return total, int((labels != IGNORE_INDEX).sum())
-
-
 # ---- callbacks ---------------------------------------------------------------------------------
 
 
@@ -160,7 +148,7 @@ class Progress(TrainerCallback):
 # ---- the trainer -------------------------------------------------------------------------------
 
 
-def _collator(tokenizer: Any) -> DataCollatorForSeq2Seq:
+def collator(tokenizer: Any) -> DataCollatorForSeq2Seq:
     """Right padding with the tokenizer's pad token (else its end-of-sequence token); labels padded with
     IGNORE_INDEX. Works on a copy: the caller's tokenizer keeps its settings."""
 
@@ -237,7 +225,7 @@ class TrainingRun:
         self.road_trainer = RoadTrainer(
             model=model,
             args=args,
-            data_collator=_collator(tokenizer),
+            data_collator=collator(tokenizer),
             train_dataset=_rows(self.train_data),
             eval_dataset=_rows(self.eval_data) or None,
             callbacks=[self.run_log, self.stop, ResumeSchedule(), self.progress],
