@@ -104,7 +104,8 @@ def main() -> None:
         accelerator.unwrap_model(model).save_pretrained(args.output)
     accelerator.print(f"saved the adapter to {args.output} ({accelerator.num_processes} process(es))")
     accelerator.end_training()
-    if torch.distributed.is_initialized():  # shut gloo's threads down before exit, not during it
+    if torch.distributed.is_initialized():  # every process here, then gloo's threads stop before exit, not during it
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -76,9 +76,10 @@ def train(rank: int, world_size: int, port: int, out_dir: str) -> dict[str, torc
         result = adapters(model)
         if out_dir:
             save_file(result, os.path.join(out_dir, f"rank{rank}.safetensors"))
+        end_process_group()
         return result
     finally:
-        if world_size > 1:
+        if dist.is_initialized():  # after an error: no barrier, the other rank may never reach it
             dist.destroy_process_group()
 
 
