@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -33,8 +34,10 @@ GLOBAL_BATCH = 4
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def build() -> RoadModel:
-    model = tiny_llama(hidden=64, layers=2)
+def build(base: Optional[torch.nn.Module] = None) -> RoadModel:
+    """`base` (default: a tiny Llama) with a road_2 adapter on every linear layer, trained, and an inactive
+    road_1 adapter on q_proj."""
+    model = tiny_llama(hidden=64, layers=2) if base is None else base
     torch.manual_seed(1)
     model = get_peft_model(
         model, RoadConfig(variant="road_2", group_size=32, target_modules="all-linear", init_weights=False)
@@ -87,6 +90,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a launched process: this checkout's roadkit, one thread, a private HF home."""
+    return {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+def torchrun(script: Path, *args: str, tmp_path: Path) -> subprocess.Popen:
+    """`script ARGS` on 2 processes under torchrun, started and not waited for."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launch += ["--master_port", str(free_port()), str(script), *args]
+    return subprocess.Popen(
+        launch, env=env(tmp_path), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_ddp_two_ranks_match_one_process(tmp_path):
@@ -181,15 +203,16 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
-def training_run(out_dir: str) -> None:
-    """`STEPS` steps of `TrainingRun` with the global batch `GLOBAL_BATCH`, checkpoints in `out_dir`."""
+def training_run(out_dir: str, model: Optional[RoadModel] = None) -> None:
+    """`STEPS` steps of `TrainingRun` on `model` (default `build()`) with the global batch `GLOBAL_BATCH`,
+    checkpoints in `out_dir`."""
     from roadkit.app.demo import build_tokenizer
     from roadkit.app.runs import COMPLETED, TrainConfig
     from roadkit.app.training import TrainingRun
 
     torch.set_num_threads(1)
     run = TrainingRun(
-        build(),
+        build() if model is None else model,
         training_run_samples(),
         TrainConfig(lr=1e-2, max_steps=STEPS, batch_size=GLOBAL_BATCH),
         build_tokenizer(),
@@ -198,39 +221,27 @@ def training_run(out_dir: str) -> None:
     assert run.fit(progress=False) == COMPLETED
 
 
+def check_training_runs(one: Path, two: Path, start: dict[str, torch.Tensor]) -> None:
+    """The last checkpoints of a one-process and a two-process run hold the same adapters (the default one
+    trained from `start`, the inactive one left alone), and nothing of the base model."""
+    for name, sub in (("default", ""), ("inactive", "inactive")):
+        a = load_file(one / f"checkpoint-{STEPS}" / sub / "adapter_model.safetensors")
+        b = load_file(two / f"checkpoint-{STEPS}" / sub / "adapter_model.safetensors")
+        assert set(a) == set(b)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=f"{name}: {k}")
+            assert torch.equal(a[k], start[f"{name}/{k}"]) == (name == "inactive"), k  # trained, or left alone
+    files = set(os.listdir(two / f"checkpoint-{STEPS}"))
+    assert {"adapter_model.safetensors", "optimizer.pt", "trainer_state.json"} <= files
+    assert not {f for f in files if f.startswith(("model", "pytorch_model"))}, files
+
+
 def test_training_run_two_processes_match_one(tmp_path):
-    env = {
-        **os.environ,
-        "HF_HOME": str(tmp_path / "hf"),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        __file__,
-        str(tmp_path / "two"),
-    ]
-    proc = subprocess.Popen(launch, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = torchrun(Path(__file__), str(tmp_path / "two"), tmp_path=tmp_path)
     training_run(str(tmp_path / "one"))  # while the ranks start up
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
-    start = adapters(build())
-    for name, sub in (("default", ""), ("inactive", "inactive")):
-        one = load_file(tmp_path / "one" / f"checkpoint-{STEPS}" / sub / "adapter_model.safetensors")
-        two = load_file(tmp_path / "two" / f"checkpoint-{STEPS}" / sub / "adapter_model.safetensors")
-        assert set(one) == set(two)
-        for k in one:
-            torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6, msg=f"{name}: {k}")
-            assert torch.equal(one[k], start[f"{name}/{k}"]) == (name == "inactive"), k  # trained, or left alone
-    files = set(os.listdir(tmp_path / "two" / f"checkpoint-{STEPS}"))  # the adapter only, no base weights
-    assert {"adapter_model.safetensors", "optimizer.pt", "trainer_state.json"} <= files
-    assert not {f for f in files if f.startswith(("model", "pytorch_model"))}
+    check_training_runs(tmp_path / "one", tmp_path / "two", adapters(build()))
 
 
 if __name__ == "__main__":  # one rank of `test_training_run_two_processes_match_one`, under torchrun

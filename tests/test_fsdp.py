@@ -22,7 +22,6 @@ parameters, and it enables its FSDP plugin for accelerator devices only.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,40 +31,22 @@ import torch
 import torch.distributed as dist
 from conftest import tiny_llama
 from safetensors.torch import load_file
-from test_ddp import adapters, end_process_group, training_run_samples
+from test_ddp import (
+    GLOBAL_BATCH,
+    ROOT,
+    STEPS,
+    adapters,
+    build,
+    check_training_runs,
+    end_process_group,
+    env,
+    torchrun,
+)
+from test_ddp import training_run as ddp_training_run
 from torch.distributed.tensor import DTensor
 from transformers import LlamaForCausalLM
 
-from roadkit import RoadConfig, get_peft_model
-
-ROOT = Path(__file__).resolve().parent.parent
-STEPS = 3
-GLOBAL_BATCH = 4
-
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env(tmp_path: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "HF_HOME": str(tmp_path / "hf"),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-
-
-def torchrun(script: Path, *args: str, tmp_path: Path) -> subprocess.Popen:
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    launch += ["--master_port", str(free_port()), str(script), *args]
-    return subprocess.Popen(
-        launch, env=env(tmp_path), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
 
 
 def base_dir(tmp_path: Path) -> Path:
@@ -76,24 +57,8 @@ def base_dir(tmp_path: Path) -> Path:
     return path
 
 
-def road(base: torch.nn.Module):
-    """The adapters of `test_ddp.build`: a trained road_2 on every linear layer, an inactive road_1."""
-    torch.manual_seed(1)
-    model = get_peft_model(
-        base, RoadConfig(variant="road_2", group_size=32, target_modules="all-linear", init_weights=False)
-    )
-    model.add_adapter(
-        "inactive", RoadConfig(variant="road_1", group_size=32, target_modules=["q_proj"], init_weights=False)
-    )
-    return model.train()
-
-
 def training_run(base: str, out_dir: str) -> None:
-    """`STEPS` steps of `TrainingRun` with the global batch `GLOBAL_BATCH`; under torchrun, on an FSDP2 base."""
-    from roadkit.app.demo import build_tokenizer
-    from roadkit.app.runs import COMPLETED, TrainConfig
-    from roadkit.app.training import TrainingRun
-
+    """`test_ddp.training_run` on `base`: under torchrun, sharded by transformers as it loads (FSDP2)."""
     torch.set_num_threads(1)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from transformers.distributed import DistributedConfig
@@ -103,14 +68,7 @@ def training_run(base: str, out_dir: str) -> None:
         assert isinstance(model.model.layers[0].mlp.up_proj.weight, DTensor)
     else:
         model = LlamaForCausalLM.from_pretrained(base)
-    run = TrainingRun(
-        road(model),
-        training_run_samples(),
-        TrainConfig(lr=1e-2, max_steps=STEPS, batch_size=GLOBAL_BATCH),
-        build_tokenizer(),
-        output_dir=out_dir,
-    )
-    assert run.fit(progress=False) == COMPLETED
+    ddp_training_run(out_dir, build(model))
 
 
 def test_training_run_fsdp2_two_processes_match_one(tmp_path):
@@ -119,17 +77,7 @@ def test_training_run_fsdp2_two_processes_match_one(tmp_path):
     training_run(str(base), str(tmp_path / "one"))  # while the ranks start up
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
-    start = adapters(road(LlamaForCausalLM.from_pretrained(base)))
-    for name, sub in (("default", ""), ("inactive", "inactive")):
-        one = load_file(tmp_path / "one" / f"checkpoint-{STEPS}" / sub / "adapter_model.safetensors")
-        two = load_file(tmp_path / "two" / f"checkpoint-{STEPS}" / sub / "adapter_model.safetensors")
-        assert set(one) == set(two)
-        for k in one:
-            torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6, msg=f"{name}: {k}")
-            assert torch.equal(one[k], start[f"{name}/{k}"]) == (name == "inactive"), k  # trained, or left alone
-    files = set(os.listdir(tmp_path / "two" / f"checkpoint-{STEPS}"))  # the adapter only, no base weights
-    assert {"adapter_model.safetensors", "optimizer.pt", "trainer_state.json"} <= files
-    assert not {f for f in files if f.startswith(("model", "pytorch_model"))}, files
+    check_training_runs(tmp_path / "one", tmp_path / "two", adapters(build(LlamaForCausalLM.from_pretrained(base))))
 
 
 def test_fully_shard_example_two_processes_match_one(tmp_path):

@@ -117,31 +117,13 @@ def test_group_size_must_divide_out_features():
 
 @pytest.mark.parametrize("fused", [False, True])  # fused steps leave version counters alone
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_inference_cache_follows_in_place_updates(fused, mode):
+@pytest.mark.parametrize("then", ["grads kept", "zero_grad", "zero_grad on a deep copy"])
+def test_inference_cache_follows_optimizer_steps_and_loads(fused, mode, then):
+    """Cache filled, a training step, then inference must see the stepped parameters: with the gradients still
+    there, or after `zero_grad()` (none left to see; a fused step bumps no version counter), also on a deep
+    copy (its parameters are new objects, without hooks); then a `load_state_dict`."""
     layer = make_layer().train(mode == "train")
-    h = torch.randn(2, 6)
-    opt = torch.optim.AdamW([layer.road_theta["a"], layer.road_alpha["a"]], lr=0.5, fused=fused)
-    with torch.no_grad():
-        before = layer(h)
-    layer(h).pow(2).sum().backward()
-    opt.step()
-    with torch.no_grad():
-        after = layer(h)
-        expected = layer.base_layer(h) @ R_of(layer, "a").T
-    assert not torch.allclose(before, after)
-    torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-6)
-    layer.load_state_dict({k: torch.zeros_like(v) if "theta" in k else v for k, v in layer.state_dict().items()})
-    with torch.no_grad():
-        torch.testing.assert_close(layer(h), layer.base_layer(h) @ R_of(layer, "a").T, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("copied", [False, True])  # a deep copy's parameters are new objects, without hooks
-def test_inference_cache_follows_an_optimizer_step_after_zero_grad(fused, copied):
-    """eval mode throughout: cache filled, a training step, `zero_grad()` (no gradient left to see), then
-    inference again must see the stepped parameters, though a fused step bumps no version counter."""
-    layer = make_layer().eval()
-    if copied:
+    if then == "zero_grad on a deep copy":
         with torch.no_grad():
             layer(torch.randn(2, 6))
         layer = copy.deepcopy(layer)
@@ -151,12 +133,16 @@ def test_inference_cache_follows_an_optimizer_step_after_zero_grad(fused, copied
         before = layer(h)
     layer(h).pow(2).sum().backward()
     opt.step()
-    opt.zero_grad()
+    if then != "grads kept":
+        opt.zero_grad()
     with torch.no_grad():
         after = layer(h)
         expected = layer.base_layer(h) @ R_of(layer, "a").T
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-6)
+    layer.load_state_dict({k: torch.zeros_like(v) if "theta" in k else v for k, v in layer.state_dict().items()})
+    with torch.no_grad():
+        torch.testing.assert_close(layer(h), layer.base_layer(h) @ R_of(layer, "a").T, rtol=1e-6, atol=1e-6)
 
 
 def test_gradients_reach_theta_and_alpha_and_match_autograd_of_dense_reference():
