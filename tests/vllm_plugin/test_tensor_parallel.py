@@ -46,7 +46,8 @@ def test_tensor_parallel_equals_roadkit(tmp_path) -> None:
         batches=[[6], list(range(6))],
     )
     error = results[6]["error"]
-    assert error and "model.layers.0.self_attn.qkv_proj" in error and "64 features" in error
+    assert error and error.startswith("RoadAdapterError: ") and "64 output features" in error, error
+    assert "'model.layers.0.self_attn.q_proj'" in error and "qkv_proj" not in error, error  # the trained name
     assert "group_size=128" in error
     model = roadkit_model(family, ["r1", "r4"])
     for req, name, res in zip(reqs[:6], names, results[:6], strict=True):

@@ -126,6 +126,21 @@ def save_peft_lora(model_dir: Path, directory: Path, targets: list[str], seed: i
     return directory
 
 
+def with_bad_values(source: Path, directory: Path, kind: str) -> Path:
+    """A copy of the adapter at `source` with one module's values broken: "nan", "inf" or "zero scale"."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, directory)
+    tensors = load_file(directory / "adapter_model.safetensors")
+    key = sorted(k for k in tensors if k.endswith("road_alpha"))[-1]
+    if kind == "zero scale":
+        tensors[key][:] = 0.0
+    else:
+        tensors[key.replace("road_alpha", "road_theta")][1] = {"nan": float("nan"), "inf": float("inf")}[kind]
+    save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
 def build_family(root: Path, name: str, config, targets: list[str], seed: int) -> Family:  # noqa: ANN001
     model_dir = root / name / "base"
     save_model(config, model_dir, seed)
@@ -153,9 +168,12 @@ def run_engine(
     batches: Optional[list[list[int]]] = None,
     env: Optional[dict] = None,
     timeout: int = 600,
+    spec: Optional[dict] = None,
 ) -> list[dict]:
-    """Serve `requests` with vLLM's offline engine in a subprocess; one result per request."""
+    """Serve `requests` with vLLM's offline engine in a subprocess; one result per request (`spec`: more
+    keys for engine_run.py)."""
     spec = {
+        **(spec or {}),
         "model": str(model_dir),
         "max_tokens": max_tokens,
         "requests": requests,

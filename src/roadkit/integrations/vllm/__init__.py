@@ -9,16 +9,17 @@ serve RoAd adapter directories with vLLM's own LoRA flags and APIs:
 vLLM calls `register` in every process it starts (API server, engine core, tensor-parallel
 workers) through the `vllm.general_plugins` entry point. It checks that the vLLM internals the
 plugin builds on are there, then swaps vLLM's worker-side adapter manager for roadkit's subclass,
-has the engine check a RoAd adapter on every worker before adding it, and lets the API server
-answer bad RoAd adapters with a 400. Nothing else changes: LoRA adapters
-are still served by vLLM itself, beside RoAd ones.
+has the engine check a RoAd adapter on every worker before adding it (and remove an adapter only
+once no request uses it), and has the API server and the engine clients refuse bad RoAd adapters
+with a clear error (`frontend`). Nothing else changes: LoRA adapters are still served by vLLM
+itself, beside RoAd ones.
 """
 
 from __future__ import annotations
 
 import logging
 
-from .compat import SUPPORTED, check_vllm
+from .compat import SUPPORTED, check_vllm, installed_version
 
 logger = logging.getLogger(__name__)
 
@@ -33,16 +34,23 @@ def register() -> None:
             "; ".join(problems),
         )
         return
+    from vllm.v1.engine.core import EngineCore
     from vllm.v1.executor.abstract import Executor
     from vllm.v1.worker import lora_model_runner_mixin
 
     from . import frontend
-    from .manager import RoadWorkerLoRAManager, checked_add_lora
+    from .manager import RoadWorkerLoRAManager, checked_add_lora, deferred_remove_lora, removing_after
 
     lora_model_runner_mixin.LRUCacheWorkerLoRAManager = RoadWorkerLoRAManager
     if not getattr(Executor.add_lora, "roadkit_wrapped", False):
         Executor.add_lora = checked_add_lora(Executor.add_lora)  # type: ignore[method-assign, unused-ignore]  # typed only with vLLM installed
+    if not getattr(EngineCore.remove_lora, "roadkit_wrapped", False):
+        remove_lora = EngineCore.remove_lora
+        EngineCore.remove_lora = deferred_remove_lora(remove_lora)  # type: ignore[method-assign, unused-ignore]
+        EngineCore.step = removing_after(EngineCore.step, remove_lora)  # type: ignore[method-assign, unused-ignore]
+        EngineCore.step_with_batch_queue = removing_after(EngineCore.step_with_batch_queue, remove_lora)  # type: ignore[method-assign, unused-ignore]
     frontend.install()
+    logger.info("roadkit: RoAd adapters are served beside LoRA adapters (vllm %s).", installed_version())
 
 
 __all__ = ["SUPPORTED", "check_vllm", "register"]

@@ -47,6 +47,68 @@ def is_road_directory(directory: str) -> bool:
     return peft_type_of(directory) == PEFT_TYPE
 
 
+class RoadAdapterNotFoundError(RoadAdapterError):
+    """An adapter path with no adapter in it, but with adapters in its subfolders (answered with a 404)."""
+
+
+def _holds_road_parameters(directory: str) -> bool:
+    """Whether the directory's safetensors file has RoAd keys (reads the header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.path.join(directory, ckpt.WEIGHTS_NAME), framework="pt") as fh:
+            return any(key.endswith(f".{PARAMS[0]}") for key in fh.keys())
+    except Exception:  # missing or damaged: not evidence of a RoAd adapter
+        return False
+
+
+def check_directory(directory: str) -> None:
+    """Refuse, before the engine sees it, an adapter path that is a RoAd adapter gone wrong.
+
+    Raises `RoadAdapterError` for: a file where a directory is expected, an `adapter_config.json`
+    that is not a JSON object, a config whose `peft_type` is not ROAD over RoAd parameters (so vLLM
+    would read it as a broken LoRA), and a RoAd config without the fields RoAd needs;
+    `RoadAdapterNotFoundError` for a directory with no config whose subfolders hold adapters. A path
+    that does not exist, or any other adapter (LoRA), is left to vLLM. Reads the config and, for
+    a non-RoAd config, the weights file's header: no tensors.
+    """
+    where = f"RoAd adapter {directory!r}"
+    if os.path.isfile(directory):
+        raise RoadAdapterError(
+            f"adapter path {directory!r} is a file; give the adapter's directory (the folder that holds {CONFIG_NAME})."
+        )
+    if not os.path.isdir(directory):
+        return
+    config_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        inner = sorted(n for n in os.listdir(directory) if os.path.isfile(os.path.join(directory, n, CONFIG_NAME)))
+        if inner:
+            raise RoadAdapterNotFoundError(
+                f"adapter path {directory!r} has no {CONFIG_NAME}, but its subfolders {quote_some(inner)} hold "
+                f"adapters: give one of them, e.g. {os.path.join(directory, inner[0])!r}."
+            )
+        return
+    try:
+        with open(config_path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise RoadAdapterError(f"adapter {directory!r}: {CONFIG_NAME} is not valid JSON ({err}).") from err
+    if not isinstance(data, dict):
+        raise RoadAdapterError(
+            f"adapter {directory!r}: {CONFIG_NAME} holds a {type(data).__name__}, not a JSON object."
+        )
+    if data.get("peft_type") == PEFT_TYPE:
+        try:
+            RoadConfig.from_dict(data)
+        except (ValueError, TypeError) as err:
+            raise RoadAdapterError(f"{where}: {CONFIG_NAME} is not a valid RoAd config: {err}") from err
+    elif _holds_road_parameters(directory):
+        raise RoadAdapterError(
+            f"{where}: {CONFIG_NAME} says peft_type={data.get('peft_type')!r}, but the weights are RoAd "
+            f'parameters (road_theta, road_alpha); set "peft_type": "{PEFT_TYPE}" in {CONFIG_NAME}.'
+        )
+
+
 @dataclass(frozen=True)
 class ModuleRotation:
     """One module's rotation over its full output: per-feature (c, s) float32 and the group size."""
@@ -75,7 +137,7 @@ def read_road_adapter(directory: str) -> RoadAdapter:
     Raises `RoadAdapterError` naming the directory for: a missing or broken config or weights
     file, `modules_to_save` (whole trained modules, which the engine's layers cannot swap per
     request), keys that are not RoAd parameters, and parameters whose size does not fit the
-    variant and group size.
+    variant and group size, non-finite values and degenerate rotations (`functional.value_problem`).
     """
     where = f"RoAd adapter {directory!r}"
     try:
@@ -118,6 +180,37 @@ def read_road_adapter(directory: str) -> RoadAdapter:
                 f"group_size={config.group_size}."
             )
         theta, alpha = pair["road_theta"].float(), pair["road_alpha"].float()
+        problem = F.value_problem(config.variant, config.group_size, theta, alpha)
+        if problem:
+            raise RoadAdapterError(
+                f"{where}: module {path!r} cannot be served: {problem}. The training that wrote it "
+                "probably diverged; retrain it or serve an earlier checkpoint."
+            )
         c, s = F.coefficients(config.variant, config.group_size, theta, alpha)
         rotations[path] = ModuleRotation(c.contiguous(), s.contiguous(), config.group_size)
     return RoadAdapter(directory, config, rotations)
+
+
+def recorded_base(directory: str) -> str | None:
+    """The base model an adapter directory records (`base_model_name_or_path`), or None."""
+    try:
+        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    base = data.get("base_model_name_or_path") if isinstance(data, dict) else None
+    return base if isinstance(base, str) and base else None
+
+
+def same_model(recorded: str, served: str) -> bool:
+    """Whether a recorded base and a served model name the same model: equal, the same directory, or
+    the same final path component (a Hub id and its local download, a model copied elsewhere)."""
+    if recorded == served:
+        return True
+    if os.path.exists(recorded) and os.path.exists(served):
+        return os.path.realpath(recorded) == os.path.realpath(served)
+
+    def last(name: str) -> str:
+        return os.path.basename(os.path.normpath(name)).lower()
+
+    return last(recorded) == last(served)

@@ -29,6 +29,15 @@ INTERNALS = (
     ("vllm.lora.punica_wrapper.punica_base", "PunicaWrapperBase.token_lora_indices"),
     ("vllm.model_executor.layers.linear", "QKVParallelLinear"),
     ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.load_lora_adapter"),
+    ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.unload_lora_adapter"),
+    ("vllm.entrypoints.launchers.cli_args", "LoRAParserAction"),
+    ("vllm.v1.engine.core", "EngineCore.remove_lora"),
+    ("vllm.v1.engine.core", "EngineCore.step"),
+    ("vllm.v1.engine.core", "EngineCore.step_with_batch_queue"),
+    ("vllm.v1.engine.llm_engine", "LLMEngine.add_request"),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.add_request"),
+    ("vllm.lora.layers", "LogitsProcessorWithLoRA._get_logits"),
+    ("vllm.lora.layers", "VocabParallelEmbeddingWithLoRA"),
 )
 
 

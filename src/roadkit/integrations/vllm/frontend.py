@@ -1,52 +1,209 @@
-"""The API server side: bad RoAd adapters answered with HTTP 400, not 500.
+"""The client side of the engine: bad RoAd adapters refused with a clear error, before the engine sees them.
 
-vLLM's `/v1/load_lora_adapter` reports every failure of the engine to load an adapter as an
-internal error. A RoAd directory that cannot be served is the client's mistake, so it is checked
-here first (files, config, parameters: what needs no model), and what the engine refuses for the
-model (unknown modules, shards that split groups) comes back as a 400 with the engine's message.
+- `--lora-modules`: each RoAd directory is read and checked when the arguments are parsed, so a bad
+  one stops the server before the model loads.
+- `/v1/load_lora_adapter`: a directory that is a RoAd adapter gone wrong (`adapter.check_directory`)
+  gets a 400 (404 for a folder of adapters); what the engine refuses for the model (values, unknown
+  modules, shards that split groups) comes back as a 400 with the engine's message, not vLLM's 500.
+- `/v1/unload_lora_adapter` also removes the adapter from the engine, which frees its snapshot once no
+  request uses it.
+- `LLMEngine` / `AsyncLLM`: `add_lora` raises `RoadAdapterError` for a bad RoAd adapter, and a request
+  naming an adapter the engine has not added yet has it added (and checked) first, so a bad directory
+  fails that call alone and the engine keeps serving.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import inspect
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Callable, Optional
 
+from vllm.entrypoints.launchers.cli_args import LoRAParserAction
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+from vllm.lora.request import LoRARequest
 from vllm.lora.utils import get_adapter_absolute_path
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.llm_engine import LLMEngine
 
-from .adapter import RoadAdapterError, is_road_directory, read_road_adapter
+from .adapter import RoadAdapterError, RoadAdapterNotFoundError, check_directory, is_road_directory, read_road_adapter
 
-MARKER = "RoAd adapter "  # every RoadAdapterError message starts with it
-
-
-def _bad_request(lora_name: str, message: str) -> Any:
-    """A 400 naming the adapter: vLLM replaces file paths in error messages with '<path>', so the
-    name the client gave is what tells several adapters apart."""
-    return create_error_response(
-        f"adapter {lora_name!r}: {message}", err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST
-    )
+MARKER = "RoAd adapter "  # every RoadAdapterError message about an adapter's contents starts with it
 
 
-def install() -> None:
-    """Wrap `OpenAIServingModels.load_lora_adapter` (once per process)."""
-    original = OpenAIServingModels.load_lora_adapter
+def _error(lora_name: str, err: RoadAdapterError | str) -> Any:
+    """A 400 (404 for `RoadAdapterNotFoundError`) naming the adapter: vLLM replaces file paths in error
+    messages with '<path>', so the name the client gave is what tells several adapters apart."""
+    status = HTTPStatus.NOT_FOUND if isinstance(err, RoadAdapterNotFoundError) else HTTPStatus.BAD_REQUEST
+    err_type = "NotFoundError" if status == HTTPStatus.NOT_FOUND else "BadRequestError"
+    return create_error_response(f"adapter {lora_name!r}: {err}", err_type=err_type, status_code=status)
+
+
+def _wrap_once(owner: type, name: str, make: Callable[[Any], Any]) -> None:
+    original = getattr(owner, name)
     if getattr(original, "roadkit_wrapped", False):
         return
+    wrapped = make(original)
+    wrapped.roadkit_wrapped = True
+    setattr(owner, name, wrapped)
 
+
+# ---- the API server ----------------------------------------------------------------------------
+
+
+def _checked_lora_modules(original: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(original)
-    async def load_lora_adapter(self: OpenAIServingModels, request: Any, base_model_name: str | None = None) -> Any:
-        if request.lora_path and is_road_directory(get_adapter_absolute_path(request.lora_path)):
+    def __call__(self: Any, parser: argparse.ArgumentParser, namespace: argparse.Namespace, *args: Any) -> None:
+        original(self, parser, namespace, *args)
+        for module in getattr(namespace, self.dest) or []:
+            path = get_adapter_absolute_path(module.path)
             try:
-                read_road_adapter(get_adapter_absolute_path(request.lora_path))
+                check_directory(path)
+                if is_road_directory(path):
+                    read_road_adapter(path)
             except RoadAdapterError as err:
-                return _bad_request(request.lora_name, str(err))
+                parser.error(f"--lora-modules {module.name}={module.path}: {err}")
+
+    return __call__
+
+
+def _checked_load(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    async def load_lora_adapter(self: OpenAIServingModels, request: Any, base_model_name: Optional[str] = None) -> Any:
+        if request.lora_path:
+            try:
+                check_directory(get_adapter_absolute_path(request.lora_path))
+            except RoadAdapterError as err:
+                return _error(request.lora_name, err)
         result = await original(self, request, base_model_name)
         error = getattr(result, "error", None)
         if error is not None and error.code == HTTPStatus.INTERNAL_SERVER_ERROR and MARKER in error.message:
-            return _bad_request(request.lora_name, error.message)
+            return _error(request.lora_name, error.message[error.message.index(MARKER) :])
         return result
 
-    load_lora_adapter.roadkit_wrapped = True  # type: ignore[attr-defined]
-    OpenAIServingModels.load_lora_adapter = load_lora_adapter  # type: ignore[method-assign, unused-ignore]  # typed only with vLLM installed
+    return load_lora_adapter
+
+
+def _removing_unload(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    async def unload_lora_adapter(self: OpenAIServingModels, request: Any) -> Any:
+        lora = self.lora_requests.get(request.lora_name)
+        result = await original(self, request)
+        if lora is not None and isinstance(result, str):  # unloaded: the engine may forget it too
+            await self.engine_client.remove_lora(lora.lora_int_id)
+        return result
+
+    return unload_lora_adapter
+
+
+# ---- the engine clients (offline LLM, AsyncLLM) ------------------------------------------------
+
+
+def _known(engine: Any) -> set[int]:
+    """Adapter ids this engine client has added (or seen and found not to be RoAd)."""
+    known: set[int] = engine.__dict__.setdefault("roadkit_known_adapters", set())
+    return known
+
+
+def _as_road_error(err: Exception) -> Exception:
+    """An error the engine raised for a RoAd adapter, as `RoadAdapterError` (over the engine's process
+    boundary it arrives as a plain Exception); any other error as it is."""
+    message = str(err)
+    return (
+        err
+        if isinstance(err, RoadAdapterError) or MARKER not in message
+        else RoadAdapterError(message[message.index(MARKER) :])
+    )
+
+
+def _sync_add_lora(original: Callable[..., bool]) -> Callable[..., bool]:
+    @functools.wraps(original)
+    def add_lora(self: Any, lora_request: LoRARequest) -> bool:
+        check_directory(get_adapter_absolute_path(lora_request.lora_path))
+        try:
+            added = original(self, lora_request)
+        except Exception as err:
+            raise _as_road_error(err) from err
+        _known(self).add(lora_request.lora_int_id)
+        return added
+
+    return add_lora
+
+
+def _async_add_lora(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    async def add_lora(self: Any, lora_request: LoRARequest) -> bool:
+        check_directory(get_adapter_absolute_path(lora_request.lora_path))
+        try:
+            added = await original(self, lora_request)
+        except Exception as err:
+            raise _as_road_error(err) from err
+        _known(self).add(lora_request.lora_int_id)
+        return added
+
+    return add_lora
+
+
+def _forgetting_remove(original: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.iscoroutinefunction(original):
+
+        @functools.wraps(original)
+        async def remove_async(self: Any, lora_id: int) -> bool:
+            _known(self).discard(lora_id)
+            return await original(self, lora_id)
+
+        return remove_async
+
+    @functools.wraps(original)
+    def remove(self: Any, lora_id: int) -> bool:
+        _known(self).discard(lora_id)
+        return original(self, lora_id)
+
+    return remove
+
+
+def _lora_of(signature: inspect.Signature, args: tuple, kwargs: dict) -> Optional[LoRARequest]:
+    bound = signature.bind_partial(*args, **kwargs)
+    lora = bound.arguments.get("lora_request")
+    return lora if isinstance(lora, LoRARequest) else None
+
+
+def _sync_add_request(original: Callable[..., Any]) -> Callable[..., Any]:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def add_request(self: Any, *args: Any, **kwargs: Any) -> Any:
+        lora = _lora_of(signature, (self, *args), kwargs)
+        if lora is not None and lora.lora_int_id not in _known(self):
+            self.add_lora(lora)  # loaded and checked on every worker: a bad adapter fails this call only
+        return original(self, *args, **kwargs)
+
+    return add_request
+
+
+def _async_add_request(original: Callable[..., Any]) -> Callable[..., Any]:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    async def add_request(self: Any, *args: Any, **kwargs: Any) -> Any:
+        lora = _lora_of(signature, (self, *args), kwargs)
+        if lora is not None and lora.lora_int_id not in _known(self):
+            await self.add_lora(lora)
+        return await original(self, *args, **kwargs)
+
+    return add_request
+
+
+def install() -> None:
+    """Wrap the client-side entry points named in this module's docstring (once per process)."""
+    _wrap_once(LoRAParserAction, "__call__", _checked_lora_modules)
+    _wrap_once(OpenAIServingModels, "load_lora_adapter", _checked_load)
+    _wrap_once(OpenAIServingModels, "unload_lora_adapter", _removing_unload)
+    _wrap_once(LLMEngine, "add_lora", _sync_add_lora)
+    _wrap_once(AsyncLLM, "add_lora", _async_add_lora)
+    _wrap_once(LLMEngine, "remove_lora", _forgetting_remove)
+    _wrap_once(AsyncLLM, "remove_lora", _forgetting_remove)
+    _wrap_once(LLMEngine, "add_request", _sync_add_request)
+    _wrap_once(AsyncLLM, "add_request", _async_add_request)

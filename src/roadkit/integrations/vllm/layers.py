@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Optional, Union, cast
 
 import torch
-from vllm.lora.layers import BaseLayerWithLoRA
+from vllm.lora.layers import BaseLayerWithLoRA, LogitsProcessorWithLoRA, VocabParallelEmbeddingWithLoRA
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -141,26 +141,27 @@ class RoadLinear(BaseLayerWithLoRA):
         self.table.reset(index)
         self.lora_slots.discard(index)
 
-    def check_rotations(self, rotations: list[Optional[ModuleRotation]], where: str) -> None:
-        """Raise ValueError if `rotations` (one per sub-module, None: not adapted) cannot be served here."""
+    def check_rotations(
+        self, rotations: list[Optional[ModuleRotation]], where: str, names: Optional[list[str]] = None
+    ) -> None:
+        """Raise ValueError if `rotations` (one per sub-module, None: not adapted) cannot be served here;
+        `names` are the sub-modules' names as the adapter was trained (q_proj, not qkv_proj[0])."""
+        names = names or [self.name if len(self.sub_sizes) == 1 else f"{self.name}[{i}]" for i in range(len(rotations))]
         for sub, (rotation, size) in enumerate(zip(rotations, self.sub_sizes, strict=True)):
             if rotation is not None and rotation.features != size:
                 raise ValueError(
-                    f"{where}: module {self._sub_name(sub)!r} has {size} output features in this "
+                    f"{where}: module {names[sub]!r} has {size} output features in this "
                     f"model, but the adapter's parameters are for {rotation.features}."
                 )
         for seg in self.segments:
             rotation = rotations[seg.sub]
             if rotation is not None and (seg.start % rotation.group_size or seg.length % rotation.group_size):
                 raise ValueError(
-                    f"{where}: layer {self.name!r} holds {seg.length} features of {self._sub_name(seg.sub)!r} per "
-                    f"tensor-parallel rank (from feature {seg.start}), which is not a whole number of groups of "
+                    f"{where}: module {names[seg.sub]!r} has {seg.length} output features per tensor-parallel "
+                    f"rank here (from feature {seg.start}), which is not a whole number of groups of "
                     f"group_size={rotation.group_size}; serve it with a tensor-parallel size that splits it "
                     "into whole groups, or train with a group size that divides the shard."
                 )
-
-    def _sub_name(self, sub: int) -> str:
-        return self.name if len(self.sub_sizes) == 1 else f"{self.name}[{sub}]"
 
     def set_road(self, index: int, rotations: list[Optional[ModuleRotation]]) -> None:
         """Put a RoAd adapter's rotations (checked by `check_rotations`) in slot `index`."""
@@ -205,3 +206,66 @@ class RoadLinear(BaseLayerWithLoRA):
             runs = self.routing.runs
             out = self.table.forward(y2, index, runs if runs is not None and runs[-1][2] == y2.shape[0] else None)
         return out.view(y.shape)
+
+
+# ---- vLLM's own LoRA paths off the way while no slot uses them ------------------------------------
+
+
+class IdleLoRALogits(LogitsProcessorWithLoRA):
+    """vLLM's LoRA logits processor that computes the plain head while no slot holds an lm_head LoRA.
+
+    RoAd adapters never touch the head, and LoRA adapters seldom do, but vLLM's LoRA logits path runs
+    for every request once LoRA is enabled, and on CPU it fails for concurrent requests with
+    `prompt_logprobs` (an index mismatch in its `bgmv_shrink`), which stops the engine. With no lm_head
+    LoRA in any slot its contribution is zero, so the plain head gives the same logits.
+    """
+
+    lora_slots: set[int]
+
+    def set_lora(self, index: int, lora_a, lora_b) -> None:  # noqa: ANN001
+        super().set_lora(index, lora_a, lora_b)
+        self.lora_slots.add(index)
+
+    def reset_lora(self, index: int) -> None:
+        super().reset_lora(index)
+        self.lora_slots.discard(index)
+
+    def _get_logits(self, hidden_states, lm_head, embedding_bias=None, skip_gather=False):  # noqa: ANN001, ANN202
+        if self.lora_slots:
+            return super()._get_logits(hidden_states, lm_head, embedding_bias, skip_gather)
+        head = getattr(lm_head, "base_layer", lm_head)
+        return self.base_layer._get_logits(hidden_states, head, embedding_bias, skip_gather)
+
+
+class IdleLoRAEmbedding(VocabParallelEmbeddingWithLoRA):
+    """vLLM's LoRA embedding that looks up the plain embedding while no slot holds an embedding LoRA."""
+
+    lora_slots: set[int]
+
+    def set_lora(self, index: int, lora_a, lora_b) -> None:  # noqa: ANN001
+        super().set_lora(index, lora_a, lora_b)
+        self.lora_slots.add(index)
+
+    def reset_lora(self, index: int) -> None:
+        super().reset_lora(index)
+        self.lora_slots.discard(index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_slots:
+            return super().forward(x)
+        return self.base_layer.forward(x)
+
+
+IDLE_LORA_CLASSES: dict[type, type] = {
+    LogitsProcessorWithLoRA: IdleLoRALogits,
+    VocabParallelEmbeddingWithLoRA: IdleLoRAEmbedding,
+}
+
+
+def skip_idle_lora(module: torch.nn.Module) -> None:
+    """Make one of vLLM's LoRA logits or embedding layers skip its LoRA path while no slot uses it
+    (in place: the engine and the model keep their references to the layer)."""
+    idle = IDLE_LORA_CLASSES.get(type(module))
+    if idle is not None:
+        module.lora_slots = set()  # type: ignore[assignment]
+        module.__class__ = idle

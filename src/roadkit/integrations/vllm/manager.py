@@ -16,6 +16,7 @@ keeps that machinery (slots, LRU eviction, `max_loras`, `max_cpu_loras`) and add
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable, Optional
 
 from vllm.lora.lora_model import LoRAModel
@@ -24,11 +25,21 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.utils import get_adapter_absolute_path, replace_submodule
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
-from .adapter import ModuleRotation, RoadAdapter, RoadAdapterError, is_road_directory, quote_some, read_road_adapter
-from .layers import RoadLinear, is_servable
+from .adapter import (
+    ModuleRotation,
+    RoadAdapter,
+    RoadAdapterError,
+    is_road_directory,
+    quote_some,
+    read_road_adapter,
+    recorded_base,
+    same_model,
+)
+from .layers import RoadLinear, is_servable, skip_idle_lora
 from .ops import SlotRouting
 
 SUFFIX = ".road_theta"
+logger = logging.getLogger(__name__)
 
 
 class RoadAdapterModel(LoRAModel):
@@ -49,6 +60,7 @@ class RoadLoRAModelManager(LRUCacheLoRAModelManager):
         super().__init__(*args, **kwargs)
         self.road_routings: dict[int, tuple[Any, SlotRouting]] = {}
         for name, module in list(self.modules.items()):
+            skip_idle_lora(module)
             if not is_servable(module):
                 continue
             punica = module.punica_wrapper
@@ -70,12 +82,13 @@ class RoadLoRAModelManager(LRUCacheLoRAModelManager):
         where = f"RoAd adapter {adapter.directory!r}"
         mapper = getattr(self.model, "hf_to_vllm_mapper", None)
         mapper = mapper.get_rename_mapper() if mapper is not None else None  # renames only, as vLLM's LoRA
-        rotations = {}
+        rotations, trained = {}, {}  # by vLLM module name; the module name in the checkpoint
         for path, rotation in adapter.rotations.items():
             name = mapper.map_name(path + SUFFIX) if mapper is not None else path + SUFFIX
             if name is None:
                 raise RoadAdapterError(f"{where}: module {path!r} has no counterpart in the served model.")
             rotations[name.removesuffix(SUFFIX)] = rotation
+            trained[name.removesuffix(SUFFIX)] = path
         layers = self._road_layers()
         servable = {sub for name in layers for sub in self._sub_names(name)}
         unknown = sorted(set(rotations) - servable)
@@ -89,7 +102,7 @@ class RoadLoRAModelManager(LRUCacheLoRAModelManager):
             subs = [rotations.get(sub) for sub in self._sub_names(name)]
             if any(r is not None for r in subs):
                 try:
-                    layer.check_rotations(subs, where)
+                    layer.check_rotations(subs, where, [trained.get(sub, sub) for sub in self._sub_names(name)])
                 except ValueError as err:
                     raise RoadAdapterError(str(err)) from err
         return rotations
@@ -119,17 +132,50 @@ class RoadLoRAModelManager(LRUCacheLoRAModelManager):
 
 
 class RoadWorkerLoRAManager(LRUCacheWorkerLoRAManager):
-    """vLLM's worker-side adapter manager: RoAd directories are read here, all others by vLLM."""
+    """vLLM's worker-side adapter manager: RoAd directories are read here, all others by vLLM.
+
+    A RoAd adapter is read from disk once, when the engine adds it (`accept`), and its checked
+    rotations stay in host memory until the engine removes it. vLLM evicts adapters from its CPU cache
+    (`--max-cpu-loras`) and reloads them when a request needs them again; a RoAd adapter then comes
+    back from that snapshot, so what was accepted stays servable even if its directory changes or
+    breaks afterwards, and reactivating it cannot fail. The snapshot costs 8 bytes per adapted output
+    feature (float32 c and s), e.g. 1.2 MB for SmolLM2-135M with every linear layer adapted.
+    """
 
     _manager_cls = RoadLoRAModelManager
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.accepted: dict[int, RoadAdapterModel] = {}  # adapter id -> its rotations, as checked
+        self.pending: dict[int, RoadAdapterModel] = {}  # checked on this worker, not yet added by the engine
+
+    def check(self, lora_request: LoRARequest) -> None:
+        """Read and check a RoAd directory against this worker's layers and keep it, pending, for `add_adapter`."""
+        adapter = read_road_adapter(get_adapter_absolute_path(lora_request.lora_path))
+        rotations = self._adapter_manager.check_road_adapter(adapter)
+        self.pending[lora_request.lora_int_id] = RoadAdapterModel(lora_request.lora_int_id, rotations)
+
     def _load_adapter(self, lora_request: LoRARequest) -> LoRAModel:
+        adapter_id = lora_request.lora_int_id
+        if adapter_id in self.pending:
+            self.accepted[adapter_id] = self.pending.pop(adapter_id)
+        if adapter_id in self.accepted:
+            return self.accepted[adapter_id].clone(adapter_id)
         path = get_adapter_absolute_path(lora_request.lora_path)
         if not is_road_directory(path):
             return super()._load_adapter(lora_request)
-        adapter = read_road_adapter(path)
-        rotations = self._adapter_manager.check_road_adapter(adapter)
-        return RoadAdapterModel(lora_request.lora_int_id, rotations)
+        self.check(lora_request)  # reached only when the engine skipped `checked_add_lora`
+        self.accepted[adapter_id] = self.pending.pop(adapter_id)
+        return self.accepted[adapter_id].clone(adapter_id)
+
+    def remove_adapter(self, adapter_id: int) -> bool:
+        self.accepted.pop(adapter_id, None)
+        self.pending.pop(adapter_id, None)
+        return super().remove_adapter(adapter_id)
+
+
+def _worker_manager(worker: Any) -> RoadWorkerLoRAManager:
+    return getattr(worker, "worker", worker).model_runner.lora_manager
 
 
 def check_on_worker(worker: Any, lora_request: LoRARequest) -> Optional[str]:
@@ -138,26 +184,83 @@ def check_on_worker(worker: Any, lora_request: LoRARequest) -> Optional[str]:
     It returns the problem instead of raising: with several workers, vLLM's executor stops reading
     replies at the first worker error, and the other workers' replies would answer later calls.
     """
-    manager = getattr(worker, "worker", worker).model_runner.lora_manager
-    path = get_adapter_absolute_path(lora_request.lora_path)
     try:
-        manager._adapter_manager.check_road_adapter(read_road_adapter(path))
+        _worker_manager(worker).check(lora_request)
     except RoadAdapterError as err:
         return str(err)
     return None
 
 
+def drop_pending_on_worker(worker: Any, adapter_id: int) -> None:
+    """Forget a checked adapter that another worker refused."""
+    _worker_manager(worker).pending.pop(adapter_id, None)
+
+
 def checked_add_lora(add_lora: Callable[[Any, LoRARequest], bool]) -> Callable[[Any, LoRARequest], bool]:
-    """Wrap an executor's `add_lora`: RoAd adapters are checked on every worker first, and a problem
-    is raised here, in the engine, as one `RoadAdapterError` before any worker changes."""
+    """Wrap an executor's `add_lora`: a RoAd directory is read and checked on every worker, and a
+    problem is raised here, in the engine, as one `RoadAdapterError` before any worker changes."""
 
     @functools.wraps(add_lora)
     def wrapped(executor: Any, lora_request: LoRARequest) -> bool:
-        if is_road_directory(get_adapter_absolute_path(lora_request.lora_path)):
+        path = get_adapter_absolute_path(lora_request.lora_path)
+        if is_road_directory(path):
             problems = [p for p in executor.collective_rpc(check_on_worker, args=(lora_request,)) if p]
             if problems:
+                executor.collective_rpc(drop_pending_on_worker, args=(lora_request.lora_int_id,))
                 raise RoadAdapterError(problems[0])
+            warn_if_other_base(path, lora_request.lora_name, executor.vllm_config.model_config)
         return add_lora(executor, lora_request)
+
+    wrapped.roadkit_wrapped = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def warn_if_other_base(path: str, lora_name: str, model_config: Any) -> None:
+    """Log a warning when the adapter records a base model other than the one served."""
+    recorded = recorded_base(path)
+    served = [model_config.model, getattr(model_config, "served_model_name", None)]
+    if recorded is None or any(same_model(recorded, m) for m in served if isinstance(m, str)):
+        return
+    logger.warning(
+        "roadkit: RoAd adapter %r records base model %r, but this server serves %r; unless that is the same "
+        "model (a copy, or an export of a GGUF file), the adapter's answers are wrong here.",
+        lora_name,
+        recorded,
+        model_config.model,
+    )
+
+
+def deferred_remove_lora(remove_lora: Callable[[Any, int], bool]) -> Callable[[Any, int], bool]:
+    """Wrap `EngineCore.remove_lora`: an adapter that queued or running requests still use is removed
+    once they are done (`flush_removals`), so removing it cannot make them reload it from disk."""
+
+    @functools.wraps(remove_lora)
+    def wrapped(engine: Any, lora_id: int) -> bool:
+        if lora_id in _adapters_in_use(engine):
+            engine.__dict__.setdefault("roadkit_removals", set()).add(lora_id)
+            return True
+        return remove_lora(engine, lora_id)
+
+    wrapped.roadkit_wrapped = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _adapters_in_use(engine: Any) -> set[int]:
+    return {r.lora_request.lora_int_id for r in engine.scheduler.requests.values() if r.lora_request is not None}
+
+
+def removing_after(step: Callable[..., Any], remove_lora: Callable[[Any, int], bool]) -> Callable[..., Any]:
+    """Wrap an `EngineCore` step: after it, remove the deferred adapters no request uses any more."""
+
+    @functools.wraps(step)
+    def wrapped(engine: Any, *args: Any, **kwargs: Any) -> Any:
+        result = step(engine, *args, **kwargs)
+        pending = engine.__dict__.get("roadkit_removals")
+        if pending:
+            for lora_id in sorted(pending - _adapters_in_use(engine)):
+                pending.discard(lora_id)
+                remove_lora(engine, lora_id)
+        return result
 
     wrapped.roadkit_wrapped = True  # type: ignore[attr-defined]
     return wrapped
