@@ -82,8 +82,9 @@ def fetch_gguf(cache: str = DEFAULT_CACHE) -> str:
 
 
 def convert(gguf_path: str, out: str) -> str:
-    """Write the GGUF model and its tokenizer to `out` as a transformers directory (skipped when `out`
-    already holds a converted model); returns `out`'s absolute path."""
+    """Write the GGUF model and its tokenizer to `out` as a transformers directory, as `roadkit export-base`
+    does (skipped when `out` already holds a converted model); returns `out`'s absolute path."""
+    from roadkit.app.export import save_base
     from roadkit.app.loading import load_causal_lm, load_tokenizer, quiet_transformers
     from roadkit.app.outputs import staged_directory
 
@@ -94,8 +95,7 @@ def convert(gguf_path: str, out: str) -> str:
     model = load_causal_lm(gguf_path)
     tokenizer = load_tokenizer(gguf_path)
     with staged_directory(out) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        save_base(model, tokenizer, staging)
     return out
 
 

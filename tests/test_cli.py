@@ -629,3 +629,70 @@ def test_subspace_adapters_from_the_cli_compose_by_union(work, tmp_path, capsys,
     one_line_error(code, err, "--subspace")
     code, _, err = cli(["train", *SMALL, "--subspace", "half", "--output", tmp_path / "x"], capsys, work, monkeypatch)
     one_line_error(code, err, "--subspace 'half'")
+
+
+def strict_json(path):
+    def refuse(name):
+        raise ValueError(f"{name} in {path}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_diverged_run_is_a_one_line_error_and_keeps_no_broken_adapter(work, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    from roadkit import RoadModel
+
+    huge = [*SMALL[: SMALL.index("--lr")], *SMALL[SMALL.index("--lr") + 2 :], "--lr", "1e30"]
+    # the first step already breaks the adapter (scales of 1e30, whose products overflow): nothing to keep
+    code, out, err = cli(["train", *huge, "--max-steps", "3", "--output", tmp_path / "a"], capsys, work, monkeypatch)
+    one_line_error(
+        code, err, "roadkit train: error: training diverged at step 1: ", "saved no adapter", "--lr (was 1e+30)"
+    )
+    assert "done" not in out
+    log = strict_json(tmp_path / "a" / "training_log.json")
+    assert (log["status"], log["diverged_at_step"], log["step"]) == ("diverged", 1, 0)
+    assert [e["step"] for e in log["train"]] == [1]
+    assert not (tmp_path / "a" / "adapter_model.safetensors").exists() and not (tmp_path / "a" / "checkpoint").exists()
+
+    # warmup from 0: step 1 leaves a usable adapter, step 2 (lr 1e30 / 3) breaks it; step 1's is kept
+    run = tmp_path / "b"
+    code, out, err = cli(
+        ["train", *huge, "--warmup-steps", "3", "--max-steps", "4", "--output", run], capsys, work, monkeypatch
+    )
+    one_line_error(code, err, "training diverged at step 2: ", f"kept the adapter of step 1 in {run};")
+    assert "done" not in out
+    log = strict_json(run / "training_log.json")
+    assert (log["status"], log["diverged_at_step"], log["step"]) == ("diverged", 2, 1)
+    assert all(torch.isfinite(t).all() for t in load_file(run / "adapter_model.safetensors").values())
+    RoadModel.from_pretrained(load_tiny(work), run)  # its values pass the loader's check
+    capsys.readouterr()  # transformers' loading bar
+
+    code, _, err = cli(["train", "--output", run, "--resume", "--max-steps", "6"], capsys, work, monkeypatch)
+    one_line_error(code, err, "diverged at step 2", "resuming it would take the same steps again")
+
+
+def test_inspect_flags_an_adapter_with_nan_values(work, tmp_path, capsys, monkeypatch):
+    from roadkit import RoadConfig, get_peft_model
+    from roadkit.checkpoint import read_adapter, write_adapter
+
+    model = get_peft_model(load_tiny(work), RoadConfig(group_size=64, target_modules="all-linear"))
+    model.save_pretrained(tmp_path / "good")
+    config, tensors = read_adapter(tmp_path / "good")
+    tensors["base_model.model.model.layers.0.mlp.down_proj.road_alpha"][:3] = float("nan")
+    write_adapter(tmp_path / "bad", config, tensors)
+    capsys.readouterr()  # transformers' loading bar
+
+    code, out, err = cli(["inspect", tmp_path / "good"], capsys, work, monkeypatch)
+    assert code == 0 and not err and "!" not in out
+    code, out, err = cli(["inspect", tmp_path / "bad"], capsys, work, monkeypatch)
+    one_line_error(
+        code,
+        err,
+        "roadkit inspect: error: adapter",
+        "cannot be served: unusable values in 1 of its 7 RoAd layers, first in model.layers.0.mlp.down_proj: "
+        "3 of its 64 parameters are NaN or infinite",
+    )
+    flagged = [line.split()[0] for line in out.splitlines() if line.split()[1:2] == ["!"]]
+    assert flagged == ["model.layers.0.mlp.down_proj"]  # the table is printed all the same, the layer marked
+    assert "! cannot be served" in out

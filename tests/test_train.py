@@ -11,12 +11,13 @@ import threading
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from roadkit import RoadConfig, get_peft_model
 from roadkit.app.data import tokenize_all
 from roadkit.app.demo import build_model, build_tokenizer, task_examples
-from roadkit.app.runs import COMPLETED, INTERRUPTED, TrainConfig, load_state
+from roadkit.app.runs import COMPLETED, DIVERGED, INTERRUPTED, TrainConfig, load_state
 from roadkit.app.training import TrainingRun, write_run
 
 
@@ -186,3 +187,65 @@ def test_deferred_stop_signals_records_and_restores(setup):
         os.kill(os.getpid(), signal.SIGTERM)
     assert received == [signal.SIGINT, signal.SIGTERM]
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+class BreakAt(TrainerCallback):
+    """Writes NaN into `param` in the optimizer step of step `step` (as a diverging update would)."""
+
+    def __init__(self, step, param):
+        self.step, self.param = step, param
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            with torch.no_grad():
+                self.param[0] = float("nan")
+
+
+def strict_json(path):
+    def refuse(name):
+        raise ValueError(f"{name} in {path}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_adapter(setup, tmp_path):
+    reference, stopped = make(setup)
+    stopped.road_trainer.add_callback(AtStep(2, lambda: setattr(stopped.stop, "requested", True)))
+    assert stopped.fit(progress=False) == INTERRUPTED and stopped.step == 2
+
+    model, trainer = make(setup)
+    trainer.road_trainer.add_callback(BreakAt(3, trainer.params[0]))
+    assert trainer.fit(progress=False) == DIVERGED
+    assert (trainer.diverged_at, trainer.step) == (3, 2)
+    assert "1 of the adapter's 7 RoAd layers" in trainer.divergence and "NaN or infinite" in trainer.divergence
+    want, got = adapter(reference), adapter(model)  # the model holds the adapter of step 2 again
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
+    assert [e["step"] for e in trainer.log["train"]] == [1, 2, 3]  # and took no step after the broken one
+    assert [e["step"] for e in trainer.log["eval"]] == [0]  # step 3's evaluation was cancelled
+    assert trainer.checkpoint is None and not os.listdir(trainer.road_trainer.args.output_dir)
+
+    write_run(tmp_path / "run", model, trainer, DIVERGED, {"note": "test"})
+    log = strict_json(tmp_path / "run" / "training_log.json")
+    assert (log["status"], log["diverged_at_step"], log["step"]) == ("diverged", 3, 2)
+    assert log["divergence"] == trainer.divergence
+    saved = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert saved and all(torch.isfinite(t).all() for t in saved.values())
+    assert not (tmp_path / "run" / "checkpoint").exists()
+    with pytest.raises(ValueError, match="diverged at step 3"):
+        load_state(tmp_path / "run")
+
+
+def test_a_first_step_that_breaks_the_adapter_leaves_the_initial_one_and_saves_none(setup, tmp_path):
+    tokenizer, base, train, held_out = setup
+    model = get_peft_model(copy.deepcopy(base), RoadConfig(group_size=64, target_modules="all-linear"))
+    start = adapter(model)
+    trainer = TrainingRun(model, train, TrainConfig(lr=1e30, max_steps=3, batch_size=4), tokenizer, held_out)
+    assert trainer.fit(progress=False) == DIVERGED
+    assert (trainer.diverged_at, trainer.step) == (1, 0) and "degenerate" in trainer.divergence
+    for key, value in adapter(model).items():
+        torch.testing.assert_close(value, start[key], rtol=0, atol=0)
+    write_run(tmp_path, model, trainer, DIVERGED, {})
+    assert not (tmp_path / "adapter_model.safetensors").exists()  # nothing trained is worth saving
+    log = strict_json(tmp_path / "training_log.json")
+    assert (log["status"], log["diverged_at_step"], log["step"]) == ("diverged", 1, 0)

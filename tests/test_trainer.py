@@ -194,5 +194,47 @@ def test_label_smoothing_shifts_causal_lm_labels_like_the_base_model(base, tmp_p
 def test_other_models_are_left_to_the_stock_trainer(base, tmp_path):
     model = copy.deepcopy(base)
     trainer = RoadTrainer(model=model, args=arguments(tmp_path))
+    assert trainer.divergence_guard is None
     trainer.save_model(str(tmp_path / "saved"))
     assert "model.safetensors" in os.listdir(tmp_path / "saved")
+
+
+def test_a_diverging_run_stops_and_writes_only_usable_checkpoints(base, tmp_path):
+    from roadkit.integrations.trainer import StopOnDivergence
+
+    model = road_model(base)
+    # warmup from 0: step 1 changes nothing, step 2 (lr 1e30 / 3) overflows every rotation's scale
+    args = arguments(tmp_path / "run", save_steps=1, learning_rate=1e30, warmup_steps=3)
+    trainer = RoadTrainer(model=model, args=args, train_dataset=Tokens(24))
+    assert isinstance(trainer.divergence_guard, StopOnDivergence)
+    trainer.train()
+    guard = trainer.divergence_guard
+    assert (guard.diverged_at, guard.kept_step, trainer.state.global_step) == (2, 1, 2)
+    assert "degenerate" in guard.reason
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-1"]  # no checkpoint of the broken step
+    assert all(torch.isfinite(t).all() for t in adapters(model).values())
+    RoadModel.from_pretrained(copy.deepcopy(base), tmp_path / "run" / "checkpoint-1")  # values checked: usable
+
+
+def test_a_non_finite_loss_counts_as_divergence(base):
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from roadkit.integrations.trainer import StopOnDivergence
+
+    model = road_model(base)
+    guard, control = StopOnDivergence(), TrainerControl()
+    args, state = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(global_step=4)
+    guard.on_train_begin(args, state, control, model=model)
+    guard.observe_loss(torch.tensor(2.0))
+    state.global_step = 5
+    guard.on_step_end(args, state, control)
+    assert guard.diverged_at is None and not control.should_training_stop
+    guard.observe_loss(torch.tensor(float("inf")))
+    guard.observe_loss(torch.tensor(2.0))
+    state.global_step = 6
+    control.should_save = True
+    guard.on_step_end(args, state, control)
+    assert (guard.diverged_at, guard.kept_step, guard.reason) == (6, 5, "a NaN or infinite training loss")
+    assert control.should_training_stop and not control.should_save

@@ -5,7 +5,8 @@
 SPEC: {"model": DIR, "engine": {LLM kwargs}, "max_tokens": N,
        "requests": [{"prompt_token_ids": [...], "adapter": null | [name, int_id, DIR]}, ...],
        "batches": [[request indices], ...]   (optional; default: all requests in one call),
-       "preload": true | false               (optional; default true)}
+       "preload": true | false               (optional; default true),
+       "prompt_logprobs": true | false       (optional; then each result has "prompt_logprobs")}
 OUT: per request {"token_ids": [...], "logprobs": [...], "error": null | message}.
 Adapters are loaded before each batch (as the API server does): a request whose adapter fails to
 load gets that error and is not generated; the engine goes on with the others. With "preload":
@@ -24,7 +25,13 @@ def main() -> None:
 
     spec = json.load(open(sys.argv[1]))
     llm = LLM(spec["model"], **spec["engine"])
-    params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, logprobs=0, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=spec["max_tokens"],
+        temperature=0.0,
+        logprobs=0,
+        ignore_eos=True,
+        prompt_logprobs=0 if spec.get("prompt_logprobs") else None,
+    )
     requests = spec["requests"]
     results: list = [None] * len(requests)
     for batch in spec.get("batches") or [list(range(len(requests)))]:
@@ -47,6 +54,10 @@ def main() -> None:
             completion = out.outputs[0]
             logprobs = [step[tok].logprob for step, tok in zip(completion.logprobs, completion.token_ids, strict=True)]
             results[i] = {"token_ids": list(completion.token_ids), "logprobs": logprobs, "error": None}
+            if out.prompt_logprobs is not None:  # the first prompt token has none
+                ids = requests[i]["prompt_token_ids"]
+                steps = zip(out.prompt_logprobs[1:], ids[1:], strict=True)
+                results[i]["prompt_logprobs"] = [step[tok].logprob for step, tok in steps]
     json.dump(results, open(sys.argv[2], "w"))
 
 

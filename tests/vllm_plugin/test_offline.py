@@ -144,3 +144,17 @@ def test_bad_adapters_fail_alone(families: dict[str, Family], tmp_path) -> None:
             assert str(path) in error, error
         assert results[-1]["error"] is None
         check_against_roadkit(family, reqs[-1:], ["r1"], results[-1:])
+
+
+def test_prompt_logprobs_in_a_mixed_batch(families: dict[str, Family], tmp_path) -> None:
+    """prompt_logprobs for a batch mixing RoAd adapters and the base: vLLM's CPU LoRA logits path failed
+    on it (an einsum size mismatch) and stopped the engine; now each prompt's log-probs are roadkit's."""
+    family = families["llama"]
+    reqs, names = mixed_requests(family, 6)
+    results = run_engine(tmp_path, family.model_dir, reqs, max_tokens=3, spec={"prompt_logprobs": True})
+    check_against_roadkit(family, reqs, names, results)
+    model = roadkit_model(family, [n for n in family.adapters])
+    for req, name, res in zip(reqs, names, results, strict=True):
+        ids = req["prompt_token_ids"]
+        _, reference = reference_logprobs(model, ids[:1], ids[1:], [name or "__base__"])
+        assert max(abs(a - b) for a, b in zip(res["prompt_logprobs"], reference, strict=True)) < ATOL, name

@@ -188,6 +188,20 @@ def _max_length(model: Any, run: dict[str, Any], given: Optional[int]) -> int:
     return context
 
 
+def _diverged(trainer: Any, output: str, lr: float, resumed: bool) -> str:
+    """The one line that reports a diverged run: the step, why, which adapter the run directory holds."""
+    if trainer.step > trainer.first_step:
+        kept = f"kept the adapter of step {trainer.step} in {output}"
+    elif resumed:
+        kept = f"kept the run's adapter of step {trainer.step} in {output}"
+    else:
+        kept = f"saved no adapter (no step before it was usable), only the log, in {output}"
+    return (
+        f"training diverged at step {trainer.diverged_at}: {trainer.divergence}; {kept}; "
+        f"try a lower --lr (was {lr:g}), with --overwrite to replace the run."
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     import torch
 
@@ -196,7 +210,7 @@ def _train(args: argparse.Namespace) -> int:
     from .data import load_samples, read_jsonl
     from .loading import load_causal_lm, load_tokenizer, pick_device, quiet_transformers
     from .outputs import staged_directory
-    from .runs import COMPLETED, TrainConfig, deferred_stop_signals
+    from .runs import COMPLETED, DIVERGED, TrainConfig, deferred_stop_signals
 
     run, state = _train_run_settings(args)
     for path in filter(None, (run["data"], run["eval_data"])):
@@ -253,6 +267,9 @@ def _train(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - start
         with staged_directory(args.output, keep_existing=bool(state), replace=bool(state) or args.overwrite) as stage:
             write_run(stage, model, trainer, status, run)
+    if status == DIVERGED:
+        print(f"roadkit train: error: {_diverged(trainer, args.output, run['lr'], bool(state))}", file=sys.stderr)
+        return EXIT_ERROR
     if status != COMPLETED:
         print(
             f"interrupted at step {trainer.step}/{trainer.total_steps}; checkpoint saved in {args.output}. "
@@ -333,6 +350,49 @@ def _warn_if_other_base(adapter: str, model: str) -> None:
             f"warning: adapter {adapter} was trained on {recorded}, not on --model {model}; loading it anyway.",
             file=sys.stderr,
         )
+
+
+# ---- export-base -------------------------------------------------------------------------------
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _export_base_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="base model: a .gguf file (or a local directory or Hugging Face Hub id)"
+    )
+    p.add_argument(
+        "--output", required=True, help="directory to write: config.json, model.safetensors, tokenizer files"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="weight type to write (default float32: the weights `roadkit train --model` trains on)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
+
+
+def _export_base(args: argparse.Namespace) -> int:
+    import torch
+
+    from .export import save_base
+    from .loading import is_gguf, load_causal_lm, load_tokenizer, quiet_transformers
+    from .outputs import check_output, staged_directory
+
+    check_output(args.output, args.overwrite, inputs=[args.model])
+    quiet_transformers()
+    tokenizer = load_tokenizer(args.model, required=False)  # a missing model fails here, at once
+    print(f"reading {args.model}" + (" (dequantizing)" if is_gguf(args.model) else ""), flush=True)
+    model = load_causal_lm(args.model, dtype=getattr(torch, args.dtype))
+    with staged_directory(args.output, replace=args.overwrite) as stage:
+        save_base(model, tokenizer, stage)
+    if tokenizer is None:
+        print(f"warning: {args.model} has no tokenizer; give vLLM one with --tokenizer.", file=sys.stderr)
+    else:
+        print("tokenizer" + (" and chat template" if tokenizer.chat_template else " (no chat template)") + " included")
+    print(f"wrote {args.output} ({type(model).__name__}, {args.dtype})")
+    return EXIT_OK
 
 
 # ---- generate ----------------------------------------------------------------------------------
@@ -511,6 +571,15 @@ def _inspect(args: argparse.Namespace) -> int:
             report, args.plot, title=f"{args.adapter}: {report.config.variant}, group_size {report.config.group_size}"
         )
         print(f"wrote {args.plot}")
+    problem = report.value_problem()
+    if problem:  # the table is shown all the same; the exit code tells scripts the adapter is broken
+        sys.stdout.flush()
+        print(
+            f"roadkit inspect: error: adapter {args.adapter} cannot be served: {problem}; the training that wrote "
+            "it probably diverged (roadkit and the vLLM plugin refuse to load it).",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     return EXIT_OK
 
 
@@ -536,6 +605,12 @@ COMMANDS = [
     Command("train", "train a RoAd adapter on JSONL data", _train_arguments, _train),
     Command(
         "merge", "merge an adapter into its base model, as a standalone transformers model", _merge_arguments, _merge
+    ),
+    Command(
+        "export-base",
+        "write a base model (a .gguf file, dequantized) as a transformers directory that vLLM serves",
+        _export_base_arguments,
+        _export_base,
     ),
     Command(
         "generate", "generate from several adapters (and the base) in one mixed batch", _generate_arguments, _generate

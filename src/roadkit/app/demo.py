@@ -247,7 +247,7 @@ def _train_task(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train, save and plot one task's adapter; returns its numbers and its training log."""
     from .report import inspect_adapter, plot_report
-    from .runs import COMPLETED, TrainConfig
+    from .runs import COMPLETED, DIVERGED, TrainConfig
     from .training import TrainingRun, write_run
 
     say(f"\ntask {task!r}: {prompt_for('kitten')!r} -> {' ' + TASKS[task]('kitten')!r}")
@@ -264,7 +264,10 @@ def _train_task(
         f"% of the base) for {settings.steps} steps of {settings.batch_size} rows"
     )
     start = time.perf_counter()
-    if trainer.fit() != COMPLETED:
+    status = trainer.fit()
+    if status == DIVERGED:
+        raise ValueError(f"training the {task!r} adapter diverged at step {trainer.diverged_at}: {trainer.divergence}.")
+    if status != COMPLETED:
         raise KeyboardInterrupt  # Ctrl-C: the demo stops, and writes nothing
     seconds = time.perf_counter() - start
     run_dir = os.path.join(stage, "adapters", task)

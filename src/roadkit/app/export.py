@@ -1,4 +1,5 @@
-"""A standalone transformers model with an adapter merged into its weights.
+"""Standalone transformers model directories: a base with an adapter merged into its weights, or a
+base model alone (a `.gguf` file, dequantized) in a form vLLM and transformers load.
 
 The merged model computes what base + adapter computes, with no roadkit needed to load it. Its
 logits are compared with the adapted model's on a probe batch before the merge is written.
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..fileio import PathLike
+from ..fileio import PathLike, current_umask
 from ..model import RoadModel
 from .loading import one_line
 
@@ -38,11 +39,28 @@ def merge_adapter(base: Any, adapter_dir: PathLike) -> tuple[Any, float]:
 def save_merged(model: Any, tokenizer: Any, directory: PathLike) -> None:
     """Write a merged model as safetensors, with the tokenizer when there is one. A failed write (a full
     disk, say) is an OSError, as from any other file write; safetensors raises its own error type."""
+    _save(model, tokenizer, directory, "the merged model")
+
+
+def save_base(model: Any, tokenizer: Any, directory: PathLike) -> None:
+    """Write a base model (one read from a GGUF file, say) as a transformers directory that vLLM
+    serves: config.json, safetensors weights, generation_config.json and the tokenizer (tokenizer.json,
+    tokenizer_config.json, and chat_template.jinja when it has a chat template). The model keeps its
+    class and module names, so adapters trained on the GGUF file load on the directory."""
+    _save(model, tokenizer, directory, "the base model")
+
+
+def _save(model: Any, tokenizer: Any, directory: PathLike, what: str) -> None:
     from safetensors import SafetensorError
 
     try:
         model.save_pretrained(directory)  # safetensors: the default since transformers 4.35
     except SafetensorError as err:
-        raise OSError(f"cannot write the merged model to {os.fspath(directory)!r}: {one_line(err)}") from err
+        raise OSError(f"cannot write {what} to {os.fspath(directory)!r}: {one_line(err)}") from err
+    # safetensors creates its files 0600, which a server running as another user cannot read
+    mode = 0o666 & ~current_umask()
+    for name in os.listdir(directory):
+        if name.endswith(".safetensors"):
+            os.chmod(os.path.join(directory, name), mode)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

@@ -3,21 +3,24 @@
 Reads the adapter directory alone (no base model): every RoAd layer's `road_theta` / `road_alpha`
 pair, with the layer's output width recovered from the variant (road_1 stores d/2 values per
 layer, road_2 d, road_4 2d). Per feature group the statistics follow the layout of
-`functional.coefficients`, which keeps each group's entries contiguous.
+`functional.coefficients`, which keeps each group's entries contiguous. Values that cannot be served
+(NaN, infinite, degenerate rotations: `functional.value_problem`), the mark of a diverged training,
+are reported per layer and by `AdapterReport.value_problem`.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
-from typing import Union
+from dataclasses import dataclass, field
+from typing import Optional, Union
 
 import torch
 
 from .. import checkpoint as ckpt
 from ..config import RoadConfig
-from ..functional import out_features_for, parameter_length
+from ..functional import out_features_for, parameter_length, value_problem
+from ..messages import some_of
 
 THETA, ALPHA = ".road_theta", ".road_alpha"
 
@@ -36,6 +39,7 @@ class LayerStats:
     alpha_max: float
     angle_by_group: list[float]
     alpha_by_group: list[float]
+    problem: Optional[str] = None  # why its values cannot be served (`functional.value_problem`), or None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -50,16 +54,30 @@ class AdapterReport:
     config: RoadConfig
     layers: list[LayerStats]
     other_parameters: int
+    other_non_finite: list[str] = field(default_factory=list)  # modules_to_save tensors with NaN or inf values
 
     @property
     def parameters(self) -> int:
         return sum(layer.parameters for layer in self.layers) + self.other_parameters
 
+    def value_problem(self) -> Optional[str]:
+        """Why roadkit would refuse to load this adapter's values (NaN, infinite or degenerate), or None."""
+        bad = [layer for layer in self.layers if layer.problem]
+        parts = []
+        if bad:
+            parts.append(
+                f"unusable values in {len(bad)} of its {len(self.layers)} RoAd layers, "
+                f"first in {bad[0].module}: {bad[0].problem}"
+            )
+        if self.other_non_finite:
+            parts.append(f"NaN or infinite values in {some_of(self.other_non_finite, 'modules_to_save tensors')}")
+        return "; ".join(parts) or None
+
 
 def inspect_adapter(directory: Union[str, os.PathLike]) -> AdapterReport:
     """Per-layer statistics of the adapter saved in `directory`."""
     config, tensors = ckpt.read_adapter(directory)
-    layers, other = [], 0
+    layers, other, non_finite = [], 0, []
     for key in sorted(tensors, key=_natural):
         if key.endswith(THETA):
             path = key[len(ckpt.KEY_PREFIX) : -len(THETA)]
@@ -69,9 +87,11 @@ def inspect_adapter(directory: Union[str, os.PathLike]) -> AdapterReport:
             layers.append(_layer_stats(path, config, tensors[key], tensors[alpha_key]))
         elif not key.endswith(ALPHA):
             other += tensors[key].numel()
+            if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all()):
+                non_finite.append(key[len(ckpt.KEY_PREFIX) :] if key.startswith(ckpt.KEY_PREFIX) else key)
     if not layers:
         raise ValueError(f"{os.fspath(directory)}: the adapter holds no RoAd layers (no *{THETA} tensors).")
-    return AdapterReport(config, layers, other)
+    return AdapterReport(config, layers, other, non_finite)
 
 
 def _natural(key: str) -> list:
@@ -88,6 +108,7 @@ def _layer_stats(path: str, config: RoadConfig, theta: torch.Tensor, alpha: torc
             f"layer {path}: road_theta {tuple(theta.shape)} / road_alpha {tuple(alpha.shape)} do "
             f"not fit variant {config.variant} with group_size {config.group_size}."
         )
+    problem = value_problem(config.variant, config.group_size, theta, alpha)
     degrees = torch.rad2deg(theta.abs())
     return LayerStats(
         module=path,
@@ -100,15 +121,17 @@ def _layer_stats(path: str, config: RoadConfig, theta: torch.Tensor, alpha: torc
         alpha_max=float(alpha.max()),
         angle_by_group=degrees.view(groups, -1).mean(1).tolist(),
         alpha_by_group=alpha.view(groups, -1).mean(1).tolist(),
+        problem=problem,
     )
 
 
 def format_table(report: AdapterReport) -> str:
-    """A plain-text table, one row per layer, and a totals line."""
+    """A plain-text table, one row per layer (a "!" after the name of a layer whose values cannot be served),
+    and a totals line."""
     header = ("layer", "d_out", "theta/alpha", "variant", "group", "params", "mean |theta| deg", "alpha range")
     rows = [
         (
-            s.module,
+            s.module + (" !" if s.problem else ""),
             str(s.out_features),
             "x".join(map(str, s.shape)),
             s.variant,
@@ -136,6 +159,9 @@ def format_table(report: AdapterReport) -> str:
     if report.other_parameters:
         summary += f"; {report.other_parameters:,d} of them in modules_to_save"
     out.append(summary)
+    problem = report.value_problem()
+    if problem:
+        out.append(f"! cannot be served: {problem} (the training that wrote it probably diverged)")
     return "\n".join(out)
 
 

@@ -23,7 +23,8 @@ from .loading import one_line
 CHECKPOINT_NAME = "checkpoint"
 LOG_NAME = "training_log.json"
 CURVE_NAME = "loss_curve.png"
-COMPLETED, INTERRUPTED = "completed", "interrupted"
+# `status` in training_log.json; a DIVERGED run also records `diverged_at_step` and `divergence`.
+COMPLETED, INTERRUPTED, DIVERGED = "completed", "interrupted", "diverged"
 
 
 @dataclass
@@ -61,8 +62,9 @@ class TrainConfig:
 def load_state(directory: Union[str, os.PathLike]) -> dict[str, Any]:
     """What resuming a run directory needs: {"step", "status", "run", "log", "checkpoint"}. FileNotFoundError
     when it holds no checkpoint, ValueError naming the file when one is damaged or the run is an earlier
-    roadkit's."""
+    roadkit's, and ValueError for a run that diverged (resuming it would take the same steps again)."""
     checkpoint = os.path.join(directory, CHECKPOINT_NAME)
+    _refuse_diverged(directory)
     if os.path.isfile(os.path.join(directory, "trainer_state.pt")):
         raise ValueError(
             f"{os.fspath(directory)!r} holds a trainer_state.pt: a run of an earlier roadkit, whose "
@@ -98,6 +100,24 @@ def load_state(directory: Union[str, os.PathLike]) -> dict[str, Any]:
         "checkpoint": checkpoint,
         "log": {"train": log.get("train", []), "eval": log.get("eval", [])},
     }
+
+
+def _refuse_diverged(directory: Union[str, os.PathLike]) -> None:
+    """ValueError when the run's training_log.json says it diverged (an unreadable log is load_state's to report)."""
+    try:
+        with open(os.path.join(directory, LOG_NAME), encoding="utf-8") as fh:
+            log = json.load(fh)
+    except (OSError, ValueError):
+        return
+    if isinstance(log, dict) and log.get("status") == DIVERGED:
+        run = log.get("run")
+        lr = run.get("lr") if isinstance(run, dict) else None
+        raise ValueError(
+            f"the run in {os.fspath(directory)!r} diverged at step {log.get('diverged_at_step')} (see its {LOG_NAME}); "
+            "resuming it would take the same steps again. Start a new run with a lower learning rate"
+            + (f" than {lr:g}" if isinstance(lr, (int, float)) else "")
+            + " (--overwrite replaces this one)."
+        )
 
 
 # ---- signals -----------------------------------------------------------------------------------

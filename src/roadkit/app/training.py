@@ -12,6 +12,12 @@ same global batch. What roadkit adds are callbacks:
 * `ResumeSchedule` recomputes the learning rate of a resumed run from its (possibly longer) schedule;
 * `Progress` draws the progress bar and prints the periodic held-out loss.
 
+`RoadTrainer` adds `StopOnDivergence` (roadkit.integrations.trainer): after every step it checks the
+adapter's values and the step's loss, and at the first step that breaks them it stops the run and puts
+back the adapter of the last good step; `fit` then returns DIVERGED, and no checkpoint of the broken
+step is written. The Trainer's `logging_nan_inf_filter` is off, so the log shows a NaN loss as NaN
+(null in training_log.json), not as the mean of the steps before it.
+
 Resuming is the Trainer's: optimizer, schedule, RNG states and the data order are restored from
 the checkpoint, so a run resumed at step k takes the steps an uninterrupted run would.
 """
@@ -32,10 +38,19 @@ from transformers import DataCollatorForSeq2Seq, TrainerCallback, TrainingArgume
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..fileio import atomic_write_bytes
-from ..integrations.trainer import RoadTrainer
+from ..integrations.trainer import RoadTrainer, StopOnDivergence, any_process
 from ..model import RoadModel
 from .data import IGNORE_INDEX, Sample, pad_token_id
-from .runs import CHECKPOINT_NAME, COMPLETED, CURVE_NAME, INTERRUPTED, LOG_NAME, TrainConfig, signals_request_stop
+from .runs import (
+    CHECKPOINT_NAME,
+    COMPLETED,
+    CURVE_NAME,
+    DIVERGED,
+    INTERRUPTED,
+    LOG_NAME,
+    TrainConfig,
+    signals_request_stop,
+)
 
 # ---- callbacks ---------------------------------------------------------------------------------
 
@@ -75,22 +90,11 @@ class StopOnRequest(TrainerCallback):
         self.requested = False
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if _on_any_process(self.requested, args.device):
+        if any_process(self.requested, args.device):
             control.should_save = control.should_training_stop = True
         if state.global_step >= state.max_steps:
             control.should_save = True
             control.should_evaluate = control.should_evaluate or args.eval_strategy != "no"
-
-
-def _on_any_process(flag: bool, device: torch.device) -> bool:
-    """`flag` or-ed over the processes of a distributed run, so that all of them stop at the same step."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 class ResumeSchedule(TrainerCallback):
@@ -167,7 +171,11 @@ class TrainingRun:
     """Trains the parameters of `model` that require grad on `Sample`s, through a `RoadTrainer`
     (`self.road_trainer`). Checkpoints go to `output_dir` (default: a temporary directory kept while
     this object lives); `self.checkpoint` is the last one written. Under torchrun every process runs one,
-    with the same `output_dir`, and the processes split each batch (DDP)."""
+    with the same `output_dir`, and the processes split each batch (DDP).
+
+    After a `fit` that returned DIVERGED, `diverged_at` is the step that broke the adapter, `divergence`
+    says how, and `step` is the step whose adapter the model holds again (the last good one, or the one
+    the run started from); `checkpoint` stays the one the run started from (None for a new run)."""
 
     def __init__(
         self,
@@ -191,6 +199,9 @@ class TrainingRun:
         self.total_steps = config.max_steps or config.epochs * math.ceil(len(self.train_data) / config.batch_size)
         self.eval_every = config.eval_every or max(1, self.total_steps // 10)
         self.step, self.checkpoint = 0, cast(Optional[str], None)
+        self.first_step = 0  # the step the last `fit` started from
+        self.diverged_at: Optional[int] = None
+        self.divergence: Optional[str] = None
         if output_dir is None:
             self._scratch = tempfile.TemporaryDirectory(prefix="roadkit-train-")
             output_dir = self._scratch.name
@@ -217,6 +228,7 @@ class TrainingRun:
             save_strategy="no",
             logging_strategy="steps",
             logging_steps=1,
+            logging_nan_inf_filter=False,  # a NaN loss is logged as NaN, not as the running mean
             report_to="none",
             disable_tqdm=True,
             use_cpu=device.type == "cpu",
@@ -232,6 +244,11 @@ class TrainingRun:
         )
         for callback in (ProgressCallback, PrinterCallback):
             self.road_trainer.remove_callback(callback)
+        guard = self.road_trainer.divergence_guard
+        if guard is None:  # not a RoadModel: check its trainable parameters for NaN and infinite values
+            guard = StopOnDivergence()
+            self.road_trainer.add_callback(guard)
+        self.guard = guard
 
     @property
     def log(self) -> dict[str, list[dict[str, float]]]:
@@ -251,12 +268,19 @@ class TrainingRun:
 
     def fit(self, progress: Optional[bool] = None) -> str:
         """Train up to `total_steps` (from the checkpoint given to `resume`); returns COMPLETED, or INTERRUPTED
-        after a SIGINT or SIGTERM. Either way a checkpoint is written. `progress=None` shows a bar on terminals."""
+        after a SIGINT or SIGTERM, with a checkpoint written either way; or DIVERGED when a step made the
+        adapter's values or the loss NaN, infinite or degenerate: then the model holds the adapter of the
+        last good step (`self.step`) and no checkpoint is written. `progress=None` shows a bar on terminals."""
         trainer = self.road_trainer
         trainer.args.eval_on_start = self._eval_due()
         self.progress.enabled, self.stop.requested = progress, False
+        self.first_step, self.diverged_at, self.divergence = self.step, None, None
         with signals_request_stop(self.stop):
             trainer.train(resume_from_checkpoint=self.checkpoint)
+        if self.guard.diverged_at is not None:
+            self.diverged_at, self.divergence = self.guard.diverged_at, self.guard.reason
+            self.step = cast(int, self.guard.kept_step)
+            return DIVERGED
         self.step = trainer.state.global_step
         self.checkpoint = os.path.join(str(trainer.args.output_dir), f"checkpoint-{self.step}")
         return INTERRUPTED if self.step < self.total_steps else COMPLETED
@@ -272,23 +296,43 @@ def write_run(
     directory: Union[str, os.PathLike], model: RoadModel, trainer: TrainingRun, status: str, run: dict[str, Any]
 ) -> None:
     """Write a run directory: the adapter (`model.save_pretrained`), the trainer's last checkpoint as
-    `checkpoint/` for resuming, `training_log.json` (with `run`, JSON-able settings) and `loss_curve.png`."""
+    `checkpoint/` for resuming, `training_log.json` (with `run`, JSON-able settings) and `loss_curve.png`.
+
+    For a DIVERGED run the log also holds `diverged_at_step` and `divergence`, `step` is the step of the
+    adapter kept, and the adapter is written only when that step is past the one the run started from
+    (a new run that broke in its first step gets no adapter; a resumed one keeps the adapter it had).
+    Non-finite losses are written as null (training_log.json stays strict JSON)."""
     from .plots import loss_curves
 
-    model.save_pretrained(directory)
+    diverged = status == DIVERGED
+    if not diverged or trainer.step > trainer.first_step:
+        model.save_pretrained(directory)
     if trainer.checkpoint is not None:
         shutil.copytree(trainer.checkpoint, os.path.join(directory, CHECKPOINT_NAME), dirs_exist_ok=True)
-    log = {
-        "status": status,
-        "step": trainer.step,
-        "total_steps": trainer.total_steps,
-        "trainable_parameters": sum(p.numel() for p in trainer.params),
-        "run": run,
+    log: dict[str, Any] = {"status": status, "step": trainer.step}
+    if diverged:
+        log.update(diverged_at_step=trainer.diverged_at, divergence=trainer.divergence)
+    log.update(
+        total_steps=trainer.total_steps,
+        trainable_parameters=sum(p.numel() for p in trainer.params),
+        run=run,
         **trainer.log,
-    }
-    atomic_write_bytes(os.path.join(directory, LOG_NAME), (json.dumps(log, indent=1) + "\n").encode())
+    )
+    atomic_write_bytes(os.path.join(directory, LOG_NAME), (json.dumps(_finite_or_null(log), indent=1) + "\n").encode())
+    at = trainer.diverged_at if diverged else trainer.step
     loss_curves(
         {"run": trainer.log},
         os.path.join(directory, CURVE_NAME),
-        title=f"training loss ({status} at step {trainer.step}/{trainer.total_steps})",
+        title=f"training loss ({status} at step {at}/{trainer.total_steps})",
     )
+
+
+def _finite_or_null(value: Any) -> Any:
+    """`value` with NaN and infinite floats (in dicts and lists) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value

@@ -17,8 +17,9 @@ duck-typed hook a wrapper could provide, and treats every other model that is no
 does for PEFT models): checkpoints hold `adapter_config.json` + `adapter_model.safetensors` (every
 adapter, PEFT's layout, as `RoadModel.save_pretrained` writes it), and resuming or
 `load_best_model_at_end` copies the saved values into the live adapter parameters in place, so
-the parameters the optimizer tracks stay the same objects. Everything else is the stock Trainer.
-A model that is not a `RoadModel` is handled exactly as `Trainer` would.
+the parameters the optimizer tracks stay the same objects. For a `RoadModel` it also stops a run
+whose adapter diverged (`StopOnDivergence`, added by default). Everything else is the stock
+Trainer. A model that is not a `RoadModel` is handled exactly as `Trainer` would.
 
 Not covered: DeepSpeed ZeRO-3 and adapter parameters sharded by FSDP (the adapter is read from the live,
 unsharded parameters; a base that transformers shards as it loads it works, see docs/training.md), and
@@ -33,12 +34,13 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_pt_utils import LabelSmoother
 from transformers.utils import can_return_loss, find_labels
 
 from .. import checkpoint as ckpt
+from ..functional import value_problem
 from ..model import RoadModel
 
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -93,16 +95,184 @@ def _reload_adapters(model: RoadModel, directory: str) -> list[str]:
     return list(found)
 
 
+def any_process(flag: bool, device: torch.device) -> bool:
+    """`flag` or-ed over the processes of a distributed run, so that all of them stop at the same step."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _road_model_in(model: Optional[nn.Module]) -> Optional[RoadModel]:
+    """The `RoadModel` inside `model` (itself, or under DDP's `module` / torch.compile's `_orig_mod`), or None."""
+    for _ in range(4):
+        if model is None or isinstance(model, RoadModel):
+            return model
+        model = model._modules.get("module") or model._modules.get("_orig_mod")
+    return None
+
+
+class StopOnDivergence(TrainerCallback):
+    """Stops a `RoadModel`'s training at the first step that breaks it, and puts back the last good values.
+
+    After every optimizer step it checks the model's trainable parameters, the ground truth (a logged
+    loss is a mean over `logging_steps`, and the Trainer replaces a NaN loss by the running mean,
+    `logging_nan_inf_filter`): the values of every RoAd layer with `functional.value_problem` (NaN or
+    infinite values, degenerate rotations: what `RoadModel.from_pretrained` refuses to load), other
+    trainable parameters (`modules_to_save`) for NaN or infinite values, and the losses of the step,
+    which `RoadTrainer.training_step` reports to `observe_loss`. At the first bad step it
+
+    * records the step (`diverged_at`), why (`reason`, one phrase) and the step whose values it
+      kept (`kept_step`: the last good step, or the one training started from);
+    * copies those values back into the parameters, so the model, and whatever is saved from it
+      afterwards, holds the adapter of `kept_step`;
+    * stops training and cancels that step's evaluation and checkpoint (the checkpoints written
+      before it passed the check). The optimizer's state is not put back: the run ends there.
+
+    Training that starts from unusable values raises ValueError. The cost: one copy of the trainable
+    parameters (for RoAd alone, `d_out` values or fewer per layer), one pass over them and a host sync
+    per step, and under DDP one all-reduce of a flag, so that every process stops at the same step.
+
+    `RoadTrainer` adds one for a `RoadModel` by default (its `divergence_guard`): a diverged adapter is
+    never useful, and without the check the Trainer keeps stepping on NaN values and writes checkpoints
+    that `RoadModel.from_pretrained` and resuming refuse. `trainer.remove_callback(StopOnDivergence)`
+    turns it off. Added to the Trainer of another model, it checks that model's trainable parameters
+    for NaN or infinite values.
+    """
+
+    def __init__(self) -> None:
+        self.diverged_at: Optional[int] = None
+        self.reason: Optional[str] = None
+        self.kept_step: Optional[int] = None
+        self._finite_losses: Optional[torch.Tensor] = None
+        self._road: list[tuple[tuple[str, int], list[tuple[str, Any, str]]]] = []  # (where, RoadLayer, adapter)
+        self._others: list[tuple[str, torch.Tensor]] = []
+        self._groups: list[list[torch.Tensor]] = []  # the trainable parameters, by device and dtype
+        self._saved: list[torch.Tensor] = []  # their values after the last good step, one flat tensor per group
+        self._saved_step = 0
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        """Note whether a micro-batch's loss was finite (no host sync; read at the end of the step)."""
+        finite = torch.isfinite(loss.detach()).all()
+        self._finite_losses = finite if self._finite_losses is None else self._finite_losses & finite
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: Any, control: Any, model: Optional[nn.Module] = None, **kwargs: Any
+    ) -> None:
+        self.diverged_at = self.reason = self.kept_step = None
+        self._finite_losses = None
+        self._plan(model)
+        problem = self._problem()
+        if problem is not None:
+            raise ValueError(f"training cannot start from these values: {problem}.")
+        self._save(state.global_step)
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self._groups:
+            return
+        problem = self._problem()
+        if not any_process(problem is not None, args.device):
+            self._save(state.global_step)
+            return
+        self.diverged_at, self.kept_step = state.global_step, self._saved_step
+        self.reason = problem or "the model diverged on another process"
+        self._restore()
+        control.should_training_stop = True
+        control.should_save = control.should_evaluate = False
+
+    def on_epoch_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.diverged_at is not None:  # no save or evaluation at the end of the epoch either
+            control.should_save = control.should_evaluate = False
+
+    def _plan(self, model: Optional[nn.Module]) -> None:
+        """Which parameters to check, and how: RoAd values by (variant, group size, device, dtype), the
+        other trainable parameters one by one."""
+        self._road, self._others, self._groups, self._saved = [], [], [], []
+        road = _road_model_in(model)
+        model = road if road is not None else model
+        if model is None:
+            return
+        road_groups: dict[tuple, list[tuple[str, Any, str]]] = {}
+        covered: set[int] = set()
+        for path, layer in road.road_layers() if road is not None else ():
+            for name, theta in layer.road_theta.items():
+                alpha = layer.road_alpha[name]
+                if theta.requires_grad or alpha.requires_grad:
+                    key = (layer.variant[name], layer.group_size[name], theta.device, theta.dtype, alpha.dtype)
+                    where = path if name == ckpt.DEFAULT_ADAPTER else f"{path} [adapter {name!r}]"
+                    road_groups.setdefault(key, []).append((where, layer, name))
+                    covered.update((id(theta), id(alpha)))
+        self._road = [((key[0], key[1]), layers) for key, layers in road_groups.items()]
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._others = [(n, p) for n, p in trainable if id(p) not in covered]
+        by_kind: dict[tuple, list[torch.Tensor]] = {}
+        for _, p in trainable:
+            by_kind.setdefault((p.device, p.dtype), []).append(p)
+        self._groups = list(by_kind.values())
+        self._saved = [
+            torch.empty(sum(p.numel() for p in g), device=g[0].device, dtype=g[0].dtype) for g in self._groups
+        ]
+
+    @torch.no_grad()
+    def _problem(self) -> Optional[str]:
+        """Why the model's current values (or the losses of the step) are unusable, or None."""
+        finite_losses, self._finite_losses = self._finite_losses, None
+        for (variant, group_size), layers in self._road:
+            # full-length values (a subspace adapter's parameters hold its own pairs only), all layers at once
+            pairs = [layer.parameters_of(name) for _, layer, name in layers]
+            theta, alpha = torch.cat([t.flatten() for t, _ in pairs]), torch.cat([a.flatten() for _, a in pairs])
+            if value_problem(variant, group_size, theta, alpha) is not None:
+                return self._layer_problems()
+        for name, p in self._others:
+            if not bool(torch.isfinite(p.detach()).all()):
+                return f"NaN or infinite values in the trainable parameter {name}"
+        if finite_losses is not None and not bool(finite_losses):
+            return "a NaN or infinite training loss"
+        return None
+
+    def _layer_problems(self) -> str:
+        """What is wrong, layer by layer: how many RoAd layers, and the first one's problem."""
+        layers = [(key, entry) for key, group in self._road for entry in group]
+        found = [(where, value_problem(*key, *layer.parameters_of(name))) for key, (where, layer, name) in layers]
+        bad = [(path, problem) for path, problem in found if problem]
+        if not bad:
+            return "NaN, infinite or degenerate values in the adapter"
+        path, problem = bad[0]
+        return f"unusable values in {len(bad)} of the adapter's {len(layers)} RoAd layers, first in {path}: {problem}"
+
+    @torch.no_grad()
+    def _save(self, step: int) -> None:
+        """Keep a copy of the trainable parameters' values, those of `step`."""
+        for group, saved in zip(self._groups, self._saved, strict=True):
+            torch.cat([p.detach().flatten() for p in group], out=saved)
+        self._saved_step = step
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        """Put the values of the last good step back, in place (the optimizer keeps its parameter objects)."""
+        for group, saved in zip(self._groups, self._saved, strict=True):
+            for p, value in zip(group, saved.split([p.numel() for p in group]), strict=True):
+                p.copy_(value.view_as(p))
+
+
 class RoadTrainer(Trainer):
     """`transformers.Trainer` that saves, resumes and reloads a `RoadModel` by its adapters only.
 
-    Use it exactly like `Trainer`; see the module docstring for what differs and why.
+    Use it exactly like `Trainer`; see the module docstring for what differs and why. For a `RoadModel`
+    `divergence_guard` is the `StopOnDivergence` it added (None otherwise): after `train()`, its
+    `diverged_at` is None, or the step at which the run stopped because the adapter diverged.
     """
 
     def __init__(self, model: Optional[nn.Module] = None, *args: Any, **kwargs: Any) -> None:
         super().__init__(model, *args, **kwargs)
         road = self._road_model()
+        self.divergence_guard: Optional[StopOnDivergence] = None
         if road is not None:  # the Trainer inspected the wrapper's forward(*args, **kwargs): look at the base
+            self.divergence_guard = StopOnDivergence()
+            self.add_callback(self.divergence_guard)  # last: it may cancel a checkpoint other callbacks asked for
             base = road.get_base_model()
             if self.args.label_names is None:
                 self.label_names = find_labels(type(base))
@@ -121,6 +291,14 @@ class RoadTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile, on any accelerate version
         return unwrapped if isinstance(unwrapped, RoadModel) else None
+
+    def training_step(self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The stock step; its loss also goes to the `StopOnDivergence` callbacks (without a host sync)."""
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, StopOnDivergence):
+                callback.observe_loss(loss)
+        return loss
 
     def _set_signature_columns_if_needed(self) -> None:
         """Keep the batch columns the wrapped model's forward takes (and the labels)."""

@@ -1,0 +1,97 @@
+"""Adapter values that cannot be served (NaN, infinite, degenerate rotations) are refused on load."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_llama
+from safetensors.torch import load_file, save_file
+
+from roadkit import RoadConfig, RoadModel, get_peft_model
+from roadkit import functional as F
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+@pytest.mark.parametrize("variant", ["road_1", "road_2", "road_4"])
+def test_value_problem_finds_bad_values_and_passes_good_ones(variant: str) -> None:
+    n_out, group = 64, 16
+    length = F.parameter_length(variant, n_out)
+    torch.manual_seed(0)
+    theta, alpha = torch.randn(length), 1 + 0.1 * torch.randn(length)
+    assert F.value_problem(variant, group, theta, alpha) is None
+    for value, words in ((math.nan, "NaN or infinite"), (math.inf, "NaN or infinite")):
+        bad = theta.clone()
+        bad[5] = value
+        assert words in F.value_problem(variant, group, bad, alpha)
+    zero = alpha.clone()
+    zero[:] = 0.0
+    assert "degenerate" in F.value_problem(variant, group, theta, zero)
+    huge = alpha * 1e30  # finite, but c_a*c_b + s_a*s_b overflows float32 (a diverged run's scales)
+    assert "degenerate" in F.value_problem(variant, group, theta, huge)
+
+
+def test_value_problem_counts_blocks_against_a_dense_determinant() -> None:
+    """One feature with a zero scale makes exactly its own 2x2 block singular, as the dense block's
+    determinant shows; the other blocks are not counted."""
+    group = 4
+    theta = torch.tensor([0.0, 0.3, 0.7, 0.3])  # pairs (0, 2) and (1, 3)
+    alpha = torch.tensor([1.0, 1.0, 0.0, 2.0])
+    c, s = F.coefficients("road_2", group, theta, alpha)
+    for a, b, singular in ((0, 2, True), (1, 3, False)):
+        block = torch.tensor([[c[a], -s[a]], [s[b], c[b]]], dtype=torch.float64)
+        assert (torch.linalg.det(block) == 0) == singular
+    assert "1 of its 2 rotation blocks are degenerate" in F.value_problem("road_2", group, theta, alpha)
+
+
+def saved_adapter(tmp_path, variant: str = "road_2"):
+    model = get_peft_model(tiny_llama(), RoadConfig(variant=variant, group_size=32, init_weights=False))
+    model.save_pretrained(tmp_path / "good")
+    return tmp_path / "good"
+
+
+def break_values(directory, kind: str) -> None:
+    tensors = load_file(directory / WEIGHTS)
+    key = sorted(k for k in tensors if k.endswith("road_alpha"))[0]
+    if kind == "zero scale":
+        tensors[key][:] = 0.0
+    else:
+        tensors[key.replace("road_alpha", "road_theta")][2] = math.nan
+    save_file(tensors, directory / WEIGHTS, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("kind", ["nan", "zero scale"])
+def test_loading_refuses_bad_values_and_changes_nothing(tmp_path, kind: str) -> None:
+    directory = saved_adapter(tmp_path)
+    break_values(directory, kind)
+    ids = torch.randint(3, 90, (1, 8))
+    base = tiny_llama()
+    reference = base(input_ids=ids).logits
+    with pytest.raises(ValueError, match="holds values that cannot be served .*check_values=False") as err:
+        RoadModel.from_pretrained(base, directory)
+    assert "model.layers.0" in str(err.value) and "\n" not in str(err.value)
+    assert torch.equal(base(input_ids=ids).logits, reference)  # nothing was injected
+
+    model = get_peft_model(tiny_llama(), RoadConfig(variant="road_2", group_size=32))
+    with pytest.raises(ValueError, match="cannot be served"):
+        model.load_adapter(directory, adapter_name="bad")
+    assert list(model.peft_config) == ["default"]
+    assert not any("bad" in name for name, _ in model.named_parameters())
+
+    loaded = RoadModel.from_pretrained(tiny_llama(), directory, check_values=False)  # for forensics
+    values = torch.cat([p.detach().flatten() for n, p in loaded.named_parameters() if "road_" in n])
+    assert (torch.isnan(values).any() if kind == "nan" else (values == 0).any()).item()
+
+
+def test_resuming_refuses_bad_values(tmp_path) -> None:
+    directory = saved_adapter(tmp_path)
+    model = RoadModel.from_pretrained(tiny_llama(), directory, is_trainable=True)
+    state = {k: v.clone() for k, v in model.adapter_state_dict().items()}
+    before = {k: v.clone() for k, v in state.items()}
+    key = sorted(state)[0]
+    state[key][0] = math.inf
+    with pytest.raises(ValueError, match="cannot be served"):
+        model.load_adapter_values("default", state)
+    assert all(torch.equal(v, before[k]) for k, v in model.adapter_state_dict().items())
