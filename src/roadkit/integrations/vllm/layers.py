@@ -211,7 +211,21 @@ class RoadLinear(BaseLayerWithLoRA):
 # ---- vLLM's own LoRA paths off the way while no slot uses them ------------------------------------
 
 
-class IdleLoRALogits(LogitsProcessorWithLoRA):
+class TracksLoRASlots:
+    """Mixin for one of vLLM's LoRA layers: `lora_slots` are the slots that hold a LoRA for it."""
+
+    lora_slots: set[int]
+
+    def set_lora(self, index: int, lora_a, lora_b) -> None:  # noqa: ANN001
+        super().set_lora(index, lora_a, lora_b)  # type: ignore[misc]
+        self.lora_slots.add(index)
+
+    def reset_lora(self, index: int) -> None:
+        super().reset_lora(index)  # type: ignore[misc]
+        self.lora_slots.discard(index)
+
+
+class IdleLoRALogits(TracksLoRASlots, LogitsProcessorWithLoRA):
     """vLLM's LoRA logits processor that computes the plain head while no slot holds an lm_head LoRA.
 
     RoAd adapters never touch the head, and LoRA adapters seldom do, but vLLM's LoRA logits path runs
@@ -220,16 +234,6 @@ class IdleLoRALogits(LogitsProcessorWithLoRA):
     LoRA in any slot its contribution is zero, so the plain head gives the same logits.
     """
 
-    lora_slots: set[int]
-
-    def set_lora(self, index: int, lora_a, lora_b) -> None:  # noqa: ANN001
-        super().set_lora(index, lora_a, lora_b)
-        self.lora_slots.add(index)
-
-    def reset_lora(self, index: int) -> None:
-        super().reset_lora(index)
-        self.lora_slots.discard(index)
-
     def _get_logits(self, hidden_states, lm_head, embedding_bias=None, skip_gather=False):  # noqa: ANN001, ANN202
         if self.lora_slots:
             return super()._get_logits(hidden_states, lm_head, embedding_bias, skip_gather)
@@ -237,18 +241,8 @@ class IdleLoRALogits(LogitsProcessorWithLoRA):
         return self.base_layer._get_logits(hidden_states, head, embedding_bias, skip_gather)
 
 
-class IdleLoRAEmbedding(VocabParallelEmbeddingWithLoRA):
+class IdleLoRAEmbedding(TracksLoRASlots, VocabParallelEmbeddingWithLoRA):
     """vLLM's LoRA embedding that looks up the plain embedding while no slot holds an embedding LoRA."""
-
-    lora_slots: set[int]
-
-    def set_lora(self, index: int, lora_a, lora_b) -> None:  # noqa: ANN001
-        super().set_lora(index, lora_a, lora_b)
-        self.lora_slots.add(index)
-
-    def reset_lora(self, index: int) -> None:
-        super().reset_lora(index)
-        self.lora_slots.discard(index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_slots:
