@@ -95,3 +95,51 @@ def test_resuming_refuses_bad_values(tmp_path) -> None:
     with pytest.raises(ValueError, match="cannot be served"):
         model.load_adapter_values("default", state)
     assert all(torch.equal(v, before[k]) for k, v in model.adapter_state_dict().items())
+
+
+def test_save_records_the_base_weights_and_peft_still_reads_the_file(tmp_path) -> None:
+    """The first weights of each adapted linear layer go into the safetensors metadata, which PEFT ignores."""
+    from safetensors import safe_open
+
+    import roadkit.checkpoint as ckpt
+
+    base = tiny_llama()
+    config = RoadConfig(variant="road_1", group_size=32, init_weights=False, target_modules="all-linear")
+    model = get_peft_model(base, config)
+    model.save_pretrained(tmp_path / "a")
+    recorded = ckpt.read_base_fingerprint(tmp_path / "a")
+    paths = sorted(p for p, _ in model.road_layers())
+    assert sorted(recorded) == paths[:4] and len(paths) > 4
+    for path in paths[:4]:
+        weight = model.model.get_submodule(path).get_base_layer().weight
+        assert recorded[path] == weight[0, :8].tolist()
+    with safe_open(str(tmp_path / "a" / WEIGHTS), framework="pt") as fh:
+        assert fh.metadata()["format"] == "pt"
+
+    peft = pytest.importorskip("peft")
+    ids = torch.randint(3, 90, (1, 8))
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "a").eval()
+    ours = RoadModel.from_pretrained(tiny_llama(), tmp_path / "a").eval()
+    torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_loading_on_another_base_warns(tmp_path, recwarn) -> None:
+    model = get_peft_model(tiny_llama(seed=0), RoadConfig(variant="road_1", group_size=32, init_weights=False))
+    model.save_pretrained(tmp_path / "a")
+    RoadModel.from_pretrained(tiny_llama(seed=0), tmp_path / "a")
+    assert not [w for w in recwarn if "another base model" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"was trained on another base model: the weights of modules \(4\)"):
+        RoadModel.from_pretrained(tiny_llama(seed=1), tmp_path / "a")  # the same shapes, other weights
+    with pytest.warns(UserWarning, match="another base model"):
+        get_peft_model(tiny_llama(seed=1), RoadConfig(group_size=32)).load_adapter(tmp_path / "a", "b")
+
+
+def test_a_merged_layer_records_no_base_weights(tmp_path) -> None:
+    import roadkit.checkpoint as ckpt
+
+    model = get_peft_model(tiny_llama(), RoadConfig(variant="road_1", group_size=32, init_weights=False))
+    model.add_adapter("other", RoadConfig(variant="road_1", group_size=32, target_modules=["q_proj"]))
+    model.merge_adapter(["other"])  # q_proj's weights are now R W
+    model.save_pretrained(tmp_path / "m")
+    recorded = ckpt.read_base_fingerprint(tmp_path / "m")
+    assert recorded and not any(p.endswith("q_proj") for p in recorded)

@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from .config import CONFIG_NAME, RoadConfig
@@ -35,15 +37,63 @@ def adapter_subdir(directory: PathLike, adapter_name: str) -> str:
     return root if adapter_name == DEFAULT_ADAPTER else os.path.join(root, adapter_name)
 
 
-def write_adapter(directory: PathLike, config: RoadConfig, tensors: dict[str, torch.Tensor]) -> None:
-    """Write one adapter (weights first, then config, each file atomically)."""
+BaseFingerprint = dict[str, list[float]]  # module path -> the first values of its weight's first row
+FINGERPRINT_KEY = "roadkit.base_fingerprint"  # in the safetensors header's metadata, which PEFT ignores
+FINGERPRINT_VALUES = 8
+FINGERPRINT_MODULES = 4  # a server reads them back through the layers: a few forwards of a few rows
+
+
+def weight_fingerprint(weight: torch.Tensor) -> Optional[list[float]]:
+    """The first values of row 0 of an (out_features, in_features) floating-point weight, or None for a
+    weight that has no such plain values (quantized, or sharded across processes)."""
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter) or not weight.is_floating_point() or weight.dim() != 2:
+        return None
+    return [float(v) for v in weight[0, :FINGERPRINT_VALUES].detach().float().cpu()]
+
+
+def fingerprint_differs(recorded: list[float], weight_row: torch.Tensor) -> bool:
+    """Whether a served weight's first values differ from the recorded ones by more than rounding the
+    same weights to bfloat16 (or float16) can explain."""
+    served = weight_row.detach().float().cpu()[: len(recorded)]
+    expected = torch.tensor(recorded, dtype=torch.float32)
+    return served.shape != expected.shape or not torch.allclose(served, expected, rtol=2**-7, atol=1e-6)
+
+
+def write_adapter(
+    directory: PathLike,
+    config: RoadConfig,
+    tensors: dict[str, torch.Tensor],
+    base_fingerprint: Optional[BaseFingerprint] = None,
+) -> None:
+    """Write one adapter (weights first, then config, each file atomically); `base_fingerprint` goes
+    into the weights file's metadata."""
     os.makedirs(directory, exist_ok=True)
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write_bytes(os.path.join(directory, WEIGHTS_NAME), save(plain, metadata={"format": "pt"}))
+    metadata = {"format": "pt"}
+    if base_fingerprint:
+        metadata[FINGERPRINT_KEY] = json.dumps(base_fingerprint, separators=(",", ":"))
+    atomic_write_bytes(os.path.join(directory, WEIGHTS_NAME), save(plain, metadata=metadata))
     config.save_pretrained(directory)
 
 
-def _resolve(model_id: PathLike, subfolder: Optional[str], revision: Optional[str]) -> str:
+def read_base_fingerprint(directory: PathLike) -> BaseFingerprint:
+    """The base fingerprint an adapter directory recorded ({} for adapters saved by PEFT or without one)."""
+    try:
+        with safe_open(os.path.join(directory, WEIGHTS_NAME), framework="pt") as fh:
+            text = (fh.metadata() or {}).get(FINGERPRINT_KEY)
+        data = json.loads(text) if text else {}
+    except Exception:  # no or unreadable file, or a malformed entry: nothing to compare against
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {
+        str(k): [float(x) for x in v]
+        for k, v in data.items()
+        if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)
+    }
+
+
+def adapter_directory(model_id: PathLike, subfolder: Optional[str] = None, revision: Optional[str] = None) -> str:
     """A local directory holding the adapter: `model_id` itself, or a Hub snapshot of it."""
     local = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
     if os.path.isdir(local):
@@ -70,7 +120,7 @@ def read_adapter(
     model_id: PathLike, subfolder: Optional[str] = None, revision: Optional[str] = None
 ) -> tuple[RoadConfig, dict[str, torch.Tensor]]:
     """Read one adapter's config and tensors (on CPU) from a directory or a Hub repository id."""
-    directory = _resolve(model_id, subfolder, revision)
+    directory = adapter_directory(model_id, subfolder, revision)
     if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         inner = sorted(n for n in os.listdir(directory) if os.path.isfile(os.path.join(directory, n, CONFIG_NAME)))
         if inner:

@@ -84,6 +84,46 @@ def _check_subspace(model: nn.Module, config: RoadConfig, tensors: dict[str, tor
         )
 
 
+def base_fingerprint(model: nn.Module, paths: Iterable[str]) -> ckpt.BaseFingerprint:
+    """The first weights of the first few linear layers at `paths` (in sorted order) whose weights are
+    plain and not merged with an adapter: recorded with an adapter, so a server can tell the base it was
+    trained on from another model of the same shapes."""
+    out: ckpt.BaseFingerprint = {}
+    for path in sorted(paths):
+        if len(out) == ckpt.FINGERPRINT_MODULES:
+            break
+        module = model.get_submodule(path)
+        if isinstance(module, RoadLayer) and module.merged:
+            continue
+        base = _base_of(module)
+        values = ckpt.weight_fingerprint(base.weight) if type(base) is nn.Linear else None
+        if values is not None:
+            out[path] = values
+    return out
+
+
+def _is_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _warn_if_other_base(model: nn.Module, recorded: ckpt.BaseFingerprint, source: str) -> None:
+    """Warn when the model's weights differ from the ones the adapter recorded at `source`."""
+    paths = [path for path in sorted(recorded) if _is_module(model, path)]
+    served = base_fingerprint(model, paths)
+    differing = [p for p in paths if p in served and ckpt.fingerprint_differs(recorded[p], torch.tensor(served[p]))]
+    if differing:
+        warnings.warn(
+            f"adapter at {source!r} was trained on another base model: the weights of "
+            f"{some_of(differing, 'modules')} differ from the ones it recorded. Its outputs are only right "
+            "on the base it was trained on.",
+            stacklevel=3,
+        )
+
+
 def _check_values(config: RoadConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Refuse adapter tensors with NaN or infinite values, or rotations that are degenerate (`value_problem`)."""
     bad = []
@@ -731,8 +771,12 @@ class RoadModel(nn.Module):
                 )
             if config.base_model_name_or_path is None:
                 fields["base_model_name_or_path"] = base_name
+            paths = [p for p, layer in self.road_layers() if name in layer.road_theta]
             ckpt.write_adapter(
-                ckpt.adapter_subdir(save_directory, name), RoadConfig.from_dict(fields), self.adapter_state_dict(name)
+                ckpt.adapter_subdir(save_directory, name),
+                RoadConfig.from_dict(fields),
+                self.adapter_state_dict(name),
+                base_fingerprint(self.model, paths),
             )
 
     @classmethod
@@ -751,12 +795,14 @@ class RoadModel(nn.Module):
 
         An adapter with NaN or infinite values, or a degenerate rotation, is refused; `check_values=False`
         loads it anyway, to inspect a diverged run."""
-        config, tensors = ckpt.read_adapter(model_id, subfolder, revision)
+        directory = ckpt.adapter_directory(model_id, subfolder, revision)
+        config, tensors = ckpt.read_adapter(directory)
         config.inference_mode = not is_trainable
         _check_tensors(expected_tensors(model, config), tensors, os.fspath(model_id))
         _check_subspace(model, config, tensors, os.fspath(model_id))
         if check_values:
             _check_values(config, tensors, os.fspath(model_id))
+        _warn_if_other_base(model, ckpt.read_base_fingerprint(directory), os.fspath(model_id))
         wrapped = cls(model, config, adapter_name, autocast_adapter_dtype)
         wrapped._load_tensors(adapter_name, tensors)
         if not is_trainable:
@@ -794,12 +840,14 @@ class RoadModel(nn.Module):
         """Add the adapter saved at `model_id` under `adapter_name` (not activated); values are checked
         as in `from_pretrained`."""
         self.check_new_adapter_name(adapter_name)
-        config, tensors = ckpt.read_adapter(model_id, subfolder, revision)
+        directory = ckpt.adapter_directory(model_id, subfolder, revision)
+        config, tensors = ckpt.read_adapter(directory)
         config.inference_mode = not is_trainable
         _check_tensors(expected_tensors(self.model, config), tensors, os.fspath(model_id))
         _check_subspace(self.model, config, tensors, os.fspath(model_id))
         if check_values:
             _check_values(config, tensors, os.fspath(model_id))
+        _warn_if_other_base(self.model, ckpt.read_base_fingerprint(directory), os.fspath(model_id))
         self._inject(adapter_name, config)
         self._load_tensors(adapter_name, tensors)
         if not is_trainable:

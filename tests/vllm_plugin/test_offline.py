@@ -10,15 +10,19 @@ import peft
 import pytest
 from vllm_helpers import (
     Family,
+    llama_config,
     prompts,
     reference_logprobs,
     request,
     roadkit_model,
     run_engine,
+    save_model,
     save_peft_lora,
     save_road,
     with_bad_values,
 )
+
+from roadkit import RoadModel
 
 ATOL = 1e-4
 ROTATION = ["r1", "r2", None, "r4", "peft_road"]  # adapters cycled over the requests; None: the base
@@ -158,3 +162,29 @@ def test_prompt_logprobs_in_a_mixed_batch(families: dict[str, Family], tmp_path)
         ids = req["prompt_token_ids"]
         _, reference = reference_logprobs(model, ids[:1], ids[1:], [name or "__base__"])
         assert max(abs(a - b) for a, b in zip(res["prompt_logprobs"], reference, strict=True)) < ATOL, name
+
+
+def test_an_adapter_of_another_base_is_refused(families: dict[str, Family], tmp_path) -> None:
+    """An adapter saved on another base of the same shapes records that base's weights: the engine
+    refuses it (in float32 and bfloat16, where its own adapters still load), unless ROADKIT_TRUST_BASE=1."""
+    family = families["llama"]
+    other_base = tmp_path / "other_base"
+    save_model(llama_config(), other_base, seed=77)
+    stranger = save_road(other_base, tmp_path / "stranger", "road_1", 32, family.targets, seed=78)
+    p = prompts(2, seed=4)
+    reqs = [request(p[0], ("stranger", 30, stranger)), request(p[1], ("r1", 1, family.adapters["r1"]))]
+    for dtype in ("float32", "bfloat16"):
+        run_dir = tmp_path / dtype
+        run_dir.mkdir()
+        results = run_engine(run_dir, family.model_dir, reqs, engine={"dtype": dtype}, batches=[[0], [1]])
+        error = results[0]["error"]
+        assert error and error.startswith("RoadAdapterError: ") and "trained on another base model" in error, error
+        assert "ROADKIT_TRUST_BASE=1" in error and str(other_base) in error, error
+        assert results[1]["error"] is None, (dtype, results[1]["error"])
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    results = run_engine(trusted, family.model_dir, reqs[:1], env={"ROADKIT_TRUST_BASE": "1"})
+    assert results[0]["error"] is None
+    model = RoadModel.from_pretrained(family.base(), stranger, adapter_name="stranger").eval()  # warns, serves
+    picked, _ = reference_logprobs(model, p[0], results[0]["token_ids"], ["stranger"])
+    assert results[0]["token_ids"] == picked

