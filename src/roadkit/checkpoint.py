@@ -72,8 +72,25 @@ def write_adapter(
     metadata = {"format": "pt"}
     if base_fingerprint:
         metadata[FINGERPRINT_KEY] = json.dumps(base_fingerprint, separators=(",", ":"))
-    atomic_write_bytes(os.path.join(directory, WEIGHTS_NAME), save(plain, metadata=metadata))
+    atomic_write_bytes(os.path.join(directory, WEIGHTS_NAME), _sorted_metadata(save(plain, metadata=metadata)))
     config.save_pretrained(directory)
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """The same safetensors file with its metadata entries in sorted order. safetensors writes them in
+    hash order, which changes from one save to the next, and two saves of the same adapter should be
+    the same bytes. The header keeps its length, so the tensor data is untouched."""
+    length = int.from_bytes(data[:8], "little")
+    text = data[8 : 8 + length].decode("utf-8")
+    header = json.loads(text)
+    metadata = header.get("__metadata__") or {}
+    if len(metadata) < 2:
+        return data
+    header["__metadata__"] = dict(sorted(metadata.items()))
+    rewritten = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
+    if len(rewritten.encode("utf-8")) != len(text.rstrip(" ").encode("utf-8")):
+        return data  # a formatting this code does not reproduce: keep safetensors' own bytes
+    return data[:8] + rewritten.encode("utf-8").ljust(length, b" ") + data[8 + length :]
 
 
 def read_base_fingerprint(directory: PathLike) -> BaseFingerprint:

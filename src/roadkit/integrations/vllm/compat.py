@@ -13,7 +13,7 @@ from importlib import metadata
 SUPPORTED = ">=0.32,<0.33"
 _RANGE = ((0, 32), (0, 33))
 
-# (module, attribute path) pairs the plugin uses.
+# (module, attribute path) pairs the plugin uses; "a|b" names the modules different versions keep it in.
 INTERNALS = (
     ("vllm.v1.worker.lora_model_runner_mixin", "LRUCacheWorkerLoRAManager"),
     ("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager._load_adapter"),
@@ -30,7 +30,7 @@ INTERNALS = (
     ("vllm.model_executor.layers.linear", "QKVParallelLinear"),
     ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.load_lora_adapter"),
     ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.unload_lora_adapter"),
-    ("vllm.entrypoints.launchers.cli_args", "LoRAParserAction"),
+    ("vllm.entrypoints.common.cli_args|vllm.entrypoints.launchers.cli_args", "LoRAParserAction"),  # moved in 0.33
     ("vllm.v1.engine.core", "EngineCore.remove_lora"),
     ("vllm.v1.engine.core", "EngineCore.step"),
     ("vllm.v1.engine.core", "EngineCore.step_with_batch_queue"),
@@ -38,6 +38,31 @@ INTERNALS = (
     ("vllm.v1.engine.async_llm", "AsyncLLM.add_request"),
     ("vllm.lora.layers", "LogitsProcessorWithLoRA._get_logits"),
     ("vllm.lora.layers", "VocabParallelEmbeddingWithLoRA"),
+    # What else the plugin imports, wraps or calls (tests/test_vllm_compat.py checks these, with
+    # the parameters and instance attributes it relies on, in every vLLM release it lists).
+    ("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.add_adapter"),
+    ("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.remove_adapter"),
+    ("vllm.lora.model_manager", "LRUCacheLoRAModelManager"),
+    ("vllm.lora.request", "LoRARequest"),
+    ("vllm.lora.layers", "BaseLayerWithLoRA.set_mapping"),
+    ("vllm.lora.layers", "BaseLayerWithLoRA.create_lora_weights"),
+    ("vllm.lora.layers", "BaseLayerWithLoRA.set_lora"),
+    ("vllm.lora.layers", "BaseLayerWithLoRA.reset_lora"),
+    ("vllm.lora.punica_wrapper.punica_base", "PunicaWrapperBase.update_metadata"),
+    ("vllm.model_executor.layers.linear", "ColumnParallelLinear"),
+    ("vllm.model_executor.layers.linear", "MergedColumnParallelLinear"),
+    ("vllm.model_executor.layers.linear", "ReplicatedLinear"),
+    ("vllm.model_executor.layers.linear", "RowParallelLinear"),
+    ("vllm.model_executor.layers.logits_processor", "LogitsProcessor._get_logits"),
+    ("vllm.model_executor.models.utils", "WeightsMapper.get_rename_mapper"),
+    ("vllm.v1.worker.lora_model_runner_mixin", "LoRAModelRunnerMixin"),
+    ("vllm.v1.engine.llm_engine", "LLMEngine.add_lora"),
+    ("vllm.v1.engine.llm_engine", "LLMEngine.remove_lora"),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.add_lora"),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.remove_lora"),
+    ("vllm.entrypoints.serve.exception_handling.error_response", "create_error_response"),
+    ("vllm.exceptions", "VLLMValidationError"),
+    ("vllm.platforms.interface", "Platform.is_cpu"),
 )
 
 
@@ -66,12 +91,19 @@ def check_vllm(version: str | None = None) -> list[str]:
         return ["vLLM is not installed"]
     if not _RANGE[0] <= _release(version) < _RANGE[1]:
         return [f"vllm {version} is installed"]
-    missing = []
-    for module_name, path in INTERNALS:
+    missing = [f"{modules}.{path}" for modules, path in INTERNALS if lookup(modules, path) is None]
+    return [f"this vllm {version} lacks {', '.join(missing)}"] if missing else []
+
+
+def lookup(modules: str, path: str) -> object:
+    """The object at `path` in the first of `modules` ("a|b": where vLLM versions keep it) that has it,
+    or None."""
+    for module_name in modules.split("|"):
         try:
             obj: object = importlib.import_module(module_name)
             for part in path.split("."):
                 obj = getattr(obj, part)
         except (ImportError, AttributeError):
-            missing.append(f"{module_name}.{path}")
-    return [f"this vllm {version} lacks {', '.join(missing)}"] if missing else []
+            continue
+        return obj
+    return None

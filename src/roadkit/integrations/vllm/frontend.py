@@ -21,7 +21,6 @@ import inspect
 from http import HTTPStatus
 from typing import Any, Callable, Optional
 
-from vllm.entrypoints.launchers.cli_args import LoRAParserAction
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.exceptions import VLLMValidationError
@@ -30,6 +29,11 @@ from vllm.lora.utils import get_adapter_absolute_path
 from vllm.platforms import current_platform
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.llm_engine import LLMEngine
+
+try:  # vLLM >= 0.33
+    from vllm.entrypoints.common.cli_args import LoRAParserAction
+except ImportError:  # vLLM 0.32
+    from vllm.entrypoints.launchers.cli_args import LoRAParserAction
 
 from .adapter import (
     RoadAdapterError,
