@@ -6,7 +6,8 @@ SPEC: {"model": DIR, "engine": {LLM kwargs}, "max_tokens": N,
        "requests": [{"prompt_token_ids": [...], "adapter": null | [name, int_id, DIR]}, ...],
        "batches": [[request indices], ...]   (optional; default: all requests in one call),
        "preload": true | false               (optional; default true),
-       "prompt_logprobs": true | false       (optional; then each result has "prompt_logprobs")}
+       "prompt_logprobs": true | false       (optional; then each result has "prompt_logprobs"),
+       "break_rotation": true | false        (optional; the CPU rotation scaled by 1.01)}
 OUT: per request {"token_ids": [...], "logprobs": [...], "error": null | message}.
 Adapters are loaded before each batch (as the API server does): a request whose adapter fails to
 load gets that error and is not generated; the engine goes on with the others. With "preload":
@@ -24,6 +25,11 @@ def main() -> None:
     from vllm.lora.request import LoRARequest
 
     spec = json.load(open(sys.argv[1]))
+    if spec.get("break_rotation"):  # a serving path that computes wrong numbers, for the probe to catch
+        from roadkit.integrations.vllm.slots import SlotTable
+
+        forward = SlotTable.forward
+        SlotTable.forward = lambda self, *args, **kwargs: forward(self, *args, **kwargs) * 1.01
     llm = LLM(spec["model"], **spec["engine"])
     params = SamplingParams(
         max_tokens=spec["max_tokens"],

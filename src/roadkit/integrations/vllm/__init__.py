@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 
-from .compat import SUPPORTED, check_vllm, installed_version
+from .compat import SUPPORTED, check_vllm, installed_version, is_supported
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +29,19 @@ def register() -> None:
     problems = check_vllm()
     if problems:
         logger.error(
-            "roadkit: RoAd serving is disabled: it supports vllm %s, and %s. vLLM runs without it.",
-            SUPPORTED,
+            "roadkit: RoAd serving is disabled: %s (roadkit checked vllm %s). vLLM runs without it.",
             "; ".join(problems),
+            SUPPORTED,
         )
         return
+    version = installed_version() or "?"
+    if not is_supported(version):
+        logger.warning(
+            "roadkit: vllm %s is outside the releases roadkit checked (%s); it has every internal RoAd "
+            "serving needs, so RoAd adapters are served, after each layer's serving path passes its probe.",
+            version,
+            SUPPORTED,
+        )
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.executor.abstract import Executor
     from vllm.v1.worker import lora_model_runner_mixin
@@ -50,7 +58,7 @@ def register() -> None:
         EngineCore.step = removing_after(EngineCore.step, remove_lora)  # type: ignore[method-assign, unused-ignore]
         EngineCore.step_with_batch_queue = removing_after(EngineCore.step_with_batch_queue, remove_lora)  # type: ignore[method-assign, unused-ignore]
     frontend.install()
-    logger.info("roadkit: RoAd adapters are served beside LoRA adapters (vllm %s).", installed_version())
+    logger.info("roadkit: RoAd adapters are served beside LoRA adapters (vllm %s).", version)
 
 
 __all__ = ["SUPPORTED", "check_vllm", "register"]

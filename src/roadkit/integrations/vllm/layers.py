@@ -29,6 +29,7 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
 )
 
+from ... import functional as F
 from . import ops
 from .adapter import ModuleRotation
 from .slots import SlotTable
@@ -95,10 +96,19 @@ def local_segments(base: torch.nn.Module, n_slices: int, tp_rank: int, tp_size: 
     return _rank_segments(base, n_slices, tp_rank)
 
 
+SERVED_LINEAR = (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    ReplicatedLinear,
+)
+
+
 def is_servable(module: torch.nn.Module) -> bool:
-    """Whether `module` (one of vLLM's LoRA layers) wraps a linear layer RoAd can serve."""
-    base = getattr(module, "base_layer", None)
-    return isinstance(base, (ColumnParallelLinear, RowParallelLinear, ReplicatedLinear))
+    """Whether `module` (one of vLLM's LoRA layers) wraps a linear layer RoAd can serve: one of vLLM's
+    linear classes itself, not a model-specific subclass, whose outputs `local_segments` may not describe."""
+    return type(getattr(module, "base_layer", None)) in SERVED_LINEAR
 
 
 class RoadLinear(BaseLayerWithLoRA):
@@ -225,12 +235,59 @@ class RoadLinear(BaseLayerWithLoRA):
             not self.table.active or (in_use is not None and in_use.isdisjoint(self.table.active_slots))
         ):
             return out
+        return self._rotate_output(out)
+
+    def _rotate_output(
+        self, out: Union[torch.Tensor, tuple[torch.Tensor, Optional[torch.Tensor]]]
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, Optional[torch.Tensor]]]:
         y, bias = out if isinstance(out, tuple) else (out, None)
         if bias is not None and self.owns_bias:
             y = self._rotate(y + bias) - bias
         else:
             y = self._rotate(y)
         return (y, bias) if isinstance(out, tuple) else y
+
+    @torch.no_grad()
+    def probe(self, rotations: list[Optional[ModuleRotation]]) -> Optional[str]:
+        """Serve `rotations` from a scratch slot on a few random inputs, through the layer's own path
+        (vLLM's base layer, then the rotation), and compare with the closed form R(Wx + b) computed from
+        the base layer's plain output; returns what differs, or None.
+
+        This guards against a vLLM whose layers changed behaviour under unchanged names (what they
+        return, where the bias goes, which kernel runs). Like `first_weights`, it runs the base layer,
+        whose row-parallel form all-reduces: call it on every rank, for the same layers in the same order.
+        """
+        linear = self.base_layer.base_layer
+        device = self.table.c.device
+        width = linear.input_size_per_partition if isinstance(linear, RowParallelLinear) else linear.input_size
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(3, width, generator=generator).to(device=device, dtype=linear.params_dtype)
+        table, routing = self.table, self.routing
+        self.table = SlotTable(1, table.features, device=device)
+        self.routing = ops.SlotRouting(3, 1, device)
+        try:
+            self.set_road(0, rotations)
+            self.routing.update(torch.tensor([0, -1, 0], device=device))  # the adapter, no adapter, the adapter
+            served = self._rotate_output(linear(x))
+            c, s, half = self.table.c[0], self.table.s[0], int(self.table.half[0])
+        finally:
+            self.table, self.routing = table, routing
+        plain = linear(x)
+        y, bias = plain if isinstance(plain, tuple) else (plain, None)
+        z = (y + bias if bias is not None and self.owns_bias else y).float()
+        expected = torch.stack((F.rotate(z[0], (c, s), 2 * half), z[1], F.rotate(z[2], (c, s), 2 * half)))
+        if bias is not None and self.owns_bias:
+            expected = expected - bias.float()
+        got = (served[0] if isinstance(served, tuple) else served).float()
+        tolerance = 1e-4 if y.dtype == torch.float32 else 3e-2
+        scale = float(expected.abs().max()) or 1.0
+        worst = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
+        if worst > tolerance * scale:
+            return (
+                f"layer {self.name!r}: the served rotation differs from R(Wx + b) by {worst:.3g} "
+                f"(outputs up to {scale:.3g}, {y.dtype})"
+            )
+        return None
 
     def _rotate(self, y: torch.Tensor) -> torch.Tensor:
         y2 = y.reshape(-1, y.shape[-1])

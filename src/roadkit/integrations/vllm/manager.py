@@ -41,6 +41,7 @@ from .adapter import (
     recorded_base,
     same_model,
 )
+from .compat import SUPPORTED
 from .layers import RoadLinear, is_servable, skip_idle_lora
 from .ops import SlotRouting
 
@@ -65,6 +66,8 @@ class RoadLoRAModelManager(LRUCacheLoRAModelManager):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.probed_layers: set[str] = set()  # layers whose serving path passed `RoadLinear.probe`
+        self.road_disabled: Optional[str] = None  # why RoAd serving is off (a probe failed), or None
         self.road_routings: dict[int, tuple[Any, SlotRouting]] = {}
         for name, module in list(self.modules.items()):
             skip_idle_lora(module)
@@ -114,7 +117,27 @@ class RoadLoRAModelManager(LRUCacheLoRAModelManager):
                     raise RoadAdapterError(str(err)) from err
         if adapter.base_fingerprint and os.environ.get(TRUST_BASE_ENV) != "1":
             self._check_base(adapter, {path: name for name, path in trained.items()})
+        self._probe(where, layers, rotations)
         return rotations
+
+    def _probe(self, where: str, layers: dict[str, RoadLinear], rotations: dict[str, ModuleRotation]) -> None:
+        """Before a layer serves its first RoAd adapter, check its serving path against the closed form
+        (`RoadLinear.probe`); a mismatch turns RoAd serving off for this server, with the reason."""
+        if self.road_disabled:
+            raise RoadAdapterError(f"{where} cannot be served: {self.road_disabled}")
+        for name, layer in layers.items():
+            subs = [rotations.get(sub) for sub in self._sub_names(name)]
+            if name in self.probed_layers or all(r is None for r in subs):
+                continue
+            problem = layer.probe(subs)
+            if problem:
+                self.road_disabled = (
+                    f"RoAd serving is off on this server: {problem}, so this vLLM's layers do not behave as "
+                    f"roadkit expects (it checked vllm {SUPPORTED}); LoRA adapters are still served"
+                )
+                logger.error("roadkit: %s.", self.road_disabled)
+                raise RoadAdapterError(f"{where} cannot be served: {self.road_disabled}.")
+            self.probed_layers.add(name)
 
     def _check_base(self, adapter: RoadAdapter, served_name: dict[str, str]) -> None:
         """Refuse an adapter whose recorded base weights differ from the served model's (another base)."""
