@@ -46,7 +46,7 @@ def register() -> None:
     from vllm.v1.executor.abstract import Executor
     from vllm.v1.worker import lora_model_runner_mixin
 
-    from . import frontend
+    from . import frontend, resolver
     from .manager import RoadWorkerLoRAManager, checked_add_lora, deferred_remove_lora, removing_after
 
     lora_model_runner_mixin.LRUCacheWorkerLoRAManager = RoadWorkerLoRAManager
@@ -58,6 +58,7 @@ def register() -> None:
         EngineCore.step = removing_after(EngineCore.step, remove_lora)  # type: ignore[method-assign, unused-ignore]
         EngineCore.step_with_batch_queue = removing_after(EngineCore.step_with_batch_queue, remove_lora)  # type: ignore[method-assign, unused-ignore]
     frontend.install()
+    resolver.install()
     logger.info("roadkit: RoAd adapters are served beside LoRA adapters (vllm %s).", version)
 
 

@@ -73,6 +73,7 @@ INTERNALS = (
     ("vllm.entrypoints.serve.exception_handling.error_response", "create_error_response"),
     ("vllm.exceptions", "VLLMValidationError"),
     ("vllm.platforms.interface", "Platform.is_cpu"),
+    ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.resolve_lora"),
 )
 
 

@@ -105,7 +105,9 @@ def _removing_unload(original: Callable[..., Any]) -> Callable[..., Any]:
     async def unload_lora_adapter(self: OpenAIServingModels, request: Any) -> Any:
         lora = self.lora_requests.get(request.lora_name)
         result = await original(self, request)
-        if lora is not None and isinstance(result, str):  # unloaded: the engine may forget it too
+        if lora is not None and isinstance(result, str):  # unloaded: its aliases go, and the engine may forget it
+            for alias in [n for n, r in self.lora_requests.items() if r.lora_int_id == lora.lora_int_id]:
+                del self.lora_requests[alias]
             await self.engine_client.remove_lora(lora.lora_int_id)
         return result
 
