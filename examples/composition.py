@@ -15,6 +15,7 @@ It reports held-out loss (mean per completion token) on both tasks for base, A, 
 and the share of A's improvement on task 1 (and of B's on task 2) that the union keeps.
 
     python examples/composition.py [--fast] [--steps N] [--lr LR] [--replay N] [--output composition.json]
+                                   [--save-adapters DIR]
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ def replay(count: int, own: list[str]) -> list[Example]:
     return [ex for ex in pretraining_examples(count, seed=1) if not ex.completion.partition(" ")[2].startswith(markers)]
 
 
-def run(s: dict = SETTINGS["full"], say: Callable[[str], None] = print) -> dict:
+def run(s: dict = SETTINGS["full"], say: Callable[[str], None] = print, save_adapters: str | None = None) -> dict:
     """Train A, B and joint with settings `s` (see SETTINGS); compose union(A, B); return held-out
-    losses of every model on both tasks."""
+    losses of every model on both tasks. With `save_adapters`, A and B are saved there (DIR/A, DIR/B):
+    an adapter store for `scripts/serve_compose_demo.sh`."""
     torch.manual_seed(0)
     base, tokenizer = load_base()
     data = {
@@ -90,6 +92,9 @@ def run(s: dict = SETTINGS["full"], say: Callable[[str], None] = print) -> dict:
             f"{time.perf_counter() - start:.0f} s"
         )
     compose(model, ["A", "B"], "union", mode="union")
+    if save_adapters:
+        model.save_pretrained(save_adapters, selected_adapters=["A", "B"])
+        say(f"saved A and B in {save_adapters}")
 
     evaluator = TrainingRun(model, runs["A"], config, tokenizer)
     losses: dict[str, dict[str, float]] = {}
@@ -135,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="training steps per adapter (default: 300, or 30 with --fast)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: 5e-3, or 1e-2 with --fast)")
     parser.add_argument("--output", help="write the result as JSON here")
+    parser.add_argument("--save-adapters", metavar="DIR", help="save adapters A and B in DIR/A and DIR/B")
     args = parser.parse_args(argv)
     settings = {**SETTINGS["fast" if args.fast else "full"], "replay": args.replay}
-    result = run({**settings, "steps": args.steps or settings["steps"], "lr": args.lr or settings["lr"]})
+    steps = {"steps": args.steps or settings["steps"], "lr": args.lr or settings["lr"]}
+    result = run({**settings, **steps}, save_adapters=args.save_adapters)
     print(markdown(result))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:

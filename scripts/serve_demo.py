@@ -65,7 +65,9 @@ def server_command() -> list[str]:
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 
 
-def start_server(base: Path, adapters: dict[str, Path], port: int, log_path: Path) -> subprocess.Popen:
+def start_server(
+    base: Path, adapters: dict[str, Path], port: int, log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     cmd = [
         *server_command(),
         "--model",
@@ -81,10 +83,9 @@ def start_server(base: Path, adapters: dict[str, Path], port: int, log_path: Pat
         "--max-model-len",
         str(context_length(base)),
         "--enable-lora",
-        "--lora-modules",
-        *(f"{name}={path}" for name, path in adapters.items()),
+        *(["--lora-modules", *(f"{name}={path}" for name, path in adapters.items())] if adapters else []),
         "--max-loras",
-        str(len(adapters)),
+        str(max(len(adapters), 4)),
         "--max-lora-rank",
         "8",
     ]
@@ -92,6 +93,7 @@ def start_server(base: Path, adapters: dict[str, Path], port: int, log_path: Pat
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
     }
     print("$ " + " ".join(Path(c).name if c == sys.executable else c for c in cmd), flush=True)
     log = open(log_path, "wb")
@@ -150,12 +152,17 @@ def wait_healthy(proc: subprocess.Popen, port: int, log_path: Path) -> float:
 
 
 def roadkit_completions(
-    base: Path, adapters: dict[str, Path], prompts: list[str], max_tokens: int
+    base: Path,
+    adapters: dict[str, Path],
+    prompts: list[str],
+    max_tokens: int,
+    compositions: dict[str, tuple[str, list[str]]] | None = None,
 ) -> dict[str, list[str]]:
-    """Greedy completions of every prompt with the base and each adapter, in one mixed-batch generate call."""
+    """Greedy completions of every prompt with the base, each adapter and each composition (name ->
+    (mode, adapters), composed in-process), in one mixed-batch generate call."""
     import torch
 
-    from roadkit import RoadModel
+    from roadkit import RoadModel, compose
     from roadkit.app.generation import generate
     from roadkit.app.loading import load_causal_lm, load_tokenizer, quiet_transformers
 
@@ -168,19 +175,26 @@ def roadkit_completions(
     )
     for name in names[1:]:
         model.load_adapter(str(adapters[name]), adapter_name=name)
+    local_names = {}
+    for i, (name, (mode, parts)) in enumerate((compositions or {}).items()):
+        local_names[name] = f"composition_{i}"  # roadkit's adapter names cannot hold '+' or '.'
+        compose(model, parts, local_names[name], mode=mode)
     model.eval()
-    models = ["base", *names]
+    models = ["base", *names, *local_names]
     rows = [(m, p) for m in models for p in prompts]
-    outputs = generate(model, tokenizer, [p for _, p in rows], [m for m, _ in rows], max_new_tokens=max_tokens)
+    names_in_model = [local_names.get(m, m) for m, _ in rows]
+    outputs = generate(model, tokenizer, [p for _, p in rows], names_in_model, max_new_tokens=max_tokens)
     return {m: [out for (name, _), out in zip(rows, outputs, strict=True) if name == m] for m in models}
 
 
-async def vllm_completions(port: int, prompts: list[str], max_tokens: int) -> dict[str, list[str]]:
+async def vllm_completions(
+    port: int, prompts: list[str], max_tokens: int, names: tuple[str, ...] = ADAPTERS
+) -> dict[str, list[str]]:
     """Every (model, prompt) pair as its own request, all in flight at once: the server batches them."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
-    models = {"base": BASE_NAME, **{name: name for name in ADAPTERS}}
+    models = {"base": BASE_NAME, **{name: name for name in names}}
 
     async def one(model: str, prompt: str) -> str:
         response = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)

