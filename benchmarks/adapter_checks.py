@@ -6,9 +6,11 @@
 A SmolLM2-135M-shaped Llama (random weights; hidden 576, 30 layers) with road_1 on every linear layer.
 In-process, interleaved rounds time `read_road_adapter` (read, shape checks, value check, coefficients)
 and the value check alone (`functional.value_problem` over every module), and report the bytes the
-engine keeps per adapter. With `--server` (run it in the vLLM environment) it starts vLLM's OpenAI
+engine keeps per adapter and the time the adapter store takes to build a composition (`a>a`) from the
+files. With `--server` (run it in the vLLM environment) it starts vLLM's OpenAI
 server on 127.0.0.1 and times `/v1/load_lora_adapter` for fresh adapters, once with this tree and once
 with the roadkit source at `--baseline SRC` (e.g. a worktree of an older commit), one server at a time.
+The first load on a server includes each layer's one-time probe (`RoadLinear.probe`).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def in_process(adapter: Path, rounds: int) -> dict[str, float]:
     from roadkit import functional as F
     from roadkit.checkpoint import read_adapter
     from roadkit.integrations.vllm.adapter import read_road_adapter
+    from roadkit.integrations.vllm.store import AdapterStore, parse
 
     config, tensors = read_adapter(adapter)
     pairs = [(tensors[k], tensors[k.replace("road_theta", "road_alpha")]) for k in tensors if k.endswith("road_theta")]
@@ -78,6 +81,12 @@ def in_process(adapter: Path, rounds: int) -> dict[str, float]:
         problems = [F.value_problem(config.variant, config.group_size, t, a) for t, a in pairs]
         check_ms.append((time.perf_counter() - start) * 1e3)
         assert not any(problems)
+    compose_ms = []
+    for _ in range(max(rounds // 4, 3)):  # a composition built from the files, as the adapter store does
+        store = AdapterStore(str(adapter.parent))
+        start = time.perf_counter()
+        store.resolve(parse(f"{adapter.name}>{adapter.name}"))
+        compose_ms.append((time.perf_counter() - start) * 1e3)
     snapshot = sum(r.c.numel() * r.c.element_size() + r.s.numel() * r.s.element_size() for r in rotations.values())
     params = sum(t.numel() * t.element_size() for t in tensors.values())
     return {
@@ -85,6 +94,7 @@ def in_process(adapter: Path, rounds: int) -> dict[str, float]:
         "read_and_check_ms": statistics.median(read_ms),
         "value_check_ms": statistics.median(check_ms),
         "value_check_share": statistics.median(check_ms) / statistics.median(read_ms),
+        "compose_sequential_ms": statistics.median(compose_ms),
         "snapshot_bytes": snapshot,
         "file_parameter_bytes": params,
     }

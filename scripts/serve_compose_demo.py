@@ -1,6 +1,6 @@
 """Serve a composition nobody registered: vLLM answers `model="A+B"` from an adapter store, beside A and B.
 
-    python scripts/serve_compose_demo.py [--store roadkit-compose] [--words 4] [--max-tokens 8]
+    python scripts/serve_compose_demo.py [--store roadkit-compose] [--words 4] [--max-tokens 14]
 
 `bash scripts/serve_compose_demo.sh` trains the store first (`examples/composition.py --save-adapters`:
 adapter A upper-cases `"kitten ->"` in shard 0 of 2 of the demo base's rotation pairs, adapter B
@@ -40,7 +40,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--store", default="roadkit-compose", help="folder with adapters A and B (default: roadkit-compose)")
     p.add_argument("--words", type=int, default=4, help="held-out demo words to prompt with (default: 4)")
-    p.add_argument("--max-tokens", type=int, default=8, help="tokens to generate per prompt (default: 8)")
+    p.add_argument("--max-tokens", type=int, default=14, help="tokens to generate per prompt (default: 14)")
     p.add_argument("--port", type=int, default=0, help="port for the server (default: a free one)")
     args = p.parse_args()
     store = Path(args.store).resolve()
@@ -73,7 +73,7 @@ def main() -> int:
         mismatches = print_table(prompts, served, local)
         print()
         for model, texts in served.items():
-            right = [text.startswith(w) for text, w in zip(texts, wanted, strict=True)]
+            right = [text[: len(w)] == w for text, w in zip(texts, wanted, strict=True)]
             n = len(held_out)
             print(f"{model:>5}: upper-case task {sum(right[:n])}/{n} right, reverse task {sum(right[n:])}/{n} right")
         total = len(prompts) * len(served)

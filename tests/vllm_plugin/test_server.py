@@ -149,6 +149,23 @@ def bad_adapters(server: Server, tmp_path_factory: pytest.TempPathFactory) -> di
     (mislabelled / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
     folder = root / "folder"
     shutil.copytree(server.family.adapters["r1"], folder / "task_a")
+    from safetensors.torch import load_file, save_file
+
+    lora_nan = save_peft_lora(model_dir, root / "lora_nan", ["q_proj", "v_proj"], seed=6)
+    tensors = load_file(lora_nan / "adapter_model.safetensors")
+    first_b = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[first_b][0, 0] = float("nan")
+    save_file(tensors, lora_nan / "adapter_model.safetensors")
+    fifo = root / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "adapter_config.json")  # a reader would block until someone writes
+    deep = root / "deep"
+    shutil.copytree(server.family.adapters["r1"], deep)
+    (deep / "adapter_config.json").write_text("[" * 100_000)
+    integers = root / "integers"
+    shutil.copytree(server.family.adapters["r1"], integers)
+    tensors = load_file(integers / "adapter_model.safetensors")
+    save_file({k: v.long() for k, v in tensors.items()}, integers / "adapter_model.safetensors")
     return {
         "nan": with_bad_values(server.family.adapters["r2"], root / "nan", "nan"),
         "inf": with_bad_values(server.family.adapters["r2"], root / "inf", "inf"),
@@ -165,6 +182,11 @@ def bad_adapters(server: Server, tmp_path_factory: pytest.TempPathFactory) -> di
         "other hidden size": save_road(root / "small_base", root / "small", "road_1", 32, LLAMA_TARGETS, seed=3),
         "not an adapter": not_adapter,
         "ia3": root / "ia3",
+        "lora with NaN": lora_nan,
+        "lora of rank 16": save_peft_lora(model_dir, root / "lora16", ["q_proj"], seed=7, rank=16),
+        "config a pipe": fifo,
+        "config nested deep": deep,
+        "integer tensors": integers,
     }
 
 
@@ -183,6 +205,11 @@ EXPECTED = {
     "other hidden size": (400, ["RoAd adapter", "128 output features", "parameters are for 64"]),
     "not an adapter": (404, ["No adapter found"]),
     "ia3": (None, []),
+    "lora with NaN": (400, ["LoRA adapter", "weights are NaN or infinite"]),
+    "lora of rank 16": (400, ["cannot be loaded"]),
+    "config a pipe": (400, ["adapter_config.json is not a regular file"]),
+    "config nested deep": (400, ["adapter_config.json is not valid JSON"]),
+    "integer tensors": (400, ["RoAd parameters are floating-point numbers", "torch.int64"]),
 }
 
 
@@ -241,6 +268,35 @@ def test_adapter_damaged_on_disk_after_loading_is_still_served(server: Server, t
     for adapter in [name, *others]:
         response = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": adapter}, timeout=60)
         assert response.status_code == 200
+
+
+def test_in_place_reload_replaces_the_adapter(server: Server, tmp_path: Path) -> None:
+    """load_inplace swaps what a name serves, RoAd to LoRA and back; a bad new version leaves the old one."""
+    family = server.family
+    lora = save_peft_lora(family.model_dir, tmp_path / "lora", LLAMA_TARGETS, seed=24)
+    p = prompts(2, seed=19)
+
+    def reload(path: Path) -> httpx.Response:
+        body = {"lora_name": "swapped", "lora_path": str(path), "load_inplace": True}
+        return httpx.post(f"{server.url}/v1/load_lora_adapter", json=body, timeout=60)
+
+    assert load(server, "swapped", family.adapters["r1"]).status_code == 200
+    assert load(server, "plain_lora", lora).status_code == 200
+
+    def answers(model: str) -> list[tuple[int, ...]]:
+        return [complete(server, model, q).token_ids for q in p]
+
+    as_r1, as_lora = answers("r1"), answers("plain_lora")
+    assert as_r1 != as_lora
+    assert answers("swapped") == as_r1
+    assert reload(lora).status_code == 200
+    assert answers("swapped") == as_lora
+    assert reload(tmp_path / "missing").status_code == 404
+    assert answers("swapped") == as_lora
+    assert reload(family.adapters["r1"]).status_code == 200
+    assert answers("swapped") == as_r1
+    for name in ("swapped", "plain_lora"):
+        httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
 
 
 def ask_prompt_logprobs(srv: Server, model: str, prompt: list[int]) -> tuple[tuple[int, ...], list]:

@@ -111,13 +111,13 @@ def save_peft_road(model_dir: Path, directory: Path, targets: list[str], seed: i
     return directory
 
 
-def save_peft_lora(model_dir: Path, directory: Path, targets: list[str], seed: int) -> Path:
-    """A LoRA r=8 adapter (PEFT) with non-zero B, for serving LoRA beside RoAd."""
+def save_peft_lora(model_dir: Path, directory: Path, targets: list[str], seed: int, rank: int = 8) -> Path:
+    """A LoRA adapter (PEFT, rank 8 unless said) with non-zero B, for serving LoRA beside RoAd."""
     import peft
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=16, target_modules=targets))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

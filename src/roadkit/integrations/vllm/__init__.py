@@ -21,7 +21,7 @@ import logging
 
 from .compat import SUPPORTED, check_vllm, installed_version, is_supported
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger, whose handler prints it
 
 
 def register() -> None:

@@ -34,12 +34,21 @@ def quote_some(names: list[str]) -> str:
 
 def peft_type_of(directory: str) -> str | None:
     """The `peft_type` an adapter directory declares, or None when it has no readable config."""
-    try:
-        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
+    peft_type = (_read_config(directory) or {}).get("peft_type")
+    return peft_type if isinstance(peft_type, str) else None
+
+
+def _read_config(directory: str) -> dict | None:
+    """The directory's parsed `adapter_config.json` when it is a regular file holding a JSON object, else None."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):  # a pipe there would block the reader
         return None
-    return data.get("peft_type") if isinstance(data, dict) else None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def is_road_directory(directory: str) -> bool:
@@ -80,6 +89,9 @@ def check_directory(directory: str) -> None:
     if not os.path.isdir(directory):
         return
     config_path = os.path.join(directory, CONFIG_NAME)
+    for name in (CONFIG_NAME, ckpt.WEIGHTS_NAME):  # a pipe or device there would block whoever reads it
+        if os.path.lexists(os.path.join(directory, name)) and not os.path.isfile(os.path.join(directory, name)):
+            raise RoadAdapterError(f"adapter {directory!r}: {name} is not a regular file.")
     if not os.path.isfile(config_path):
         inner = sorted(n for n in os.listdir(directory) if os.path.isfile(os.path.join(directory, n, CONFIG_NAME)))
         if inner:
@@ -91,7 +103,7 @@ def check_directory(directory: str) -> None:
     try:
         with open(config_path, encoding="utf-8") as fh:
             data = json.load(fh)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise RoadAdapterError(f"adapter {directory!r}: {CONFIG_NAME} is not valid JSON ({err}).") from err
     if not isinstance(data, dict):
         raise RoadAdapterError(
@@ -159,6 +171,12 @@ def read_road_adapter(directory: str) -> RoadAdapter:
             foreign.append(key)
         else:
             params.setdefault(path, {})[param] = tensor
+    integers = sorted(k for k, t in tensors.items() if not t.is_floating_point())
+    if integers:
+        raise RoadAdapterError(
+            f"{where}: RoAd parameters are floating-point numbers, but {quote_some(integers)} hold "
+            f"{tensors[integers[0]].dtype} values."
+        )
     if foreign:
         raise RoadAdapterError(
             f"{where}: {len(foreign)} tensors are not RoAd parameters "
@@ -194,12 +212,7 @@ def read_road_adapter(directory: str) -> RoadAdapter:
 
 def recorded_base(directory: str) -> str | None:
     """The base model an adapter directory records (`base_model_name_or_path`), or None."""
-    try:
-        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    base = data.get("base_model_name_or_path") if isinstance(data, dict) else None
+    base = (_read_config(directory) or {}).get("base_model_name_or_path")
     return base if isinstance(base, str) and base else None
 
 
@@ -220,11 +233,7 @@ def same_model(recorded: str, served: str) -> bool:
 def adapts_output_head(directory: str) -> bool:
     """Whether a (LoRA) adapter directory trains the output head `lm_head`: by its config's
     `target_modules`, or by the keys of its safetensors file (read from the header only)."""
-    try:
-        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as fh:
-            targets = json.load(fh).get("target_modules")
-    except (OSError, ValueError, AttributeError):
-        targets = None
+    targets = (_read_config(directory) or {}).get("target_modules")
     if isinstance(targets, str) and "lm_head" in targets or isinstance(targets, list) and "lm_head" in targets:
         return True
     from safetensors import safe_open

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import os
+import re
 from http import HTTPStatus
 from typing import Any, Callable, Optional
 
@@ -44,7 +46,13 @@ from .adapter import (
     read_road_adapter,
 )
 
-MARKER = "RoAd adapter "  # every RoadAdapterError message about an adapter's contents starts with it
+MARKER = re.compile(r"(RoAd|LoRA) adapter ")  # how every RoadAdapterError about an adapter's contents starts
+
+
+def _reason(message: str) -> str | None:
+    """The RoadAdapterError in an engine error's message (from its marker on), or None."""
+    found = MARKER.search(message)
+    return message[found.start() :] if found else None
 
 
 def _error(lora_name: str, err: RoadAdapterError | str) -> Any:
@@ -72,6 +80,8 @@ def _checked_lora_modules(original: Callable[..., None]) -> Callable[..., None]:
     def __call__(self: Any, parser: argparse.ArgumentParser, namespace: argparse.Namespace, *args: Any) -> None:
         original(self, parser, namespace, *args)
         for module in getattr(namespace, self.dest) or []:
+            if os.path.isabs(os.path.expanduser(module.path)) and not os.path.exists(os.path.expanduser(module.path)):
+                parser.error(f"--lora-modules {module.name}={module.path}: the adapter directory does not exist.")
             path = get_adapter_absolute_path(module.path)
             try:
                 check_directory(path)
@@ -93,8 +103,10 @@ def _checked_load(original: Callable[..., Any]) -> Callable[..., Any]:
                 return _error(request.lora_name, err)
         result = await original(self, request, base_model_name)
         error = getattr(result, "error", None)
-        if error is not None and error.code == HTTPStatus.INTERNAL_SERVER_ERROR and MARKER in error.message:
-            return _error(request.lora_name, error.message[error.message.index(MARKER) :])
+        if error is not None and error.code == HTTPStatus.INTERNAL_SERVER_ERROR:
+            # vLLM answers every failure to load an adapter with a 500; the adapter is what failed
+            reason = _reason(error.message) or f"cannot be loaded: {' '.join(error.message.split())}"
+            return _error(request.lora_name, reason)
         return result
 
     return load_lora_adapter
@@ -124,14 +136,10 @@ def _known(engine: Any) -> set[int]:
 
 
 def _as_road_error(err: Exception) -> Exception:
-    """An error the engine raised for a RoAd adapter, as `RoadAdapterError` (over the engine's process
-    boundary it arrives as a plain Exception); any other error as it is."""
-    message = str(err)
-    return (
-        err
-        if isinstance(err, RoadAdapterError) or MARKER not in message
-        else RoadAdapterError(message[message.index(MARKER) :])
-    )
+    """An error the engine raised for an adapter's contents, as `RoadAdapterError` (over the engine's
+    process boundary it arrives as a plain Exception); any other error as it is."""
+    reason = _reason(str(err))
+    return err if isinstance(err, RoadAdapterError) or reason is None else RoadAdapterError(reason)
 
 
 def _sync_add_lora(original: Callable[..., bool]) -> Callable[..., bool]:

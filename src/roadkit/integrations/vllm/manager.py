@@ -24,6 +24,7 @@ import tempfile
 import weakref
 from typing import Any, Callable, Optional
 
+import torch
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.model_manager import LRUCacheLoRAModelManager
 from vllm.lora.request import LoRARequest
@@ -47,7 +48,7 @@ from .ops import SlotRouting
 
 SUFFIX = ".road_theta"
 TRUST_BASE_ENV = "ROADKIT_TRUST_BASE"  # "1": serve adapters whose recorded base weights differ
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger, whose handler prints it
 
 
 class RoadAdapterModel(LoRAModel):
@@ -200,6 +201,7 @@ class RoadWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         self.accepted: dict[int, RoadAdapterModel] = {}  # adapter id -> its rotations, as checked
         self.pending: dict[int, RoadAdapterModel] = {}  # checked on this worker, not yet added by the engine
         self.lora_copies = PrivateCopies()  # LoRA adapters: vLLM reloads them from these copies
+        self.replacing: set[int] = set()  # adapters the engine is reloading in place (read them anew)
 
     def check(self, lora_request: LoRARequest) -> None:
         """Read and check a RoAd directory against this worker's layers and keep it, pending, for `add_adapter`."""
@@ -209,15 +211,21 @@ class RoadWorkerLoRAManager(LRUCacheWorkerLoRAManager):
 
     def _load_adapter(self, lora_request: LoRARequest) -> LoRAModel:
         adapter_id = lora_request.lora_int_id
-        if adapter_id in self.pending:
+        replacing = adapter_id in self.replacing  # set by the engine for an in-place reload, just before it
+        if adapter_id in self.pending:  # a RoAd adapter `check`ed for this add
             self.accepted[adapter_id] = self.pending.pop(adapter_id)
-        if adapter_id in self.accepted:
-            return self.accepted[adapter_id].clone(adapter_id)
-        path = get_adapter_absolute_path(lora_request.lora_path)
-        if not is_road_directory(path):
-            return self.lora_copies.load(lora_request, path, super()._load_adapter)
-        self.check(lora_request)  # reached only when the engine skipped `checked_add_lora`
-        self.accepted[adapter_id] = self.pending.pop(adapter_id)
+            self.lora_copies.drop(adapter_id)
+        elif adapter_id not in self.accepted or replacing:
+            path = get_adapter_absolute_path(lora_request.lora_path)
+            if is_road_directory(path):  # reached only when the engine skipped `checked_add_lora`
+                self.check(lora_request)
+                self.accepted[adapter_id] = self.pending.pop(adapter_id)
+            else:
+                model = self.lora_copies.load(lora_request, path, super()._load_adapter, replacing, check_lora_values)
+                self.accepted.pop(adapter_id, None)
+                self.replacing.discard(adapter_id)
+                return model
+        self.replacing.discard(adapter_id)
         return self.accepted[adapter_id].clone(adapter_id)
 
     def remove_adapter(self, adapter_id: int) -> bool:
@@ -249,21 +257,34 @@ class PrivateCopies:
         self.root: Optional[str] = None
         self.copies: dict[int, str] = {}  # adapter id -> its copy
 
-    def load(self, lora_request: LoRARequest, path: str, load: Callable[[LoRARequest], LoRAModel]) -> LoRAModel:
-        """`load` the adapter from its private copy, made first if it has none (or is being reloaded in place)."""
+    def load(
+        self,
+        lora_request: LoRARequest,
+        path: str,
+        load: Callable[[LoRARequest], LoRAModel],
+        fresh: bool = False,
+        check: Callable[[LoRAModel, str], None] = lambda model, path: None,
+    ) -> LoRAModel:
+        """`load` the adapter from its private copy, made first (and `check`ed) if it has none or `fresh`
+        asks for the directory's new contents (an in-place reload); the old copy stays if that fails."""
         adapter_id = lora_request.lora_int_id
-        if adapter_id in self.copies and not lora_request.load_inplace:
+        if adapter_id in self.copies and not fresh:
             return load(_at(lora_request, self.copies[adapter_id]))
         if not os.path.isdir(path):  # nothing to copy: vLLM says what is missing
             return load(lora_request)
-        fresh = self._copy(path)
+        copied = self._copy(path)
         try:
-            model = load(_at(lora_request, fresh))
+            model = load(_at(lora_request, copied))
         except Exception:
-            shutil.rmtree(fresh, ignore_errors=True)
+            shutil.rmtree(copied, ignore_errors=True)
             return load(lora_request)  # the error names the user's directory, not the copy
+        try:
+            check(model, path)
+        except Exception:
+            shutil.rmtree(copied, ignore_errors=True)
+            raise
         self.drop(adapter_id)
-        self.copies[adapter_id] = fresh
+        self.copies[adapter_id] = copied
         return model
 
     def _copy(self, path: str) -> str:
@@ -281,6 +302,24 @@ class PrivateCopies:
         kept = self.copies.pop(adapter_id, None)
         if kept is not None:
             shutil.rmtree(kept, ignore_errors=True)
+
+
+def check_lora_values(model: LoRAModel, path: str) -> None:
+    """Refuse a LoRA adapter with NaN or infinite weights: served, it turns other requests' answers into
+    empty text through the shared KV cache, as a RoAd adapter would."""
+    bad = total = 0
+    for weights in model.loras.values():
+        for name in ("lora_a", "lora_b", "bias"):
+            value = getattr(weights, name, None)
+            for tensor in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                    bad += int((~torch.isfinite(tensor)).sum())
+                    total += tensor.numel()
+    if bad:
+        raise RoadAdapterError(
+            f"LoRA adapter {path!r}: {bad} of its {total} weights are NaN or infinite; the training that wrote "
+            "it probably diverged. Retrain it or serve an earlier checkpoint."
+        )
 
 
 def _worker_manager(worker: Any) -> RoadWorkerLoRAManager:
@@ -301,8 +340,15 @@ def check_on_worker(worker: Any, lora_request: LoRARequest) -> Optional[str]:
 
 
 def drop_pending_on_worker(worker: Any, adapter_id: int) -> None:
-    """Forget a checked adapter that another worker refused."""
-    _worker_manager(worker).pending.pop(adapter_id, None)
+    """Forget a checked adapter (or an in-place reload) that another worker, or vLLM, refused."""
+    manager = _worker_manager(worker)
+    manager.pending.pop(adapter_id, None)
+    manager.replacing.discard(adapter_id)
+
+
+def replacing_on_worker(worker: Any, adapter_id: int) -> None:
+    """The engine reloads this adapter in place: its next load reads the directory anew."""
+    _worker_manager(worker).replacing.add(adapter_id)
 
 
 def checked_add_lora(add_lora: Callable[[Any, LoRARequest], bool]) -> Callable[[Any, LoRARequest], bool]:
@@ -319,7 +365,13 @@ def checked_add_lora(add_lora: Callable[[Any, LoRARequest], bool]) -> Callable[[
                 raise RoadAdapterError(problems[0])
             if not read_base_fingerprint(path):  # else the workers compared the base's weights
                 warn_if_other_base(path, lora_request.lora_name, executor.vllm_config.model_config)
-        return add_lora(executor, lora_request)
+        if lora_request.load_inplace:
+            executor.collective_rpc(replacing_on_worker, args=(lora_request.lora_int_id,))
+        try:
+            return add_lora(executor, lora_request)
+        except Exception:
+            executor.collective_rpc(drop_pending_on_worker, args=(lora_request.lora_int_id,))
+            raise
 
     wrapped.roadkit_wrapped = True  # type: ignore[attr-defined]
     return wrapped

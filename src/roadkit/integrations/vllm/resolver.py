@@ -32,7 +32,7 @@ from vllm.lora.request import LoRARequest
 
 from .store import MAX_COMPOSED, STORE_ENV, AdapterMissingError, AdapterStore, StoreError, looks_composed, parse
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger, whose handler prints it
 
 
 def _bad_request(message: str) -> Any:
