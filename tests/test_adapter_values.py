@@ -143,3 +143,45 @@ def test_a_merged_layer_records_no_base_weights(tmp_path) -> None:
     model.save_pretrained(tmp_path / "m")
     recorded = ckpt.read_base_fingerprint(tmp_path / "m")
     assert recorded and not any(p.endswith("q_proj") for p in recorded)
+
+
+def test_a_refused_safe_merge_changes_nothing(recwarn) -> None:
+    """Adapter b has a NaN in one layer only: merging a and b safely raises, and every weight, every
+    layer's merged list and the warnings are exactly as before (a used to stay merged there)."""
+    model = get_peft_model(tiny_llama(), RoadConfig(variant="road_2", group_size=32, init_weights=False), "a")
+    model.add_adapter("b", RoadConfig(variant="road_2", group_size=32, init_weights=False))
+    paths = [p for p, _ in model.road_layers()]
+    with torch.no_grad():
+        model.model.get_submodule(paths[-1]).road_alpha["b"][0] = math.nan
+    before = {k: v.clone() for k, v in model.model.state_dict().items() if "road_" not in k}  # the base's
+    with pytest.raises(ValueError, match=rf"adapter 'b' would put NaN or inf .*{paths[-1]}.*nothing was changed"):
+        model.merge_adapter(["a", "b"], safe_merge=True)
+    after = model.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(not layer.merged_adapters for _, layer in model.road_layers())
+    assert not [w for w in recwarn if "unmerge" in str(w.message)]
+
+
+def test_a_routing_made_before_the_adapters_changed_serves_the_new_values() -> None:
+    """A routing kept across an in-place update of the adapters (as a serving loop keeps one) gives what a
+    fresh one gives, on every call (the per-row memo included), and is refused after a merge."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), RoadConfig(variant="road_2", group_size=32, init_weights=False), "a")
+    model.add_adapter("b", RoadConfig(variant="road_2", group_size=32, init_weights=False))
+    model.eval()
+    ids = torch.randint(3, 90, (3, 6))
+    names = ["a", "b", "__base__"]
+    routing = model.route(names, batch_shape=tuple(ids.shape))
+    with torch.no_grad():
+        first = model(input_ids=ids, routing=routing).logits
+        model(input_ids=ids, routing=routing)  # the second use keeps the gathered rows
+        state = {k: v * 1.1 for k, v in model.adapter_state_dict("b").items()}
+        model.load_adapter_values("b", state)
+        for _ in range(2):
+            kept = model(input_ids=ids, routing=routing).logits
+            fresh = model(input_ids=ids, routing=model.route(names, batch_shape=tuple(ids.shape))).logits
+            torch.testing.assert_close(kept, fresh, rtol=0, atol=0)
+        assert not torch.equal(kept[1], first[1]) and torch.equal(kept[0], first[0])
+        model.merge_adapter(["a"])
+        with pytest.raises(ValueError, match=r"\['a'\] are merged into the weights"):
+            model(input_ids=ids, routing=routing)

@@ -452,22 +452,19 @@ class RoadModel(nn.Module):
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights, in closed form.
 
-        If `safe_merge` finds NaN/inf in some layer, the layers merged so far are restored and the
-        model is left as it was.
+        With `safe_merge`, every layer's result is checked for NaN/inf on copies before any weight
+        changes: if one has any, the model is left exactly as it was.
         """
         names = self._active if adapter_names is None else _as_list(adapter_names)
         self.check_adapter_names(names)
         self._check_untied(names)
-        done: list[tuple[RoadLayer, int]] = []
-        try:
-            for _, layer in self.road_layers():
-                before = len(layer.merged_adapters)
-                layer.merge(safe_merge=safe_merge, adapter_names=names)
-                done.append((layer, len(layer.merged_adapters) - before))
-        except ValueError:
-            for layer, count in done:
-                layer.unmerge(last=count)
-            raise
+        if safe_merge:
+            for path, layer in self.road_layers():
+                problem = layer.merge_problem(names)
+                if problem:
+                    raise ValueError(f"{problem} of layer {path!r}; nothing was changed.")
+        for _, layer in self.road_layers():
+            layer.merge(adapter_names=names)
 
     def _check_untied(self, names: list[str]) -> None:
         """Refuse to merge into a weight another module shares (tied input/output embeddings):
@@ -618,6 +615,11 @@ class RoadModel(nn.Module):
         """Hand `routing` to every adapter layer for one call (one walk), and take it back after."""
         if self.training:
             raise ValueError("a routing (mixed-adapter batches) is for inference; call model.eval() first.")
+        merged = sorted({n for m in self._adapter_modules() if isinstance(m, RoadLayer) for n in m.merged_adapters})
+        if merged:  # a routing made before a merge would apply the merged adapters a second time
+            raise ValueError(
+                f"adapters {merged} are merged into the weights; call unmerge_adapter() before mixed-adapter batches."
+            )
         with self._set_on_adapter_modules("routing", routing, reset=None):
             yield
 

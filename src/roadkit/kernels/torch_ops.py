@@ -12,7 +12,8 @@ of `x` (one coefficient row per batch row or per token, for mixed-adapter batche
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+import weakref
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -275,6 +276,9 @@ GATHER_BYTES = 32 << 20  # most per-row coefficients a mixed batch gathers at on
 MEMO_BYTES = 64 << 20  # most gathered per-row coefficients one `RowMemo` keeps
 
 
+_Windows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 class RowMemo:
     """Per-row coefficients gathered for one routing of a model call, kept from their second use on.
 
@@ -282,14 +286,15 @@ class RowMemo:
     decode step on each layer finds its rows here instead of gathering them again. A plain forward
     uses its rows once and keeps none. At most `MEMO_BYTES` are kept; past that, layers gather on
     every call. Entries are keyed by the packed table (which the routing keeps alive), the index's
-    shape and x's rank: within one routing those fix the index's values.
+    shape and x's rank: within one routing those fix the index's values. An entry also holds its table
+    weakly, so a table rebuilt at the address of a freed one (the adapters changed) is a miss.
     """
 
     __slots__ = ("entries", "nbytes")
 
     def __init__(self) -> None:
-        # key -> the (c, s_up, s_down) windows; None: gathered once so far
-        self.entries: dict[tuple, Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        # key -> (the table, the (c, s_up, s_down) windows); None: gathered once so far
+        self.entries: dict[tuple, Optional[tuple[Callable[[], Optional[torch.Tensor]], _Windows]]] = {}
         self.nbytes = 0
 
 
@@ -300,15 +305,15 @@ def _gathered(
     windows `rotate_shifted` reads; through `memo` when given."""
     key = (id(table.packed), tuple(index.shape), x_dim)
     hit = memo.entries.get(key) if memo is not None else None
-    if hit is not None:
-        return hit
+    if hit is not None and hit[0]() is table.packed:  # not a table rebuilt since, at a reused address
+        return hit[1]
     lead = tuple(index.shape) + (1,) * (x_dim - 1 - index.dim())
     # index_select is several times faster than advanced indexing on CPU
     rows = table.packed.index_select(0, index.reshape(-1)).view(lead + tuple(table.packed.shape[1:]))
     windows = _windows(rows, half)
     if memo is not None:
         keep = key in memo.entries and memo.nbytes + rows.nbytes <= MEMO_BYTES
-        memo.entries[key] = windows if keep else None
+        memo.entries[key] = (weakref.ref(table.packed), windows) if keep else None
         memo.nbytes += rows.nbytes if keep else 0
     return windows
 

@@ -65,6 +65,22 @@ class _Prepared:
     group_size: int
 
 
+class LayerCache(OrderedDict):
+    """A layer's cache: key -> (parameters read, their stamp, value), least recently used first.
+    `generation` counts the times entries were dropped, so whoever holds a value built here (a
+    `Routing`'s tables) can tell with one comparison whether it may have gone stale."""
+
+    generation = 0
+
+    def clear(self) -> None:
+        self.generation += 1
+        super().clear()
+
+    def popitem(self, last: bool = True) -> tuple:
+        self.generation += 1
+        return super().popitem(last)
+
+
 @dataclass(frozen=True, eq=False)
 class Routing:
     """Which adapter each batch row (or token) uses: `index` points into `names` (int32, which the
@@ -72,7 +88,8 @@ class Routing:
 
     `batch_shape` is the (batch, seq) of the model input, when known: it lets per-row indices
     reach layers that see the batch flattened to (batch * seq) rows (OPT's MLP, for one).
-    `tables` holds each layer's coefficient tables for this routing (`RoadLayer.tables_for`), and
+    `tables` holds each layer's coefficient tables for this routing (`RoadLayer.tables_for`, with what
+    tells whether they are still current), and
     `rows` the kernel backend's scratch for this routing (`kernels.new_memo`: on the torch path, the
     per-row coefficients gathered from the tables, kept from their second use on, so the decode
     steps of one `generate` call do not gather again; None under torch.compile, which fuses the
@@ -143,7 +160,7 @@ class RoadLayer(nn.Module):
         self.routing: Optional[Routing] = None  # set by the model wrapper for one mixed-batch call
         # The layer's one cache (see `_cached`): key -> (parameters read, their stamp, value), least recently
         # used first. Emptied on every adapter change, dtype or device move, and `train()`.
-        self._cache: OrderedDict[Hashable, tuple[list[torch.Tensor], tuple, Any]] = OrderedDict()
+        self._cache: LayerCache = LayerCache()
         self._watched: dict[int, torch.Tensor] = {}  # id -> parameter: those whose gradients empty the cache
         self.update_layer(adapter_name, variant, group_size, init_weights, subspace, dtype)
         self.set_adapter(adapter_name)
@@ -415,21 +432,27 @@ class RoadLayer(nn.Module):
     def tables_for(self, routing: Routing) -> list[_Prepared]:
         """The coefficient tables for this routing, one per group size, kept on the routing.
 
-        The model wrapper looks them up for every layer before the model runs, so the decode steps
-        of one `generate` pay no per-adapter bookkeeping, and a compiled model receives them as
-        inputs. A layer that finds none builds them: from its cache, or, under torch.compile, in
-        the graph from the parameters.
+        The model wrapper looks them up for every layer before the model runs, and a compiled model
+        receives them as inputs. In eager mode every call checks them against the layer's cache, so a
+        routing made before the adapters changed (an optimizer step, `load_adapter_values`) serves the
+        new values; under torch.compile a layer that finds none builds them in the graph.
         """
-        tables = routing.tables.get(self)
-        if tables is None and torch.compiler.is_compiling():
-            return [self._build_table(routing.names, g) for g in self._group_sizes(routing.names)]
-        if tables is None:
+        held = routing.tables.get(self)
+        if torch.compiler.is_compiling():
             names = routing.names
-            tables = routing.tables[self] = self._cached(
-                ("tables", names),
-                lambda: [n for n in names if n in self.road_theta._parameters],
-                lambda: [self._build_table(names, g) for g in self._group_sizes(names)],
-            )
+            return held[1][2] if held else [self._build_table(names, g) for g in self._group_sizes(names)]
+        if held is not None and held[0] == self._cache.generation and held[1][1] == self._stamp(held[1][0]):
+            return held[1][2]
+        names = routing.names  # first use, or the adapters changed since: from the layer's cache
+        key = ("tables", names)
+        tables = self._cached(
+            key,
+            lambda: [n for n in names if n in self.road_theta._parameters],
+            lambda: [self._build_table(names, g) for g in self._group_sizes(names)],
+        )
+        entry = self._cache.get(key)  # (parameters, stamp, tables); kept with its generation on the routing
+        if entry is not None and entry[2] is tables:
+            routing.tables[self] = (self._cache.generation, entry)
         return tables
 
     def _group_sizes(self, names: Iterable[str]) -> list[int]:
@@ -469,34 +492,48 @@ class RoadLayer(nn.Module):
         base = self.base_layer
         return [p for p in (getattr(base, "weight", None), getattr(base, "bias", None)) if p is not None]
 
-    def _rotate_params(self, coeffs: F.Coefficients, group_size: int, check_finite: bool, name: str) -> None:
-        """Rotate the output-feature rows of weight and bias in place; with `check_finite`, on copies
-        first, so NaN or inf leaves the weights untouched."""
-        params = [p.data.movedim(self.weight_feature_dim, 0) if p.dim() > 1 else p.data for p in self._merge_params()]
-        if check_finite:
-            new = [F.rotate_rows_(p.clone(), coeffs, group_size) for p in params]
-            if not all(torch.isfinite(v).all() for v in new):
-                raise ValueError(
-                    f"merging adapter {name!r} would put NaN or inf into the weights; nothing was changed."
-                )
-            for p, v in zip(params, new, strict=True):
-                p.copy_(v)
-        else:
-            for p in params:
-                F.rotate_rows_(p, coeffs, group_size)
+    def _rows(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views of weight and bias with the output features first, as the row rotation takes them."""
+        return [p.movedim(self.weight_feature_dim, 0) if p.dim() > 1 else p for p in params]
+
+    def _rotate_params(self, coeffs: F.Coefficients, group_size: int) -> None:
+        """Rotate the output-feature rows of weight and bias in place."""
+        for p in self._rows([p.data for p in self._merge_params()]):
+            F.rotate_rows_(p, coeffs, group_size)
+
+    def _to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
+        names = self._active_adapters if adapter_names is None else list(adapter_names)
+        return [n for n in names if n in self.road_theta and n not in self.merged_adapters]
+
+    @torch.no_grad()
+    def merge_problem(self, adapter_names: Optional[list[str]] = None) -> Optional[str]:
+        """Why merging `adapter_names` (as `merge` picks them) would put NaN or inf into this layer's
+        weights, or None. It works on copies: nothing changes."""
+        return self._merge_problem(adapter_names)
+
+    def _merge_problem(self, adapter_names: Optional[list[str]]) -> Optional[str]:
+        copies = [p.data.clone() for p in self._merge_params()]
+        for name in self._to_merge(adapter_names):
+            coeffs = self.coefficients(name, dtype=torch.float64)
+            for p in self._rows(copies):
+                F.rotate_rows_(p, coeffs, self.group_size[name])
+            if not all(torch.isfinite(c).all() for c in copies):
+                return f"merging adapter {name!r} would put NaN or inf into the weights"
+        return None
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold adapters into the base weights (W <- R W, b <- R b), elementwise over rows.
 
-        `adapter_names` defaults to the active adapters not yet merged. With `safe_merge`, the
-        result is checked for NaN/inf before any weight changes.
+        `adapter_names` defaults to the active adapters not yet merged. With `safe_merge`, the result
+        of all of them is checked for NaN/inf on copies first, and nothing changes if it has any.
         """
-        names = self._active_adapters if adapter_names is None else list(adapter_names)
-        names = [n for n in names if n in self.road_theta and n not in self.merged_adapters]
-        for name in names:  # merges compose: R_k ... R_1 W (coefficients computed in float64)
-            coeffs = self.coefficients(name, dtype=torch.float64)
-            self._rotate_params(coeffs, self.group_size[name], safe_merge, name)
+        if safe_merge:
+            problem = self._merge_problem(adapter_names)
+            if problem:
+                raise ValueError(f"{problem}; nothing was changed.")
+        for name in self._to_merge(adapter_names):  # merges compose: R_k ... R_1 W (coefficients in float64)
+            self._rotate_params(self.coefficients(name, dtype=torch.float64), self.group_size[name])
             self.merged_adapters.append(name)
             self._cache.clear()
 
@@ -509,6 +546,6 @@ class RoadLayer(nn.Module):
         for _ in range(len(self.merged_adapters) if last is None else last):
             name = self.merged_adapters[-1]
             inv = F.inverse(self.coefficients(name, dtype=torch.float64), self.group_size[name])
-            self._rotate_params(inv, self.group_size[name], False, name)
+            self._rotate_params(inv, self.group_size[name])
             self.merged_adapters.pop()
             self._cache.clear()

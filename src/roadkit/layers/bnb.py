@@ -105,6 +105,11 @@ class _QuantizedLinear(Linear):
         with self._float_weights("merging"):
             super().merge(safe_merge, adapter_names)
 
+    def merge_problem(self, adapter_names: Optional[list[str]] = None) -> Optional[str]:
+        """`RoadLayer.merge_problem` on a float copy of the weight (which is not requantized)."""
+        with self._float_weights("checking"):
+            return super().merge_problem(adapter_names)
+
     def unmerge(self, last: Optional[int] = None) -> None:
         """`RoadLayer.unmerge` through a float copy of the weight, requantized once at the end (warns)."""
         with self._float_weights("unmerging"):
