@@ -13,7 +13,7 @@ import torch
 from roadkit import functional as F
 from roadkit.integrations.vllm.ops import SlotRouting
 from roadkit.integrations.vllm.slots import SlotTable
-from roadkit.kernels import torch_ops
+from roadkit.kernels import c_ops, torch_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -80,6 +80,16 @@ D = 64
 GROUPS = (4, 8, 32, 8)  # slots 0..3; two slots share group size 8
 
 
+@pytest.fixture(params=["c", "torch"])
+def slot_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a SlotTable test on the C kernel, then on the torch path it falls back to without a compiler."""
+    if request.param == "torch":
+        monkeypatch.setattr(c_ops, "handles", lambda x: False)
+    elif not c_ops.handles(torch.zeros(1, 2)):
+        pytest.skip(f"the C backend is unavailable here: {c_ops._load()}")
+    return request.param
+
+
 def filled_table() -> tuple[SlotTable, list[torch.Tensor]]:
     """A table of 5 slots: slots 0-3 hold rotations of GROUPS, slot 4 stays empty (identity)."""
     table = SlotTable(5, D)
@@ -92,6 +102,7 @@ def filled_table() -> tuple[SlotTable, list[torch.Tensor]]:
     return table, mats + [eye, eye]  # slot 4 (never set) and row 5 (the identity row)
 
 
+@pytest.mark.usefixtures("slot_kernel")
 def test_slot_table_mixed_batch_matches_dense():
     table, mats = filled_table()
     assert table.active and table.halves == (2, 4, 16)
@@ -102,6 +113,7 @@ def test_slot_table_mixed_batch_matches_dense():
     torch.testing.assert_close(got.double(), dense_rows(x, mats, index), **TOL)
 
 
+@pytest.mark.usefixtures("slot_kernel")
 def test_slot_table_starts_as_identity():
     table = SlotTable(3, D)
     assert not table.active
@@ -109,6 +121,7 @@ def test_slot_table_starts_as_identity():
     torch.testing.assert_close(table.forward(x, torch.tensor([0, 1, 2, 3])), x, rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("slot_kernel")
 def test_slot_table_reset_makes_the_slot_identity():
     table, mats = filled_table()
     table.reset(2)  # the only slot of group size 32: its windows leave the packed layout
@@ -123,6 +136,7 @@ def test_slot_table_reset_makes_the_slot_identity():
     torch.testing.assert_close(table.forward(x, torch.tensor(index)), x, rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("slot_kernel")
 def test_slot_table_overwrite_changes_group_size():
     """Setting a slot again replaces its rotation, including its group size."""
     table, mats = filled_table()
@@ -135,6 +149,7 @@ def test_slot_table_overwrite_changes_group_size():
     torch.testing.assert_close(table.forward(x, torch.tensor(index)).double(), dense_rows(x, mats, index), **TOL)
 
 
+@pytest.mark.usefixtures("slot_kernel")
 @pytest.mark.parametrize("variant, g", [("road_1", 4), ("road_1", 32), ("road_2", 8), ("road_4", 8), ("road_4", 32)])
 def test_slot_table_with_variant_coefficients(variant: str, g: int):
     """Slots filled from random (theta, alpha) of each variant, whose coefficients match the spec's table."""
@@ -155,6 +170,7 @@ def test_slot_table_with_variant_coefficients(variant: str, g: int):
     torch.testing.assert_close(table.forward(x, torch.tensor(index)).double(), dense_rows(x, mats, index), **TOL)
 
 
+@pytest.mark.usefixtures("slot_kernel")
 def test_slot_table_bf16_input():
     table, mats = filled_table()
     index = torch.tensor([0, 1, 2, 3, 4, 5, 3, 0])

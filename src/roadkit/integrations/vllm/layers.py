@@ -11,7 +11,10 @@ returns, so:
 - row-parallel layers rotate the all-reduced sum, bias included;
 - layers with `skip_bias_add` return R(y + b) - b, so the caller's "+ b" gives R(y + b).
 
-When no slot holds a LoRA, the LoRA kernels are skipped: in eager mode the base layer runs alone.
+When no slot holds a LoRA, the LoRA kernels are skipped: in eager mode the base layer runs alone. On
+CPU, where vLLM runs LoRA models eagerly, vLLM's LoRA tensors (`max_lora_rank x (in + out)` numbers per
+slot, several times a RoAd slot) are allocated only while some slot holds a LoRA that adds something
+to the layer (`OnDemandLoRAWeights`), so a server that serves only RoAd adapters holds only their tables.
 """
 
 from __future__ import annotations
@@ -111,15 +114,51 @@ def is_servable(module: torch.nn.Module) -> bool:
     return type(getattr(module, "base_layer", None)) in SERVED_LINEAR
 
 
+LORA_TENSORS = ("lora_a_stacked", "lora_b_stacked", "lora_a_stacked_2d")  # what create_lora_weights makes
+
+
+def adds_nothing(lora_a, lora_b) -> bool:  # noqa: ANN001 - a tensor, or a list of them (None: no slice)
+    """Whether a LoRA's weights for one layer add nothing: each slice's A or B missing or all zero (as
+    in the adapters vLLM makes for its warmup runs)."""
+    a_parts = lora_a if isinstance(lora_a, (list, tuple)) else [lora_a]
+    b_parts = lora_b if isinstance(lora_b, (list, tuple)) else [lora_b]
+    return all(
+        a is None or b is None or not bool(a.any()) or not bool(b.any()) for a, b in zip(a_parts, b_parts, strict=True)
+    )
+
+
+class OnDemandLoRAWeights:
+    """vLLM's LoRA tensors of one LoRA layer, held only while `needed`: allocated (zeros, `n_slots` slots)
+    when a slot first takes a LoRA that adds something to the layer, freed when the last one leaves.
+
+    Only for eager forwards (vLLM on CPU): a compiled graph or a CUDA graph would keep the first tensors.
+    """
+
+    def __init__(self, layer: BaseLayerWithLoRA, n_slots: int) -> None:
+        self.layer, self.n_slots = layer, n_slots
+        self.allocated = True
+        self.free()
+
+    def free(self) -> None:
+        for name in LORA_TENSORS:
+            if hasattr(self.layer, name):
+                setattr(self.layer, name, None)
+        self.allocated = False
+
+    def allocate(self) -> None:
+        if not self.allocated:
+            self.layer.create_lora_weights(self.n_slots, self.layer.lora_config)
+            self.allocated = True
+
+
 class RoadLinear(BaseLayerWithLoRA):
     """One of vLLM's LoRA linear layers (`base_layer`), plus a RoAd rotation per adapter slot."""
 
     def __init__(self, lora_layer: BaseLayerWithLoRA, name: str, n_slots: int, routing: "ops.SlotRouting") -> None:
         super().__init__()
-        if lora_layer.device.type != "cuda":
-            # vLLM's CPU LoRA ops index the last slot for tokens without an adapter (-1): one spare slot
-            # that stays zero keeps those tokens on the base model.
-            lora_layer.create_lora_weights(n_slots + 1, lora_layer.lora_config)
+        # On CPU vLLM's LoRA ops index the last slot for tokens without an adapter (-1): one spare slot
+        # that stays zero keeps those tokens on the base model.
+        self.lora_weights = None if lora_layer.device.type == "cuda" else OnDemandLoRAWeights(lora_layer, n_slots + 1)
         self.base_layer = lora_layer
         self.name = name
         linear = lora_layer.base_layer
@@ -142,14 +181,22 @@ class RoadLinear(BaseLayerWithLoRA):
         self.base_layer.create_lora_weights(*args, **kwargs)
 
     def set_lora(self, index: int, lora_a, lora_b) -> None:  # noqa: ANN001
+        if self.lora_weights is not None and adds_nothing(lora_a, lora_b):
+            self.reset_lora(index)  # served exactly by the identity, with no LoRA tensors
+            return
         self.table.reset(index)
+        if self.lora_weights is not None:
+            self.lora_weights.allocate()
         self.base_layer.set_lora(index, lora_a, lora_b)
         self.lora_slots.add(index)
 
     def reset_lora(self, index: int) -> None:
-        self.base_layer.reset_lora(index)
+        if self.lora_weights is None or self.lora_weights.allocated:
+            self.base_layer.reset_lora(index)
         self.table.reset(index)
         self.lora_slots.discard(index)
+        if self.lora_weights is not None and not self.lora_slots:
+            self.lora_weights.free()
 
     def check_rotations(
         self, rotations: list[Optional[ModuleRotation]], where: str, names: Optional[list[str]] = None
@@ -179,7 +226,9 @@ class RoadLinear(BaseLayerWithLoRA):
         it does not (another rank's shard) or where the weights are quantized.
 
         vLLM's CPU backend repacks linear weights for its GEMM kernels and leaves `weight` empty, so the
-        weights are read through the layer itself: its outputs for the inputs 0, e_0, ..., e_{count-1}.
+        weights are read through the layer itself: its outputs for the inputs 0, t e_0, ..., t e_{count-1},
+        minus the first, divided by t. The large t keeps the rounding of a large bias in a 16-bit output
+        (which cancels only up to its last place) small against the weights.
         A row-parallel layer all-reduces its output, so every rank runs it (rank 0 with the unit inputs,
         the others with zeros); call this on every rank for the same layers, in the same order.
         """
@@ -200,13 +249,14 @@ class RoadLinear(BaseLayerWithLoRA):
         width = linear.input_size_per_partition if row_parallel else linear.input_size
         count = min(count, width)
         inputs = torch.zeros(count + 1, width, dtype=linear.params_dtype, device=self.table.c.device)
+        scale = 64.0 if linear.params_dtype == torch.float16 else 4096.0  # float16 overflows at 65504
         if not row_parallel or rank == 0:
-            inputs[1:, :count] = torch.eye(count, dtype=inputs.dtype, device=inputs.device)
+            inputs[1:, :count] = scale * torch.eye(count, dtype=inputs.dtype, device=inputs.device)
         out = linear(inputs)
         out = out[0] if isinstance(out, tuple) else out
         if row is None or (row_parallel and rank != 0):
             return None
-        return (out[1:, row] - out[0, row]).float()
+        return (out[1:, row] - out[0, row]).float() / scale
 
     def set_road(self, index: int, rotations: list[Optional[ModuleRotation]]) -> None:
         """Put a RoAd adapter's rotations (checked by `check_rotations`) in slot `index`."""
@@ -304,17 +354,27 @@ class RoadLinear(BaseLayerWithLoRA):
 
 
 class TracksLoRASlots:
-    """Mixin for one of vLLM's LoRA layers: `lora_slots` are the slots that hold a LoRA for it."""
+    """Mixin for one of vLLM's LoRA layers: `lora_slots` are the slots that hold a LoRA for it; on CPU its
+    LoRA tensors are held only while there are any (`lora_weights`)."""
 
     lora_slots: set[int]
+    lora_weights: Optional[OnDemandLoRAWeights]
 
     def set_lora(self, index: int, lora_a, lora_b) -> None:  # noqa: ANN001
+        if self.lora_weights is not None:
+            if adds_nothing(lora_a, lora_b):
+                self.reset_lora(index)
+                return
+            self.lora_weights.allocate()
         super().set_lora(index, lora_a, lora_b)  # type: ignore[misc]
         self.lora_slots.add(index)
 
     def reset_lora(self, index: int) -> None:
-        super().reset_lora(index)  # type: ignore[misc]
+        if self.lora_weights is None or self.lora_weights.allocated:
+            super().reset_lora(index)  # type: ignore[misc]
         self.lora_slots.discard(index)
+        if self.lora_weights is not None and not self.lora_slots:
+            self.lora_weights.free()
 
 
 class IdleLoRALogits(TracksLoRASlots, LogitsProcessorWithLoRA):
@@ -353,5 +413,8 @@ def skip_idle_lora(module: torch.nn.Module) -> None:
     (in place: the engine and the model keep their references to the layer)."""
     idle = IDLE_LORA_CLASSES.get(type(module))
     if idle is not None:
+        stacked = cast(torch.Tensor, module.lora_a_stacked)
         module.lora_slots = set()  # type: ignore[assignment]
+        on_cpu = stacked.device.type != "cuda"
+        module.lora_weights = OnDemandLoRAWeights(module, stacked.shape[0]) if on_cpu else None  # type: ignore[assignment]
         module.__class__ = idle

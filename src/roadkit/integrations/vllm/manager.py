@@ -32,6 +32,7 @@ from vllm.lora.utils import get_adapter_absolute_path, replace_submodule
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
 from ...checkpoint import fingerprint_differs, read_base_fingerprint
+from ...kernels import c_ops
 from .adapter import (
     ModuleRotation,
     RoadAdapter,
@@ -81,6 +82,12 @@ class RoadLoRAModelManager(LRUCacheLoRAModelManager):
             road = RoadLinear(module, name, self.lora_slots, self.road_routings[id(punica)][1])
             replace_submodule(self.model, name, road)
             self.modules[name] = road
+        if torch.device(self.device).type == "cpu":
+            try:
+                c_ops.library()
+                logger.info("RoAd rotations on CPU: roadkit's C kernel, one pass per layer")
+            except c_ops.CKernelUnavailable as reason:
+                logger.warning("RoAd rotations on CPU: torch ops (slower); no C kernel: %s", reason)
 
     def _road_layers(self) -> dict[str, RoadLinear]:
         return {name: m for name, m in self.modules.items() if isinstance(m, RoadLinear)}

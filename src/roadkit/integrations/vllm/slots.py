@@ -7,9 +7,10 @@ when the engine activates an adapter in a slot, never during a forward.
 
 Slots may hold adapters of different group sizes. On CUDA one Triton kernel reads each row's group
 size from a table, so the forward has no data-dependent Python (torch.compile and CUDA graphs
-capture it). On CPU, where vLLM runs adapters eagerly, the rows are packed in the torch kernels'
-shifted layout with one pair of sine windows per group size in use: 1 + 2k elementwise ops for k
-group sizes, three for the usual one.
+capture it). On CPU, where vLLM runs adapters eagerly, roadkit's C kernel (`kernels.c_ops`) does the
+same in one pass over the activations in their own dtype. Where it cannot run (no C compiler), the
+rows are packed in the torch kernels' shifted layout with one pair of sine windows per group size in
+use: 1 + 2k elementwise ops for k group sizes, three for the usual one, in float32.
 """
 
 from __future__ import annotations
@@ -19,26 +20,27 @@ from typing import Optional
 import torch
 
 from ... import functional as F
-from ...kernels import torch_ops
+from ...kernels import c_ops, torch_ops
 
 
 class SlotTable:
     """Per-slot RoAd coefficients of `features` output features; row `n_slots` is the identity.
 
     `c`, `s` (float32, (n_slots + 1, features)) and `half` (int32, group size / 2 per row) are the
-    source of truth and the CUDA kernel's input; `packed` and `halves` are the CPU layout, rebuilt
-    whenever a row changes.
+    source of truth and the CUDA kernel's input. `w` (the sines signed by half: y = c x + w x_partner)
+    is the C kernel's, kept with them; `packed` and `halves`, the torch fallback's layout, are built
+    when that path first runs after a row changed.
     """
 
     def __init__(self, n_slots: int, features: int, device: torch.device | str = "cpu") -> None:
         self.n_slots, self.features = n_slots, features
         self.c = torch.ones(n_slots + 1, features, dtype=torch.float32, device=device)
         self.s = torch.zeros(n_slots + 1, features, dtype=torch.float32, device=device)
+        self.w = torch.zeros(n_slots + 1, features, dtype=torch.float32, device=device)
         self.half = torch.ones(n_slots + 1, dtype=torch.int32, device=device)
         self.slot_halves: list[Optional[int]] = [None] * n_slots  # None: the identity
-        self.halves: tuple[int, ...] = ()
         self.active_slots: frozenset[int] = frozenset()  # slots that hold a rotation
-        self.packed = torch.ones(n_slots + 1, 1, features, dtype=torch.float32, device=device)
+        self._packed: Optional[torch.Tensor] = None  # None: stale
 
     @property
     def active(self) -> bool:
@@ -52,20 +54,38 @@ class SlotTable:
         F.check_group_size(self.features, group_size)
         self.c[slot].copy_(c)
         self.s[slot].copy_(s)
+        signs = torch.tensor([-1.0, 1.0], device=self.w.device).repeat_interleave(group_size // 2)
+        self.w[slot].copy_((self.s[slot].view(-1, group_size) * signs).view(-1))
         self.half[slot] = group_size // 2
-        self.slot_halves[slot] = group_size // 2
-        self._pack()
+        self._changed(slot, group_size // 2)
 
     def reset(self, slot: int) -> None:
         """Make `slot` the identity."""
         self.c[slot].fill_(1)
         self.s[slot].zero_()
+        self.w[slot].zero_()
         self.half[slot] = 1
-        self.slot_halves[slot] = None
-        self._pack()
+        self._changed(slot, None)
 
-    def _pack(self) -> None:
-        halves = tuple(sorted({h for h in self.slot_halves if h is not None}))
+    def _changed(self, slot: int, half: Optional[int]) -> None:
+        self.slot_halves[slot] = half
+        self.active_slots = frozenset(slot for slot, h in enumerate(self.slot_halves) if h is not None)
+        self._packed = None
+
+    @property
+    def halves(self) -> tuple[int, ...]:
+        """The half-group sizes in use, in the order of the torch fallback's packed sine rows."""
+        return tuple(sorted({h for h in self.slot_halves if h is not None}))
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """The torch fallback's rows: c, then one pair of shifted-layout sine rows per entry of `halves`."""
+        if self._packed is None:
+            self._packed = self._pack()
+        return self._packed
+
+    def _pack(self) -> torch.Tensor:
+        halves = self.halves
         packed = torch.zeros(
             self.n_slots + 1, 1 + 2 * len(halves), self.features, dtype=torch.float32, device=self.c.device
         )
@@ -75,19 +95,21 @@ class SlotTable:
             shifted = torch_ops.shifted_layout(self.c[rows], self.s[rows], 2 * half)
             packed[rows, 1 + 2 * i] = shifted.packed[:, 1]
             packed[rows, 2 + 2 * i] = shifted.packed[:, 2]
-        self.packed, self.halves = packed, halves
-        self.active_slots = frozenset(slot for slot, h in enumerate(self.slot_halves) if h is not None)
+        return packed
 
     def forward(
         self, x: torch.Tensor, index: torch.Tensor, runs: Optional[list[tuple[int, int, int]]] = None
     ) -> torch.Tensor:
-        """Rotate each row of x (features last, leading axes flattened) by its slot's row.
+        """Rotate each row of x (n, features) by its slot's row; the result has x's dtype.
 
-        `index` holds one slot per row of x, in [0, n_slots] (n_slots: the identity). `runs`, when
-        given, lists the same as (slot, start, end) runs of consecutive rows: each run then uses its
-        slot's row as is. That spares a prefill, whose requests are long runs of tokens, gathering a
-        coefficient row per token (three times the size of x).
+        `index` (int64) holds one slot per row of x, in [0, n_slots] (n_slots: the identity). With the
+        C kernel that is the whole story. The torch fallback uses `runs`, when given: the same index as
+        (slot, start, end) runs of consecutive rows, each rotated by its slot's row as is. That spares
+        a prefill, whose requests are long runs of tokens, gathering a coefficient row per token
+        (three times the size of x).
         """
+        if c_ops.handles(x):
+            return c_ops.rotate_rows(x, self.c, self.w, self.half, index, identity=self.n_slots)
         if runs is None:
             out = torch_ops.rotate_shifted_halves(x, self.packed.index_select(0, index), self.halves)
         else:

@@ -1,0 +1,160 @@
+"""The C backend: one pass that rotates each row of x by its own row of a coefficient table, on CPU.
+
+This is the serving op of vLLM on CPU (see `integrations/vllm/slots.py`): a batch of tokens for many
+adapters is rotated by one call that reads each token's coefficient row from the table in place, in the
+activation's dtype (bfloat16, float16 or float32), with float32 math and one rounding. The torch
+formulation needs a gathered coefficient tensor three times the size of the output and four or more
+passes over it.
+
+The source, `c_ops.c`, is compiled on first use with the machine's C compiler (`$CC`, else `cc`, `gcc`
+or `clang`) for the machine itself (`-O3 -march=native`), in about a second, and kept in roadkit's
+cache folder (`$ROADKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/roadkit`, else `~/.cache/roadkit`) under a
+name that hashes the source, the compiler, its flags and the CPU. Without a compiler `library()` raises
+`CKernelUnavailable` with the reason, and callers fall back to the torch path. `ROADKIT_C_KERNELS=0`
+turns the backend off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("c_ops.c")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
+DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+class CKernelUnavailable(RuntimeError):
+    """The C backend cannot run here (no compiler, a failed build, or turned off); the message says why."""
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    raise CKernelUnavailable("no C compiler found (set $CC, or install gcc or clang)")
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept."""
+    if os.environ.get("ROADKIT_CACHE_DIR"):
+        return Path(os.environ["ROADKIT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "roadkit"
+
+
+def _cpu_signature() -> str:
+    """What `-march=native` depends on: the CPU's model and flags (Linux), else the platform's name."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(sorted(set(keep)))
+
+
+def _build(compiler: str) -> Path:
+    """Compile `c_ops.c` into the cache (atomically: concurrent processes may build it at once)."""
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    parts = (source, version.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode())
+    key = hashlib.sha256(b"\0".join(parts))
+    target = cache_dir() / "kernels" / f"c_ops-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [compiler, *FLAGS, "-o", scratch, str(SOURCE)], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise CKernelUnavailable(f"{compiler} failed to compile {SOURCE.name}: {done.stderr.strip()[-500:]}")
+        os.replace(scratch, target)
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+    return target
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | CKernelUnavailable:
+    if os.environ.get("ROADKIT_C_KERNELS", "1") == "0":
+        return CKernelUnavailable("turned off by ROADKIT_C_KERNELS=0")
+    try:
+        lib = ctypes.CDLL(str(_build(_compiler())))
+    except (OSError, CKernelUnavailable) as error:
+        return error if isinstance(error, CKernelUnavailable) else CKernelUnavailable(str(error))
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    for suffix in DTYPES.values():
+        fn = getattr(lib, f"rotate_{suffix}", None)  # f16 needs a compiler with _Float16
+        if fn is not None:
+            fn.argtypes = [pointer, size, pointer, size, pointer, pointer, size, pointer, pointer, size, size, size]
+            fn.restype = size
+    return lib
+
+
+def library() -> ctypes.CDLL:
+    """The compiled kernels, built on the first call of the process; raises `CKernelUnavailable`."""
+    lib = _load()
+    if isinstance(lib, CKernelUnavailable):
+        raise lib
+    return lib
+
+
+def handles(x: torch.Tensor) -> bool:
+    """Whether `rotate_rows` can rotate x: a CPU tensor of a dtype the compiled library has, rows contiguous."""
+    lib = _load()
+    suffix = DTYPES.get(x.dtype)
+    return (
+        not isinstance(lib, CKernelUnavailable)
+        and suffix is not None
+        and hasattr(lib, f"rotate_{suffix}")
+        and x.device.type == "cpu"
+        and x.dim() == 2
+        and x.stride(-1) == 1
+    )
+
+
+def rotate_rows(
+    x: torch.Tensor, c: torch.Tensor, w: torch.Tensor, half: torch.Tensor, index: torch.Tensor, identity: int
+) -> torch.Tensor:
+    """Row t of x (n, d) rotated by table row index[t] of c and w (float32, (rows, d), contiguous) with
+    half-group size half[index[t]] (int32); rows with index `identity` are copied. A new tensor of x's dtype.
+
+    x must be one `handles` accepts. An index outside the table, or a half that does not split d into
+    whole groups, raises ValueError (the kernel checks each row before it reads the table).
+    """
+    if c.dtype != torch.float32 or w.dtype != torch.float32 or not (c.is_contiguous() and w.is_contiguous()):
+        raise ValueError("rotate_rows needs contiguous float32 coefficient tables")
+    if half.dtype != torch.int32 or index.dtype != torch.int64 or not index.is_contiguous():
+        raise ValueError("rotate_rows needs an int32 half table and a contiguous int64 index")
+    n, d = x.shape
+    if index.shape != (n,) or c.shape != w.shape or c.shape[1] != d or half.shape != (c.shape[0],):
+        raise ValueError(
+            f"rotate_rows: x {tuple(x.shape)}, index {tuple(index.shape)}, c {tuple(c.shape)}, "
+            f"w {tuple(w.shape)} and half {tuple(half.shape)} do not fit together"
+        )
+    out = torch.empty((n, d), dtype=x.dtype)
+    fn = getattr(library(), f"rotate_{DTYPES[x.dtype]}")
+    bad = fn(
+        x.data_ptr(), x.stride(0), out.data_ptr(), d, c.data_ptr(), w.data_ptr(), c.shape[0],
+        half.data_ptr(), index.data_ptr(), identity, n, d,
+    )  # fmt: skip
+    if bad >= 0:
+        row = int(index[bad])
+        raise ValueError(
+            f"rotate_rows: row {bad} of x asks for table row {row}, which is outside the table's {c.shape[0]} "
+            f"rows or whose half-group size does not split {d} features into whole groups"
+        )
+    return out

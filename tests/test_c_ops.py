@@ -1,0 +1,146 @@
+"""The C backend (`kernels.c_ops`): vLLM's rotation on CPU, checked against dense d x d rotations.
+
+Tolerances: float32 within 1e-5 of the float64 reference; bfloat16 and float16 at most one rounding
+step (one unit in the last place) from the reference rounded to the dtype, since the kernel computes
+in float32 and rounds once.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_vllm_slots import dense_rotation, dense_rows, random_cs
+
+from roadkit import functional as F
+from roadkit.kernels import c_ops
+
+if not c_ops.handles(torch.zeros(1, 2)):
+    pytest.skip(f"the C backend is unavailable here: {c_ops._load()}", allow_module_level=True)
+
+ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def tables(d: int, groups: tuple[int, ...], seed: int = 0):
+    """c, w (float32, (n + 1, d)), half (int32) for one slot per group size, the identity last; and the
+    dense rotation of every row."""
+    n = len(groups)
+    c, w = torch.ones(n + 1, d), torch.zeros(n + 1, d)
+    half = torch.ones(n + 1, dtype=torch.int32)
+    mats = []
+    for row, g in enumerate(groups):
+        c[row], s = random_cs(d, seed=seed + row)
+        w[row] = s.view(-1, 2, g // 2).mul(torch.tensor([-1.0, 1.0]).view(1, 2, 1)).flatten()
+        half[row] = g // 2
+        mats.append(dense_rotation(c[row], s, g))
+    mats.append(torch.eye(d, dtype=torch.float64))
+    return c, w, half, mats
+
+
+def check(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    else:
+        rounded = want.to(dtype).double()
+        torch.testing.assert_close(got.double(), rounded, rtol=ULP[dtype], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "d, groups",
+    [
+        (64, (2, 4, 8, 16)),  # the unrolled short groups
+        (192, (32, 64, 192)),  # halves of whole 16-feature vectors
+        (96, (6, 24, 48, 96)),  # odd halves, and halves that are not multiples of 16
+    ],
+)
+@pytest.mark.parametrize("n", [1, 7, 33])
+def test_rotate_rows_matches_dense(dtype: torch.dtype, d: int, groups: tuple[int, ...], n: int):
+    c, w, half, mats = tables(d, groups, seed=d)
+    identity = len(groups)
+    index = torch.arange(n) % (identity + 1)
+    x = torch.randn(n, d).to(dtype)
+    got = c_ops.rotate_rows(x, c, w, half, index, identity)
+    check(got, dense_rows(x.float(), mats, index.tolist()), dtype)
+
+
+@pytest.mark.parametrize("variant, g", [("road_1", 8), ("road_2", 32), ("road_4", 64)])
+def test_rotate_rows_with_variant_coefficients(variant: str, g: int):
+    d = 128
+    gen = torch.Generator().manual_seed(1)
+    n = F.parameter_length(variant, d)
+    c, s = F.coefficients(variant, g, 0.3 * torch.randn(n, generator=gen), 1 + 0.2 * torch.randn(n, generator=gen))
+    w = s.view(-1, 2, g // 2).mul(torch.tensor([-1.0, 1.0]).view(1, 2, 1)).flatten()
+    ct, wt = torch.stack((c, torch.ones(d))), torch.stack((w, torch.zeros(d)))
+    half = torch.tensor([g // 2, 1], dtype=torch.int32)
+    x = torch.randn(5, d)
+    index = torch.tensor([0, 1, 0, 0, 1])
+    mats = [dense_rotation(c, s, g), torch.eye(d, dtype=torch.float64)]
+    check(c_ops.rotate_rows(x, ct, wt, half, index, 1), dense_rows(x, mats, index.tolist()), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_identity_rows_are_copied_bit_for_bit(dtype: torch.dtype):
+    """Tokens without an adapter keep their values exactly, inf and NaN included."""
+    c, w, half, _ = tables(32, (4,))
+    x = torch.randn(3, 32).to(dtype)
+    x[1, 0], x[1, 5] = float("inf"), float("nan")
+    got = c_ops.rotate_rows(x, c, w, half, torch.tensor([1, 1, 1]), 1)
+    assert torch.equal(got[~x.isnan()], x[~x.isnan()]) and got[1, 5].isnan()
+
+
+def test_rows_of_a_wider_tensor():
+    """x a column slice of a wider tensor (rows not adjacent, as vLLM's q, k, v views are)."""
+    c, w, half, mats = tables(64, (8, 32))
+    wide = torch.randn(6, 100).bfloat16()
+    x = wide[:, 20:84]
+    assert not x.is_contiguous() and c_ops.handles(x)
+    index = torch.tensor([0, 1, 2, 1, 0, 2])
+    check(c_ops.rotate_rows(x, c, w, half, index, 2), dense_rows(x.float(), mats, index.tolist()), torch.bfloat16)
+    assert not c_ops.handles(torch.randn(64, 6).t())  # features not contiguous: the torch path's
+
+
+def test_bad_index_or_half_raises():
+    c, w, half, _ = tables(32, (4, 8))
+    x = torch.randn(3, 32)
+    with pytest.raises(ValueError, match="outside the table"):
+        c_ops.rotate_rows(x, c, w, half, torch.tensor([0, 3, 1]), 2)
+    with pytest.raises(ValueError, match="outside the table"):
+        c_ops.rotate_rows(x, c, w, half, torch.tensor([-1, 0, 1]), 2)
+    bad = half.clone()
+    bad[1] = 3  # 32 features are not whole groups of 6
+    with pytest.raises(ValueError, match="whole groups"):
+        c_ops.rotate_rows(x, c, w, bad, torch.tensor([0, 1, 2]), 2)
+    with pytest.raises(ValueError, match="float32"):
+        c_ops.rotate_rows(x, c.double(), w, half, torch.tensor([0, 1, 2]), 2)
+
+
+def test_without_a_compiler_the_torch_path_serves(tmp_path):
+    """No C compiler: `handles` is False with the reason, and a SlotTable still rotates (torch path)."""
+    code = (
+        "import torch\n"
+        "from roadkit.kernels import c_ops\n"
+        "from roadkit.integrations.vllm.slots import SlotTable\n"
+        "print(c_ops.handles(torch.zeros(2, 4)), c_ops._load())\n"
+        "t = SlotTable(1, 4)\n"
+        "t.set(0, torch.zeros(4), torch.ones(4), 2)\n"
+        "print(t.forward(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([0])).tolist())\n"
+    )
+    env = {**os.environ, "PATH": str(tmp_path), "CC": "", "ROADKIT_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[0].startswith("False no C compiler found")
+    assert out.splitlines()[1] == "[[-2.0, 1.0, -4.0, 3.0]]"  # y_a = -x_b, y_b = x_a: a quarter turn
+
+
+def test_a_failed_build_is_reported(tmp_path, monkeypatch):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'cc: error: no such thing' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("ROADKIT_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(c_ops.CKernelUnavailable, match="failed to compile c_ops.c: cc: error: no such thing"):
+        c_ops._build(str(fake))
+    assert not list((tmp_path / "cache" / "kernels").iterdir())  # nothing half-written left behind
