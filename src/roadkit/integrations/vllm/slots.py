@@ -102,14 +102,20 @@ class SlotTable:
     ) -> torch.Tensor:
         """Rotate each row of x (n, features) by its slot's row; the result has x's dtype.
 
-        `index` (int64) holds one slot per row of x, in [0, n_slots] (n_slots: the identity). With the
-        C kernel that is the whole story. The torch fallback uses `runs`, when given: the same index as
-        (slot, start, end) runs of consecutive rows, each rotated by its slot's row as is. That spares
-        a prefill, whose requests are long runs of tokens, gathering a coefficient row per token
-        (three times the size of x).
+        `index` (int64) holds one slot per row of x, in [0, n_slots] (n_slots: the identity). The C
+        kernel needs nothing more; where it cannot run, `forward_torch`.
         """
         if c_ops.handles(x):
             return c_ops.rotate_rows(x, self.c, self.w, self.half, index, identity=self.n_slots)
+        return self.forward_torch(x, index, runs)
+
+    def forward_torch(
+        self, x: torch.Tensor, index: torch.Tensor, runs: Optional[list[tuple[int, int, int]]] = None
+    ) -> torch.Tensor:
+        """`forward` in torch ops, in float32. `runs`, when given, is the same index as (slot, start, end)
+        runs of consecutive rows, each rotated by its slot's row as is. That spares a prefill, whose
+        requests are long runs of tokens, gathering a coefficient row per token (three times the size
+        of x)."""
         if runs is None:
             out = torch_ops.rotate_shifted_halves(x, self.packed.index_select(0, index), self.halves)
         else:
