@@ -1,5 +1,7 @@
-"""The package's shape: imports run one way (core <- integrations <- application) with no cycles, and the core
-works with torch and safetensors alone, a missing extra being one line naming its `pip install`."""
+"""The package's shape, as docs/architecture.md draws it: imports run one way (core <- integrations <-
+application) with no cycles, every table of the doc holds for the code (floors, the vLLM plugin, the rules,
+the caches), and the core works with torch and safetensors alone, a missing extra being one line naming its
+`pip install`."""
 
 from __future__ import annotations
 
@@ -57,8 +59,13 @@ def imports_of(path: Path, in_functions: bool = True) -> set[str]:
 
 @pytest.fixture(scope="module")
 def graph() -> dict[str, set[str]]:
+    """module -> the roadkit modules (package `__init__` files included) it imports. A module's own ancestor
+    packages are no edge: Python has imported them before the module runs (`from . import checkpoint`)."""
     modules = {module_name(p): p for p in SRC.rglob("*.py")}
-    return {name: {m for m in imports_of(path) if m in modules and m != name} for name, path in modules.items()}
+    return {
+        name: {m for m in imports_of(path) if m in modules and m != name and not name.startswith(m + ".")}
+        for name, path in modules.items()
+    }
 
 
 def test_the_front_door_imports_the_rest_only_when_asked():
@@ -90,42 +97,173 @@ def test_imports_run_one_way(graph):
     assert len(graph) > 40  # the walk found the package
 
 
-def floors() -> dict[str, int]:
-    """docs/architecture.md's module table: module (or package prefix) -> row, 0 at the top."""
-    rows: dict[str, int] = {}
-    text = (SRC.parent / "docs" / "architecture.md").read_text()
-    table = text[text.index("| part |") :].split("\n\n")[0].splitlines()  # the first table, to its end
-    for row, line in enumerate(table[2:]):  # past the header and its rule
-        cell = re.sub(r"\([^)]*\)", "", line.split("|")[3])  # the modules column, without (contents)
-        for name in re.findall(r"`([^`]+)`", cell):
-            rows["roadkit." + name.removesuffix(".py").removesuffix("/").replace("/", ".")] = row
-    return rows
+# ---- docs/architecture.md: every table, read and checked --------------------------------------------
 
 
-def floor_of(module: str, rows: dict[str, int]) -> int:
+def doc_tables() -> dict[tuple[str, ...], list[list[str]]]:
+    """Every table of docs/architecture.md, by its header: its rows, as lists of cells."""
+    tables: dict[tuple[str, ...], list[list[str]]] = {}
+    lines = (SRC.parent / "docs" / "architecture.md").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|") and (i == 0 or not lines[i - 1].startswith("|")):
+            header = tuple(c.strip() for c in line.strip().strip("|").split("|"))
+            rows = []
+            for row in lines[i + 2 :]:  # past the header and its rule
+                if not row.startswith("|"):
+                    break
+                rows.append([c.strip() for c in row.strip().strip("|").split("|")])
+            tables[header] = rows
+    return tables
+
+
+def names_in(cell: str, package: str = "roadkit") -> list[str]:
+    """The modules a cell names (`model.py`, `layers/`, `__init__.py`), as dotted names under `package`;
+    what stands in parentheses describes them and is skipped."""
+    out = []
+    for name in re.findall(r"`([^`]+)`", re.sub(r"\([^)]*\)", "", cell)):
+        parts = [package] + name.removesuffix("/").removesuffix(".py").split("/")
+        out.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return out
+
+
+def matches(module: str, prefixes: list[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def row_of(module: str, rows: dict[str, int], where: str) -> int:
     for prefix in sorted(rows, key=len, reverse=True):
-        if module == prefix or module.startswith(prefix + "."):
+        if matches(module, [prefix]):
             return rows[prefix]
-    raise AssertionError(f"{module} is in no row of docs/architecture.md's table")
+    raise AssertionError(f"{module} is in no row of {where}")
 
 
-def test_the_architecture_table_is_true(graph):
-    rows = floors()
-    packages = {m for m in graph if (SRC / m.replace(".", "/") / "__init__.py").is_file()}
-    for module in sorted(set(graph) - packages - {"roadkit"}):
-        floor_of(module, rows)  # every module has its row
+FLOORS = ("part", "floor", "modules", "what they do")
+VLLM = ("module", "what it does", "imports vLLM")
+RULES = ("these", "rule", "those", "why")
+CACHES = ("cache", "module", "what it holds", "filled", "emptied")
+
+
+def test_every_table_of_the_doc_is_checked():
+    assert set(doc_tables()) == {FLOORS, VLLM, RULES, CACHES}, "a new table needs its check here"
+
+
+def test_every_module_the_doc_names_exists(graph):
+    tables = doc_tables()
+    cells = [(row[2], "roadkit") for row in tables[FLOORS]] + [
+        (row[0], "roadkit.integrations.vllm") for row in tables[VLLM]
+    ]
+    cells += [(row[i], "roadkit") for row in tables[RULES] for i in (0, 2)] + [
+        (row[1], "roadkit") for row in tables[CACHES]
+    ]
+    named = {name for cell, package in cells for name in names_in(cell, package)}
+    assert not sorted(n for n in named if n not in graph), "docs/architecture.md names modules that do not exist"
+
+
+def test_the_floor_table_is_true(graph):
+    """Every module, package `__init__` files included, has a row, and imports run down the table."""
+    rows = {name: i for i, row in enumerate(doc_tables()[FLOORS]) for name in names_in(row[2])}
+    where = "docs/architecture.md's floor table"
+    for module in graph:
+        row_of(module, rows, where)
     upward = sorted(
         f"{a} -> {b}"
         for a, targets in graph.items()
-        if a not in packages
         for b in targets
-        if b not in packages and (a, b) not in FRONT_DOOR and floor_of(b, rows) < floor_of(a, rows)
+        if (a, b) not in FRONT_DOOR and row_of(b, rows, where) < row_of(a, rows, where)
     )
     assert not upward, upward
 
 
+def vllm_imports(path: Path, in_functions: bool) -> bool:
+    """Whether a file imports vllm by an import statement (anywhere, or outside functions only)."""
+    for node in _nodes(ast.parse(path.read_text()), in_functions):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        if any(n == "vllm" or n.startswith("vllm.") for n in names):
+            return True
+    return False
+
+
+def test_the_vllm_table_is_true(graph):
+    """Every module of the plugin has a row, imports inside it run down the table, and the last column says
+    when each imports vLLM."""
+    package = "roadkit.integrations.vllm"
+    table = doc_tables()[VLLM]
+    rows = {name: i for i, row in enumerate(table) for name in names_in(row[0], package)}
+    where = "docs/architecture.md's vLLM table"
+    mine = {m for m in graph if matches(m, [package])}
+    upward = sorted(
+        f"{a} -> {b}"
+        for a in mine
+        for b in graph[a] & mine
+        if b != package and row_of(b, rows, where) < row_of(a, rows, where)
+    )
+    assert not upward, upward
+    for row in table:
+        for module in names_in(row[0], package):
+            path = SRC / module.replace(".", "/")
+            path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+            anywhere, at_import = vllm_imports(path, True), vllm_imports(path, False)
+            assert {"yes": at_import, "no": not anywhere, "at registration": not at_import}[row[2]], (module, row[2])
+
+
+RULE_CHECKS = {
+    "never import": lambda importer, these, imported, those: (
+        not (matches(importer, these) and matches(imported, those))
+    ),
+    "is imported only by": lambda importer, these, imported, those: (
+        not matches(imported, these) or matches(importer, these + those)
+    ),
+    "imports from the core only": lambda importer, these, imported, those: (
+        not matches(importer, these) or part(imported) != "core" or matches(imported, those)
+    ),
+}
+
+
+def test_the_rules_table_is_true(graph):
+    """Each rule ("`layers/` never import `checkpoint.py`") holds for every import."""
+    for these_cell, rule, those_cell, _ in doc_tables()[RULES]:
+        check = RULE_CHECKS[rule.removesuffix("s") if rule.startswith("never") else rule]
+        these, those = names_in(these_cell), names_in(those_cell)
+        broken = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets if not check(a, these, b, those))
+        assert not broken, f"{these_cell} {rule} {those_cell}: {broken}"
+
+
+CACHE_DECORATORS = re.compile(r"@(?:functools\.)?(?:cache|lru_cache)\b[^\n]*\n(?:@[^\n]*\n)*def (\w+)")
+INSTANCE_MEMOS = re.compile(r"__dict__\[\"(\w+)\"\]\s*=")
+
+
+def test_the_caches_table_names_every_cache_of_the_core(graph):
+    """Each cache the table names exists in the modules it gives, and every process-wide cache
+    (`functools.cache`) and instance-dict memo of the core has a row."""
+    table = doc_tables()[CACHES]
+    listed = " ".join(row[0] for row in table)
+    for cache_cell, module_cell, *_ in table:
+        sources = " ".join(
+            (SRC / m.replace(".", "/")).with_suffix(".py").read_text()
+            if (SRC / m.replace(".", "/")).with_suffix(".py").is_file()
+            else (SRC / m.replace(".", "/") / "__init__.py").read_text()
+            for m in names_in(module_cell)
+        )
+        for name in re.findall(r"`([^`]+)`", cache_cell):
+            assert re.search(rf"\b{name.split('.')[-1]}\b", sources), f"{name} is not in {module_cell}"
+    for module in graph:
+        if part(module) != "core":
+            continue
+        path = SRC / module.replace(".", "/")
+        text = (path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).read_text()
+        owner = module.rpartition(".")[2]  # a process-wide cache is named with its module: `c_ops._load`
+        wanted = [f"`{owner}.{n}`" for n in CACHE_DECORATORS.findall(text)] + [
+            f".{n}`"
+            for n in INSTANCE_MEMOS.findall(text)  # an instance memo with its class: `RoadModel._memo`
+        ]
+        missing = [w for w in wanted if w not in listed]
+        assert not missing, f"{module} keeps state the caches table does not list: {missing}"
+
+
 def test_no_import_cycles(graph):
-    edges = {a: {b for b in t if (a, b) not in FRONT_DOOR and not a.startswith(b + ".")} for a, t in graph.items()}
+    edges = {a: {b for b in t if (a, b) not in FRONT_DOOR} for a, t in graph.items()}
     seen: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(node: str, path: list[str]) -> None:

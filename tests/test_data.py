@@ -130,3 +130,122 @@ def test_pad_token_fallbacks(tokenizer):
     assert pad_token_id(no_pad, default=0) == 0
     with pytest.raises(ValueError, match="neither a pad nor an end-of-sequence"):
         pad_token_id(no_pad)
+
+
+# ---- chat rows ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    from roadkit.app.demo import CHAT_TEMPLATE
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def chat(*turns):
+    """A chat row from (role, content) pairs."""
+    return json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]})
+
+
+def test_read_jsonl_chat_rows(tmp_path):
+    from roadkit.app.data import ChatExample
+
+    path = write(tmp_path / "chat.jsonl", [chat(("system", "be brief"), ("user", "hi"), ("assistant", "HI"))])
+    assert read_jsonl(path) == [ChatExample((("system", "be brief"), ("user", "hi"), ("assistant", "HI")), 1)]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"messages": []}', "'messages' must be a non-empty list"),
+        ('{"messages": "hi"}', "'messages' must be a non-empty list"),
+        ('{"messages": ["hi"]}', "message 1 must be a JSON object"),
+        (chat(("user", "hi"), ("bot", "HI")), "message 2 has the role 'bot'; roles are system, user, assistant"),
+        ('{"messages": [{"content": "hi"}]}', "message 1 has no 'role'"),
+        (
+            '{"messages": [{"role": "user"}, {"role": "assistant", "content": "A"}]}',
+            "message 1 (user) has no 'content'",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": ["hi"]}, {"role": "assistant", "content": "A"}]}',
+            "'content' must be a string, got list",
+        ),
+        (chat(("user", "hi"), ("assistant", "")), "message 2 (assistant) is empty"),
+        (chat(("system", "s"), ("user", "hi")), "no assistant message"),
+        ('{"messages": [{"role": "user", "content": "a"}], "text": "b"}', "has both 'messages' and ['text']"),
+    ],
+)
+def test_malformed_chat_rows_name_file_line_and_problem(tmp_path, line, message):
+    path = write(tmp_path / "bad.jsonl", [chat(("user", "fine"), ("assistant", "FINE")), line])
+    with pytest.raises(DataError, match="bad.jsonl:2: ") as err:
+        read_jsonl(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def learnt(tokenizer, sample):
+    """The text of the labelled tokens."""
+    return "".join(
+        tokenizer.convert_ids_to_tokens([i for i, x in zip(sample.input_ids, sample.labels, strict=True) if x >= 0])
+    )
+
+
+def test_chat_rows_learn_the_assistant_turns_only(chat_tokenizer, tmp_path):
+    from roadkit.app.data import chat_prompt_ids
+
+    path = write(
+        tmp_path / "c.jsonl",
+        [chat(("system", "s"), ("user", "ab"), ("assistant", "AB"), ("user", "cd"), ("assistant", "CD"))],
+    )
+    (row,) = read_jsonl(path)
+    sample = tokenize(chat_tokenizer, row, 64)
+    text = chat_tokenizer.apply_chat_template(row.as_messages(), tokenize=False)
+    assert text == "<s>system: s\nuser: ab\nassistant: AB</s>\nuser: cd\nassistant: CD</s>\n"
+    assert sample.input_ids == chat_tokenizer(text, add_special_tokens=False).input_ids
+    assert learnt(chat_tokenizer, sample) == "AB</s>\nCD</s>\n"  # each answer and its end of turn
+    everything = tokenize(chat_tokenizer, row, 64, loss_on="all")
+    assert everything.input_ids == sample.input_ids and everything.labels == everything.input_ids
+    # the text before the first answer is what generation sends for that user turn (after a system turn here)
+    one = tokenize(
+        chat_tokenizer, read_jsonl(write(tmp_path / "1.jsonl", [chat(("user", "ab"), ("assistant", "AB"))]))[0], 64
+    )
+    prompt = chat_prompt_ids(chat_tokenizer, "ab")
+    assert one.input_ids[: len(prompt)] == prompt and one.labels[len(prompt)] == one.input_ids[len(prompt)]
+    assert all(x == IGNORE_INDEX for x in one.labels[: len(prompt)])
+
+
+def test_loss_on_all_labels_prompts_too(tokenizer):
+    sample = tokenize(tokenizer, Example("ab ->", " AB"), max_length=64, loss_on="all")
+    assert sample.labels == sample.input_ids
+    with pytest.raises(ValueError, match="loss_on"):
+        tokenize(tokenizer, Example("ab ->", " AB"), max_length=64, loss_on="prompt")
+
+
+def test_a_template_that_does_not_render_turn_by_turn_is_a_clear_error(chat_tokenizer, tmp_path):
+    from roadkit.app.data import load_samples
+
+    odd = copy.deepcopy(chat_tokenizer)  # the generation prompt is not how an assistant turn begins
+    odd.chat_template = chat_tokenizer.chat_template.replace("{{ 'assistant: ' }}", "{{ 'answer: ' }}")
+    path = write(tmp_path / "c.jsonl", [chat(("user", "ab"), ("assistant", "AB"))])
+    with pytest.raises(DataError, match=r"c.jsonl:1: the chat template does not render this conversation turn by turn"):
+        load_samples(path, odd, 64)
+    assert len(load_samples(path, odd, 64, loss_on="all")) == 1  # the whole row is learnt
+
+
+def test_chat_rows_need_a_chat_template(tokenizer, tmp_path):
+    from roadkit.app.data import load_samples
+
+    path = write(tmp_path / "c.jsonl", [json.dumps({"text": "x"}), chat(("user", "ab"), ("assistant", "AB"))])
+    with pytest.raises(DataError, match=r"c.jsonl:2: a chat row .* has no chat template"):
+        load_samples(path, tokenizer, 64)
+
+
+def test_a_template_error_names_the_row(chat_tokenizer, tmp_path):
+    from roadkit.app.data import load_samples
+
+    strict = copy.deepcopy(chat_tokenizer)
+    strict.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
+    path = write(tmp_path / "c.jsonl", [chat(("system", "s"), ("user", "ab"), ("assistant", "AB"))])
+    with pytest.raises(DataError, match="c.jsonl:1: the chat template refused the conversation: no system turns"):
+        load_samples(path, strict, 64)

@@ -2,15 +2,18 @@
 
 Each rank takes half of every global batch; the loss is a mean over equally many tokens per rank,
 and DDP averages gradients, so both runs take the same optimizer steps. Tested with torch DDP
-directly, with `examples/accelerate_train.py` under `accelerate launch`, and with roadkit's training
+directly, with `examples/accelerate_train.py` under `accelerate launch`, with roadkit's training
 path (`TrainingRun`, the one `roadkit train` uses) under torchrun, on rows of different lengths (the
-Trainer averages the loss over the tokens of all processes). The model also holds an inactive
+Trainer averages the loss over the tokens of all processes), and with the `roadkit train` command
+itself under torchrun and accelerate launch. The model also holds an inactive
 second adapter whose parameters do not require grad: DDP must leave it alone without
 `find_unused_parameters`.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -247,3 +250,57 @@ def test_training_run_two_processes_match_one(tmp_path):
 if __name__ == "__main__":  # one rank of `test_training_run_two_processes_match_one`, under torchrun
     training_run(sys.argv[1])
     end_process_group()
+
+
+def test_the_command_on_two_processes_matches_one(tmp_path):
+    """`roadkit train` under torchrun and under accelerate launch (2 gloo processes) ends with the adapter of one
+    process on the same global batch; only the first process prints and writes the run directory, its log, plot
+    and TensorBoard events."""
+    from roadkit.app.demo import BASE_DIR, task_examples
+
+    for split, n in (("train", 16), ("eval", 4)):
+        rows = [json.dumps({"prompt": e.prompt, "completion": e.completion}) for e in task_examples("upper", split, n)]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    command = ["-m", "roadkit", "train", "--model", BASE_DIR, "--data", "train.jsonl", "--eval-data", "eval.jsonl"]
+    command += ["--device", "cpu", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--no-progress"]
+    command += ["--report-to", "tensorboard"] * tensorboard
+    launchers = {
+        "one": [sys.executable],
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        + ["--master_port", str(free_port())],
+        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+        + ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"],
+    }
+    procs = {
+        name: subprocess.Popen(
+            [*launch, *command, "--output", name],
+            env=env(tmp_path),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, launch in launchers.items()
+    }  # all at once
+    outputs = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (name, err[-3000:])
+        outputs[name] = out
+    one = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    for name in ("torchrun", "accelerate"):
+        out = outputs[name]
+        assert out.count("done: 3 steps") == 1 and "batch 4 over 2 processes" in out and out.count("eval loss") == 4
+        log = json.loads((tmp_path / name / "training_log.json").read_text())
+        assert log["status"] == "completed" and log["processes"] == 2
+        two = load_file(tmp_path / name / "adapter_model.safetensors")
+        assert set(two) == set(one)
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6, msg=f"{name}: {k}")
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(tmp_path / name / "checkpoint"))
+        if tensorboard:
+            assert len(list((tmp_path / name / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert any((t != 1).any() for k, t in one.items() if k.endswith("road_alpha"))
+    leftovers = set(os.listdir(tmp_path)) - {"accelerate", "eval.jsonl", "hf", "one", "torchrun", "train.jsonl"}
+    assert not leftovers, leftovers  # no second run directory, no staging directory

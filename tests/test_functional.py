@@ -106,9 +106,9 @@ def test_shifted_layout_equals_dense_matrix(variant, g, d):
     assert torch.equal(F.rotate(x32, (c32, s32), g, prepared=shifted), F.rotate(x32, (c32, s32), g))
 
 
-def test_a_row_memo_keeps_gathered_rows_from_their_second_use_and_within_its_budget(monkeypatch):
-    """A routing's memo: the first call gathers and keeps nothing, the second keeps the rows, later
-    calls reuse them (same bits as gathering); past MEMO_BYTES rows are gathered on every call."""
+def test_a_routings_scratch_keeps_gathered_rows_from_their_second_use_and_within_its_budget(monkeypatch):
+    """A routing's scratch: the first call gathers and keeps nothing, the second keeps the rows, later
+    calls reuse them (same bits as gathering); past SCRATCH_BYTES rows are gathered on every call."""
     from roadkit.kernels import torch_ops
 
     g, d, B = 4, 8, 3
@@ -117,22 +117,22 @@ def test_a_row_memo_keeps_gathered_rows_from_their_second_use_and_within_its_bud
     shifted = F.prepare(tables, g)
     index = torch.tensor([2, 0, 3], dtype=torch.int32)
     prefill, step = torch.randn(B, 5, d), torch.randn(B, 1, d)  # one index serves both (one row per batch row)
-    memo = F.new_memo(index)
+    scratch = F.new_scratch(index)
     want = [F.rotate_indexed(x, tables, index, g, prepared=shifted) for x in (prefill, step, step)]
-    got = [F.rotate_indexed(prefill, tables, index, g, prepared=shifted, memo=memo)]
-    assert list(memo.entries.values()) == [None] and memo.nbytes == 0
-    got.append(F.rotate_indexed(step, tables, index, g, prepared=shifted, memo=memo))
-    (kept,) = memo.entries.values()
-    assert memo.nbytes == B * shifted.row_bytes
-    got.append(F.rotate_indexed(step, tables, index, g, prepared=shifted, memo=memo))
-    assert next(iter(memo.entries.values())) is kept
+    got = [F.rotate_indexed(prefill, tables, index, g, prepared=shifted, scratch=scratch)]
+    assert list(scratch.entries.values()) == [None] and scratch.nbytes == 0
+    got.append(F.rotate_indexed(step, tables, index, g, prepared=shifted, scratch=scratch))
+    (kept,) = scratch.entries.values()
+    assert scratch.nbytes == B * shifted.row_bytes
+    got.append(F.rotate_indexed(step, tables, index, g, prepared=shifted, scratch=scratch))
+    assert next(iter(scratch.entries.values())) is kept
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
 
-    monkeypatch.setattr(torch_ops, "MEMO_BYTES", B * shifted.row_bytes - 1)
-    small = F.new_memo(index)
+    monkeypatch.setattr(torch_ops, "SCRATCH_BYTES", B * shifted.row_bytes - 1)
+    small = F.new_scratch(index)
     for _ in range(3):
-        assert torch.equal(F.rotate_indexed(step, tables, index, g, prepared=shifted, memo=small), want[1])
+        assert torch.equal(F.rotate_indexed(step, tables, index, g, prepared=shifted, scratch=small), want[1])
     assert list(small.entries.values()) == [None] and small.nbytes == 0
 
 
@@ -330,9 +330,9 @@ def test_traced_formulation_equals_dense_matrix_and_eager_backward(layout):
         shape, dim = ((2, d, 3), 1) if layout == "channels" else ((2, 3, d), -1)
         x, gy = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
         want = torch.einsum("ij,bj...->bi...", dense(c, s, g), x) if dim == 1 else x @ dense(c, s, g).T
-    torch.testing.assert_close(kernels.torch_ops.rotate_traced(x, c, s, g, dim), want)
+    torch.testing.assert_close(kernels.traced_ops.forward(x, c, s, g, dim), want)
     eager = kernels.torch_ops.backward(gy, x, c, s, g, dim, need_gx=True)
-    traced = kernels.torch_ops.backward_traced(gy, x, c, s, g, dim, need_gx=True)
+    traced = kernels.traced_ops.backward(gy, x, c, s, g, dim, need_gx=True)
     for t, e in zip(traced, eager, strict=True):
         torch.testing.assert_close(t, e)
 

@@ -12,8 +12,8 @@ from torch import nn
 
 from roadkit import Linear
 from roadkit import functional as F
+from roadkit.cache import CACHE_ENTRIES
 from roadkit.layers import Routing
-from roadkit.layers.base import CACHE_ENTRIES
 
 
 def make_layer(variant="road_2", g=4, d_in=6, d_out=8, bias=True, seed=0, init_weights=False):

@@ -195,6 +195,22 @@ def test_delete_active_adapter_activates_a_remaining_one(two, input_ids):
     assert differs(out_b, out_default)
 
 
+def test_deleting_the_only_active_adapter_says_which_one_is_active_now(two):
+    two.set_adapter("b")
+    with pytest.warns(UserWarning, match="adapter 'b' was active and is deleted; 'default' is active now"):
+        two.delete_adapter("b")
+    assert two.active_adapters == ["default"]
+
+
+def test_deleting_an_inactive_adapter_or_the_last_one_warns_nothing(two, recwarn):
+    two.set_adapter(["default", "b"])
+    two.delete_adapter("b")  # an active one, but another stays active
+    assert two.active_adapters == ["default"]
+    two.delete_adapter("default")  # the last: none is left to activate, the model runs as its base
+    assert two.active_adapters == [] and not two.peft_config
+    assert not [w for w in recwarn if "deleted" in str(w.message)]
+
+
 def test_delete_adapter_with_modules_to_save(llama, input_ids):
     cfg = RoadConfig(group_size=32, init_weights=False, target_modules=QV, modules_to_save=["lm_head"])
     torch.manual_seed(0)
@@ -669,7 +685,7 @@ def test_mixed_generate_gathers_coefficients_in_its_first_two_forwards_only(two,
     layers = sum(len(lyr._group_sizes(("b", "default"))) for _, lyr in two.road_layers())
     assert per_forward == [layers, layers, 0, 0, 0]
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch_ops, "MEMO_BYTES", 0)
+        mp.setattr(torch_ops, "SCRATCH_BYTES", 0)
         assert torch.equal(two.generate(input_ids, adapter_names=names, **kwargs), tokens)
 
 

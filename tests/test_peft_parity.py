@@ -485,3 +485,21 @@ def test_several_active_adapters_parity(bases, tmp_path, family, order):
         rm.set_adapter(order)
 
     assert_merge_parity(pm, rm, x, base_weights(base, ""))
+
+
+@pytest.mark.parametrize("family", list(THREE))
+def test_deleting_the_active_adapter_activates_the_same_one_as_peft(bases, tmp_path, family):
+    # On the same layers: PEFT picks the first remaining adapter layer by layer, which differs between layers
+    # when adapters target different ones; roadkit picks the model's first remaining adapter for every layer.
+    targets = THREE[family][0][3]
+    pm, rm = build_pair(bases[family], family, [(n, v, 2, targets) for n, v, _, _ in THREE[family]], "direct", tmp_path)
+    pm.base_model.set_adapter(NAMES[1])
+    rm.set_adapter(NAMES[1])
+    with pytest.warns(UserWarning):
+        pm.delete_adapter(NAMES[1])
+    with pytest.warns(UserWarning, match="is active now"):
+        rm.delete_adapter(NAMES[1])
+    assert rm.active_adapters == pm.active_adapters == [NAMES[0]]
+    x = make_inputs(family)
+    with torch.no_grad():
+        torch.testing.assert_close(run(rm.eval(), x), run(pm.eval(), x), **OUT_TOL)

@@ -139,6 +139,19 @@ def test_rejects_bad_settings(setup):
     frozen = copy.deepcopy(base).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         TrainingRun(frozen, train, TrainConfig(), tokenizer)
+    with pytest.raises(ValueError, match="does not split into 3 gradient accumulation steps"):
+        TrainConfig(batch_size=4, gradient_accumulation_steps=3)
+
+    class NoPositions(torch.nn.Module):  # a model that cannot keep packed rows apart
+        def __init__(self):
+            super().__init__()
+            self.base = copy.deepcopy(base)
+
+        def forward(self, input_ids, labels=None):
+            return self.base(input_ids=input_ids, labels=labels)
+
+    with pytest.raises(ValueError, match=r"--packing needs a model that takes position_ids .*; NoPositions does not"):
+        TrainingRun(NoPositions(), train, TrainConfig(packing=True), tokenizer)
 
 
 def test_resume_with_a_longer_schedule_recomputes_the_learning_rate(setup, tmp_path):

@@ -238,3 +238,32 @@ def test_a_non_finite_loss_counts_as_divergence(base):
     guard.on_step_end(args, state, control)
     assert (guard.diverged_at, guard.kept_step, guard.reason) == (6, 5, "a NaN or infinite training loss")
     assert control.should_training_stop and not control.should_save
+
+
+def test_road_trainer_gives_any_trainer_subclass_the_same_behaviour(base, tmp_path):
+    from transformers import Trainer
+
+    from roadkit import road_trainer
+
+    class Doubled(Trainer):  # a user's subclass with a loss of its own
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs)
+            return (2 * outputs.loss, outputs) if return_outputs else 2 * outputs.loss
+
+    model = road_model(base)
+    start = adapters(model)
+    trainer = road_trainer(Doubled)(
+        model=model, args=arguments(tmp_path, max_steps=3, save_steps=3), train_dataset=Tokens(12)
+    )
+    assert trainer.divergence_guard is not None and trainer.label_names == ["labels"]
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}  # the wrapped model's columns
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    for directory in ("checkpoint-3", "final"):
+        files = set(os.listdir(tmp_path / directory))
+        assert "adapter_model.safetensors" in files and not files & set(FULL_WEIGHTS)
+    assert_same(load_file(tmp_path / "final" / "adapter_model.safetensors"), model.adapter_state_dict(), atol=0)
+    assert any((adapters(model)[k] != start[k]).any() for k in start if k.startswith("default:"))
+    with pytest.raises(TypeError, match="peft_config"):  # Doubled takes no peft_config: neither does its Road class
+        road_trainer(Doubled)(model=road_model(base), args=arguments(tmp_path), peft_config=CONFIG)

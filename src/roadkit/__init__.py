@@ -2,6 +2,7 @@
 
 from .composition import SavedAdapter, compose, compose_adapters
 from .config import RoadConfig
+from .errors import RoadkitError
 from .extras import MissingExtraError, require
 from .layers import (
     Conv,
@@ -29,6 +30,7 @@ __all__ = [
     "RoadConfig",
     "RoadLayer",
     "RoadModel",
+    "RoadkitError",
     "Routing",
     "SavedAdapter",
     "TensorParallelIssue",
@@ -41,11 +43,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    """`RoadTrainer` is imported on first use: `transformers.Trainer` takes seconds to import and comes with the
-    `hf` extra (so `RoadTrainer` stays out of `__all__`: `from roadkit import *` works without it)."""
-    if name == "RoadTrainer":
-        require("hf", "roadkit.RoadTrainer")
-        from .integrations.trainer import RoadTrainer
+    """`RoadTrainer` and `road_trainer` are imported on first use: `transformers.Trainer` takes seconds to import and
+    comes with the `hf` extra (so they stay out of `__all__`: `from roadkit import *` works without it)."""
+    if name in ("RoadTrainer", "road_trainer"):
+        require("hf", f"roadkit.{name}")
+        from .integrations.trainer import RoadTrainer, road_trainer
 
-        return RoadTrainer
+        return RoadTrainer if name == "RoadTrainer" else road_trainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

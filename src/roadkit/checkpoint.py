@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from .config import CONFIG_NAME, RoadConfig
+from .errors import InputError, MissingFileError
 from .extras import MissingExtraError, require
 from .fileio import PathLike, atomic_write_bytes
 
@@ -116,18 +117,18 @@ def adapter_directory(model_id: PathLike, subfolder: Optional[str] = None, revis
     if os.path.isdir(local):
         return local
     if os.path.exists(os.fspath(model_id)) or os.path.isabs(os.fspath(model_id)):
-        raise FileNotFoundError(f"adapter directory {local!r} does not exist.")
+        raise MissingFileError(f"adapter directory {local!r} does not exist.")
     try:
         require("hf", "reading it as a Hugging Face Hub id")
     except MissingExtraError as err:  # most often a mistyped local path
-        raise FileNotFoundError(f"adapter directory {local!r} does not exist; {err}") from None
+        raise MissingFileError(f"adapter directory {local!r} does not exist; {err}") from None
     from huggingface_hub import snapshot_download
 
     pattern = f"{subfolder}/*" if subfolder else "*"
     try:
         root = snapshot_download(os.fspath(model_id), revision=revision, allow_patterns=[pattern])
     except Exception as err:  # network, auth, or unknown repo: say what was looked for
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{os.fspath(model_id)!r} is neither a local adapter directory nor a reachable Hub repository: {err}"
         ) from err
     return os.path.join(root, subfolder) if subfolder else root
@@ -141,12 +142,12 @@ def read_adapter(
     if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         inner = sorted(n for n in os.listdir(directory) if os.path.isfile(os.path.join(directory, n, CONFIG_NAME)))
         if inner:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no {CONFIG_NAME} in {directory!r}, but its subfolders {', '.join(inner[:5])}"
                 f"{' ...' if len(inner) > 5 else ''} hold adapters: give one of them, e.g. "
                 f"{os.path.join(directory, inner[0])!r}."
             )
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not an adapter directory.")
+        raise MissingFileError(f"no {CONFIG_NAME} in {directory!r}: not an adapter directory.")
     config = RoadConfig.from_pretrained(directory)
     weights = os.path.join(directory, WEIGHTS_NAME)
     legacy = os.path.join(directory, LEGACY_WEIGHTS_NAME)
@@ -155,10 +156,10 @@ def read_adapter(
     elif os.path.isfile(legacy):
         path, read = legacy, lambda: torch.load(legacy, map_location="cpu", weights_only=True)
     else:
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory!r}.")
+        raise MissingFileError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory!r}.")
     try:
         tensors = read()
     except Exception as err:  # truncated or corrupt: SafetensorError, RuntimeError, EOFError, UnpicklingError...
         message = " ".join(str(err).split()) or type(err).__name__
-        raise ValueError(f"{path}: cannot read the adapter weights ({message}); the file is damaged.") from err
+        raise InputError(f"{path}: cannot read the adapter weights ({message}); the file is damaged.") from err
     return config, tensors

@@ -24,8 +24,9 @@ from typing import Optional, Sequence
 import torch
 
 from . import checkpoint as ckpt
-from . import functional as F
+from . import functional as rf
 from .config import VARIANTS, RoadConfig
+from .errors import InputError
 from .model import RoadModel
 from .subspace import entries_of, features_of, outside_count, pairs_of
 
@@ -71,20 +72,20 @@ def compose_adapters(
 ) -> tuple[RoadConfig, dict[str, torch.Tensor]]:
     """The composition of saved adapters (in order) by `mode`: its config and tensors (PEFT keys)."""
     if mode not in MODES:
-        raise ValueError(f"compose mode={mode!r} is not supported; allowed: {', '.join(MODES)}.")
+        raise InputError(f"compose mode={mode!r} is not supported; allowed: {', '.join(MODES)}.")
     adapters = list(adapters)
     if not adapters:
-        raise ValueError("compose needs at least one adapter.")
+        raise InputError("compose needs at least one adapter.")
     w = _check_weights(mode, weights, len(adapters))
     saving = [a.name for a in adapters if a.config.modules_to_save or any(not k.endswith(_PARAMS) for k in a.tensors)]
     if saving:
-        raise ValueError(
+        raise InputError(
             f"adapters {saving} train whole modules (modules_to_save), which have no rotation to "
             "compose; compose adapters without modules_to_save."
         )
     sizes = {a.name: a.config.group_size for a in adapters}
     if len(set(sizes.values())) > 1:
-        raise ValueError(f"compose needs adapters with one group_size (their pairs must coincide); got {sizes}.")
+        raise InputError(f"compose needs adapters with one group_size (their pairs must coincide); got {sizes}.")
     g = adapters[0].config.group_size
     layers = _layers(adapters)
     _check_inside_subspaces(adapters, layers)
@@ -143,11 +144,11 @@ def _layers(adapters: Sequence[SavedAdapter]) -> dict[str, int]:
                 continue
             path, d_out = (
                 key[len(ckpt.KEY_PREFIX) : -len(".road_theta")],
-                F.out_features_for(a.config.variant, t.numel()),
+                rf.out_features_for(a.config.variant, t.numel()),
             )
-            F.check_group_size(d_out, a.config.group_size, where=f"adapter {a.name!r}, layer {path}")
+            rf.check_group_size(d_out, a.config.group_size, where=f"adapter {a.name!r}, layer {path}")
             if out.setdefault(path, d_out) != d_out:
-                raise ValueError(
+                raise InputError(
                     f"adapters {seen[path]!r} and {a.name!r} disagree on the size of layer {path} "
                     f"({out[path]} vs {d_out} features): they were trained on different base models."
                 )
@@ -165,7 +166,7 @@ def _check_inside_subspaces(adapters: Sequence[SavedAdapter], layers: dict[str, 
             if outside_count(
                 a.config.subspace, a.config.variant, a.config.group_size, d_out, *_params64(a, path), where=path
             ):
-                raise ValueError(
+                raise InputError(
                     f"adapter {a.name!r} has subspace={a.config.subspace} but is not the identity outside it in {path}."
                 )
 
@@ -173,7 +174,7 @@ def _check_inside_subspaces(adapters: Sequence[SavedAdapter], layers: dict[str, 
 def _check_weights(mode: str, weights: Optional[Sequence[float]], n: int) -> list[float]:
     if mode != "interpolate":
         if weights is not None:
-            raise ValueError(f"weights apply only to mode='interpolate', not mode={mode!r}.")
+            raise InputError(f"weights apply only to mode='interpolate', not mode={mode!r}.")
         return []
     if weights is None:
         return [1.0 / n] * n
@@ -183,7 +184,7 @@ def _check_weights(mode: str, weights: Optional[Sequence[float]], n: int) -> lis
         or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w)
         or not all(torch.isfinite(torch.tensor(float(x))) for x in w)
     ):
-        raise ValueError(f"interpolate needs one finite number per adapter ({n}), got weights={weights!r}.")
+        raise InputError(f"interpolate needs one finite number per adapter ({n}), got weights={weights!r}.")
     return [float(x) for x in w]
 
 
@@ -192,8 +193,8 @@ def _params64(a: SavedAdapter, path: str) -> _Params:
     return theta, alpha
 
 
-def _coefficients64(a: SavedAdapter, path: str) -> F.Coefficients:
-    return F.coefficients(a.config.variant, a.config.group_size, *_params64(a, path))
+def _coefficients64(a: SavedAdapter, path: str) -> rf.Coefficients:
+    return rf.coefficients(a.config.variant, a.config.group_size, *_params64(a, path))
 
 
 def _sequential(path: str, adapters: list[SavedAdapter], d_out: int, variant: str, g: int) -> _Params:
@@ -201,10 +202,10 @@ def _sequential(path: str, adapters: list[SavedAdapter], d_out: int, variant: st
         params = [_params64(a, path) for a in adapters]
         theta = sum((t for t, _ in params), torch.zeros((), dtype=torch.float64))
         return theta, torch.stack([a for _, a in params]).prod(0)
-    acc = F.identity(d_out, dtype=torch.float64, device=_device(adapters[0], path))
+    acc = rf.identity(d_out, dtype=torch.float64, device=_device(adapters[0], path))
     for a in adapters:
-        acc = F.compose(acc, _coefficients64(a, path), g)
-    return F.polar(acc)
+        acc = rf.compose(acc, _coefficients64(a, path), g)
+    return rf.polar(acc)
 
 
 def _device(a: SavedAdapter, path: str) -> torch.device:
@@ -226,7 +227,7 @@ def _check_disjoint(adapters: Sequence[SavedAdapter], layers: dict[str, int]) ->
             owned.update(dict.fromkeys(pairs, a.name))
     if overlaps:  # the first few layers, one per line, and a count of the rest
         more = [f"... and {len(overlaps) - 5} more layers"] if len(overlaps) > 5 else []
-        raise ValueError(
+        raise InputError(
             "union needs adapters in disjoint subspaces (RoadConfig.subspace), but they overlap:\n  "
             + "\n  ".join(overlaps[:5] + more)
         )
@@ -235,7 +236,7 @@ def _check_disjoint(adapters: Sequence[SavedAdapter], layers: dict[str, int]) ->
 def _union(path: str, adapters: list[SavedAdapter], d_out: int, variant: str, g: int) -> _Params:
     device, n_pairs = _device(adapters[0], path), d_out // 2
     if all(a.config.variant == variant for a in adapters):  # copy each owner's own entries
-        n = F.parameter_length(variant, d_out)
+        n = rf.parameter_length(variant, d_out)
         theta = torch.zeros(n, dtype=torch.float64, device=device)
         alpha = torch.ones(n, dtype=torch.float64, device=device)
         for a in adapters:
@@ -243,12 +244,12 @@ def _union(path: str, adapters: list[SavedAdapter], d_out: int, variant: str, g:
             t, al = _params64(a, path)
             theta[idx], alpha[idx] = t[idx], al[idx]
         return theta, alpha
-    c_out, s_out = F.identity(d_out, dtype=torch.float64, device=device)
+    c_out, s_out = rf.identity(d_out, dtype=torch.float64, device=device)
     for a in adapters:  # mixed variants: per-feature coefficients, then road_2's polar form
         idx = features_of(pairs_of(a.config.subspace, n_pairs), g).to(device)
         cc, ss = _coefficients64(a, path)
         c_out[idx], s_out[idx] = cc[idx], ss[idx]
-    return F.polar((c_out, s_out))
+    return rf.polar((c_out, s_out))
 
 
 def _interpolate(path: str, weighted: list[tuple[SavedAdapter, float]], variant: str, g: int) -> _Params:
@@ -256,11 +257,11 @@ def _interpolate(path: str, weighted: list[tuple[SavedAdapter, float]], variant:
     for a, weight in weighted:
         t, al = _params64(a, path)
         if not bool((al > 0).all()):  # counted on the adapter's own entries, before any expansion
-            raise ValueError(
+            raise InputError(
                 f"interpolate works on log-scales, but adapter {a.name!r} has alpha <= 0 in {path} "
                 f"({int((al <= 0).sum())} entries)."
             )
-        t, al = F.expand_parameters(t, al, a.config.variant, variant, g)
+        t, al = rf.expand_parameters(t, al, a.config.variant, variant, g)
         theta = theta + weight * t
         alpha_log = alpha_log + weight * torch.log(al)
     return theta, torch.exp(alpha_log)

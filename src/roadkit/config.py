@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, TypedDict, Union
 
+from .errors import InputError, MissingFileError
 from .fileio import atomic_write_bytes
 from .subspace import Spec, normalize_spec
 
@@ -27,7 +28,7 @@ def normalize_variant(variant: Any) -> str:
     text = str(variant).strip()
     name = text if text.startswith("road_") else f"road_{text}"
     if name not in VARIANTS:
-        raise ValueError(
+        raise InputError(
             f"RoadConfig.variant={variant!r} is not supported; allowed: {', '.join(VARIANTS)} (or 1, 2, 4)."
         )
     return name
@@ -44,7 +45,7 @@ def _check_name_list(field_name: str, value: Any, allow_regex: bool) -> Any:
         items = list(value)
         bad = [v for v in items if not isinstance(v, str) or not v]
         if bad:
-            raise ValueError(f"RoadConfig.{field_name} must hold non-empty module names, got {bad!r}.")
+            raise InputError(f"RoadConfig.{field_name} must hold non-empty module names, got {bad!r}.")
         # Sets are accepted (PEFT's own configs hold them) but stored sorted so files are reproducible.
         return sorted(items) if isinstance(value, (set, frozenset)) else items
     kinds = "a list of module names or a regex string" if allow_regex else "a list of module names"
@@ -102,7 +103,7 @@ class RoadConfig:
         self.variant = normalize_variant(self.variant)
         gs = self.group_size
         if isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0 or gs % 2:
-            raise ValueError(f"RoadConfig.group_size must be a positive even integer, got {gs!r}.")
+            raise InputError(f"RoadConfig.group_size must be a positive even integer, got {gs!r}.")
         if not isinstance(self.init_weights, bool):
             raise TypeError(f"RoadConfig.init_weights must be True or False, got {self.init_weights!r}.")
         self.target_modules = _check_name_list("target_modules", self.target_modules, allow_regex=True)
@@ -115,7 +116,7 @@ class RoadConfig:
             if not isinstance(items, (list, tuple)) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
             ):
-                raise ValueError(
+                raise InputError(
                     f"RoadConfig.layers_to_transform must be a layer index or a list of "
                     f"non-negative layer indices, got {ltt!r}."
                 )
@@ -146,7 +147,7 @@ class RoadConfig:
         """Build from a parsed `adapter_config.json`; unknown keys (other PEFT versions) are ignored."""
         peft_type = data.get("peft_type", PEFT_TYPE)
         if peft_type != PEFT_TYPE:
-            raise ValueError(f"adapter config has peft_type={peft_type!r}; roadkit loads only {PEFT_TYPE!r}.")
+            raise InputError(f"adapter config has peft_type={peft_type!r}; roadkit loads only {PEFT_TYPE!r}.")
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -160,10 +161,10 @@ class RoadConfig:
         """Read `adapter_config.json` from a local adapter directory."""
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}: not an adapter directory.")
+            raise MissingFileError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}: not an adapter directory.")
         with open(path, encoding="utf-8") as fh:
             try:
                 data = json.load(fh)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path} is not valid JSON: {err}") from err
+                raise InputError(f"{path} is not valid JSON: {err}") from err
         return cls.from_dict(data)

@@ -12,11 +12,13 @@ import importlib.metadata
 import importlib.util
 import re
 
+from .errors import RoadkitError
+
 _NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[([^\]]*)\])?")
 _EXTRA = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
 
 
-class MissingExtraError(ImportError):
+class MissingExtraError(RoadkitError, ImportError):
     """A feature's optional dependencies are not installed; the message names the `pip install`."""
 
 

@@ -12,12 +12,14 @@ variants differ only in how (theta, alpha) map to (c, s); see `coefficients`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from . import kernels
 from .config import VARIANTS, normalize_variant
+from .errors import InputError
 
 Coefficients = tuple[torch.Tensor, torch.Tensor]
 
@@ -35,7 +37,7 @@ def out_features_for(variant: str, length: int) -> int:
 def check_group_size(out_features: int, group_size: int, where: str = "layer") -> None:
     """Raise if `group_size` cannot pair the `out_features` of `where`."""
     if group_size <= 0 or group_size % 2 or out_features % group_size:
-        raise ValueError(
+        raise InputError(
             f"{where}: out_features={out_features} is not divisible by group_size={group_size}; "
             f"choose an even group_size that divides {out_features}."
         )
@@ -97,8 +99,8 @@ def coefficient_grads(
         d_alpha = torch.stack((gc * torch.cos(t[:, 0]), gs * torch.sin(t[:, 1])), dim=1)
         return d_theta.flatten(), d_alpha.flatten()
     if variant == "road_1":  # each entry serves both features of its pair
-        grad_c = grad_c.unflatten(0, (-1, 2, group_size // 2)).sum(1).flatten()
-        grad_s = grad_s.unflatten(0, (-1, 2, group_size // 2)).sum(1).flatten()
+        grad_c = kernels.pairs_view(grad_c, group_size).sum(1).flatten()
+        grad_s = kernels.pairs_view(grad_s, group_size).sum(1).flatten()
     cos, sin = torch.cos(theta), torch.sin(theta)
     return alpha * (grad_s * cos - grad_c * sin), grad_c * cos + grad_s * sin
 
@@ -181,23 +183,23 @@ def rotate_indexed(
     group_size: int,
     dim: int = -1,
     prepared: Any = None,
-    memo: Any = None,
+    scratch: Any = None,
 ) -> torch.Tensor:
     """Mixed batches: rotate each row (or token) of x by the coefficient row `index` selects.
 
     `tables` are (c, s) of shape (n_adapters, d_out); `index` has the shape of the leading axes of
     x before `dim` (per token) or a prefix of them (per batch row). Cost is independent of
     n_adapters. Inference only (no autograd). `prepared` is `prepare(tables, group_size, dim)`;
-    `memo` (`kernels.new_memo`), one per routing (the same tables and index on every call), spares
+    `scratch` (`new_scratch`), one per routing (the same tables and index on every call), spares
     later calls work the kernels can keep.
     """
-    return kernels.forward_indexed(x, tables[0], tables[1], index, group_size, dim, prepared, memo)
+    return kernels.forward_indexed(x, tables[0], tables[1], index, group_size, dim, prepared, scratch)
 
 
-def new_memo(index: torch.Tensor) -> Any:
-    """Scratch for one routing (its `index`'s device picks the kernel backend): pass it as `memo` to
-    every `rotate_indexed` call of that routing. Opaque; None where the backend keeps nothing."""
-    return kernels.new_memo(index)
+def new_scratch(index: torch.Tensor) -> Any:
+    """What one routing keeps between its calls (its `index`'s device picks the kernel backend): pass it as
+    `scratch` to every `rotate_indexed` call of that routing. Opaque; None where the backend keeps nothing."""
+    return kernels.new_scratch(index)
 
 
 def prepare(coeffs: Coefficients, group_size: int, dim: int = -1) -> Any:
@@ -206,9 +208,25 @@ def prepare(coeffs: Coefficients, group_size: int, dim: int = -1) -> Any:
     return kernels.prepare(*coeffs, group_size, dim)
 
 
+@dataclass(frozen=True)
+class Rotation:
+    """A rotation as the inference paths apply it, again and again: its coefficients (one adapter's, or
+    tables with a row per adapter for mixed batches), the kernel backend's packing of them (`prepare`),
+    and its group size."""
+
+    coeffs: Coefficients
+    prepared: Any
+    group_size: int
+
+
+def rotation(coeffs: Coefficients, group_size: int, dim: int = -1) -> Rotation:
+    """`coeffs` with their packing for rotations along `dim`."""
+    return Rotation(coeffs, prepare(coeffs, group_size, dim), group_size)
+
+
 def _pairs(v: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The (a, b) halves of every pair of a per-feature vector (or of rows of a table)."""
-    vv = v.unflatten(-1, (-1, 2, group_size // 2))
+    vv = kernels.pairs_view(v, group_size)
     return vv[..., 0, :], vv[..., 1, :]
 
 
@@ -223,7 +241,7 @@ def inverse(coeffs: Coefficients, group_size: int) -> Coefficients:
     sa, sb = _pairs(s, group_size)
     det = ca * cb + sa * sb
     if not torch.all(det != 0):
-        raise ValueError(
+        raise InputError(
             "this RoAd rotation is singular (some pair has c_a*c_b + s_a*s_b == 0); it cannot be inverted."
         )
     return _join(cb / det, ca / det), _join(-sa / det, -sb / det)
@@ -249,7 +267,7 @@ def expand_parameters(
     order = {v: i for i, v in enumerate(VARIANTS)}
     variant, to_variant = normalize_variant(variant), normalize_variant(to_variant)
     if order[to_variant] < order[variant]:
-        raise ValueError(f"cannot express {variant} parameters as {to_variant}: only road_1 -> road_2 -> road_4.")
+        raise InputError(f"cannot express {variant} parameters as {to_variant}: only road_1 -> road_2 -> road_4.")
     if variant == "road_1" and to_variant != "road_1":
         theta, alpha = (t.unflatten(0, (-1, 1, group_size // 2)).expand(-1, 2, -1).flatten() for t in (theta, alpha))
         variant = "road_2"
@@ -282,8 +300,7 @@ def rotate_rows_(weight: torch.Tensor, coeffs: Coefficients, group_size: int) ->
     their condition number, so their math runs in float64 and the weight is rounded once.
     """
     c, s = coeffs
-    half = group_size // 2
-    cv, sv = c.unflatten(-1, (-1, 2, half)), s.unflatten(-1, (-1, 2, half))
+    cv, sv = kernels.pairs_view(c, group_size), kernels.pairs_view(s, group_size)
     scaled_rotation = torch.equal(cv[:, 0], cv[:, 1]) and torch.equal(sv[:, 0], sv[:, 1])
     return kernels.rotate_rows_(weight, c, s, group_size, dtype=None if scaled_rotation else torch.float64)
 
@@ -291,6 +308,7 @@ def rotate_rows_(weight: torch.Tensor, coeffs: Coefficients, group_size: int) ->
 __all__ = [
     "VARIANTS",
     "Coefficients",
+    "Rotation",
     "check_group_size",
     "coefficient_grads",
     "coefficients",
@@ -298,7 +316,7 @@ __all__ = [
     "expand_parameters",
     "identity",
     "inverse",
-    "new_memo",
+    "new_scratch",
     "out_features_for",
     "parameter_length",
     "polar",
@@ -307,5 +325,6 @@ __all__ = [
     "rotate",
     "rotate_indexed",
     "rotate_rows_",
+    "rotation",
     "value_problem",
 ]

@@ -1,9 +1,13 @@
-"""`RoadModel` / `get_peft_model`: inject RoAd layers, keep the adapters' books, merge, route mixed batches."""
+"""`RoadModel` / `get_peft_model`: the model with RoAd adapters, PEFT's API for RoAd.
+
+It injects the layers (`layers`, chosen by `targeting`), keeps the adapters' books (which exist, which are
+active, which are merged), and hands mixed batches their `Routing` (`routing`). Reading and writing adapters
+goes through `persistence`.
+"""
 
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -14,11 +18,20 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import persistence
 from .config import RoadConfig
-from .functional import check_group_size, new_memo, parameter_length, value_problem
-from .layers import BASE, AdapterParameters, ModulesToSaveWrapper, RoadLayer, Routing, out_features_of, wrapper_for
-from .messages import some_of
-from .subspace import free_entries, outside_count
+from .layers import (
+    BASE,
+    AdapterParameters,
+    ModulesToSaveWrapper,
+    RoadLayer,
+    Routing,
+    base_of,
+    road_layers,
+    saved_wrappers,
+    wrapper_for,
+)
+from .routing import batch_shape_of, make_routing, tables_for
 from .targeting import select_modules_to_save, select_targets
 
 if TYPE_CHECKING:
@@ -27,14 +40,6 @@ if TYPE_CHECKING:
 
 def _as_list(names: Union[str, Iterable[str]]) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
-
-
-def _base_of(module: nn.Module) -> nn.Module:
-    return module.get_base_layer() if isinstance(module, RoadLayer) else module
-
-
-def _saved_original(module: nn.Module) -> nn.Module:
-    return module.original_module if isinstance(module, ModulesToSaveWrapper) else module
 
 
 def _base_dtype(module: nn.Module) -> torch.dtype:
@@ -47,121 +52,6 @@ def _base_dtype(module: nn.Module) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
-
-
-def expected_tensors(model: nn.Module, config: RoadConfig) -> dict[str, torch.Size]:
-    """Every tensor key (and shape) an adapter with `config` has on `model`; validates group sizes
-    and the subspace."""
-    shapes: dict[str, torch.Size] = {}
-    for path in select_targets(model, config):
-        n_out = out_features_of(_base_of(model.get_submodule(path)))
-        check_group_size(n_out, config.group_size, where=f"target module {path!r}")
-        free_entries(config.subspace, config.variant, config.group_size, n_out, where=f"target module {path!r}")
-        n = torch.Size([parameter_length(config.variant, n_out)])
-        shapes[ckpt.adapter_key(path, "road_theta")] = n
-        shapes[ckpt.adapter_key(path, "road_alpha")] = n
-    for path in select_modules_to_save(model, config):
-        for pname, t in _saved_original(model.get_submodule(path)).state_dict().items():
-            shapes[ckpt.adapter_key(path, pname)] = t.shape
-    return shapes
-
-
-def _check_subspace(model: nn.Module, config: RoadConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Refuse adapter tensors that move pairs outside the adapter's subspace (they would be dropped)."""
-    if config.subspace is None:
-        return
-    bad = []
-    for path in select_targets(model, config):
-        n_out = out_features_of(_base_of(model.get_submodule(path)))
-        theta, alpha = (tensors[ckpt.adapter_key(path, p)] for p in ("road_theta", "road_alpha"))
-        count = outside_count(config.subspace, config.variant, config.group_size, n_out, theta, alpha)
-        if count:
-            bad.append(f"{path} ({count} entries)")
-    if bad:
-        raise ValueError(
-            f"adapter at {source!r} has subspace={config.subspace} but is not the identity outside "
-            f"it in: {some_of(bad)}. The model was left unchanged."
-        )
-
-
-def base_fingerprint(model: nn.Module, paths: Iterable[str]) -> ckpt.BaseFingerprint:
-    """The first weights of the first few linear layers at `paths` (in sorted order) whose weights are
-    plain and not merged with an adapter: recorded with an adapter, so a server can tell the base it was
-    trained on from another model of the same shapes."""
-    out: ckpt.BaseFingerprint = {}
-    for path in sorted(paths):
-        if len(out) == ckpt.FINGERPRINT_MODULES:
-            break
-        module = model.get_submodule(path)
-        if isinstance(module, RoadLayer) and module.merged:
-            continue
-        base = _base_of(module)
-        values = ckpt.weight_fingerprint(base.weight) if type(base) is nn.Linear else None
-        if values is not None:
-            out[path] = values
-    return out
-
-
-def _is_module(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
-def _warn_if_other_base(model: nn.Module, recorded: ckpt.BaseFingerprint, source: str) -> None:
-    """Warn when the model's weights differ from the ones the adapter recorded at `source`."""
-    paths = [path for path in sorted(recorded) if _is_module(model, path)]
-    served = base_fingerprint(model, paths)
-    differing = [p for p in paths if p in served and ckpt.fingerprint_differs(recorded[p], torch.tensor(served[p]))]
-    if differing:
-        warnings.warn(
-            f"adapter at {source!r} was trained on another base model: the weights of "
-            f"{some_of(differing, 'modules')} differ from the ones it recorded. Its outputs are only right "
-            "on the base it was trained on.",
-            stacklevel=3,
-        )
-
-
-def _check_values(config: RoadConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Refuse adapter tensors with NaN or infinite values, or rotations that are degenerate (`value_problem`)."""
-    bad = []
-    for key, tensor in sorted(tensors.items()):
-        if key.endswith(".road_theta"):
-            alpha = tensors.get(key.removesuffix("road_theta") + "road_alpha")
-            problem = None if alpha is None else value_problem(config.variant, config.group_size, tensor, alpha)
-            if problem:
-                bad.append(f"{key.removeprefix(ckpt.KEY_PREFIX).removesuffix('.road_theta')} ({problem})")
-        elif not key.endswith(".road_alpha") and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            bad.append(f"{key.removeprefix(ckpt.KEY_PREFIX)} (NaN or infinite values)")
-    if bad:
-        raise ValueError(
-            f"adapter at {source!r} holds values that cannot be served in {some_of(bad, 'modules')}; the training "
-            "that wrote it probably diverged. The model was left unchanged (check_values=False loads it anyway, "
-            "for inspection)."
-        )
-
-
-def _check_tensors(expected: dict[str, torch.Size], tensors: dict[str, torch.Tensor], source: str) -> None:
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(
-        f"{k}: file {tuple(tensors[k].shape)}, model {tuple(expected[k])}"
-        for k in set(expected) & set(tensors)
-        if tensors[k].shape != expected[k]
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing {some_of(missing, 'keys')}")
-    if unexpected:
-        problems.append(f"unexpected {some_of(unexpected, 'keys')}")
-    if wrong:
-        problems.append(f"{some_of(wrong, 'shape mismatches')}")
-    if problems:
-        raise ValueError(
-            f"adapter at {source!r} does not fit this model: " + "; ".join(problems) + ". The model was left unchanged."
-        )
 
 
 def _check_adapter_name(adapter_name: Any) -> None:
@@ -199,7 +89,7 @@ class RoadModel(nn.Module):
                 "load_adapter()) on its RoadModel instead of wrapping it again."
             )
         _check_adapter_name(adapter_name)
-        expected_tensors(model, config)  # every error before the model is touched
+        persistence.expected_tensors(model, config)  # every error before the model is touched
         self.model = model
         self.training = model.training
         self.peft_config: dict[str, RoadConfig] = {}
@@ -242,14 +132,10 @@ class RoadModel(nn.Module):
 
     def road_layers(self) -> Iterator[tuple[str, RoadLayer]]:
         """(path, layer) for every RoAd layer, paths relative to the wrapped model."""
-        for name, module in self.model.named_modules():
-            if isinstance(module, RoadLayer):
-                yield name, module
+        return road_layers(self.model)
 
     def _saved_wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-        for name, module in self.model.named_modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                yield name, module
+        return saved_wrappers(self.model)
 
     def _replace(self, path: str, new: nn.Module) -> None:
         """Put `new` at `path`; the list of adapter modules is walked again on its next use."""
@@ -261,7 +147,7 @@ class RoadModel(nn.Module):
         """Wrap (or extend) every target and every module to save. Callers validated `config` first."""
         for path in select_targets(self.model, config):
             module = self.model.get_submodule(path)
-            dtype = None if self.autocast_adapter_dtype else _base_dtype(_base_of(module))
+            dtype = None if self.autocast_adapter_dtype else _base_dtype(base_of(module))
             settings = config.layer_settings()
             if isinstance(module, RoadLayer):
                 module.update_layer(adapter_name, **settings, dtype=dtype)
@@ -310,16 +196,17 @@ class RoadModel(nn.Module):
         self, adapter_name: str, config: RoadConfig, state_dict: Optional[dict[str, torch.Tensor]] = None
     ) -> None:
         """Add an adapter (inactive and not trainable until `set_adapter`), fresh or with the tensors
-        of `state_dict` (PEFT keys, as `adapter_state_dict` returns them); checked before any change."""
+        of `state_dict` (PEFT keys, as `adapter_state_dict` returns them). Checked before any change: the keys,
+        shapes and subspace; the values are taken as they are (copies of a live adapter, a composition)."""
         self._check_config(config)
         self.check_new_adapter_name(adapter_name)
-        expected = expected_tensors(self.model, config)
-        if state_dict is not None:
-            _check_tensors(expected, state_dict, "the given state_dict")
-            _check_subspace(self.model, config, state_dict, "the given state_dict")
+        if state_dict is None:
+            persistence.expected_tensors(self.model, config)  # the config fits the model
+        else:
+            persistence.check_tensors(self.model, config, state_dict, "the given state_dict", values=False)
         self._inject(adapter_name, config)
         if state_dict is not None:
-            self._load_tensors(adapter_name, state_dict)
+            persistence.load_tensors(self.model, adapter_name, state_dict)
 
     def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
         """Activate one adapter, or several applied in the given order."""
@@ -331,7 +218,14 @@ class RoadModel(nn.Module):
         self._apply_active()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter from every layer; if it was active, the remaining ones stay active."""
+        """Remove an adapter from every layer (refused while it is merged).
+
+        If it was active, the other active adapters stay active. If it was the only active one, the first
+        remaining adapter (in the order they were added) becomes active on every layer, with a warning naming
+        it, as in PEFT (which picks the first remaining one layer by layer, so where adapters target different
+        layers its layers may differ); with none left, no adapter is active and the model computes its base
+        outputs.
+        """
         self.check_adapter_names([adapter_name])
         merged = [p for p, layer in self.road_layers() if adapter_name in layer.merged_adapters]
         if merged:
@@ -341,7 +235,13 @@ class RoadModel(nn.Module):
         for _, wrapper in self._saved_wrappers():
             wrapper.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
-        self._active = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
+        active = [n for n in self._active if n != adapter_name]
+        if not active and self.peft_config:
+            active = list(self.peft_config)[:1]
+            warnings.warn(
+                f"adapter {adapter_name!r} was active and is deleted; {active[0]!r} is active now.", stacklevel=2
+            )
+        self._active = active
         self._apply_active()
 
     @contextmanager
@@ -572,21 +472,14 @@ class RoadModel(nn.Module):
         `adapter_names` is the list those indices point into. `batch_shape`, the (batch, seq) of the
         input when known, lets per-row indices reach layers that flatten the batch.
 
-        The result is immutable: pass it as `routing=` to any number of `forward` / `generate`
-        calls (a serving loop's decode steps), which then do no per-call adapter bookkeeping. It
-        holds the adapters' coefficients as they are now: route again after changing adapters.
-        Every check runs here, before any compute.
+        Pass the result as `routing=` to any number of `forward` / `generate` calls (a serving loop's
+        decode steps), which then do no per-call adapter bookkeeping. It keeps each layer's coefficient
+        tables, checked against the layer's cache on every call: after an in-place update of the adapters
+        it serves their new values, and after a merge it is refused. Every check runs here, before any
+        compute, and each layer's tables are looked up here too.
         """
         if self.training:
             raise ValueError("adapter_names (mixed-adapter batches) is for inference; call model.eval() first.")
-        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
-            raise TypeError("adapter_names must be a list of adapter names (str).")
-        names = list(adapter_names)
-        unknown = sorted({n for n in names if n != BASE and n not in self.peft_config})
-        if unknown:
-            raise ValueError(
-                f"unknown adapter(s) in adapter_names: {unknown}; available: {sorted(self.peft_config)} and {BASE!r}."
-            )
         layers = [m for m in self._adapter_modules() if isinstance(m, RoadLayer)]
         merged = sorted({n for m in layers for n in m.merged_adapters})
         if merged:
@@ -594,20 +487,10 @@ class RoadModel(nn.Module):
                 f"adapters {merged} are merged into the weights; call unmerge_adapter() before mixed-adapter batches."
             )
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        if adapter_indices is None:
-            if batch_shape is not None and len(names) != batch_shape[0]:
-                raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_shape[0]} rows.")
-            position = {n: i for i, n in enumerate(dict.fromkeys(names))}
-            unique = tuple(position)
-            index = torch.tensor([position[n] for n in names], dtype=torch.int32, device=device)
-        else:
-            unique, index = tuple(names), self._check_indices(adapter_indices, len(names), batch_shape)
-            index = index.to(device, torch.int32)
-        compiling = torch.compiler.is_compiling()  # a compiled graph fuses the gather: no memo there
-        routing = Routing(unique, index, batch_shape, rows=None if compiling else new_memo(index))
-        if not compiling:  # tables from the layers' caches: inputs to a compiled model
+        routing = make_routing(adapter_names, adapter_indices, batch_shape, self.peft_config, device)
+        if not torch.compiler.is_compiling():  # the tables from the layers' caches: inputs to a compiled model
             for layer in layers:
-                layer.tables_for(routing)
+                tables_for(routing, layer)
         return routing
 
     @contextmanager
@@ -620,6 +503,9 @@ class RoadModel(nn.Module):
             raise ValueError(
                 f"adapters {merged} are merged into the weights; call unmerge_adapter() before mixed-adapter batches."
             )
+        deleted = [n for n in routing.names if n != BASE and n not in self.peft_config]
+        if deleted:  # its rows would silently get the identity
+            raise ValueError(f"this routing uses adapters {deleted}, deleted since it was made; route again.")
         with self._set_on_adapter_modules("routing", routing, reset=None):
             yield
 
@@ -643,38 +529,7 @@ class RoadModel(nn.Module):
             if adapter_indices is not None:
                 raise ValueError("adapter_indices needs adapter_names, the list of names it indexes into.")
             return None
-        return self.route(adapter_names, adapter_indices, self._batch_shape(args, kwargs))
-
-    @staticmethod
-    def _check_indices(indices: Any, n_names: int, batch_shape: Optional[tuple[int, ...]]) -> torch.Tensor:
-        if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
-            raise TypeError("adapter_indices must be an integer tensor indexing into adapter_names.")
-        allowed_values = f"adapter_indices must lie in [0, {n_names}) (one entry per adapter_names item)"
-        if torch.compiler.is_compiling():  # checked in the graph, with no host sync (and no recompiles)
-            torch._assert_async(((indices >= 0) & (indices < n_names)).all(), allowed_values)
-        elif indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_names):
-            raise ValueError(f"{allowed_values}, got values in [{int(indices.min())}, {int(indices.max())}].")
-        if batch_shape is not None:
-            # compared, not hashed: under torch.compile hashing a symbolic size would fix it to one value
-            allowed = (tuple(batch_shape[:1]), tuple(batch_shape), (math.prod(batch_shape),))
-            if not any(tuple(indices.shape) == shape for shape in allowed):
-                raise ValueError(
-                    f"adapter_indices has shape {tuple(indices.shape)}; for a batch of shape "
-                    f"{tuple(batch_shape)} give [batch], [batch, seq] or flat [tokens]."
-                )
-        return indices.long()
-
-    @staticmethod
-    def _batch_shape(args: tuple, kwargs: dict) -> Optional[tuple[int, ...]]:
-        """(batch, seq) of the token input, when one can be found."""
-        for key in ("input_ids", "inputs_embeds", "x"):
-            if isinstance(kwargs.get(key), torch.Tensor):
-                t = kwargs[key]
-                return tuple(t.shape[:2]) if key != "x" else tuple(t.shape[:1])
-        first = args[0] if args else None
-        if not isinstance(first, torch.Tensor):
-            return None
-        return tuple(first.shape[:2]) if first.dim() == 2 and not first.is_floating_point() else tuple(first.shape[:1])
+        return self.route(adapter_names, adapter_indices, batch_shape_of(args, kwargs))
 
     def forward(
         self,
@@ -709,22 +564,12 @@ class RoadModel(nn.Module):
         with self._routed(routing):
             return model.generate(*args, **kwargs)
 
-    # ---- checkpoints ---------------------------------------------------------------------------
+    # ---- checkpoints (persistence.py does the work, checkpoint.py the files) ------------------------
 
     def adapter_state_dict(self, adapter_name: str = ckpt.DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
         """The adapter's tensors under PEFT's keys (what `save_pretrained` writes)."""
         self.check_adapter_names([adapter_name])
-        out: dict[str, torch.Tensor] = {}
-        for path, layer in self.road_layers():
-            if adapter_name in layer.road_theta:
-                theta, alpha = layer.parameters_of(adapter_name)
-                out[ckpt.adapter_key(path, "road_theta")] = theta.detach()
-                out[ckpt.adapter_key(path, "road_alpha")] = alpha.detach()
-        for path, wrapper in self._saved_wrappers():
-            if adapter_name in wrapper.modules_to_save:
-                for pname, t in wrapper.modules_to_save[adapter_name].state_dict().items():
-                    out[ckpt.adapter_key(path, pname)] = t.detach()
-        return out
+        return persistence.state_dict_of(self.model, adapter_name)
 
     def save_pretrained(
         self,
@@ -757,29 +602,9 @@ class RoadModel(nn.Module):
         self.check_adapter_names(names)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a directory.")
-        if not is_main_process:
-            return
-        base_name = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
-        for name in names:
-            config = self.peft_config[name]
-            fields = {**config.to_dict(), "inference_mode": True}
-            if config.layers_to_transform is not None or config.exclude_modules is not None:
-                # PEFT's RoadConfig has neither field: store the selection they made as exact paths.
-                fields.update(
-                    target_modules=sorted(p for p, layer in self.road_layers() if name in layer.road_theta),
-                    layers_to_transform=None,
-                    layers_pattern=None,
-                    exclude_modules=None,
-                )
-            if config.base_model_name_or_path is None:
-                fields["base_model_name_or_path"] = base_name
-            paths = [p for p, layer in self.road_layers() if name in layer.road_theta]
-            ckpt.write_adapter(
-                ckpt.adapter_subdir(save_directory, name),
-                RoadConfig.from_dict(fields),
-                self.adapter_state_dict(name),
-                base_fingerprint(self.model, paths),
-            )
+        if is_main_process:
+            for name in names:
+                persistence.save(self.model, save_directory, name, self.peft_config[name])
 
     @classmethod
     def from_pretrained(
@@ -797,38 +622,12 @@ class RoadModel(nn.Module):
 
         An adapter with NaN or infinite values, or a degenerate rotation, is refused; `check_values=False`
         loads it anyway, to inspect a diverged run."""
-        directory = ckpt.adapter_directory(model_id, subfolder, revision)
-        config, tensors = ckpt.read_adapter(directory)
-        config.inference_mode = not is_trainable
-        _check_tensors(expected_tensors(model, config), tensors, os.fspath(model_id))
-        _check_subspace(model, config, tensors, os.fspath(model_id))
-        if check_values:
-            _check_values(config, tensors, os.fspath(model_id))
-        _warn_if_other_base(model, ckpt.read_base_fingerprint(directory), os.fspath(model_id))
+        config, tensors = persistence.read_checked(model, model_id, subfolder, revision, is_trainable, check_values)
         wrapped = cls(model, config, adapter_name, autocast_adapter_dtype)
-        wrapped._load_tensors(adapter_name, tensors)
+        persistence.load_tensors(wrapped.model, adapter_name, tensors)
         if not is_trainable:
             wrapped.eval()
         return wrapped
-
-    def check_adapter_values(
-        self, adapter_name: str, state_dict: dict[str, torch.Tensor], source: str = "the given state_dict"
-    ) -> None:
-        """Raise ValueError (naming `source`) unless `state_dict` (PEFT keys, as `adapter_state_dict` returns
-        them) fits the existing adapter `adapter_name`: the same keys and shapes, nothing outside its subspace."""
-        self.check_adapter_names([adapter_name])
-        expected = {k: t.shape for k, t in self.adapter_state_dict(adapter_name).items()}
-        _check_tensors(expected, state_dict, source)
-        _check_subspace(self.model, self.peft_config[adapter_name], state_dict, source)
-        _check_values(self.peft_config[adapter_name], state_dict, source)
-
-    def load_adapter_values(
-        self, adapter_name: str, state_dict: dict[str, torch.Tensor], source: str = "the given state_dict"
-    ) -> None:
-        """Copy `state_dict` into the existing adapter `adapter_name` in place, after `check_adapter_values`:
-        the parameter objects stay the same, so an optimizer tracking them keeps doing so (resuming a run)."""
-        self.check_adapter_values(adapter_name, state_dict, source)
-        self._load_tensors(adapter_name, state_dict)
 
     def load_adapter(
         self,
@@ -842,38 +641,30 @@ class RoadModel(nn.Module):
         """Add the adapter saved at `model_id` under `adapter_name` (not activated); values are checked
         as in `from_pretrained`."""
         self.check_new_adapter_name(adapter_name)
-        directory = ckpt.adapter_directory(model_id, subfolder, revision)
-        config, tensors = ckpt.read_adapter(directory)
-        config.inference_mode = not is_trainable
-        _check_tensors(expected_tensors(self.model, config), tensors, os.fspath(model_id))
-        _check_subspace(self.model, config, tensors, os.fspath(model_id))
-        if check_values:
-            _check_values(config, tensors, os.fspath(model_id))
-        _warn_if_other_base(self.model, ckpt.read_base_fingerprint(directory), os.fspath(model_id))
+        model = self.model
+        config, tensors = persistence.read_checked(model, model_id, subfolder, revision, is_trainable, check_values)
         self._inject(adapter_name, config)
-        self._load_tensors(adapter_name, tensors)
+        persistence.load_tensors(self.model, adapter_name, tensors)
         if not is_trainable:
             self.eval()
 
-    @torch.no_grad()
-    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
-        for path, layer in self.road_layers():
-            if adapter_name in layer.road_theta:
-                layer.load_parameters(
-                    adapter_name,
-                    tensors[ckpt.adapter_key(path, "road_theta")],
-                    tensors[ckpt.adapter_key(path, "road_alpha")],
-                )
-        for path, wrapper in self._saved_wrappers():
-            if adapter_name in wrapper.modules_to_save:
-                module = wrapper.modules_to_save[adapter_name]
-                module.load_state_dict(
-                    {
-                        k[len(ckpt.adapter_key(path, "")) :]: v
-                        for k, v in tensors.items()
-                        if k.startswith(ckpt.adapter_key(path, ""))
-                    }
-                )
+    def check_adapter_values(
+        self, adapter_name: str, state_dict: dict[str, torch.Tensor], source: str = "the given state_dict"
+    ) -> None:
+        """Raise ValueError (naming `source`) unless `state_dict` (PEFT keys, as `adapter_state_dict` returns
+        them) fits the existing adapter `adapter_name`: the same keys and shapes, nothing outside its subspace,
+        no NaN or infinite value and no degenerate rotation."""
+        self.check_adapter_names([adapter_name])
+        expected = {k: t.shape for k, t in self.adapter_state_dict(adapter_name).items()}
+        persistence.check_tensors(self.model, self.peft_config[adapter_name], state_dict, source, expected)
+
+    def load_adapter_values(
+        self, adapter_name: str, state_dict: dict[str, torch.Tensor], source: str = "the given state_dict"
+    ) -> None:
+        """Copy `state_dict` into the existing adapter `adapter_name` in place, after `check_adapter_values`:
+        the parameter objects stay the same, so an optimizer tracking them keeps doing so (resuming a run)."""
+        self.check_adapter_values(adapter_name, state_dict, source)
+        persistence.load_tensors(self.model, adapter_name, state_dict)
 
 
 @dataclass(frozen=True)

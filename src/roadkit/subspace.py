@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 import torch
 
+from .errors import InputError
+
 Spec = dict[str, Any]
 
 
@@ -34,7 +36,7 @@ def normalize_spec(spec: Any) -> Optional[Spec]:
     if isinstance(spec, str):
         k, sep, n = spec.partition("/")
         if not sep or not k.strip().isdigit() or not n.strip().isdigit():
-            raise ValueError(f'RoadConfig.subspace={spec!r}: a string subspace must be a shard "k/n", e.g. "0/2".')
+            raise InputError(f'RoadConfig.subspace={spec!r}: a string subspace must be a shard "k/n", e.g. "0/2".')
         spec = {"shard": int(k), "num_shards": int(n)}
     elif isinstance(spec, (list, tuple)):
         spec = {"pairs": list(spec)}
@@ -49,29 +51,29 @@ def normalize_spec(spec: Any) -> Optional[Spec]:
     if keys == {"shard", "num_shards"}:
         k, n = spec["shard"], spec["num_shards"]
         if not (_int(k) and _int(n) and n >= 1 and 0 <= k < n):
-            raise ValueError(f"RoadConfig.subspace={spec!r}: need integers 0 <= shard < num_shards.")
+            raise InputError(f"RoadConfig.subspace={spec!r}: need integers 0 <= shard < num_shards.")
         return {"shard": k, "num_shards": n}
     if keys in ({"fraction"}, {"fraction", "seed"}):
         f, seed = spec["fraction"], spec.get("seed", 0)
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1 or not _int(seed):
-            raise ValueError(f"RoadConfig.subspace={spec!r}: need 0 < fraction <= 1 and an integer seed.")
+            raise InputError(f"RoadConfig.subspace={spec!r}: need 0 < fraction <= 1 and an integer seed.")
         return {"fraction": float(f), "seed": seed}
     if keys == {"pairs"}:
         pairs = spec["pairs"]
         if not isinstance(pairs, (list, tuple)) or not pairs or not all(_int(p) and p >= 0 for p in pairs):
-            raise ValueError(
+            raise InputError(
                 f'RoadConfig.subspace={spec!r}: "pairs" must be a non-empty list of non-negative pair indices.'
             )
         return {"pairs": sorted(set(pairs))}
     if keys == {"union"}:
         parts = spec["union"]
         if not isinstance(parts, (list, tuple)) or not parts or any(p is None for p in parts):
-            raise ValueError(
+            raise InputError(
                 f'RoadConfig.subspace={spec!r}: "union" must be a non-empty list of subspaces '
                 "(None, the whole layer, is not a part of a union)."
             )
         return {"union": [normalize_spec(p) for p in parts]}
-    raise ValueError(
+    raise InputError(
         f"RoadConfig.subspace={spec!r} is not a subspace; allowed forms: "
         '{"shard": k, "num_shards": n}, {"fraction": f, "seed": s}, {"pairs": [...]}, '
         '{"union": [...]}, or the shorthands "k/n", [p, ...], f.'
@@ -92,7 +94,7 @@ def pairs_of(spec: Optional[Spec], n_pairs: int, where: str = "layer") -> torch.
     if "pairs" in spec:
         pairs = torch.tensor(spec["pairs"], dtype=torch.int64)
         if int(pairs.max()) >= n_pairs:
-            raise ValueError(
+            raise InputError(
                 f"{where}: subspace pair {int(pairs.max())} is out of range; this layer has "
                 f"{n_pairs} pairs (0..{n_pairs - 1})."
             )
@@ -130,7 +132,7 @@ def free_entries(
         return None
     pairs = pairs_of(spec, out_features // 2, where)
     if not len(pairs):
-        raise ValueError(
+        raise InputError(
             f"{where}: subspace {spec} selects none of its {out_features // 2} pairs; use fewer "
             "shards or a larger fraction."
         )

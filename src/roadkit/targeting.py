@@ -8,7 +8,8 @@ from typing import Optional, Union
 from torch import nn
 
 from .config import RoadConfig
-from .layers import LAYER_TYPES, ModulesToSaveWrapper, RoadLayer, wrapper_for
+from .errors import InputError
+from .layers import LAYER_TYPES, ModulesToSaveWrapper, RoadLayer, base_of, wrapper_for
 
 # Target modules used when `target_modules` is None, by `config.model_type` (ROAD_SPEC.md).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -75,11 +76,7 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _output_head(model: nn.Module) -> Optional[nn.Module]:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    return head.get_base_layer() if isinstance(head, RoadLayer) else head
-
-
-def _base_of(module: nn.Module) -> nn.Module:
-    return module.get_base_layer() if isinstance(module, RoadLayer) else module
+    return None if head is None else base_of(head)
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
@@ -87,7 +84,7 @@ def default_target_modules(model: nn.Module) -> list[str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in DEFAULT_TARGETS:
         known = ", ".join(sorted(DEFAULT_TARGETS))
-        raise ValueError(
+        raise InputError(
             f"RoadConfig.target_modules is None and model_type={model_type!r} has no default targets; "
             f"pass target_modules (a list of names, a regex, or 'all-linear'). Defaults exist for: {known}."
         )
@@ -103,7 +100,7 @@ def select_targets(model: nn.Module, config: RoadConfig) -> list[str]:
     layer_indices = [ltt] if isinstance(ltt, int) else ltt
     chosen: list[str] = []
     for name, module in _candidates(model):
-        base = _base_of(module)
+        base = base_of(module)
         if spec == ALL_LINEAR:
             wrapper = wrapper_for(base)
             if wrapper is None or not wrapper.linear_like or base is head:
@@ -118,15 +115,15 @@ def select_targets(model: nn.Module, config: RoadConfig) -> list[str]:
             continue
         if wrapper_for(base) is None:
             supported = ", ".join(wrapper.base_type for wrapper in LAYER_TYPES)
-            raise ValueError(
+            raise InputError(
                 f"target module {name!r} is a {type(base).__module__}.{type(base).__qualname__}, which RoAd "
                 f"cannot wrap; supported layer types: {supported}."
             )
         chosen.append(name)
     if not chosen:
-        linear = [n for n, m in _candidates(model) if wrapper_for(_base_of(m)) is not None]
+        linear = [n for n, m in _candidates(model) if wrapper_for(base_of(m)) is not None]
         sample = ", ".join(linear[:8]) + (", ..." if len(linear) > 8 else "")
-        raise ValueError(
+        raise InputError(
             f"RoadConfig.target_modules={spec!r} matched no adaptable module of {type(model).__name__} "
             f"(after exclude_modules / layers_to_transform). Adaptable modules include: {sample or 'none'}."
         )

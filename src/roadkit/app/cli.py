@@ -2,30 +2,37 @@
 
 Every subcommand is a `Command` in `COMMANDS` (name, help, arguments, function); adding one is
 writing its two functions and appending it there. A command returns its exit code. Errors a user
-can fix (missing or malformed files, a model that does not fit the adapter, an existing output)
-print one line on stderr and exit with 1; Ctrl-C exits with 130 (argparse's usage errors, with 2), and
-a closed output pipe (`roadkit inspect DIR | head -1`) with 141, quietly.
+can fix print one line on stderr and exit with 1: the `RoadkitError`s roadkit raises on purpose (missing or
+malformed files, a model that does not fit the adapter, an existing output), and the operating system's
+refusals (a full disk, a permission denied). Any other exception is a bug: one line says so and exits with 1,
+and `--debug` (or ROADKIT_DEBUG=1) prints its traceback. Ctrl-C exits with 130 (argparse's usage errors, with
+2), and a closed output pipe (`roadkit inspect DIR | head -1`) with 141, quietly.
 Commands that write a directory write it whole or not at all (`outputs.staged_directory`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
+from ..errors import RoadkitError
 from ..extras import MissingExtraError, require
 from . import defaults
+from .data import LOSS_ON
 from .loading import is_local, one_line
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 130, 141
+DEBUG_ENV = "ROADKIT_DEBUG"  # set (to anything but "" or "0"): tracebacks, as --debug gives
 
 
-class CommandError(Exception):
+class CommandError(RoadkitError):
     """A problem with the command line or its inputs, reported as one line."""
 
 
@@ -44,8 +51,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model: a local directory, a .gguf file or a Hugging Face Hub id")
     p.add_argument(
         "--data",
-        help='training data, JSONL: {"text": ...} or {"prompt": ..., "completion": ...} '
-        "per line (with a prompt, the loss covers the completion only)",
+        help='training data, JSONL: {"text": ...}, {"prompt": ..., "completion": ...} or {"messages": '
+        '[{"role": ..., "content": ...}, ...]} (rendered with the chat template) per line',
     )
     p.add_argument("--eval-data", help="held-out JSONL data; its loss is reported during training")
     p.add_argument(
@@ -81,7 +88,52 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help=f"optimizer steps; overrides --epochs (default {defaults.MAX_STEPS} unless --epochs is given)",
     )
-    p.add_argument("--batch-size", type=int, help=f"rows per step (default {defaults.BATCH_SIZE})")
+    p.add_argument(
+        "--loss-on",
+        choices=LOSS_ON,
+        help="assistant: the loss covers the answers only (completions, assistant turns of chat rows); "
+        "all: every token of every row (default assistant)",
+    )
+    p.add_argument("--batch-size", type=int, help=f"rows per optimizer step (default {defaults.BATCH_SIZE})")
+    p.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        metavar="N",
+        help="compute each step's batch in N micro-batches: less memory, the same steps (default 1)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        help="recompute activations in the backward pass instead of keeping them: less memory, slower steps",
+    )
+    p.add_argument(
+        "--packing",
+        action="store_true",
+        default=None,
+        help="join each micro-batch's rows into one row without padding (attention stays inside rows; "
+        "the same loss, less padding)",
+    )
+    quantize = p.add_mutually_exclusive_group()
+    quantize.add_argument(
+        "--load-in-4bit",
+        dest="quantize",
+        action="store_const",
+        const="4bit",
+        help="load the base model quantized to 4 bits (nf4, bitsandbytes; QLoRA style): the adapter trains in float32",
+    )
+    quantize.add_argument(
+        "--load-in-8bit",
+        dest="quantize",
+        action="store_const",
+        const="8bit",
+        help="load the base model quantized to 8 bits (LLM.int8(), bitsandbytes)",
+    )
+    p.add_argument(
+        "--report-to",
+        metavar="NAMES",
+        help="log to these comma-separated transformers integrations, e.g. tensorboard "
+        "(events in OUTPUT/tensorboard); default none",
+    )
     p.add_argument(
         "--max-length",
         type=int,
@@ -102,6 +154,36 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _report_to(value: Optional[str]) -> Optional[list[str]]:
+    """--report-to: transformers' integration names, each installed (checked now, before the model loads)."""
+    if value is None:
+        return None
+    from .loading import quiet_transformers
+
+    quiet_transformers()  # importing the integrations imports bitsandbytes, which logs about optional kernels
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    if names == ["none"]:
+        return []
+    unknown = [n for n in names if n not in INTEGRATION_TO_CALLBACK]
+    if not names or unknown:
+        raise CommandError(
+            f"--report-to {value!r}: expected comma-separated names among {', '.join(sorted(INTEGRATION_TO_CALLBACK))}"
+            " (or none)."
+        )
+    for name in names:
+        try:
+            INTEGRATION_TO_CALLBACK[name]()  # what the Trainer builds: it fails when its package is missing
+        except (ImportError, RuntimeError) as err:
+            if name == "tensorboard":
+                raise MissingExtraError(
+                    "--report-to tensorboard needs tensorboard: pip install 'roadkit[tensorboard]'"
+                ) from err
+            raise CommandError(f"--report-to {name}: {one_line(err)}") from err
+    return names
 
 
 def _model_ref(name: str) -> str:
@@ -155,6 +237,7 @@ def _train_run_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Optio
         given["variant"] = normalize_variant(given["variant"])
     given["targets"] = _targets(given["targets"])
     given["subspace"] = _subspace(given["subspace"])
+    given["report_to"] = _report_to(given["report_to"])
     if not args.resume:
         missing = [f"--{k}" for k in ("model", "data") if given[k] is None]
         if missing:
@@ -203,18 +286,58 @@ def _diverged(trainer: Any, output: str, lr: float, resumed: bool) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """`roadkit train`, in one process or in each of several (torchrun, accelerate launch: DDP), where only the
+    first process prints and writes the run directory (every process reports its errors)."""
+    first = int(os.environ.get("RANK", "0")) == 0
+    with contextlib.ExitStack() as quiet:
+        if not first:
+            devnull = quiet.enter_context(open(os.devnull, "w"))
+            quiet.enter_context(contextlib.redirect_stdout(devnull))
+            quiet.enter_context(contextlib.redirect_stderr(devnull))
+        code = _train_run(args, first)
+    _end_processes()
+    return code
+
+
+def _end_processes() -> None:
+    """In a multi-process run, wait for every process, then stop the process group (gloo's threads, left running,
+    can abort a process at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _train_device(requested: Optional[str]) -> Any:
+    """--device, in a multi-process run the process's own GPU (LOCAL_RANK) when it is a CUDA device."""
+    import torch
+
+    from .loading import pick_device
+
+    device = pick_device(requested)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if requested is not None and ":" in requested:
+            raise CommandError(
+                f"--device {requested}: with several processes each uses its own GPU (LOCAL_RANK); "
+                "give --device cuda, or leave it out."
+            )
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def _train_run(args: argparse.Namespace, first: bool) -> int:
     import torch
 
     from ..config import RoadConfig
     from ..model import RoadModel, get_peft_model
-    from .data import load_samples, read_jsonl
-    from .loading import load_causal_lm, load_tokenizer, pick_device, quiet_transformers
+    from .data import load_samples, read_jsonl, require_chat_template
+    from .loading import load_causal_lm, load_tokenizer, quiet_transformers
     from .outputs import staged_directory
     from .runs import COMPLETED, DIVERGED, TrainConfig, deferred_stop_signals
 
     run, state = _train_run_settings(args)
-    for path in filter(None, (run["data"], run["eval_data"])):
-        read_jsonl(path)  # malformed data fails now, before the model loads
+    data = {path: read_jsonl(path) for path in filter(None, (run["data"], run["eval_data"]))}  # fails before loading
     config = RoadConfig(
         variant=run["variant"], group_size=run["group_size"], target_modules=run["targets"], subspace=run["subspace"]
     )
@@ -226,15 +349,26 @@ def _train(args: argparse.Namespace) -> int:
         warmup_steps=run["warmup_steps"],
         eval_every=run["eval_every"],
         seed=run["seed"],
+        gradient_accumulation_steps=run["gradient_accumulation_steps"],
+        gradient_checkpointing=run["gradient_checkpointing"],
+        packing=run["packing"],
+        report_to=tuple(run["report_to"]),
     )
-    device = pick_device(args.device)
+    device = _train_device(args.device)
     quiet_transformers()
     tokenizer = load_tokenizer(run["model"])
-    base = load_causal_lm(run["model"], dtype=torch.bfloat16 if run["bf16"] else None, device=device)
-    model = RoadModel.from_pretrained(base, args.output, is_trainable=True) if state else get_peft_model(base, config)
+    for path, rows in data.items():
+        require_chat_template(tokenizer, rows, path, run["model"])
+    base = load_causal_lm(
+        run["model"], dtype=torch.bfloat16 if run["bf16"] else None, device=device, quantize=run["quantize"]
+    )
+    with _model_problems():
+        model = (
+            RoadModel.from_pretrained(base, args.output, is_trainable=True) if state else get_peft_model(base, config)
+        )
     max_length = _max_length(base, run, args.max_length)
-    train = load_samples(run["data"], tokenizer, max_length)
-    held_out = load_samples(run["eval_data"], tokenizer, max_length) if run["eval_data"] else None
+    train = load_samples(run["data"], tokenizer, max_length, run["loss_on"])
+    held_out = load_samples(run["eval_data"], tokenizer, max_length, run["loss_on"]) if run["eval_data"] else None
     from .training import TrainingRun, write_run  # transformers' Trainer: imported once the inputs have been checked
 
     trainer = TrainingRun(model, train, train_config, tokenizer, held_out)
@@ -254,19 +388,24 @@ def _train(args: argparse.Namespace) -> int:
     first_step = trainer.step
     print(
         f"training {trainable:,d} adapter parameters for {_steps(trainer.total_steps)} "
-        f"({len(train)} rows, batch {train_config.batch_size})"
+        f"({len(train)} rows, {_batch(train_config, trainer.processes)})"
         + (f", from step {trainer.step}" if state else "")
         + "; Ctrl-C saves a checkpoint.",
         flush=True,
     )
+    if trainer.tensorboard_dir is not None:
+        print(f"TensorBoard events: {trainer.tensorboard_dir} (copied to {args.output}/tensorboard at the end)")
     start = time.perf_counter()
     # Signals are only recorded from here until the run directory is in place (fit() handles its own:
     # a first Ctrl-C or SIGTERM stops training to save a checkpoint), so none can throw a run away mid-save.
     with deferred_stop_signals():
         status = trainer.fit(progress=False if args.no_progress else None)
         seconds = time.perf_counter() - start
-        with staged_directory(args.output, keep_existing=bool(state), replace=bool(state) or args.overwrite) as stage:
-            write_run(stage, model, trainer, status, run)
+        if first:
+            with staged_directory(
+                args.output, keep_existing=bool(state), replace=bool(state) or args.overwrite
+            ) as stage:
+                write_run(stage, model, trainer, status, run)
     if status == DIVERGED:
         print(f"roadkit train: error: {_diverged(trainer, args.output, run['lr'], bool(state))}", file=sys.stderr)
         return EXIT_ERROR
@@ -288,6 +427,29 @@ def _train(args: argparse.Namespace) -> int:
         )
     print(f"{summary}\nwrote {args.output}")
     return EXIT_OK
+
+
+def _batch(config: Any, processes: int) -> str:
+    """ "batch 8", "batch 8 in 2 micro-batches", "batch 8 over 2 processes"."""
+    text = f"batch {config.batch_size}"
+    if config.gradient_accumulation_steps > 1:
+        text += f" in {config.gradient_accumulation_steps} micro-batches"
+    if processes > 1:
+        text += f" over {processes} processes"
+    return text
+
+
+@contextlib.contextmanager
+def _model_problems() -> Iterator[None]:
+    """RoadModel's checks of what it is given (an adapter that does not fit the model or holds values that cannot
+    be served, targets or tied weights it cannot adapt) raise plain ValueErrors, which describe the user's inputs:
+    inside this block they become one-line `CommandError`s."""
+    try:
+        yield
+    except RoadkitError:
+        raise
+    except ValueError as err:
+        raise CommandError(one_line(err)) from err
 
 
 # ---- merge -------------------------------------------------------------------------------------
@@ -315,7 +477,8 @@ def _merge(args: argparse.Namespace) -> int:
     quiet_transformers()
     tokenizer = load_tokenizer(args.model, required=False)
     base = load_causal_lm(args.model, dtype="auto")
-    merged, difference = merge_adapter(base, args.adapter)
+    with _model_problems():
+        merged, difference = merge_adapter(base, args.adapter)
     with staged_directory(args.output, replace=args.overwrite) as stage:
         save_merged(merged, tokenizer, stage)
     print(
@@ -421,6 +584,11 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
     p.add_argument("--bf16", action="store_true", help="load the base model in bfloat16")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="each prompt is a user message, rendered with the tokenizer's chat template (generation prompt added)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON list of {adapter, prompt, completion}")
 
 
@@ -464,6 +632,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from ..model import RoadModel
+    from .data import has_chat_template
     from .generation import generate
     from .loading import load_causal_lm, load_tokenizer, pick_device, quiet_transformers
 
@@ -476,16 +645,19 @@ def _generate(args: argparse.Namespace) -> int:
         _warn_if_other_base(path, args.model)
     quiet_transformers()
     tokenizer = load_tokenizer(args.model)
+    if args.chat and not has_chat_template(tokenizer):
+        raise CommandError(f"--chat: the tokenizer of {args.model} has no chat template to render the prompts with.")
     model = load_causal_lm(args.model, dtype=torch.bfloat16 if args.bf16 else None, device=device)
     names = None
     if adapters:
         items = iter(adapters.items())
         first, path = next(items)
-        model = RoadModel.from_pretrained(model, path, adapter_name=first)
-        for name, path in items:
-            model.load_adapter(path, adapter_name=name)
+        with _model_problems():
+            model = RoadModel.from_pretrained(model, path, adapter_name=first)
+            for name, path in items:
+                model.load_adapter(path, adapter_name=name)
         names = [name for name, _ in prompts]
-    texts = generate(model, tokenizer, [text for _, text in prompts], names, args.max_new_tokens)
+    texts = generate(model, tokenizer, [text for _, text in prompts], names, args.max_new_tokens, chat=args.chat)
     rows = [
         {"adapter": name, "prompt": text, "completion": out} for (name, text), out in zip(prompts, texts, strict=True)
     ]
@@ -624,22 +796,64 @@ COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with one subparser per entry of `COMMANDS`."""
+    """The argument parser with one subparser per entry of `COMMANDS`; every command takes --debug."""
     from .. import __version__
 
     parser = argparse.ArgumentParser(prog="roadkit", description="Train, inspect, merge and serve RoAd adapters.")
     parser.add_argument("--version", action="version", version=f"roadkit {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"print the traceback of an error, not only its line (also: {DEBUG_ENV}=1 in the environment)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
-        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        p = sub.add_parser(command.name, help=command.help, description=command.help, parents=[common])
         command.add_arguments(p)
         p.set_defaults(run=command.run)
     return parser
 
 
+def _user_message(err: BaseException) -> Optional[str]:
+    """The one line for an error the user can act on; None for a bug. Besides the `RoadkitError`s roadkit raises
+    on purpose, that is the operating system refusing something (an OSError with an errno: permissions, a full
+    disk) and running out of memory, which a smaller batch fixes."""
+    if isinstance(err, RoadkitError) or (isinstance(err, OSError) and err.errno is not None):
+        return one_line(err)
+    torch = sys.modules.get("torch")
+    out_of_memory = getattr(torch, "OutOfMemoryError", None) or getattr(
+        getattr(torch, "cuda", None), "OutOfMemoryError", None
+    )
+    if out_of_memory is not None and isinstance(err, out_of_memory):
+        return (
+            f"out of memory ({one_line(err)[:200]}); try a smaller --batch-size, --gradient-accumulation-steps, "
+            "--gradient-checkpointing or --load-in-4bit."
+        )
+    return None
+
+
+def _report(command: str, err: BaseException, debug: bool) -> int:
+    """Print `err` as one line on stderr (after its traceback when debugging); returns the exit code."""
+    if debug:
+        traceback.print_exception(type(err), err, err.__traceback__)
+    message = _user_message(err)
+    if message is not None:
+        print(f"roadkit {command}: error: {message}", file=sys.stderr)
+    else:
+        hint = "" if debug else f" Rerun with --debug (or {DEBUG_ENV}=1) for the traceback."
+        print(
+            f"roadkit {command}: unexpected error, probably a bug in roadkit: {type(err).__name__}: "
+            f"{one_line(err).rstrip('.')}.{hint}",
+            file=sys.stderr,
+        )
+    return EXIT_ERROR
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run `roadkit ARGS`; returns the exit code (0 ok, 1 error, 2 bad usage, 130 interrupted, 141 closed pipe)."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         require("cli", f"roadkit {args.command}")
         code = args.run(args)
@@ -654,6 +868,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"roadkit {args.command}: interrupted; nothing was written.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (CommandError, MissingExtraError, ValueError, OSError) as err:  # DataError, LoadError, OutputExistsError
-        print(f"roadkit {args.command}: error: {one_line(err)}", file=sys.stderr)
-        return EXIT_ERROR
+    except Exception as err:
+        return _report(args.command, err, debug)

@@ -12,7 +12,9 @@ base model or an adapter).
 
 Everything here is deterministic (fixed seeds) and needs no network: `build_tokenizer`,
 `build_model`, `words`, `task_examples`, `pretraining_examples` and `load_base` are meant for
-reuse by other experiments on the same model and tasks.
+reuse by other experiments on the same model and tasks. The shipped base has no chat template;
+`save_chat_base` writes a copy with `CHAT_TEMPLATE`, and `chat_rows` the tasks as conversations, for
+trying chat training and serving on it.
 """
 
 from __future__ import annotations
@@ -61,6 +63,13 @@ class DemoSettings:
 FULL = DemoSettings(steps=300, batch_size=32, lr=2e-2, train_rows=4000, eval_rows=64, shown_words=4)
 FAST = DemoSettings(steps=60, batch_size=16, lr=2e-2, train_rows=960, eval_rows=32, shown_words=2)
 ADAPTER_CONFIG: dict[str, Any] = {"variant": "road_1", "group_size": 64, "target_modules": "all-linear"}
+# A small chat template in the base's alphabet: "<s>user: kitten\nassistant: KITTEN</s>\n", one line per message.
+# (Newlines are written as expressions: transformers renders templates with trim_blocks, which drops one after a tag.)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -113,6 +122,19 @@ def load_base(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     return load_causal_lm(BASE_DIR, dtype=dtype), load_tokenizer(BASE_DIR)
 
 
+def save_chat_base(directory: Union[str, os.PathLike]) -> str:
+    """Copy the shipped base model to `directory` (which must not exist) with `CHAT_TEMPLATE` in its
+    tokenizer_config.json; returns the directory."""
+    target = os.fspath(directory)
+    shutil.copytree(BASE_DIR, target)
+    path = os.path.join(target, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as fh:
+        config = json.load(fh)
+    config["chat_template"] = CHAT_TEMPLATE
+    atomic_write_bytes(path, (json.dumps(config, indent=2) + "\n").encode())
+    return target
+
+
 # ---- the data ----------------------------------------------------------------------------------
 
 
@@ -151,6 +173,15 @@ def task_examples(task: str, split: str, count: int, seed: int = 0) -> list[Exam
     """`count` prompt/completion rows of a demo task: "kitten ->" / " KITTEN" for "upper"."""
     operation = TASKS[task]
     return [Example(prompt_for(w), f" {operation(w)}", i + 1) for i, w in enumerate(words(split, count, seed))]
+
+
+def chat_rows(task: str, split: str, count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`count` JSONL chat rows of a demo task: a user turn "kitten", an assistant turn "KITTEN" for "upper"."""
+    operation = TASKS[task]
+    return [
+        {"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": operation(w)}]}
+        for w in words(split, count, seed)
+    ]
 
 
 def pretraining_examples(count: int, seed: int = 0) -> list[Example]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..errors import StorageError
 from ..fileio import PathLike, current_umask
 from ..model import RoadModel
 from .loading import one_line
@@ -38,7 +39,7 @@ def merge_adapter(base: Any, adapter_dir: PathLike) -> tuple[Any, float]:
 
 def save_merged(model: Any, tokenizer: Any, directory: PathLike) -> None:
     """Write a merged model as safetensors, with the tokenizer when there is one. A failed write (a full
-    disk, say) is an OSError, as from any other file write; safetensors raises its own error type."""
+    disk, say) is a StorageError (an OSError), whatever safetensors raised."""
     _save(model, tokenizer, directory, "the merged model")
 
 
@@ -56,7 +57,7 @@ def _save(model: Any, tokenizer: Any, directory: PathLike, what: str) -> None:
     try:
         model.save_pretrained(directory)  # safetensors: the default since transformers 4.35
     except SafetensorError as err:
-        raise OSError(f"cannot write {what} to {os.fspath(directory)!r}: {one_line(err)}") from err
+        raise StorageError(f"cannot write {what} to {os.fspath(directory)!r}: {one_line(err)}") from err
     # safetensors creates its files 0600, which a server running as another user cannot read
     mode = 0o666 & ~current_umask()
     for name in os.listdir(directory):

@@ -7,6 +7,7 @@ other base model.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import urllib.parse
@@ -14,12 +15,13 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..extras import require
+from ..errors import InputError, StorageError
+from ..extras import MissingExtraError, require
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
-class LoadError(OSError):
+class LoadError(StorageError):
     """A model or tokenizer could not be loaded; the message says which and why, on one line."""
 
 
@@ -127,29 +129,62 @@ def same_model(a: Union[str, os.PathLike], b: Union[str, os.PathLike]) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
+QUANTIZATIONS = ("4bit", "8bit")
+
+
+def _quantized_kwargs(quantize: str, dtype: torch.dtype, device: Union[str, torch.device, None]) -> dict[str, Any]:
+    """`from_pretrained`'s keywords for a base quantized by bitsandbytes as it loads, on `device`: 4 bits as QLoRA
+    (nf4, double quantization, computing in `dtype`) or LLM.int8()."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize not in QUANTIZATIONS:
+        raise InputError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MissingExtraError(f"--load-in-{quantize} needs bitsandbytes: pip install bitsandbytes")
+    if quantize == "4bit":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    target = torch.device(device if device is not None else "cpu")
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    return {"quantization_config": config, "device_map": {"": target}}
+
+
 def load_causal_lm(
     name_or_path: Union[str, os.PathLike],
     dtype: Union[torch.dtype, str, None] = None,
     device: Union[str, torch.device, None] = None,
+    quantize: Optional[str] = None,
 ) -> Any:
-    """`AutoModelForCausalLM.from_pretrained`, in eval mode; `dtype=None` means float32."""
+    """`AutoModelForCausalLM.from_pretrained`, in eval mode; `dtype=None` means float32. `quantize` ("4bit",
+    "8bit") quantizes the linear layers with bitsandbytes as they load, straight onto `device`."""
     import transformers
     from transformers import AutoModelForCausalLM
 
     name = _existing(name_or_path)
+    if quantize is not None and is_gguf(name):
+        raise InputError(
+            f"--load-in-{quantize}: {name!r} is a .gguf file, which loads dequantized; quantize a model directory "
+            "(roadkit export-base writes one)."
+        )
     major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
     dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
     source, extra = _gguf_kwargs(name)
+    if quantize is not None:
+        extra.update(_quantized_kwargs(quantize, dtype if isinstance(dtype, torch.dtype) else torch.float32, device))
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **{dtype_key: dtype or torch.float32}, **extra)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise LoadError(
             f"cannot load a causal language model from {name!r}: {_not_local(name)}{one_line(err)}"
         ) from err
-    if extra:
+    if is_gguf(name):
         model = _rebuilt(model)
         model.config._name_or_path = os.path.abspath(name)  # what adapters trained on it record as their base
-    if device is not None:
+    if device is not None and quantize is None:  # a quantized model is on its device already, and cannot move
         model.to(device)  # type: ignore[arg-type]  # transformers' decorated PreTrainedModel.to is mistyped
     return model.eval()
 
@@ -173,24 +208,24 @@ def load_tokenizer(name_or_path: Union[str, os.PathLike], required: bool = True)
 
 
 def pick_device(requested: Optional[str] = None) -> torch.device:
-    """The requested device, else CUDA when available, else the CPU. ValueError for a device name torch
+    """The requested device, else CUDA when available, else the CPU. InputError for a device name torch
     does not know, or a device this machine (or this build of torch) does not have."""
     if not requested:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(requested)
     except (RuntimeError, ValueError, TypeError) as err:
-        raise ValueError(f"--device {requested!r} is not a device name (cpu, cuda, cuda:1, mps, ...).") from err
+        raise InputError(f"--device {requested!r} is not a device name (cpu, cuda, cuda:1, mps, ...).") from err
     if device.type == "cpu" or device.type == "meta":
         return device
     backend = getattr(torch, device.type, None) if device.type != "mps" else getattr(torch.backends, "mps", None)
     available = getattr(backend, "is_available", None)
     if available is None or not available():
-        raise ValueError(
+        raise InputError(
             f"--device {requested!r}: this machine (or this build of torch) has no {device.type} "
             "device; use --device cpu."
         )
     count = getattr(backend, "device_count", None)
     if device.index is not None and count is not None and device.index >= count():
-        raise ValueError(f"--device {requested!r}: there are only {count()} {device.type} devices.")
+        raise InputError(f"--device {requested!r}: there are only {count()} {device.type} devices.")
     return device

@@ -14,10 +14,11 @@ import tempfile
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
+from ..errors import InputError, RoadkitError
 from ..fileio import PathLike, current_umask
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(RoadkitError, FileExistsError):
     """The output directory exists and replacing it was not asked for."""
 
 
@@ -49,12 +50,12 @@ def check_output(target: PathLike, overwrite: bool, inputs: Iterable[PathLike] =
     for item in inputs:
         src = os.path.abspath(os.fspath(item))
         if os.path.exists(src) and (src == path or src.startswith(path + os.sep)):
-            raise ValueError(
+            raise InputError(
                 f"output directory {os.fspath(target)!r} holds the input {os.fspath(item)!r}; "
                 "choose another output directory."
             )
         if os.path.isdir(src) and path.startswith(src + os.sep):
-            raise ValueError(
+            raise InputError(
                 f"output directory {os.fspath(target)!r} is inside the input directory "
                 f"{os.fspath(item)!r}; choose an output outside it."
             )

@@ -19,6 +19,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..config import RoadConfig
+from ..errors import InputError
 from ..functional import out_features_for, parameter_length, value_problem
 from ..messages import some_of
 
@@ -83,14 +84,14 @@ def inspect_adapter(directory: Union[str, os.PathLike]) -> AdapterReport:
             path = key[len(ckpt.KEY_PREFIX) : -len(THETA)]
             alpha_key = key[: -len(THETA)] + ALPHA
             if alpha_key not in tensors:
-                raise ValueError(f"{os.fspath(directory)}: {key} has no matching {alpha_key}.")
+                raise InputError(f"{os.fspath(directory)}: {key} has no matching {alpha_key}.")
             layers.append(_layer_stats(path, config, tensors[key], tensors[alpha_key]))
         elif not key.endswith(ALPHA):
             other += tensors[key].numel()
             if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all()):
                 non_finite.append(key[len(ckpt.KEY_PREFIX) :] if key.startswith(ckpt.KEY_PREFIX) else key)
     if not layers:
-        raise ValueError(f"{os.fspath(directory)}: the adapter holds no RoAd layers (no *{THETA} tensors).")
+        raise InputError(f"{os.fspath(directory)}: the adapter holds no RoAd layers (no *{THETA} tensors).")
     return AdapterReport(config, layers, other, non_finite)
 
 
@@ -104,7 +105,7 @@ def _layer_stats(path: str, config: RoadConfig, theta: torch.Tensor, alpha: torc
     out_features = out_features_for(config.variant, theta.numel())
     groups = max(1, out_features // config.group_size)
     if theta.numel() % groups or theta.shape != alpha.shape:
-        raise ValueError(
+        raise InputError(
             f"layer {path}: road_theta {tuple(theta.shape)} / road_alpha {tuple(alpha.shape)} do "
             f"not fit variant {config.variant} with group_size {config.group_size}."
         )

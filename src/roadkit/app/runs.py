@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Union
 
+from ..errors import InputError, MissingFileError
 from ..fileio import file_sha256
 from . import defaults
 from .loading import one_line
@@ -23,6 +24,7 @@ from .loading import one_line
 CHECKPOINT_NAME = "checkpoint"
 LOG_NAME = "training_log.json"
 CURVE_NAME = "loss_curve.png"
+TENSORBOARD_NAME = "tensorboard"  # TensorBoard's event files, with --report-to tensorboard
 # `status` in training_log.json; a DIVERGED run also records `diverged_at_step` and `divergence`.
 COMPLETED, INTERRUPTED, DIVERGED = "completed", "interrupted", "diverged"
 
@@ -31,7 +33,13 @@ COMPLETED, INTERRUPTED, DIVERGED = "completed", "interrupted", "diverged"
 class TrainConfig:
     """Hyperparameters of one run. `max_steps`, when set, overrides `epochs`; `eval_every=None`
     evaluates about ten times per run (and before the first step). `batch_size` is the global batch:
-    under DDP or FSDP every process takes an equal share of it."""
+    under DDP or FSDP every process takes an equal share of it, in `gradient_accumulation_steps`
+    micro-batches (less memory, the same steps).
+
+    `gradient_checkpointing` recomputes activations in the backward pass instead of keeping them;
+    `packing` joins each micro-batch's rows into one row without padding (position ids restart at
+    every row, so attention stays inside rows and the loss is the padded batch's); `report_to` names
+    transformers' logging integrations ("tensorboard", ...)."""
 
     lr: float = defaults.LR
     epochs: int = 1
@@ -42,36 +50,45 @@ class TrainConfig:
     max_grad_norm: Optional[float] = 1.0
     eval_every: Optional[int] = None
     seed: int = 0
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    report_to: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}.")
         for name in ("max_steps", "eval_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must not be negative, got {self.warmup_steps}.")
+            raise InputError(f"warmup_steps must not be negative, got {self.warmup_steps}.")
         if not self.lr > 0:
-            raise ValueError(f"the learning rate must be positive, got {self.lr}.")
+            raise InputError(f"the learning rate must be positive, got {self.lr}.")
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise InputError(
+                f"the batch size {self.batch_size} does not split into {self.gradient_accumulation_steps} "
+                "gradient accumulation steps."
+            )
 
 
 # ---- run directories ---------------------------------------------------------------------------
 
 
 def load_state(directory: Union[str, os.PathLike]) -> dict[str, Any]:
-    """What resuming a run directory needs: {"step", "status", "run", "log", "checkpoint"}. FileNotFoundError
-    when it holds no checkpoint, ValueError naming the file when one is damaged or the run is an earlier
-    roadkit's, and ValueError for a run that diverged (resuming it would take the same steps again)."""
+    """What resuming a run directory needs: {"step", "status", "run", "log", "checkpoint"}. MissingFileError
+    when it holds no checkpoint, InputError naming the file when one is damaged or the run is an earlier
+    roadkit's, and InputError for a run that diverged (resuming it would take the same steps again)."""
     checkpoint = os.path.join(directory, CHECKPOINT_NAME)
     _refuse_diverged(directory)
     if os.path.isfile(os.path.join(directory, "trainer_state.pt")):
-        raise ValueError(
+        raise InputError(
             f"{os.fspath(directory)!r} holds a trainer_state.pt: a run of an earlier roadkit, whose "
             "checkpoints this one cannot resume; resume it with that version, or start a new run."
         )
     if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{os.fspath(directory)!r} holds no {CHECKPOINT_NAME}/trainer_state.json: not a roadkit training run."
         )
     files = [os.path.join(checkpoint, name) for name in sorted(os.listdir(checkpoint))]
@@ -84,15 +101,15 @@ def load_state(directory: Union[str, os.PathLike]) -> dict[str, Any]:
                 with zipfile.ZipFile(path) as archive:
                     bad = archive.testzip()
                 if bad is not None:
-                    raise ValueError(f"{bad} is corrupt")
+                    raise zipfile.BadZipFile(f"{bad} is corrupt")
         except (OSError, ValueError, zipfile.BadZipFile) as err:
-            raise ValueError(f"{path}: cannot read the trainer state ({one_line(err)}); the file is damaged.") from err
+            raise InputError(f"{path}: cannot read the trainer state ({one_line(err)}); the file is damaged.") from err
     with open(os.path.join(directory, LOG_NAME), encoding="utf-8") as fh:
         log = json.load(fh)
     with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as fh:
         step = json.load(fh).get("global_step")
     if not isinstance(log, dict) or not isinstance(step, int):
-        raise ValueError(f"{os.fspath(directory)!r}: not a roadkit training run.")
+        raise InputError(f"{os.fspath(directory)!r}: not a roadkit training run.")
     return {
         "step": step,
         "status": log.get("status"),
@@ -103,7 +120,7 @@ def load_state(directory: Union[str, os.PathLike]) -> dict[str, Any]:
 
 
 def _refuse_diverged(directory: Union[str, os.PathLike]) -> None:
-    """ValueError when the run's training_log.json says it diverged (an unreadable log is load_state's to report)."""
+    """InputError when the run's training_log.json says it diverged (an unreadable log is load_state's to report)."""
     try:
         with open(os.path.join(directory, LOG_NAME), encoding="utf-8") as fh:
             log = json.load(fh)
@@ -112,7 +129,7 @@ def _refuse_diverged(directory: Union[str, os.PathLike]) -> None:
     if isinstance(log, dict) and log.get("status") == DIVERGED:
         run = log.get("run")
         lr = run.get("lr") if isinstance(run, dict) else None
-        raise ValueError(
+        raise InputError(
             f"the run in {os.fspath(directory)!r} diverged at step {log.get('diverged_at_step')} (see its {LOG_NAME}); "
             "resuming it would take the same steps again. Start a new run with a lower learning rate"
             + (f" than {lr:g}" if isinstance(lr, (int, float)) else "")
@@ -197,7 +214,13 @@ RUN_FIXED = (
     "seed",
     "warmup_steps",
     "eval_every",
+    "loss_on",
+    "packing",
+    "quantize",
 )
+# Settings that change how a run computes, not what: a resumed run may be given other values (more
+# accumulation steps after running out of memory, say); left out, they are the run's.
+RUN_ADJUSTABLE = ("gradient_accumulation_steps", "gradient_checkpointing", "report_to")
 # The values live in `defaults` (the command's help reads them there too).
 RUN_DEFAULTS: dict[str, Any] = {
     "variant": defaults.VARIANT,
@@ -214,6 +237,12 @@ RUN_DEFAULTS: dict[str, Any] = {
     "warmup_steps": 0,
     "eval_every": None,
     "eval_data": None,
+    "loss_on": "assistant",
+    "packing": False,
+    "quantize": None,
+    "gradient_accumulation_steps": 1,
+    "gradient_checkpointing": False,
+    "report_to": [],
 }
 _DATA_FILES = (("data", "data_sha256", "training data"), ("eval_data", "eval_data_sha256", "held-out data"))
 
@@ -223,8 +252,9 @@ def run_settings(
 ) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
     """The settings of a run: `given` (None for "not given") over `RUN_DEFAULTS` for a new run, or, with
     `resume`, the settings stored in `output`'s trainer state, which `given` may only extend (`max_steps`,
-    `epochs`); returns them with that saved state (None for a new run). Paths must already be absolute.
-    Raises ValueError when a resumed run's settings or data files differ from the stored ones."""
+    `epochs`) or adjust (`RUN_ADJUSTABLE`); returns them with that saved state (None for a new run). A
+    setting an earlier roadkit did not store has its default. Paths must already be absolute.
+    Raises InputError when a resumed run's settings or data files differ from the stored ones."""
     if not resume:
         run = {k: (RUN_DEFAULTS[k] if given.get(k) is None else given[k]) for k in (*RUN_DEFAULTS, "model", "data")}
         if given.get("epochs") is not None and given.get("max_steps") is None:
@@ -235,15 +265,19 @@ def run_settings(
     state = load_state(output)
     run = dict(state.get("run") or {})
     if "data" not in run:
-        raise ValueError(f"--resume: {os.fspath(output)!r} was not written by `roadkit train`.")
-    run.setdefault("subspace", None)  # runs from before --subspace trained every pair
+        raise InputError(f"--resume: {os.fspath(output)!r} was not written by `roadkit train`.")
+    for key, value in RUN_DEFAULTS.items():  # settings of a later roadkit: runs from before had the default
+        run.setdefault(key, value)
     for key in RUN_FIXED:
         if given.get(key) is not None and given[key] != run.get(key):
-            shown = given[key] if not isinstance(given[key], dict) else json.dumps(given[key])
-            raise ValueError(
-                f"--resume: --{key.replace('_', '-')} {shown} differs from the run's "
-                f"{run.get(key)}; leave it out to use the run's."
-            )
+            if key == "quantize":  # --load-in-4bit / --load-in-8bit
+                stored = f"--load-in-{run[key]}" if run.get(key) else "unquantized base"
+                problem = f"--load-in-{given[key]} differs from the run's {stored}"
+            else:
+                shown = given[key] if not isinstance(given[key], dict) else json.dumps(given[key])
+                problem = f"--{key.replace('_', '-')} {shown} differs from the run's {run.get(key)}"
+            raise InputError(f"--resume: {problem}; leave it out to use the run's.")
+    run.update({key: given[key] for key in RUN_ADJUSTABLE if given.get(key) is not None})
     if given.get("max_steps") is not None:
         run["max_steps"] = given["max_steps"]
     elif given.get("epochs") is not None:
@@ -252,7 +286,7 @@ def run_settings(
         if run.get(key) is None or digest not in run:  # no such file, or a run that did not record it
             continue
         if not os.path.isfile(run[key]) or file_sha256(run[key]) != run[digest]:
-            raise ValueError(
+            raise InputError(
                 f"--resume: the {what} {run[key]} is missing or changed since the run started; "
                 "resuming needs the same data."
             )

@@ -2,9 +2,11 @@
 
 It trains whatever parameters of a model require grad (a `RoadModel` leaves only its active adapters
 trainable) on tokenized `Sample`s with transformers' AdamW, linear schedule (`lr_scheduler_type="linear"`),
-`DataCollatorForSeq2Seq` (labels padded with IGNORE_INDEX) and the model's own causal-LM loss, with the
-token count averaged across processes, so a DDP run (torchrun) takes the steps one process would on the
-same global batch. What roadkit adds are callbacks:
+`DataCollatorForSeq2Seq` (labels padded with IGNORE_INDEX; with packing, `DataCollatorWithFlattening`) and the
+model's own causal-LM loss, with the token count averaged across processes and accumulation steps, so a DDP run
+(torchrun) or one in micro-batches takes the steps one process would on the same global batch. Every process of
+a DDP run writes its checkpoints into the same directory (the first process's), so a checkpoint holds every
+process's random state. What roadkit adds are callbacks:
 
 * `RunLog` keeps the per-step loss and learning rate and the held-out losses;
 * `StopOnRequest` ends training after the current step with a checkpoint once the first SIGINT or
@@ -25,6 +27,8 @@ the checkpoint, so a run resumed at step k takes the steps an uninterrupted run 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import json
 import math
 import os
@@ -34,9 +38,11 @@ from typing import Any, Optional, Sequence, Union, cast
 
 import torch
 from torch import nn
-from transformers import DataCollatorForSeq2Seq, TrainerCallback, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from ..errors import InputError
 from ..fileio import atomic_write_bytes
 from ..integrations.trainer import RoadTrainer, StopOnDivergence, any_process
 from ..model import RoadModel
@@ -48,6 +54,7 @@ from .runs import (
     DIVERGED,
     INTERRUPTED,
     LOG_NAME,
+    TENSORBOARD_NAME,
     TrainConfig,
     signals_request_stop,
 )
@@ -167,11 +174,44 @@ def _rows(samples: Sequence[Sample]) -> list[dict[str, list[int]]]:
     return [{"input_ids": s.input_ids, "labels": s.labels} for s in samples]
 
 
+def _checkpointing_arguments() -> dict[str, Any]:
+    """TrainingArguments' keywords for gradient checkpointing without reentrant autograd (which DDP and a frozen
+    base both work with): `activation_checkpointing` since transformers 5.x, `gradient_checkpointing` before."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {key: True, f"{key}_kwargs": {"use_reentrant": False}}
+
+
+def _keep_4bit_backward(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference. It does so at a layer's first inference
+    call on CPUs with AVX512-BF16 (bitsandbytes 0.50), and the repacked layer passes no gradient to its input, so
+    after the first evaluation every adapter below a quantized layer would train on wrong gradients."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            cast(Any, module).support_avx512bf16_for_cpu = False
+
+
+def _distributed() -> bool:
+    """Whether this process is one of several in a torch.distributed process group."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _check_packing(model: nn.Module) -> None:
+    """InputError unless the model takes `position_ids`, which keep packed rows apart."""
+    base = model.get_base_model() if isinstance(model, RoadModel) else model
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        raise InputError(
+            f"--packing needs a model that takes position_ids (they keep packed rows apart); "
+            f"{type(base).__name__} does not."
+        )
+
+
 class TrainingRun:
     """Trains the parameters of `model` that require grad on `Sample`s, through a `RoadTrainer`
     (`self.road_trainer`). Checkpoints go to `output_dir` (default: a temporary directory kept while
     this object lives); `self.checkpoint` is the last one written. Under torchrun every process runs one,
-    with the same `output_dir`, and the processes split each batch (DDP).
+    with the same `output_dir` (or none: they all use the first process's temporary one), and the processes
+    split each batch (DDP).
 
     After a `fit` that returned DIVERGED, `diverged_at` is the step that broke the adapter, `divergence`
     says how, and `step` is the step whose adapter the model holds again (the last good one, or the one
@@ -187,14 +227,20 @@ class TrainingRun:
         output_dir: Optional[str] = None,
     ) -> None:
         if not train_data:
-            raise ValueError("no training samples.")
+            raise InputError("no training samples.")
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
-            raise ValueError("the model has no trainable parameters.")
+            raise InputError("the model has no trainable parameters.")
         processes = int(os.environ.get("WORLD_SIZE", "1"))
-        if config.batch_size % processes:
-            raise ValueError(f"the batch size {config.batch_size} does not split evenly over {processes} processes.")
-        self.model, self.config = model, config
+        parts = processes * config.gradient_accumulation_steps
+        if config.batch_size % parts:
+            raise InputError(
+                f"the batch size {config.batch_size} does not split evenly over {processes} processes x "
+                f"{config.gradient_accumulation_steps} gradient accumulation steps."
+            )
+        if config.packing:
+            _check_packing(model)
+        self.model, self.config, self.processes = model, config, processes
         self.train_data, self.eval_data = list(train_data), list(eval_data or [])
         self.total_steps = config.max_steps or config.epochs * math.ceil(len(self.train_data) / config.batch_size)
         self.eval_every = config.eval_every or max(1, self.total_steps // 10)
@@ -202,6 +248,7 @@ class TrainingRun:
         self.first_step = 0  # the step the last `fit` started from
         self.diverged_at: Optional[int] = None
         self.divergence: Optional[str] = None
+        scratch = output_dir is None
         if output_dir is None:
             self._scratch = tempfile.TemporaryDirectory(prefix="roadkit-train-")
             output_dir = self._scratch.name
@@ -210,12 +257,13 @@ class TrainingRun:
         device = self.params[0].device
         if device.type == "cuda" and device.index is not None and processes == 1:
             torch.cuda.set_device(device)  # the Trainer moves the model to the current CUDA device
-        share = config.batch_size // processes
+        share = config.batch_size // parts
         args = TrainingArguments(
             output_dir=output_dir,
             max_steps=self.total_steps,
             per_device_train_batch_size=share,
             per_device_eval_batch_size=share,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
             learning_rate=config.lr,
             lr_scheduler_type="linear",
             warmup_steps=config.warmup_steps,
@@ -229,21 +277,42 @@ class TrainingRun:
             logging_strategy="steps",
             logging_steps=1,
             logging_nan_inf_filter=False,  # a NaN loss is logged as NaN, not as the running mean
-            report_to="none",
+            report_to=list(config.report_to) or "none",
             disable_tqdm=True,
             use_cpu=device.type == "cpu",
             dataloader_num_workers=0,
+            ddp_find_unused_parameters=False,  # the adapters in use take part in every step; the others do not train
+            **(_checkpointing_arguments() if config.gradient_checkpointing else {}),
         )
+        if scratch and args.world_size > 1 and _distributed():
+            shared = [output_dir]  # every process checkpoints into the first one's directory
+            torch.distributed.broadcast_object_list(shared, src=0)
+            args.output_dir = shared[0]
+        if isinstance(model, RoadModel) and getattr(model, "is_quantized", False):
+            # transformers' Trainer refuses a quantized model unless it sees adapters on it, by PEFT's class or by
+            # this flag of its own PEFT integration; a RoadModel's adapters are what trains.
+            cast(Any, model)._hf_peft_config_loaded = True
+        _keep_4bit_backward(model)
         self.road_trainer = RoadTrainer(
             model=model,
             args=args,
-            data_collator=collator(tokenizer),
+            data_collator=(
+                DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+                if config.packing
+                else collator(tokenizer)
+            ),
             train_dataset=_rows(self.train_data),
             eval_dataset=_rows(self.eval_data) or None,
             callbacks=[self.run_log, self.stop, ResumeSchedule(), self.progress],
         )
         for callback in (ProgressCallback, PrinterCallback):
             self.road_trainer.remove_callback(callback)
+        # TensorBoard events go beside the checkpoints, to be copied into the run directory (`write_run`), unless
+        # TENSORBOARD_LOGGING_DIR chose a place for them.
+        self.tensorboard_dir: Optional[str] = None
+        for callback in self.road_trainer.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and not os.environ.get("TENSORBOARD_LOGGING_DIR"):
+                callback.logging_dir = self.tensorboard_dir = os.path.join(str(args.output_dir), TENSORBOARD_NAME)
         guard = self.road_trainer.divergence_guard
         if guard is None:  # not a RoadModel: check its trainable parameters for NaN and infinite values
             guard = StopOnDivergence()
@@ -277,6 +346,8 @@ class TrainingRun:
         self.first_step, self.diverged_at, self.divergence = self.step, None, None
         with signals_request_stop(self.stop):
             trainer.train(resume_from_checkpoint=self.checkpoint)
+        if _distributed():
+            torch.distributed.barrier()  # every process has written its part of the last checkpoint
         if self.guard.diverged_at is not None:
             self.diverged_at, self.divergence = self.guard.diverged_at, self.guard.reason
             self.step = cast(int, self.guard.kept_step)
@@ -296,7 +367,8 @@ def write_run(
     directory: Union[str, os.PathLike], model: RoadModel, trainer: TrainingRun, status: str, run: dict[str, Any]
 ) -> None:
     """Write a run directory: the adapter (`model.save_pretrained`), the trainer's last checkpoint as
-    `checkpoint/` for resuming, `training_log.json` (with `run`, JSON-able settings) and `loss_curve.png`.
+    `checkpoint/` for resuming, `training_log.json` (with `run`, JSON-able settings, and the number of
+    `processes`), `loss_curve.png`, and the TensorBoard events in `tensorboard/` when there are some.
 
     For a DIVERGED run the log also holds `diverged_at_step` and `divergence`, `step` is the step of the
     adapter kept, and the adapter is written only when that step is past the one the run started from
@@ -309,7 +381,9 @@ def write_run(
         model.save_pretrained(directory)
     if trainer.checkpoint is not None:
         shutil.copytree(trainer.checkpoint, os.path.join(directory, CHECKPOINT_NAME), dirs_exist_ok=True)
-    log: dict[str, Any] = {"status": status, "step": trainer.step}
+    if trainer.tensorboard_dir is not None and os.path.isdir(trainer.tensorboard_dir):
+        shutil.copytree(trainer.tensorboard_dir, os.path.join(directory, TENSORBOARD_NAME), dirs_exist_ok=True)
+    log: dict[str, Any] = {"status": status, "step": trainer.step, "processes": trainer.processes}
     if diverged:
         log.update(diverged_at_step=trainer.diverged_at, divergence=trainer.divergence)
     log.update(

@@ -21,6 +21,11 @@ the parameters the optimizer tracks stay the same objects. For a `RoadModel` it 
 whose adapter diverged (`StopOnDivergence`, added by default). Everything else is the stock
 Trainer. A model that is not a `RoadModel` is handled exactly as `Trainer` would.
 
+Other trainers built on `Trainer` (TRL's `SFTTrainer`, `DPOTrainer`, `GRPOTrainer`, ...) get the same behaviour
+from `road_trainer(cls)`, a subclass that puts `RoadTrainer` in front of `cls` (without changing `cls`), lets `cls`
+choose its own batch columns, accepts a `roadkit.RoadConfig` where `cls` takes a `peft_config`, and gives
+preference trainers a reference model that costs no memory (`AdapterReference`). See docs/training.md.
+
 Not covered: DeepSpeed ZeRO-3 and adapter parameters sharded by FSDP (the adapter is read from the live,
 unsharded parameters; a base that transformers shards as it loads it works, see docs/training.md), and
 quantized bases (the Trainer refuses those unless they are PEFT models).
@@ -28,20 +33,24 @@ quantized bases (the Trainer refuses those unless they are PEFT models).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
-from typing import Any, Optional
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Optional, TypeVar, cast
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_pt_utils import LabelSmoother
 from transformers.utils import can_return_loss, find_labels
 
 from .. import checkpoint as ckpt
+from ..config import RoadConfig
 from ..functional import value_problem
-from ..model import RoadModel
+from ..model import RoadModel, get_peft_model
 
 TRAINING_ARGS_NAME = "training_args.bin"
 
@@ -292,6 +301,11 @@ class RoadTrainer(Trainer):
         unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile, on any accelerate version
         return unwrapped if isinstance(unwrapped, RoadModel) else None
 
+    def _chosen_below(self, method: str) -> bool:
+        """Whether a class between `RoadTrainer` and `Trainer` in this object's class hierarchy defines `method`."""
+        mro = type(self).__mro__
+        return any(method in vars(k) for k in mro[mro.index(RoadTrainer) + 1 : mro.index(Trainer)])
+
     def training_step(self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The stock step; its loss also goes to the `StopOnDivergence` callbacks (without a host sync)."""
         loss = super().training_step(model, inputs, *args, **kwargs)
@@ -301,9 +315,14 @@ class RoadTrainer(Trainer):
         return loss
 
     def _set_signature_columns_if_needed(self) -> None:
-        """Keep the batch columns the wrapped model's forward takes (and the labels)."""
+        """Keep the batch columns the wrapped model's forward takes (and the labels), unless a subclass of
+        `Trainer` behind this one (in a `road_trainer` class) chooses the columns itself, as TRL's trainers do."""
         road = self._road_model()
-        if self._signature_columns is None and road is not None:
+        if (
+            self._signature_columns is None
+            and road is not None
+            and not self._chosen_below("_set_signature_columns_if_needed")
+        ):
             columns = list(inspect.signature(road.get_base_model().forward).parameters)
             # transformers declares the attribute as None; it holds a list of column names once set
             self._signature_columns = columns + sorted(  # type: ignore[assignment]
@@ -347,3 +366,187 @@ class RoadTrainer(Trainer):
         if self.state.best_model_checkpoint is not None:
             _reload_adapters(road, self.state.best_model_checkpoint)
         return None
+
+
+REFERENCE_ADAPTER = "ref"
+
+
+class AdapterReference(nn.Module):
+    """The reference model of a preference trainer (`ref_model`, as TRL's `DPOTrainer` takes it) for a `RoadModel`,
+    at no memory cost: the trained model itself, called with its adapters off (a new adapter starts as the identity,
+    so that is the model training starts from), or with `adapter` active: a frozen copy of the adapter training
+    started from, made when the trainer is built. TRL does the same for PEFT models, which it recognises only by
+    their class.
+
+    It owns no parameters (the Trainer places and prepares the trained model once) and reads every other attribute
+    (`config`, `get_output_embeddings`, ...) from the wrapped transformers model. Calls do not switch gradients off:
+    the trainer calls its reference under `torch.no_grad()`.
+    """
+
+    def __init__(self, adapter: Optional[str] = None) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.__dict__["_road"] = None  # not a submodule: the parameters belong to the trained model
+
+    def bind(self, road: RoadModel) -> None:
+        """Refer to `road`; with `adapter`, first add it to `road` as a frozen copy of the active adapter (unless
+        `road` already has one by that name: a reference saved with a checkpoint)."""
+        if self.adapter is not None and self.adapter not in road.peft_config:
+            active = road.active_adapters
+            if len(active) != 1:
+                raise ValueError(
+                    f"the reference model copies the active adapter, but {active} are active: activate one, or "
+                    "pass ref_model= yourself."
+                )
+            config = dataclasses.replace(road.peft_config[active[0]], inference_mode=True)
+            road.add_adapter(self.adapter, config, state_dict=road.adapter_state_dict(active[0]))
+        self.__dict__["_road"] = road
+
+    @property
+    def road(self) -> RoadModel:
+        """The `RoadModel` this reference runs."""
+        road = self.__dict__["_road"]
+        if road is None:
+            raise RuntimeError("this AdapterReference is not bound to a RoadModel yet: call bind(model) first.")
+        return road
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.road.get_base_model(), name)
+
+    @contextmanager
+    def _as_reference(self) -> Iterator[None]:
+        road = self.road
+        if self.adapter is None:
+            with road.disable_adapter():
+                yield
+            return
+        active = road.active_adapters
+        road.set_adapter(self.adapter)
+        try:
+            yield
+        finally:
+            road.set_adapter(active)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._as_reference():
+            return super().__call__(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped transformers model's forward (under `__call__`'s reference adapters)."""
+        return self.road.get_base_model()(*args, **kwargs)
+
+
+class _AppliesRoadConfig(Trainer):
+    """The last class before `Trainer` in a `road_trainer` class: wraps the model that the trainer class built or
+    loaded (TRL loads a model given by name) with the `RoadConfig` given as `peft_config`, and binds the reference
+    model, just before `Trainer.__init__` sees the model."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        plan = self.__dict__.pop("_road_plan", None)
+        if plan is not None:
+            config, reference = plan
+            bound = inspect.signature(Trainer.__init__).bind(self, *args, **kwargs)
+            model = bound.arguments.get("model")
+            if config is not None:
+                if not isinstance(model, nn.Module):
+                    raise TypeError(f"peft_config=RoadConfig(...) needs a model to wrap, got {type(model).__name__}.")
+                training_args = bound.arguments.get("args")
+                if training_args is not None:  # random adapter initialisations (init_weights=False) follow the seed
+                    set_seed(training_args.seed)
+                model = bound.arguments["model"] = get_peft_model(model, config)
+            if reference is not None:
+                if not isinstance(model, RoadModel):
+                    raise TypeError(f"the reference model needs a RoadModel, got {type(model).__name__}.")
+                reference.bind(model)
+            args, kwargs = bound.args[1:], bound.kwargs
+        super().__init__(*args, **kwargs)
+
+
+_Trainer = TypeVar("_Trainer", bound=Trainer)
+_ROAD_CLASSES: dict[type, type] = {}
+
+
+def road_trainer(trainer_class: type[_Trainer]) -> type[_Trainer]:
+    """`trainer_class` (a subclass of transformers' `Trainer`, such as TRL's `SFTTrainer`) with `RoadTrainer`'s
+    behaviour for a `RoadModel`: adapter-only checkpoints, resuming and `save_model`, the divergence check.
+
+    The result is a new subclass, `Road<name>` (the same one on every call); `trainer_class` itself is not changed.
+    It takes the same arguments as `trainer_class`, and moreover:
+
+    * `peft_config=roadkit.RoadConfig(...)` where `trainer_class` takes a `peft_config`: the model (given, or loaded
+      from a name by `trainer_class`) is wrapped with `get_peft_model` before `Trainer.__init__` sees it;
+    * where `trainer_class` takes a `ref_model` (preference training, e.g. TRL's `DPOTrainer`) and none is given, the
+      reference is an `AdapterReference`: with `peft_config`, the model with its adapters off; for a `RoadModel`
+      passed in, a frozen copy of its active adapter, added as adapter "ref" (what TRL does for PEFT models). With
+      `precompute_ref_log_probs=True` the trainer computes the reference values from the model before training.
+
+    `road_trainer(Trainer)` is `RoadTrainer`, and a subclass of `RoadTrainer` comes back unchanged.
+    """
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
+        raise TypeError(
+            f"road_trainer takes a subclass of transformers.Trainer (e.g. trl.SFTTrainer), got {trainer_class!r}."
+        )
+    if issubclass(trainer_class, RoadTrainer):
+        return trainer_class
+    if trainer_class is Trainer:
+        return cast("type[_Trainer]", RoadTrainer)
+    made = _ROAD_CLASSES.get(trainer_class)
+    if made is None:
+        made = _ROAD_CLASSES[trainer_class] = _make_road_trainer(trainer_class)
+    return cast("type[_Trainer]", made)
+
+
+def _make_road_trainer(trainer_class: type[Trainer]) -> type:
+    """The class `road_trainer` returns; its classes in order: `RoadTrainer`, `trainer_class` (and its bases),
+    `_AppliesRoadConfig`, `Trainer`."""
+    signature = inspect.signature(trainer_class.__init__)
+    takes_reference = "ref_model" in signature.parameters
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        model, config = bound.arguments.get("model"), bound.arguments.get("peft_config")
+        if isinstance(config, RoadConfig):
+            if isinstance(model, RoadModel):
+                raise ValueError(
+                    "the model already has RoAd adapters: pass peft_config=RoadConfig(...) with a base model, or "
+                    "the RoadModel without peft_config."
+                )
+            bound.arguments["peft_config"] = None
+        else:
+            config = None
+        reference = None
+        wrapped = config is not None or isinstance(model, RoadModel)
+        if takes_reference and wrapped and bound.arguments.get("ref_model") is None:
+            training_args = bound.arguments.get("args")
+            if getattr(training_args, "sync_ref_model", False):
+                raise ValueError(
+                    "sync_ref_model=True updates a separate reference model from the trained one; a RoAd model's "
+                    "reference is the model itself (as for PEFT models): set sync_ref_model=False."
+                )
+            if not getattr(training_args, "precompute_ref_log_probs", False):
+                reference = AdapterReference(None if config is not None else REFERENCE_ADAPTER)
+                bound.arguments["ref_model"] = reference
+        if config is not None or reference is not None:
+            self._road_plan = (config, reference)
+        RoadTrainer.__init__(self, *bound.args[1:], **bound.kwargs)  # the next class: then trainer_class
+        if "_road_plan" in self.__dict__:
+            raise TypeError(
+                f"{trainer_class.__name__}.__init__ did not reach Trainer.__init__ through super(): road_trainer "
+                "cannot apply peft_config there; wrap the model with roadkit.get_peft_model and pass it instead."
+            )
+
+    __init__.__doc__ = f"`{trainer_class.__name__}.__init__`; see `roadkit.road_trainer` for what differs."
+    name = f"Road{trainer_class.__name__}"
+    return type(
+        name,
+        (RoadTrainer, trainer_class, _AppliesRoadConfig),
+        {
+            "__init__": __init__,
+            "__doc__": f"`{trainer_class.__name__}` for RoAd models, made by `roadkit.road_trainer`.",
+            "__module__": __name__,
+            "__qualname__": name,
+        },
+    )

@@ -1,64 +1,110 @@
-"""Fused RoAd kernels behind one seam: a backend is one module of this package plus its entry in `BACKENDS`.
+"""Fused RoAd kernels behind one seam: the `Backend` protocol, which every backend module satisfies.
 
-Every backend module offers the same functions, none of them autograd-aware (functional.py builds
-the autograd Functions on top):
-    handles(x, dim)                              whether it should rotate x along `dim`
-    prepare(c, s, g)                             coefficients packed in its own layout (or None), made
-                                                 once by callers that reuse them
-    new_memo()                                   scratch one routing keeps between its calls (or None)
-    forward(x, c, s, g, dim, prepared)           y = R x
-    backward(gy, x, c, s, g, dim, need_gx)       (R^T gy, dc, ds)
-    forward_indexed(x, c_tab, s_tab, idx, g, dim, prepared, memo)
-                                                 mixed batches: row/token i uses table row idx[i]
-`prepared` and `memo` are opaque outside the backend that made them. The first backend in
-`BACKENDS` that serves a tensor's device type, is installed and handles the tensor runs; torch
-handles every tensor, and everything under torch.compile. Per-row
-coefficients (a coefficient row per batch row, for `forward`) are the torch backend's alone.
-Merging (`rotate_rows_`: w <- R w over its first axis) runs once, not per token: the torch
-implementation serves every device.
+A backend is one module of this package, `<name>_ops`. The eager ones are listed in `BACKENDS` with the
+device type each serves; the first that serves a tensor's device type, is installed and `handles` the tensor
+runs, and torch handles every tensor. Under torch.compile the traced backend runs instead, on every device:
+its formulation is the one a compiler fuses. Merging (`rotate_rows_`: w <- R w over its first axis) runs
+once, not per token: the torch implementation serves every device.
+
+The serving integration's slot kernels (`torch_ops.forward_slots`, `triton_ops.forward_slots`, `c_ops`)
+are outside the protocol: each row of the batch has its own coefficient row and group size there.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-from types import ModuleType
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol, cast
 
 import torch
 
-from . import torch_ops
+from . import torch_ops, traced_ops
+
+Gradients = tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
+class Backend(Protocol):
+    """What a kernel backend offers. Nothing of it is autograd-aware (functional.py builds the autograd
+    Functions on top). `prepared` and `scratch` are opaque outside the backend that made them."""
+
+    per_row: bool  # whether `forward` and `backward` take per-row coefficients (..., d), not only (d,)
+
+    def handles(self, x: torch.Tensor, dim: int) -> bool:
+        """Whether this backend should rotate x along `dim`."""
+
+    def prepare(self, c: torch.Tensor, s: torch.Tensor, group_size: int) -> Any:
+        """(c, s) packed in the backend's own layout (or None), made once by callers that reuse them."""
+
+    def new_scratch(self) -> Any:
+        """What one routing keeps between its calls to `forward_indexed` (or None)."""
+
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int, prepared: Any
+    ) -> torch.Tensor:
+        """y = R x along `dim`, math in the coefficients' dtype, result in x's dtype."""
+
+    def backward(
+        self,
+        gy: torch.Tensor,
+        x: Optional[torch.Tensor],
+        c: torch.Tensor,
+        s: torch.Tensor,
+        group_size: int,
+        dim: int,
+        need_gx: bool,
+    ) -> Gradients:
+        """(R^T gy if `need_gx`, dc, ds); dc and ds only when x is given."""
+
+    def forward_indexed(
+        self,
+        x: torch.Tensor,
+        c_table: torch.Tensor,
+        s_table: torch.Tensor,
+        index: torch.Tensor,
+        group_size: int,
+        dim: int,
+        prepared: Any,
+        scratch: Any,
+    ) -> torch.Tensor:
+        """Mixed batches: row (or token) i of x uses row index[i] of the tables."""
+
 
 # (module `<name>_ops` of this package, the device type it serves or None for any), tried in this order; the
 # last, torch, serves every tensor. A backend is imported when a tensor of its device type first shows up
 # (Triton takes seconds).
 BACKENDS = (("triton", "cuda"), ("torch", None))
 
+if TYPE_CHECKING:  # every backend module satisfies the protocol (checked by mypy)
+    from . import triton_ops
+
+    _CHECKED: tuple[Backend, ...] = (torch_ops, traced_ops, triton_ops)
+
 
 @functools.cache
-def _load(name: str) -> Optional[ModuleType]:
+def _load(name: str) -> Optional[Backend]:
     """The backend module, or None when its dependencies are not installed (Triton)."""
     try:
-        return importlib.import_module(f"{__name__}.{name}_ops")
+        return cast(Backend, importlib.import_module(f"{__name__}.{name}_ops"))
     except ImportError:
         return None
 
 
 @functools.cache
-def _backends_for(device_type: str) -> tuple[ModuleType, ...]:
+def _backends_for(device_type: str) -> tuple[Backend, ...]:
     """The installed backends that serve tensors of `device_type`, in the order of `BACKENDS`."""
     loaded = (_load(name) for name, serves in BACKENDS if serves is None or serves == device_type)
     return tuple(module for module in loaded if module is not None)
 
 
-def backend(x: torch.Tensor, dim: int = -1) -> ModuleType:
-    """The backend that rotates x along `dim` (under torch.compile, torch: the compiler fuses it).
+def backend(x: torch.Tensor, dim: int = -1) -> Backend:
+    """The backend that rotates x along `dim`: under torch.compile the traced one, which the compiler fuses
+    (the one place roadkit's kernels ask whether they are being traced).
 
     Asked on every rotation, so it costs little where torch is the only backend (CPU): the device type is
     read through the tensor's flags (`x.device` builds an object), and nothing else is asked.
     """
     if torch.compiler.is_compiling():
-        return torch_ops
+        return traced_ops
     candidates = _backends_for("cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type)
     if len(candidates) > 1:
         for module in candidates[:-1]:
@@ -68,8 +114,14 @@ def backend(x: torch.Tensor, dim: int = -1) -> ModuleType:
 
 
 def implementation(x: torch.Tensor, dim: int = -1) -> str:
-    """Which backend rotates x along `dim`, by name ("triton" or "torch")."""
-    return backend(x, dim).__name__.rpartition(".")[2].removesuffix("_ops")
+    """Which backend rotates x along `dim`, by name ("triton", "torch" or "traced")."""
+    return cast(Any, backend(x, dim)).__name__.rpartition(".")[2].removesuffix("_ops")
+
+
+def _for_coefficients(x: torch.Tensor, c: torch.Tensor, dim: int) -> Backend:
+    """The backend for x and coefficients c: per-row coefficients go to one that takes them."""
+    ops = backend(x, dim)
+    return ops if c.dim() == 1 or ops.per_row else torch_ops
 
 
 def prepare(c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1) -> Any:
@@ -77,17 +129,16 @@ def prepare(c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1) ->
     return backend(c, dim).prepare(c, s, group_size)
 
 
-def new_memo(x: torch.Tensor, dim: int = -1) -> Any:
-    """Scratch for one routing of tensors like x, from the backend that rotates them."""
-    return backend(x, dim).new_memo()
+def new_scratch(x: torch.Tensor, dim: int = -1) -> Any:
+    """What one routing of tensors like x keeps between its calls, from the backend that rotates them."""
+    return backend(x, dim).new_scratch()
 
 
 def forward(
     x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1, prepared: Any = None
 ) -> torch.Tensor:
     """y = R x along `dim`, result in x's dtype; c and s are per feature (d,) or per row (..., d)."""
-    ops = backend(x, dim) if c.dim() == 1 else torch_ops
-    return ops.forward(x, c, s, group_size, dim, prepared)
+    return _for_coefficients(x, c, dim).forward(x, c, s, group_size, dim, prepared)
 
 
 def backward(
@@ -98,10 +149,9 @@ def backward(
     group_size: int,
     dim: int,
     need_gx: bool,
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+) -> Gradients:
     """(dx, dc, ds) of y = R x; dc and ds only when x is given (else None)."""
-    ops = backend(gy, dim) if c.dim() == 1 else torch_ops
-    return ops.backward(gy, x, c, s, group_size, dim, need_gx)
+    return _for_coefficients(gy, c, dim).backward(gy, x, c, s, group_size, dim, need_gx)
 
 
 def forward_indexed(
@@ -112,26 +162,29 @@ def forward_indexed(
     group_size: int,
     dim: int = -1,
     prepared: Any = None,
-    memo: Any = None,
+    scratch: Any = None,
 ) -> torch.Tensor:
     """Mixed batches: each row (or token) of x uses its own row of the coefficient tables.
 
-    `prepared` is `prepare(c_table, s_table, group_size)`; `memo` (`new_memo`) is kept by one
+    `prepared` is `prepare(c_table, s_table, group_size)`; `scratch` (`new_scratch`) is kept by one
     routing across its calls.
     """
-    return backend(x, dim).forward_indexed(x, c_table, s_table, index, group_size, dim, prepared, memo)
+    return backend(x, dim).forward_indexed(x, c_table, s_table, index, group_size, dim, prepared, scratch)
 
 
 rotate_rows_ = torch_ops.rotate_rows_
+pairs_view = torch_ops.pairs_view
 
 __all__ = [
     "BACKENDS",
+    "Backend",
     "backend",
     "backward",
     "forward",
     "forward_indexed",
     "implementation",
-    "new_memo",
+    "new_scratch",
+    "pairs_view",
     "prepare",
     "rotate_rows_",
 ]

@@ -7,6 +7,10 @@ features j + group_size/2 of each group. With per-feature coefficients (c, s) th
 
 Coefficients have the feature axis last; leading axes (if any) broadcast against the leading axes
 of `x` (one coefficient row per batch row or per token, for mixed-adapter batches).
+
+This is the eager backend that serves every tensor (see `kernels.Backend`). Beside the backend's functions
+it holds the merge (`rotate_rows_`, for every device) and the torch forms of the serving integration's slot
+kernels (`forward_slots`, `rotate_shifted_halves`, on `shifted_layout` rows).
 """
 
 from __future__ import annotations
@@ -17,6 +21,14 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+per_row = True  # forward and backward take per-row coefficients (..., d) as well as per-feature ones (d,)
+
+
+def pairs_view(t: torch.Tensor, group_size: int, dim: int = -1) -> torch.Tensor:
+    """t viewed as (..., groups, 2, half, ...) along `dim`: slot 0 of each pair holds the first half of its
+    group, slot 1 the second."""
+    return t.unflatten(dim, (-1, 2, group_size // 2))
+
 
 def rotate_values(
     x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1, transpose: bool = False
@@ -25,11 +37,9 @@ def rotate_values(
 
     One output buffer: out = x * c, then each half gets its cross term added in place.
     """
-    half = group_size // 2
     trailing = x.dim() - 1 - dim % x.dim()
-    xv = x.unflatten(dim, (-1, 2, half))
-    cv = c.unflatten(-1, (-1, 2, half))
-    sv = s.unflatten(-1, (-1, 2, half))
+    xv = pairs_view(x, group_size, dim)
+    cv, sv = pairs_view(c, group_size), pairs_view(s, group_size)
     if trailing:  # features not last (e.g. conv channels): coefficients broadcast over what follows
         cv = cv[(...,) + (None,) * trailing]
         sv = sv[(...,) + (None,) * trailing]
@@ -47,61 +57,7 @@ def rotate_values(
     return out.flatten(pair - 1, pair + 1)
 
 
-def _signed(s: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(-s0, s1): the sines with the sign each half's cross term takes in R (last axis, per group)."""
-    sv = s.unflatten(-1, (-1, 2, group_size // 2))
-    return torch.stack((-sv.select(-2, 0), sv.select(-2, 1)), dim=-2).flatten(-3)
-
-
-def _pairs_along(t: torch.Tensor, dim: int, group_size: int) -> torch.Tensor:
-    """t viewed as (..., groups, 2, half, ...) along `dim`."""
-    return t.unflatten(dim, (-1, 2, group_size // 2))
-
-
-def _coefficients_along(v: torch.Tensor, trailing: int, group_size: int) -> torch.Tensor:
-    """A (..., d) coefficient tensor viewed as (..., groups, 2, half), broadcasting over `trailing` axes."""
-    return _pairs_along(v, -1, group_size)[(...,) + (None,) * trailing]
-
-
-def rotate_traced(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int, dim: int = -1) -> torch.Tensor:
-    """R x as one expression with no in-place ops, for compilers: x*c + swap(x)*(-s0, s1), where
-    swap exchanges the halves of each group. A compiler fuses it into one pass over x; eager
-    PyTorch would copy the swapped x first, so the eager paths use `rotate_values` and
-    `rotate_shifted`. Math in the coefficients' dtype."""
-    dim = dim % x.dim()
-    trailing = x.dim() - 1 - dim
-    xv = _pairs_along(x.to(c.dtype), dim, group_size)
-    cv, sv = (_coefficients_along(v, trailing, group_size) for v in (c, _signed(s, group_size)))
-    return (xv * cv + xv.flip(dim + 1) * sv).flatten(dim, dim + 2)
-
-
-def backward_traced(
-    gy: torch.Tensor,
-    x: Optional[torch.Tensor],
-    c: torch.Tensor,
-    s: torch.Tensor,
-    group_size: int,
-    dim: int,
-    need_gx: bool,
-):
-    """`backward` for compilers, with no in-place ops (see `rotate_traced`): R^T gy is
-    gy*c + swap(gy*(-s0, s1)); dc sums gy*x, and ds sums gy*swap(x), then takes the signs back."""
-    dim = dim % gy.dim()
-    trailing = gy.dim() - 1 - dim
-    gyv = _pairs_along(gy.to(c.dtype), dim, group_size)
-    gx = None
-    if need_gx:
-        cv, sv = (_coefficients_along(v, trailing, group_size) for v in (c, _signed(s, group_size)))
-        gx = (gyv * cv + (gyv * sv).flip(dim + 1)).flatten(dim, dim + 2).to(gy.dtype)
-    if x is None:
-        return gx, None, None
-    xv = _pairs_along(x.to(c.dtype), dim, group_size)
-    gc = _reduce_to((gyv * xv).flatten(dim, dim + 2), dim, c.shape)
-    gs = _signed(_reduce_to((gyv * xv.flip(dim + 1)).flatten(dim, dim + 2), dim, s.shape), group_size)
-    return gx, gc, gs
-
-
-def _reduce_to(full: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
+def reduce_to(full: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
     """Sum a per-element gradient (feature axis `dim` of x) down to a coefficient tensor's shape."""
     trailing = tuple(range(dim + 1, full.dim()))
     if trailing:
@@ -140,15 +96,15 @@ def shifted_layout(c: torch.Tensor, s: torch.Tensor, group_size: int) -> Shifted
     half = group_size // 2
     out = torch.zeros(s.shape[:-1] + (3, s.shape[-1]), dtype=s.dtype, device=s.device)
     out.select(-2, 0).copy_(c)
-    sv = s.unflatten(-1, (-1, 2, half))
-    first_halves = [out.select(-2, row).unflatten(-1, (-1, 2, half)).select(-2, 0) for row in (1, 2)]
+    sv = pairs_view(s, group_size)
+    first_halves = [pairs_view(out.select(-2, row), group_size).select(-2, 0) for row in (1, 2)]
     first_halves[0].copy_(sv.select(-2, 0)).neg_()  # entry f: output f, partner f + g/2
     first_halves[1].copy_(sv.select(-2, 1))  # entry f: output f + g/2, partner f
     return ShiftedLayout(out, *_windows(out, half), out.shape[-2] * out.shape[-1] * out.element_size())
 
 
 def handles(x: torch.Tensor, dim: int) -> bool:
-    """The torch backend rotates any tensor, on any device, along any axis."""
+    """The torch backend rotates any tensor, on any device, along any axis (outside torch.compile)."""
     return True
 
 
@@ -157,9 +113,9 @@ def prepare(c: torch.Tensor, s: torch.Tensor, group_size: int) -> ShiftedLayout:
     return shifted_layout(c, s, group_size)
 
 
-def new_memo() -> RowMemo:
-    """Scratch for one routing's calls: the per-row coefficients it gathered (see `RowMemo`)."""
-    return RowMemo()
+def new_scratch() -> Scratch:
+    """What one routing keeps between its calls: the per-row coefficients it gathered (see `Scratch`)."""
+    return Scratch()
 
 
 def rotate_shifted(
@@ -194,16 +150,15 @@ def forward(
 
     With `prepared` (`prepare(c, s)`, the shifted layout, made once by callers that reuse coefficients) and
     the features last, the faster `rotate_shifted` runs. When x already has the coefficients'
-    dtype, nothing is allocated beyond the output. Under torch.compile: `rotate_traced`.
+    dtype, nothing is allocated beyond the output.
     """
-    if torch.compiler.is_compiling():
-        return _in_dtype_of(x, rotate_traced(x, c, s, group_size, dim))
     if prepared is not None and dim % x.dim() == x.dim() - 1:
-        return _in_dtype_of(x, rotate_shifted(x, prepared.c, prepared.s_up, prepared.s_down, group_size // 2))
-    return _in_dtype_of(x, rotate_values(x, c, s, group_size, dim))
+        return in_dtype_of(x, rotate_shifted(x, prepared.c, prepared.s_up, prepared.s_down, group_size // 2))
+    return in_dtype_of(x, rotate_values(x, c, s, group_size, dim))
 
 
-def _in_dtype_of(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def in_dtype_of(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out` in x's dtype (itself when it has it)."""
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -219,23 +174,20 @@ def backward(
     """(dx = R^T gy, dc, ds) of y = R x; dc and ds (reduced to c's shape) only when x is given.
 
     dc sums gy * x; ds sums gy0 * x1 and gy1 * x0 half by half and stacks the reduced halves, so no
-    product is ever stacked or negated at full size. Under torch.compile: `backward_traced`.
+    product is ever stacked or negated at full size.
     """
-    if torch.compiler.is_compiling():
-        return backward_traced(gy, x, c, s, group_size, dim, need_gx)
     dim = dim % gy.dim()
     gx = rotate_values(gy, c, s, group_size, dim, transpose=True).to(gy.dtype) if need_gx else None
     if x is None:
         return gx, None, None
-    half = group_size // 2
-    xv = x.to(c.dtype).unflatten(dim, (-1, 2, half))
-    gyv = gy.to(c.dtype).unflatten(dim, (-1, 2, half))
+    xv = pairs_view(x.to(c.dtype), group_size, dim)
+    gyv = pairs_view(gy.to(c.dtype), group_size, dim)
     pair = dim + 1
-    gc = _reduce_to((gyv * xv).flatten(dim, dim + 2), dim, c.shape)
+    gc = reduce_to((gyv * xv).flatten(dim, dim + 2), dim, c.shape)
     (x0, x1), (g0, g1) = xv.unbind(pair), gyv.unbind(pair)
-    half_shape = s.unflatten(-1, (-1, 2, half)).select(-2, 0).shape
-    gs0 = _reduce_to(g0 * x1, dim + 1, half_shape)  # y0 = c0 x0 - s0 x1: the sign goes on after the sum
-    gs1 = _reduce_to(g1 * x0, dim + 1, half_shape)
+    half_shape = pairs_view(s, group_size).select(-2, 0).shape
+    gs0 = reduce_to(g0 * x1, dim + 1, half_shape)  # y0 = c0 x0 - s0 x1: the sign goes on after the sum
+    gs1 = reduce_to(g1 * x0, dim + 1, half_shape)
     gs = torch.stack((gs0.neg_(), gs1), dim=-2).flatten(-3)
     return gx, gc, gs
 
@@ -248,43 +200,46 @@ def forward_indexed(
     group_size: int,
     dim: int = -1,
     prepared: Optional[ShiftedLayout] = None,
-    memo: Optional[RowMemo] = None,
+    scratch: Optional[Scratch] = None,
 ) -> torch.Tensor:
     """Mixed batches: gather each row's (or token's) coefficients by `index`, then one fused pass.
 
     `index` covers a prefix of the axes before `dim` (per batch row) or all of them (per token).
     `prepared` is `prepare(c_table, s_table)`: with the features last, each row's
-    coefficients then come with one gather and go through the faster pass, and `memo` (one per
-    routing of a model call) keeps gathered rows for the calls after (see `RowMemo`). Under
-    torch.compile the plain tables are gathered and `forward` runs, which a compiler fuses with the
-    gather.
+    coefficients then come with one gather and go through the faster pass, and `scratch` (one per
+    routing of a model call) keeps gathered rows for the calls after (see `Scratch`).
     """
     dim = dim % x.dim()
-    if prepared is not None and dim == x.dim() - 1 and not torch.compiler.is_compiling():
+    if prepared is not None and dim == x.dim() - 1:
         if index.numel() * prepared.row_bytes <= GATHER_BYTES:  # the common case: one gather
             half = group_size // 2
-            return _in_dtype_of(x, rotate_shifted(x, *_gathered(prepared, index, x.dim(), half, memo), half))
+            return in_dtype_of(x, rotate_shifted(x, *_gathered(prepared, index, x.dim(), half, scratch), half))
         return _forward_indexed_chunked(x, prepared, index, group_size // 2)
+    return forward(x, rows_of(c_table, index, dim), rows_of(s_table, index, dim), group_size, dim)
+
+
+def rows_of(table: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Each index entry's row of `table`, shaped to broadcast against an x whose features are on axis `dim`
+    (the index covers a prefix of the axes before it)."""
     lead = tuple(index.shape) + (1,) * (dim - index.dim())
-    flat = index.reshape(-1)  # index_select is several times faster than advanced indexing on CPU
-    c = c_table.index_select(0, flat).view(lead + (c_table.shape[-1],))
-    s = s_table.index_select(0, flat).view(lead + (s_table.shape[-1],))
-    return forward(x, c, s, group_size, dim)
+    # index_select is several times faster than advanced indexing on CPU
+    return table.index_select(0, index.reshape(-1)).view(lead + tuple(table.shape[1:]))
 
 
 GATHER_BYTES = 32 << 20  # most per-row coefficients a mixed batch gathers at once
-MEMO_BYTES = 64 << 20  # most gathered per-row coefficients one `RowMemo` keeps
+SCRATCH_BYTES = 64 << 20  # most gathered per-row coefficients one routing's `Scratch` keeps
 
 
 _Windows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-class RowMemo:
-    """Per-row coefficients gathered for one routing of a model call, kept from their second use on.
+class Scratch:
+    """This backend's per-routing scratch: the per-row coefficients gathered for one routing of a model
+    call, kept from their second use on.
 
     A `generate` call routes its prefill and every decode step the same way, so from the first
     decode step on each layer finds its rows here instead of gathering them again. A plain forward
-    uses its rows once and keeps none. At most `MEMO_BYTES` are kept; past that, layers gather on
+    uses its rows once and keeps none. At most `SCRATCH_BYTES` are kept; past that, layers gather on
     every call. Entries are keyed by the packed table (which the routing keeps alive), the index's
     shape and x's rank: within one routing those fix the index's values. An entry also holds its table
     weakly, so a table rebuilt at the address of a freed one (the adapters changed) is a miss.
@@ -299,22 +254,20 @@ class RowMemo:
 
 
 def _gathered(
-    table: ShiftedLayout, index: torch.Tensor, x_dim: int, half: int, memo: Optional[RowMemo] = None
+    table: ShiftedLayout, index: torch.Tensor, x_dim: int, half: int, scratch: Optional[Scratch] = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each index entry's packed row, shaped to broadcast against an x of `x_dim` axes, as the
-    windows `rotate_shifted` reads; through `memo` when given."""
+    windows `rotate_shifted` reads; through `scratch` when given."""
     key = (id(table.packed), tuple(index.shape), x_dim)
-    hit = memo.entries.get(key) if memo is not None else None
+    hit = scratch.entries.get(key) if scratch is not None else None
     if hit is not None and hit[0]() is table.packed:  # not a table rebuilt since, at a reused address
         return hit[1]
-    lead = tuple(index.shape) + (1,) * (x_dim - 1 - index.dim())
-    # index_select is several times faster than advanced indexing on CPU
-    rows = table.packed.index_select(0, index.reshape(-1)).view(lead + tuple(table.packed.shape[1:]))
+    rows = rows_of(table.packed, index, x_dim - 1)
     windows = _windows(rows, half)
-    if memo is not None:
-        keep = key in memo.entries and memo.nbytes + rows.nbytes <= MEMO_BYTES
-        memo.entries[key] = (weakref.ref(table.packed), windows) if keep else None
-        memo.nbytes += rows.nbytes if keep else 0
+    if scratch is not None:
+        keep = key in scratch.entries and scratch.nbytes + rows.nbytes <= SCRATCH_BYTES
+        scratch.entries[key] = (weakref.ref(table.packed), windows) if keep else None
+        scratch.nbytes += rows.nbytes if keep else 0
     return windows
 
 
@@ -355,11 +308,10 @@ def rotate_rows_(
     once while it is in cache.
     """
     dtype = dtype or torch.promote_types(w.dtype, torch.float32)
-    half = group_size // 2
-    wv = w.unflatten(0, (-1, 2, half))
+    wv = pairs_view(w, group_size, 0)
     tail = (None,) * (w.dim() - 1)
-    cv = c.to(dtype).unflatten(0, (-1, 2, half))[(...,) + tail]
-    sv = s.to(dtype).unflatten(0, (-1, 2, half))[(...,) + tail]
+    cv = pairs_view(c.to(dtype), group_size)[(...,) + tail]
+    sv = pairs_view(s.to(dtype), group_size)[(...,) + tail]
     row_bytes = max(1, w[0].numel()) * torch.finfo(dtype).bits // 8
     step = max(1, chunk_bytes // (group_size * row_bytes))
     native = w.dtype == dtype  # rotate in place, keeping only the first half of each pair aside
@@ -410,4 +362,4 @@ def forward_slots(
     for h in torch.unique(half).tolist():
         rows = half == h
         out[rows] = rotate_values(x[rows], c[rows], s[rows], 2 * int(h))
-    return _in_dtype_of(x, out)
+    return in_dtype_of(x, out)

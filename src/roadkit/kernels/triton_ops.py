@@ -167,10 +167,12 @@ def _launch_fwd(
     return y
 
 
+per_row = False  # per-feature coefficients only (mixed batches read the tables through the index)
+
+
 def handles(x: torch.Tensor, dim: int) -> bool:
-    """CUDA tensors with the features on the last axis, outside torch.compile (which fuses the torch
-    formulation itself)."""
-    return x.is_cuda and dim % x.dim() == x.dim() - 1 and not torch.compiler.is_compiling()
+    """CUDA tensors with the features on the last axis (torch.compile picks the traced backend before)."""
+    return x.is_cuda and dim % x.dim() == x.dim() - 1
 
 
 def prepare(c: torch.Tensor, s: torch.Tensor, group_size: int) -> None:
@@ -178,7 +180,7 @@ def prepare(c: torch.Tensor, s: torch.Tensor, group_size: int) -> None:
     return None
 
 
-def new_memo() -> None:
+def new_scratch() -> None:
     """The mixed-batch kernel reads the tables through the index: nothing to keep between calls."""
     return None
 
@@ -242,7 +244,7 @@ def forward_indexed(
     group_size: int,
     dim: int = -1,
     prepared: None = None,
-    memo: None = None,
+    scratch: None = None,
 ) -> torch.Tensor:
     """Mixed batches: row r of x (flattened leading axes) uses coefficient row index[r] of the tables.
 

@@ -1,12 +1,16 @@
-"""One wrapper class per wrapped layer type, all sharing `RoadLayer`."""
+"""One wrapper class per wrapped layer type, all sharing `RoadLayer`, and `ModulesToSaveWrapper` (whole
+trained copies of a module, which is not a `RoadLayer`). `BASE`, `AdapterParameters` and `Routing` are
+re-exported from the modules that define them (`routing`, `cache`)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 from torch import nn
 
-from .base import BASE, AdapterParameters, RoadLayer, Routing
+from ..cache import AdapterParameters
+from ..routing import BASE, Routing
+from .base import RoadLayer
 from .bnb import Linear4bit, Linear8bitLt
 from .conv import Conv
 from .embedding import Embedding
@@ -34,6 +38,25 @@ def out_features_of(module: nn.Module) -> int:
     return wrapper.features_of(module)
 
 
+def base_of(module: nn.Module) -> nn.Module:
+    """The module a RoAd layer wraps (any other module is its own base)."""
+    return module.get_base_layer() if isinstance(module, RoadLayer) else module
+
+
+def road_layers(model: nn.Module) -> Iterator[tuple[str, RoadLayer]]:
+    """(path, layer) for every RoAd layer of `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, RoadLayer):
+            yield name, module
+
+
+def saved_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+    """(path, wrapper) for every modules-to-save wrapper of `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            yield name, module
+
+
 __all__ = [
     "BASE",
     "LAYER_TYPES",
@@ -47,6 +70,9 @@ __all__ = [
     "RoadLayer",
     "Routing",
     "TransformersConv1D",
+    "base_of",
     "out_features_of",
+    "road_layers",
+    "saved_wrappers",
     "wrapper_for",
 ]

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .base import Routing
+from ..routing import Routing
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -53,18 +53,33 @@ class ModulesToSaveWrapper(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.routing is None or self.disable_adapters:
             return self.active_module()(x, *args, **kwargs)
-        # Mixed batch: each adapter's copy runs on its own rows.
-        index = self.routing.index
-        if index.dim() != 1:
-            raise ValueError("modules_to_save need one adapter per batch row, not per token.")
-        out = None
-        for i, name in enumerate(self.routing.names):
-            rows = (index == i).nonzero().flatten()
-            if rows.numel() == 0:
-                continue
+        return self._mixed_forward(self.routing, x, args, kwargs)
+
+    def _mixed_forward(self, routing: Routing, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Each adapter's copy (the original for `__base__`) on its own rows. An argument beside x that is a
+        tensor whose first axis has the batch's length goes with the rows (an attention mask, a per-row
+        scale); every other argument goes to each copy whole. An empty batch runs the original module."""
+        out: Optional[torch.Tensor] = None
+        for name, rows in routing.rows_by_name(x.device):
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
-            part = module(x[rows], *args, **kwargs)
+            part = module(x[rows], *_rows_of(args, rows, len(x)), **_rows_of(kwargs, rows, len(x)))
+            if not isinstance(part, torch.Tensor):
+                raise TypeError(
+                    f"modules_to_save in a mixed batch must return a tensor, got {type(part).__name__}; "
+                    "route one adapter per batch instead."
+                )
             if out is None:
-                out = part.new_empty((x.shape[0],) + tuple(part.shape[1:]))
+                out = part.new_empty((len(x),) + tuple(part.shape[1:]))
             out[rows] = part
-        return out
+        return self.original_module(x, *args, **kwargs) if out is None else out
+
+
+def _rows_of(arguments: Any, rows: torch.Tensor, batch: int) -> Any:
+    """`arguments` (a tuple or a dict) with each tensor whose first axis has `batch` entries cut to `rows`."""
+
+    def cut(a: Any) -> Any:
+        return a[rows] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch else a
+
+    if isinstance(arguments, dict):
+        return {k: cut(v) for k, v in arguments.items()}
+    return tuple(cut(a) for a in arguments)
