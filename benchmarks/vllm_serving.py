@@ -121,8 +121,12 @@ def write_checkpoints(settings: ServingSettings, root: str) -> dict[str, Any]:
     """Save the base model and max(adapter_counts) RoAd and LoRA adapters (PEFT layout) under `root`.
 
     Returns {"base": dir, ROAD: [dirs], LORA: [dirs]}. Adapters are non-identity (random RoAd angles
-    and scales, random LoRA A and B), made by roadkit and PEFT and saved with their `save_pretrained`.
+    and scales, random LoRA A and B), made by roadkit and PEFT and saved with their `save_pretrained`:
+    one model per kind with one adapter, re-drawn from its own random init before each save (a model
+    holding hundreds of adapters at once takes minutes to build).
     """
+    import torch
+
     from . import contenders as C
 
     n = max(settings.adapter_counts)
@@ -130,9 +134,19 @@ def write_checkpoints(settings: ServingSettings, root: str) -> dict[str, Any]:
     paths: dict[str, Any] = {"base": os.path.join(root, "base")}
     base.save_pretrained(paths["base"])
     for label, sub, make in ((ROAD, "road", C.make_roadkit), (LORA, "lora", C.make_peft_lora)):
-        folder = os.path.join(root, sub)
-        make(base, n).save_pretrained(folder)
-        paths[label] = [os.path.join(folder, C.adapter_name(i)) for i in range(n)]
+        model = make(base, 1)
+        first = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+        paths[label] = []
+        for i in range(n):
+            generator = torch.Generator().manual_seed(settings.seed + i)
+            with torch.no_grad():  # a fresh draw of the init's distribution: the first adapter's values, permuted
+                for name, param in model.named_parameters():
+                    if name in first:
+                        flat = first[name].flatten()
+                        param.copy_(flat[torch.randperm(flat.numel(), generator=generator)].view_as(param))
+            folder = os.path.join(root, sub, C.adapter_name(i))
+            model.save_pretrained(folder)
+            paths[label].append(os.path.join(folder, C.adapter_name(0)))  # the adapter's own subfolder
     return paths
 
 
@@ -219,34 +233,14 @@ def engine_facts(llm: Any) -> dict[str, Any]:
     }
 
 
-def adapter_memory(worker: Any) -> dict[str, int]:
-    """Bytes of adapter state in a worker's model (run through `LLM.collective_rpc`): vLLM's LoRA tensors
-    (`lora_*` and `embeddings_*` attributes of its LoRA layers) and roadkit's RoAd slot tables."""
-    import torch
-
-    from roadkit.integrations.vllm.slots import SlotTable
-
-    seen: set[int] = set()
-    lora = road = 0
-    for module in worker.model_runner.model.modules():
-        for name, value in vars(module).items():
-            if isinstance(value, SlotTable):
-                road += sum(t.numel() * t.element_size() for t in (value.c, value.s, value.w, value.half))
-            elif name.startswith(("lora_", "embeddings_")):
-                parts = value if isinstance(value, (tuple, list)) else [value]
-                for t in parts:
-                    if isinstance(t, torch.Tensor) and id(t) not in seen:
-                        seen.add(id(t))
-                        lora += t.numel() * t.element_size()
-    return {"lora_tensors": lora, "road_tables": road}
-
-
 def memory_rows(settings: ServingSettings, base_dir: str, paths: dict[str, Any]) -> list[dict[str, Any]]:
     """Adapter memory of RoAd-only engines at each of `memory_slots` (every slot holding a RoAd adapter),
     then of the largest with one LoRA adapter served beside them (vLLM's LoRA tensors come back)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
+
+    from roadkit.integrations.vllm.manager import adapter_memory_on_worker
 
     params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
     rows = []
@@ -267,11 +261,12 @@ def memory_rows(settings: ServingSettings, base_dir: str, paths: dict[str, Any])
         loras = [LoRARequest(f"road-{i}", i + 1, path) for i, path in enumerate(paths[ROAD][:n])]
         prompts = [TokensPrompt(prompt_token_ids=[3] * settings.prompt_len) for _ in loras]
         llm.generate(prompts, params, lora_request=loras, use_tqdm=False)  # every slot holds a RoAd adapter
-        rows.append({"max_loras": n, "served": f"{n} RoAd", **llm.collective_rpc(adapter_memory)[0]})
+        rows.append({"max_loras": n, "served": f"{n} RoAd", **llm.collective_rpc(adapter_memory_on_worker)[0]})
         if n == max(settings.memory_slots):
             hybrid = loras[1:] + [LoRARequest("lora-0", n + 1, paths[LORA][0])]
             llm.generate(prompts, params, lora_request=hybrid, use_tqdm=False)
-            rows.append({"max_loras": n, "served": f"{n - 1} RoAd + 1 LoRA", **llm.collective_rpc(adapter_memory)[0]})
+            memory = llm.collective_rpc(adapter_memory_on_worker)[0]
+            rows.append({"max_loras": n, "served": f"{n - 1} RoAd + 1 LoRA", **memory})
         del llm
         gc.collect()
     return rows

@@ -7,7 +7,9 @@ SPEC: {"model": DIR, "engine": {LLM kwargs}, "max_tokens": N,
        "batches": [[request indices], ...]   (optional; default: all requests in one call),
        "preload": true | false               (optional; default true),
        "prompt_logprobs": true | false       (optional; then each result has "prompt_logprobs"),
-       "break_rotation": true | false        (optional; the CPU rotation scaled by 1.01)}
+       "break_rotation": true | false        (optional; the CPU rotation scaled by 1.01),
+       "adapter_memory": true | false        (optional; then each result has "adapter_memory", the engine's
+                                              after its batch: {"lora_tensors": bytes, "road_tables": bytes})}
 OUT: per request {"token_ids": [...], "logprobs": [...], "error": null | message}.
 Adapters are loaded before each batch (as the API server does): a request whose adapter fails to
 load gets that error and is not generated; the engine goes on with the others. With "preload":
@@ -60,6 +62,10 @@ def main() -> None:
             completion = out.outputs[0]
             logprobs = [step[tok].logprob for step, tok in zip(completion.logprobs, completion.token_ids, strict=True)]
             results[i] = {"token_ids": list(completion.token_ids), "logprobs": logprobs, "error": None}
+            if spec.get("adapter_memory"):
+                from roadkit.integrations.vllm.manager import adapter_memory_on_worker
+
+                results[i]["adapter_memory"] = llm.collective_rpc(adapter_memory_on_worker)[0]
             if out.prompt_logprobs is not None:  # the first prompt token has none
                 ids = requests[i]["prompt_token_ids"]
                 steps = zip(out.prompt_logprobs[1:], ids[1:], strict=True)

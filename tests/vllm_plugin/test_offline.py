@@ -278,3 +278,26 @@ def test_256_distinct_adapters_in_one_batch(families: dict[str, Family], tmp_pat
         picked, logprobs = reference_logprobs(model, req["prompt_token_ids"], res["token_ids"], [f"a{i}"])
         assert res["token_ids"] == picked, f"adapter a{i}: greedy tokens differ from roadkit"
         assert max(abs(a - b) for a, b in zip(res["logprobs"], logprobs, strict=True)) < ATOL, f"a{i}"
+
+
+def test_lora_tensors_only_while_a_lora_is_served(families: dict[str, Family], tmp_path) -> None:
+    """On CPU a RoAd-only engine holds no LoRA tensors; a LoRA adapter brings them (and is served right),
+    and they go when a RoAd adapter takes its slot back. Outputs equal the references throughout."""
+    family = families["llama"]
+    lora_dir = save_peft_lora(family.model_dir, tmp_path / "lora", ["q_proj", "down_proj"], seed=7)
+    p = prompts(3, seed=6)
+    reqs = [request(p[0], ("r1", 1, family.adapters["r1"])), request(p[1], ("lora", 9, lora_dir))]
+    reqs.append(request(p[2], ("r2", 2, family.adapters["r2"])))
+    batches, spec = [[0], [1], [2]], {"adapter_memory": True}
+    results = run_engine(tmp_path, family.model_dir, reqs, engine={"max_loras": 1}, batches=batches, spec=spec)
+    memory = [res["adapter_memory"] for res in results]
+    assert [m["lora_tensors"] > 0 for m in memory] == [False, True, False], memory
+    assert all(m["road_tables"] > 0 for m in memory)
+    road_model = roadkit_model(family, ["r1", "r2"])
+    lora_model = peft.PeftModel.from_pretrained(family.base(), lora_dir).eval()
+    for req, res, (model, names) in zip(
+        reqs, results, [(road_model, ["r1"]), (lora_model, None), (road_model, ["r2"])], strict=True
+    ):
+        picked, logprobs = reference_logprobs(model, req["prompt_token_ids"], res["token_ids"], names)
+        assert res["token_ids"] == picked
+        assert max(abs(a - b) for a, b in zip(res["logprobs"], logprobs, strict=True)) < ATOL

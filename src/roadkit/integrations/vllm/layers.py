@@ -134,8 +134,8 @@ class OnDemandLoRAWeights:
     Only for eager forwards (vLLM on CPU): a compiled graph or a CUDA graph would keep the first tensors.
     """
 
-    def __init__(self, layer: BaseLayerWithLoRA, n_slots: int) -> None:
-        self.layer, self.n_slots = layer, n_slots
+    def __init__(self, layer: BaseLayerWithLoRA, n_slots: int, lora_config) -> None:  # noqa: ANN001 - vLLM's LoRAConfig
+        self.layer, self.n_slots, self.lora_config = layer, n_slots, lora_config
         self.allocated = True
         self.free()
 
@@ -147,7 +147,10 @@ class OnDemandLoRAWeights:
 
     def allocate(self) -> None:
         if not self.allocated:
-            self.layer.create_lora_weights(self.n_slots, self.layer.lora_config)
+            # Normal tensors even when called inside the engine's inference mode: slots are written later
+            # from outside it, and an inference tensor refuses in-place writes there.
+            with torch.inference_mode(False):
+                self.layer.create_lora_weights(self.n_slots, self.lora_config)
             self.allocated = True
 
 
@@ -158,7 +161,8 @@ class RoadLinear(BaseLayerWithLoRA):
         super().__init__()
         # On CPU vLLM's LoRA ops index the last slot for tokens without an adapter (-1): one spare slot
         # that stays zero keeps those tokens on the base model.
-        self.lora_weights = None if lora_layer.device.type == "cuda" else OnDemandLoRAWeights(lora_layer, n_slots + 1)
+        on_cpu = lora_layer.device.type != "cuda"
+        self.lora_weights = OnDemandLoRAWeights(lora_layer, n_slots + 1, lora_layer.lora_config) if on_cpu else None
         self.base_layer = lora_layer
         self.name = name
         linear = lora_layer.base_layer
@@ -359,6 +363,7 @@ class TracksLoRASlots:
 
     lora_slots: set[int]
     lora_weights: Optional[OnDemandLoRAWeights]
+    writing: Optional[int] = None  # the slot vLLM's set_lora is writing (it resets it first, through reset_lora)
 
     def set_lora(self, index: int, lora_a, lora_b) -> None:  # noqa: ANN001
         if self.lora_weights is not None:
@@ -366,12 +371,18 @@ class TracksLoRASlots:
                 self.reset_lora(index)
                 return
             self.lora_weights.allocate()
-        super().set_lora(index, lora_a, lora_b)  # type: ignore[misc]
+        self.writing = index
+        try:
+            super().set_lora(index, lora_a, lora_b)  # type: ignore[misc]
+        finally:
+            self.writing = None
         self.lora_slots.add(index)
 
     def reset_lora(self, index: int) -> None:
         if self.lora_weights is None or self.lora_weights.allocated:
             super().reset_lora(index)  # type: ignore[misc]
+        if index == self.writing:
+            return  # the slot is being written, not emptied: its tensors stay
         self.lora_slots.discard(index)
         if self.lora_weights is not None and not self.lora_slots:
             self.lora_weights.free()
@@ -408,7 +419,7 @@ IDLE_LORA_CLASSES: dict[type, type] = {
 }
 
 
-def skip_idle_lora(module: torch.nn.Module) -> None:
+def skip_idle_lora(module: torch.nn.Module, lora_config) -> None:  # noqa: ANN001 - vLLM's LoRAConfig
     """Make one of vLLM's LoRA logits or embedding layers skip its LoRA path while no slot uses it
     (in place: the engine and the model keep their references to the layer)."""
     idle = IDLE_LORA_CLASSES.get(type(module))
@@ -416,5 +427,6 @@ def skip_idle_lora(module: torch.nn.Module) -> None:
         stacked = cast(torch.Tensor, module.lora_a_stacked)
         module.lora_slots = set()  # type: ignore[assignment]
         on_cpu = stacked.device.type != "cuda"
-        module.lora_weights = OnDemandLoRAWeights(module, stacked.shape[0]) if on_cpu else None  # type: ignore[assignment]
+        lora_weights = OnDemandLoRAWeights(module, stacked.shape[0], lora_config) if on_cpu else None
+        module.lora_weights = lora_weights  # type: ignore[assignment]
         module.__class__ = idle

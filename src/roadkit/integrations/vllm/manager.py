@@ -46,6 +46,7 @@ from .adapter import (
 from .compat import SUPPORTED
 from .layers import RoadLinear, is_servable, skip_idle_lora
 from .ops import SlotRouting
+from .slots import SlotTable
 
 SUFFIX = ".road_theta"
 TRUST_BASE_ENV = "ROADKIT_TRUST_BASE"  # "1": serve adapters whose recorded base weights differ
@@ -72,7 +73,7 @@ class RoadLoRAModelManager(LRUCacheLoRAModelManager):
         self.road_disabled: Optional[str] = None  # why RoAd serving is off (a probe failed), or None
         self.road_routings: dict[int, tuple[Any, SlotRouting]] = {}
         for name, module in list(self.modules.items()):
-            skip_idle_lora(module)
+            skip_idle_lora(module, self.lora_config)
             if not is_servable(module):
                 continue
             punica = module.punica_wrapper
@@ -331,6 +332,23 @@ def check_lora_values(model: LoRAModel, path: str) -> None:
 
 def _worker_manager(worker: Any) -> RoadWorkerLoRAManager:
     return getattr(worker, "worker", worker).model_runner.lora_manager
+
+
+def adapter_memory_on_worker(worker: Any) -> dict[str, int]:
+    """Bytes of adapter state in a worker's model (`LLM.collective_rpc(adapter_memory_on_worker)`): vLLM's
+    LoRA tensors (the `lora_*` and `embeddings_*` tensors of its LoRA layers) and the RoAd slot tables."""
+    seen: set[int] = set()
+    lora = road = 0
+    for module in worker.model_runner.model.modules():
+        for name, value in vars(module).items():
+            if isinstance(value, SlotTable):
+                road += sum(t.numel() * t.element_size() for t in (value.c, value.s, value.w, value.half))
+            elif name.startswith(("lora_", "embeddings_")):
+                for t in value if isinstance(value, (tuple, list)) else [value]:
+                    if isinstance(t, torch.Tensor) and id(t) not in seen:
+                        seen.add(id(t))
+                        lora += t.numel() * t.element_size()
+    return {"lora_tensors": lora, "road_tables": road}
 
 
 def check_on_worker(worker: Any, lora_request: LoRARequest) -> Optional[str]:
