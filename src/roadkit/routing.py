@@ -31,8 +31,8 @@ class Routing:
     that see the batch flattened to (batch * seq) rows (OPT's MLP, for one). The rest is filled as the
     routing is used, and goes when it does: `tables`, each layer's pinned coefficient tables (`tables_for`);
     `scratch`, what the kernel backend keeps between calls of this routing (`functional.new_scratch`: on the
-    torch path the per-row coefficients gathered from the tables, kept from their second use on, so the
-    decode steps of one `generate` call do not gather again); and `placed`, the index on each device a
+    torch path the per-row coefficients gathered from the tables, kept from their second use on, so one
+    `generate` call gathers in its prefill and first decode step only); and `placed`, the index on each device a
     layer asked for it on (`index_on`).
     """
 

@@ -237,8 +237,9 @@ class Scratch:
     """This backend's per-routing scratch: the per-row coefficients gathered for one routing of a model
     call, kept from their second use on.
 
-    A `generate` call routes its prefill and every decode step the same way, so from the first
-    decode step on each layer finds its rows here instead of gathering them again. A plain forward
+    A `generate` call routes its prefill and every decode step the same way: the first use marks the
+    rows, the second (the first decode step) keeps them, and from the second decode step on each layer
+    finds its rows here instead of gathering them again. A plain forward
     uses its rows once and keeps none. At most `SCRATCH_BYTES` are kept; past that, layers gather on
     every call. Entries are keyed by the packed table (which the routing keeps alive), the index's
     shape and x's rank: within one routing those fix the index's values. An entry also holds its table

@@ -17,6 +17,7 @@ import torch
 from ... import checkpoint as ckpt
 from ... import functional as F
 from ...config import CONFIG_NAME, PEFT_TYPE, RoadConfig
+from ...messages import some_of
 
 PARAMS = ("road_theta", "road_alpha")
 LIST_LIMIT = 5  # names quoted in one error message; the rest are counted
@@ -24,12 +25,6 @@ LIST_LIMIT = 5  # names quoted in one error message; the rest are counted
 
 class RoadAdapterError(ValueError):
     """An adapter directory that cannot be served; the message names the directory and the problem."""
-
-
-def quote_some(names: list[str]) -> str:
-    """The first few names, and how many more there are (errors stay one readable line)."""
-    shown = ", ".join(names[:LIST_LIMIT])
-    return shown + (f" and {len(names) - LIST_LIMIT} more" if len(names) > LIST_LIMIT else "")
 
 
 def peft_type_of(directory: str) -> str | None:
@@ -96,8 +91,9 @@ def check_directory(directory: str) -> None:
         inner = sorted(n for n in os.listdir(directory) if os.path.isfile(os.path.join(directory, n, CONFIG_NAME)))
         if inner:
             raise RoadAdapterNotFoundError(
-                f"adapter path {directory!r} has no {CONFIG_NAME}, but its subfolders {quote_some(inner)} hold "
-                f"adapters: give one of them, e.g. {os.path.join(directory, inner[0])!r}."
+                f"adapter path {directory!r} has no {CONFIG_NAME}, but its subfolders "
+                f"{some_of(inner, shown=LIST_LIMIT)} hold adapters: give one of them, "
+                f"e.g. {os.path.join(directory, inner[0])!r}."
             )
         return
     try:
@@ -174,13 +170,13 @@ def read_road_adapter(directory: str) -> RoadAdapter:
     integers = sorted(k for k, t in tensors.items() if not t.is_floating_point())
     if integers:
         raise RoadAdapterError(
-            f"{where}: RoAd parameters are floating-point numbers, but {quote_some(integers)} hold "
+            f"{where}: RoAd parameters are floating-point numbers, but {some_of(integers, shown=LIST_LIMIT)} hold "
             f"{tensors[integers[0]].dtype} values."
         )
     if foreign:
         raise RoadAdapterError(
             f"{where}: {len(foreign)} tensors are not RoAd parameters "
-            f"(base_model.model.<module>.road_theta/road_alpha): {quote_some(sorted(foreign))}."
+            f"(base_model.model.<module>.road_theta/road_alpha): {some_of(sorted(foreign), shown=LIST_LIMIT)}."
         )
     if not params:
         raise RoadAdapterError(f"{where} holds no RoAd parameters.")

@@ -33,12 +33,13 @@ from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
 from ...checkpoint import fingerprint_differs, read_base_fingerprint
 from ...kernels import c_ops
+from ...messages import some_of
 from .adapter import (
+    LIST_LIMIT,
     ModuleRotation,
     RoadAdapter,
     RoadAdapterError,
     is_road_directory,
-    quote_some,
     read_road_adapter,
     recorded_base,
     same_model,
@@ -113,9 +114,10 @@ class RoadLoRAModelManager(LRUCacheLoRAModelManager):
         unknown = sorted(set(rotations) - servable)
         if unknown:
             raise RoadAdapterError(
-                f"{where} targets {len(unknown)} modules that this server cannot adapt: {quote_some(unknown)}. "
-                f"Served linear layers look like {quote_some(sorted(servable))}; RoAd on embeddings, the output "
-                "head and MoE experts is not served."
+                f"{where} targets {len(unknown)} modules that this server cannot adapt: "
+                f"{some_of(unknown, shown=LIST_LIMIT)}. Served linear layers look like "
+                f"{some_of(sorted(servable), shown=LIST_LIMIT)}; RoAd on embeddings, the output head and MoE experts "
+                "is not served."
             )
         for name, layer in layers.items():
             subs = [rotations.get(sub) for sub in self._sub_names(name)]
@@ -161,7 +163,7 @@ class RoadLoRAModelManager(LRUCacheLoRAModelManager):
         if differing:
             raise RoadAdapterError(
                 f"RoAd adapter {adapter.directory!r} was trained on another base model: the weights of "
-                f"{quote_some(differing)} differ from the ones it recorded (base_model_name_or_path: "
+                f"{some_of(differing, shown=LIST_LIMIT)} differ from the ones it recorded (base_model_name_or_path: "
                 f"{adapter.config.base_model_name_or_path!r}). Serve it on that base; if you know this one is "
                 f"right, set {TRUST_BASE_ENV}=1 in the server's environment."
             )
