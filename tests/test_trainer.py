@@ -267,3 +267,29 @@ def test_road_trainer_gives_any_trainer_subclass_the_same_behaviour(base, tmp_pa
     assert any((adapters(model)[k] != start[k]).any() for k in start if k.startswith("default:"))
     with pytest.raises(TypeError, match="peft_config"):  # Doubled takes no peft_config: neither does its Road class
         road_trainer(Doubled)(model=road_model(base), args=arguments(tmp_path), peft_config=CONFIG)
+
+
+def test_a_4bit_base_trains_and_evaluations_change_nothing(base, tmp_path):
+    """RoadTrainer takes a RoadModel on a 4-bit base loaded by transformers (the Trainer refuses quantized
+    models it does not see adapters on), and evaluating between steps leaves the training unchanged: on
+    CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights at the first inference call, and a repacked
+    layer passes no gradient back."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    base.save_pretrained(tmp_path / "base")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    trained = []
+    for evaluate in (False, True):
+        quantized = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization)
+        assert quantized.is_quantized
+        torch.manual_seed(0)
+        model = get_peft_model(quantized, CONFIG)
+        extra = dict(eval_strategy="steps", eval_steps=1) if evaluate else {}
+        args = arguments(tmp_path / f"run-{evaluate}", max_steps=3, save_steps=100, **extra)
+        trainer = RoadTrainer(model=model, args=args, train_dataset=Tokens(16), eval_dataset=Tokens(8, seed=1))
+        trainer.train()
+        trained.append(adapters(model))
+    assert any((t != 0).any() for k, t in trained[0].items() if "road_theta" in k)
+    for key, value in trained[0].items():
+        torch.testing.assert_close(trained[1][key], value, rtol=0, atol=1e-6, msg=key)

@@ -182,15 +182,6 @@ def _checkpointing_arguments() -> dict[str, Any]:
     return {key: True, f"{key}_kwargs": {"use_reentrant": False}}
 
 
-def _keep_4bit_backward(model: nn.Module) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference. It does so at a layer's first inference
-    call on CPUs with AVX512-BF16 (bitsandbytes 0.50), and the repacked layer passes no gradient to its input, so
-    after the first evaluation every adapter below a quantized layer would train on wrong gradients."""
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            cast(Any, module).support_avx512bf16_for_cpu = False
-
-
 def _distributed() -> bool:
     """Whether this process is one of several in a torch.distributed process group."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -288,11 +279,6 @@ class TrainingRun:
             shared = [output_dir]  # every process checkpoints into the first one's directory
             torch.distributed.broadcast_object_list(shared, src=0)
             args.output_dir = shared[0]
-        if isinstance(model, RoadModel) and getattr(model, "is_quantized", False):
-            # transformers' Trainer refuses a quantized model unless it sees adapters on it, by PEFT's class or by
-            # this flag of its own PEFT integration; a RoadModel's adapters are what trains.
-            cast(Any, model)._hf_peft_config_loaded = True
-        _keep_4bit_backward(model)
         self.road_trainer = RoadTrainer(
             model=model,
             args=args,

@@ -267,6 +267,22 @@ class StopOnDivergence(TrainerCallback):
                 p.copy_(value.view_as(p))
 
 
+def _prepare_quantized_base(model: RoadModel) -> None:
+    """Make a RoadModel on a bitsandbytes-quantized base trainable by `Trainer`.
+
+    transformers' Trainer refuses a quantized model unless it sees adapters on it, by PEFT's class or by this
+    flag of its own PEFT integration; a RoadModel's adapters are what trains. And bitsandbytes (0.50) repacks
+    4-bit weights for CPU inference at a layer's first inference call on CPUs with AVX512-BF16, after which the
+    layer passes no gradient to its input: every adapter below it would train on wrong gradients after the
+    first evaluation, so the repacking is turned off.
+    """
+    if getattr(model, "is_quantized", False):
+        cast(Any, model)._hf_peft_config_loaded = True
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            cast(Any, module).support_avx512bf16_for_cpu = False
+
+
 class RoadTrainer(Trainer):
     """`transformers.Trainer` that saves, resumes and reloads a `RoadModel` by its adapters only.
 
@@ -276,6 +292,9 @@ class RoadTrainer(Trainer):
     """
 
     def __init__(self, model: Optional[nn.Module] = None, *args: Any, **kwargs: Any) -> None:
+        given = _road_model_in(model)
+        if given is not None:
+            _prepare_quantized_base(given)
         super().__init__(model, *args, **kwargs)
         road = self._road_model()
         self.divergence_guard: Optional[StopOnDivergence] = None
