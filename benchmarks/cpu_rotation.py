@@ -31,8 +31,8 @@ DTYPES = (torch.bfloat16, torch.float32)
 GROUP_SIZE = 64
 
 
-def table(k: int, d: int) -> SlotTable:
-    out = SlotTable(k, d)
+def table(k: int, d: int, dtype: torch.dtype) -> SlotTable:
+    out = SlotTable(k, d, serving_dtype=dtype)
     gen = torch.Generator().manual_seed(k)
     for slot in range(k):
         theta, alpha = 0.1 * torch.randn(d, generator=gen), 1 + 0.1 * torch.randn(d, generator=gen)
@@ -49,13 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for dtype in DTYPES:
         for n, d, k in SHAPES:
-            slots = table(k, d)
+            slots = table(k, d, dtype)
             x = torch.randn(n, d).to(dtype)
             index = torch.arange(n) % k
             runs = None if k > 1 else [(0, 0, n)]  # one adapter: the torch path's run-by-run fast case
             cases = {
                 "copy": lambda x=x: x.clone(),
-                "C kernel": lambda x=x, s=slots, i=index: c_ops.rotate_rows(x, s.c, s.w, s.half, i, s.n_slots),
+                "C kernel": lambda x=x, s=slots, i=index: c_ops.rotate_rows(x, s.k, s.w, s.half, i, s.n_slots),
                 "torch path": lambda x=x, s=slots, i=index, r=runs: s.forward_torch(x, i, r),
             }
             label = f"{str(dtype).removeprefix('torch.')} n={n} d={d} k={k}"

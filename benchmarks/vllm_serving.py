@@ -536,7 +536,8 @@ def markdown(results: dict) -> str:
         "## Adapter memory",
         "",
         "RoAd-only engines, every slot holding a RoAd adapter (then one LoRA adapter beside them): vLLM's LoRA "
-        "tensors and roadkit's RoAd slot tables (c, s, signed sines w in float32, group sizes), MiB.",
+        "tensors and roadkit's RoAd slot tables (c and s in float32; c - 1 and the signed sines in bfloat16 for "
+        "16-bit activations, else float32; group sizes), MiB.",
         "",
         "| --max-loras | served | vLLM LoRA tensors | RoAd tables | all / RoAd tables |",
         "|---:|---|---:|---:|---:|",

@@ -24,20 +24,22 @@ if not c_ops.handles(torch.zeros(1, 2)):
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
-def tables(d: int, groups: tuple[int, ...], seed: int = 0):
-    """c, w (float32, (n + 1, d)), half (int32) for one slot per group size, the identity last; and the
-    dense rotation of every row."""
+def tables(d: int, groups: tuple[int, ...], seed: int = 0, table: torch.dtype = torch.float32):
+    """k = c - 1, w (`table` dtype, (n + 1, d)), half (int32) for one slot per group size, the identity last;
+    and the dense rotation of every row, from the coefficients as the tables hold them."""
     n = len(groups)
-    c, w = torch.ones(n + 1, d), torch.zeros(n + 1, d)
+    k, w = torch.zeros(n + 1, d, dtype=table), torch.zeros(n + 1, d, dtype=table)
     half = torch.ones(n + 1, dtype=torch.int32)
     mats = []
     for row, g in enumerate(groups):
-        c[row], s = random_cs(d, seed=seed + row)
+        c, s = random_cs(d, seed=seed + row)
+        k[row] = c - 1
         w[row] = s.view(-1, 2, g // 2).mul(torch.tensor([-1.0, 1.0]).view(1, 2, 1)).flatten()
+        held_s = w[row].float().view(-1, 2, g // 2).mul(torch.tensor([-1.0, 1.0]).view(1, 2, 1)).flatten()
         half[row] = g // 2
-        mats.append(dense_rotation(c[row], s, g))
+        mats.append(dense_rotation(1 + k[row].double(), held_s, g))
     mats.append(torch.eye(d, dtype=torch.float64))
-    return c, w, half, mats
+    return k, w, half, mats
 
 
 def check(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
@@ -59,13 +61,35 @@ def check(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     ],
 )
 @pytest.mark.parametrize("n", [1, 7, 33])
-def test_rotate_rows_matches_dense(dtype: torch.dtype, d: int, groups: tuple[int, ...], n: int):
-    c, w, half, mats = tables(d, groups, seed=d)
+@pytest.mark.parametrize("table", [torch.float32, torch.bfloat16])
+def test_rotate_rows_matches_dense(dtype: torch.dtype, d: int, groups: tuple[int, ...], n: int, table: torch.dtype):
+    k, w, half, mats = tables(d, groups, seed=d, table=table)
     identity = len(groups)
     index = torch.arange(n) % (identity + 1)
     x = torch.randn(n, d).to(dtype)
-    got = c_ops.rotate_rows(x, c, w, half, index, identity)
+    got = c_ops.rotate_rows(x, k, w, half, index, identity)
     check(got, dense_rows(x.float(), mats, index.tolist()), dtype)
+
+
+def test_bfloat16_tables_keep_small_deviations():
+    """Holding c - 1 (not c) in bfloat16 keeps an adapter's deviations from the identity to bfloat16's relative
+    precision: against float32 tables, each output moves by at most 2^-8 of |k x| + |w x_partner|, far below
+    a bfloat16 output's own rounding of |x|."""
+    d, g = 64, 8
+    gen = torch.Generator().manual_seed(3)
+    theta, alpha = 1e-3 * torch.randn(d, generator=gen), 1 + 1e-3 * torch.randn(d, generator=gen)
+    c, s = alpha * theta.cos(), alpha * theta.sin()
+    w = s.view(-1, 2, g // 2).mul(torch.tensor([-1.0, 1.0]).view(1, 2, 1)).flatten()
+    half = torch.tensor([g // 2, 1], dtype=torch.int32)
+    x = torch.randn(9, d)
+    index = torch.zeros(9, dtype=torch.long)
+    k32, w32 = torch.stack((c - 1, torch.zeros(d))), torch.stack((w, torch.zeros(d)))
+    exact = c_ops.rotate_rows(x, k32, w32, half, index, 1)
+    held = c_ops.rotate_rows(x, k32.bfloat16(), w32.bfloat16(), half, index, 1)
+    partner = x.view(9, -1, 2, g // 2).flip(2).reshape(9, d)
+    bound = 2.0**-8 * ((c - 1).abs() * x.abs() + w.abs() * partner.abs()) + 1e-7
+    assert ((held - exact).abs() <= bound).all()
+    assert ((exact - x).abs() > 100 * bound).any()  # the deviations themselves are kept
 
 
 @pytest.mark.parametrize("variant, g", [("road_1", 8), ("road_2", 32), ("road_4", 64)])
@@ -75,7 +99,7 @@ def test_rotate_rows_with_variant_coefficients(variant: str, g: int):
     n = F.parameter_length(variant, d)
     c, s = F.coefficients(variant, g, 0.3 * torch.randn(n, generator=gen), 1 + 0.2 * torch.randn(n, generator=gen))
     w = s.view(-1, 2, g // 2).mul(torch.tensor([-1.0, 1.0]).view(1, 2, 1)).flatten()
-    ct, wt = torch.stack((c, torch.ones(d))), torch.stack((w, torch.zeros(d)))
+    ct, wt = torch.stack((c - 1, torch.zeros(d))), torch.stack((w, torch.zeros(d)))
     half = torch.tensor([g // 2, 1], dtype=torch.int32)
     x = torch.randn(5, d)
     index = torch.tensor([0, 1, 0, 0, 1])
@@ -86,37 +110,37 @@ def test_rotate_rows_with_variant_coefficients(variant: str, g: int):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_identity_rows_are_copied_bit_for_bit(dtype: torch.dtype):
     """Tokens without an adapter keep their values exactly, inf and NaN included."""
-    c, w, half, _ = tables(32, (4,))
+    k, w, half, _ = tables(32, (4,))
     x = torch.randn(3, 32).to(dtype)
     x[1, 0], x[1, 5] = float("inf"), float("nan")
-    got = c_ops.rotate_rows(x, c, w, half, torch.tensor([1, 1, 1]), 1)
+    got = c_ops.rotate_rows(x, k, w, half, torch.tensor([1, 1, 1]), 1)
     assert torch.equal(got[~x.isnan()], x[~x.isnan()]) and got[1, 5].isnan()
 
 
 def test_rows_of_a_wider_tensor():
     """x a column slice of a wider tensor (rows not adjacent, as vLLM's q, k, v views are)."""
-    c, w, half, mats = tables(64, (8, 32))
+    k, w, half, mats = tables(64, (8, 32))
     wide = torch.randn(6, 100).bfloat16()
     x = wide[:, 20:84]
     assert not x.is_contiguous() and c_ops.handles(x)
     index = torch.tensor([0, 1, 2, 1, 0, 2])
-    check(c_ops.rotate_rows(x, c, w, half, index, 2), dense_rows(x.float(), mats, index.tolist()), torch.bfloat16)
+    check(c_ops.rotate_rows(x, k, w, half, index, 2), dense_rows(x.float(), mats, index.tolist()), torch.bfloat16)
     assert not c_ops.handles(torch.randn(64, 6).t())  # features not contiguous: the torch path's
 
 
 def test_bad_index_or_half_raises():
-    c, w, half, _ = tables(32, (4, 8))
+    k, w, half, _ = tables(32, (4, 8))
     x = torch.randn(3, 32)
     with pytest.raises(ValueError, match="outside the table"):
-        c_ops.rotate_rows(x, c, w, half, torch.tensor([0, 3, 1]), 2)
+        c_ops.rotate_rows(x, k, w, half, torch.tensor([0, 3, 1]), 2)
     with pytest.raises(ValueError, match="outside the table"):
-        c_ops.rotate_rows(x, c, w, half, torch.tensor([-1, 0, 1]), 2)
+        c_ops.rotate_rows(x, k, w, half, torch.tensor([-1, 0, 1]), 2)
     bad = half.clone()
     bad[1] = 3  # 32 features are not whole groups of 6
     with pytest.raises(ValueError, match="whole groups"):
-        c_ops.rotate_rows(x, c, w, bad, torch.tensor([0, 1, 2]), 2)
-    with pytest.raises(ValueError, match="float32"):
-        c_ops.rotate_rows(x, c.double(), w, half, torch.tensor([0, 1, 2]), 2)
+        c_ops.rotate_rows(x, k, w, bad, torch.tensor([0, 1, 2]), 2)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        c_ops.rotate_rows(x, k.double(), w.double(), half, torch.tensor([0, 1, 2]), 2)
 
 
 def test_without_a_compiler_the_torch_path_serves(tmp_path):

@@ -2,12 +2,14 @@
 
 This is the serving op of vLLM on CPU (see `integrations/vllm/slots.py`): a batch of tokens for many
 adapters is rotated by one call that reads each token's coefficient row from the table in place, in the
-activation's dtype (bfloat16, float16 or float32), with float32 math and one rounding. The torch
+activation's dtype (bfloat16, float16 or float32), with float32 math and one rounding. The tables hold
+k = c - 1 and the signed sines w, in bfloat16 for 16-bit activations (`table_dtype`). The torch
 formulation needs a gathered coefficient tensor three times the size of the output and four or more
 passes over it.
 
 The source, `c_ops.c`, is compiled on first use with the machine's C compiler (`$CC`, else `cc`, `gcc`
-or `clang`) for the machine itself (`-O3 -march=native`), in about a second, and kept in roadkit's
+or `clang`) for the machine itself (`-O3 -march=native`, and `-fopenmp` where the compiler has it: a
+call's rows are then split over the threads of torch's own OpenMP runtime), in about a second, and kept in roadkit's
 cache folder (`$ROADKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/roadkit`, else `~/.cache/roadkit`) under a
 name that hashes the source, the compiler, its flags and the CPU. Without a compiler `library()` raises
 `CKernelUnavailable` with the reason, and callers fall back to the torch path. `ROADKIT_C_KERNELS=0`
@@ -30,7 +32,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("c_ops.c")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
-DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}  # activations
+TABLE_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}  # coefficient tables
 
 
 class CKernelUnavailable(RuntimeError):
@@ -63,10 +66,19 @@ def _cpu_signature() -> str:
 
 
 def _build(compiler: str) -> Path:
-    """Compile `c_ops.c` into the cache (atomically: concurrent processes may build it at once)."""
+    """Compile `c_ops.c` into the cache: with OpenMP when the compiler has it (the rows of a call are then
+    split over the threads of the OpenMP runtime torch has loaded), else without."""
+    try:
+        return _compile(compiler, (*FLAGS, "-fopenmp"))
+    except CKernelUnavailable:
+        return _compile(compiler, FLAGS)
+
+
+def _compile(compiler: str, flags: tuple[str, ...]) -> Path:
+    """Compile `c_ops.c` with `flags` into the cache, atomically (concurrent processes may build it at once)."""
     source = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    parts = (source, version.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode())
+    parts = (source, version.encode(), " ".join(flags).encode(), _cpu_signature().encode())
     key = hashlib.sha256(b"\0".join(parts))
     target = cache_dir() / "kernels" / f"c_ops-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -76,7 +88,7 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *FLAGS, "-o", scratch, str(SOURCE)], capture_output=True, text=True, check=False
+            [compiler, *flags, "-o", scratch, str(SOURCE)], capture_output=True, text=True, check=False
         )
         if done.returncode != 0:
             raise CKernelUnavailable(f"{compiler} failed to compile {SOURCE.name}: {done.stderr.strip()[-500:]}")
@@ -96,7 +108,7 @@ def _load() -> ctypes.CDLL | CKernelUnavailable:
     except (OSError, CKernelUnavailable) as error:
         return error if isinstance(error, CKernelUnavailable) else CKernelUnavailable(str(error))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    for suffix in DTYPES.values():
+    for suffix in (f"{x}_{t}" for x in DTYPES.values() for t in TABLE_DTYPES.values()):
         fn = getattr(lib, f"rotate_{suffix}", None)  # f16 needs a compiler with _Float16
         if fn is not None:
             fn.argtypes = [pointer, size, pointer, size, pointer, pointer, size, pointer, pointer, size, size, size]
@@ -119,42 +131,50 @@ def handles(x: torch.Tensor) -> bool:
     return (
         not isinstance(lib, CKernelUnavailable)
         and suffix is not None
-        and hasattr(lib, f"rotate_{suffix}")
+        and hasattr(lib, f"rotate_{suffix}_f32")
         and x.device.type == "cpu"
         and x.dim() == 2
         and x.stride(-1) == 1
     )
 
 
+def table_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The coefficient tables' dtype for activations of `dtype`: bfloat16 for 16-bit ones (half the bytes a
+    token reads, and `k = c - 1` keeps the adapter's deviations to bfloat16's relative precision, finer than
+    the output's own rounding), float32 for float32."""
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
+
+
 def rotate_rows(
-    x: torch.Tensor, c: torch.Tensor, w: torch.Tensor, half: torch.Tensor, index: torch.Tensor, identity: int
+    x: torch.Tensor, k: torch.Tensor, w: torch.Tensor, half: torch.Tensor, index: torch.Tensor, identity: int
 ) -> torch.Tensor:
-    """Row t of x (n, d) rotated by table row index[t] of c and w (float32, (rows, d), contiguous) with
-    half-group size half[index[t]] (int32); rows with index `identity` are copied. A new tensor of x's dtype.
+    """Row t of x (n, d) rotated by table row index[t] of k = c - 1 and w (the signed sines; (rows, d),
+    contiguous, float32 or bfloat16) with half-group size half[index[t]] (int32); rows with index
+    `identity` are copied. A new tensor of x's dtype.
 
     x must be one `handles` accepts. An index outside the table, or a half that does not split d into
-    whole groups, raises ValueError (the kernel checks each row before it reads the table).
+    whole groups, raises ValueError (the kernel checks every row before it writes any).
     """
-    if c.dtype != torch.float32 or w.dtype != torch.float32 or not (c.is_contiguous() and w.is_contiguous()):
-        raise ValueError("rotate_rows needs contiguous float32 coefficient tables")
+    if k.dtype != w.dtype or k.dtype not in TABLE_DTYPES or not (k.is_contiguous() and w.is_contiguous()):
+        raise ValueError("rotate_rows needs contiguous float32 or bfloat16 coefficient tables of one dtype")
     if half.dtype != torch.int32 or index.dtype != torch.int64 or not index.is_contiguous():
         raise ValueError("rotate_rows needs an int32 half table and a contiguous int64 index")
     n, d = x.shape
-    if index.shape != (n,) or c.shape != w.shape or c.shape[1] != d or half.shape != (c.shape[0],):
+    if index.shape != (n,) or k.shape != w.shape or k.shape[1] != d or half.shape != (k.shape[0],):
         raise ValueError(
-            f"rotate_rows: x {tuple(x.shape)}, index {tuple(index.shape)}, c {tuple(c.shape)}, "
+            f"rotate_rows: x {tuple(x.shape)}, index {tuple(index.shape)}, k {tuple(k.shape)}, "
             f"w {tuple(w.shape)} and half {tuple(half.shape)} do not fit together"
         )
     out = torch.empty((n, d), dtype=x.dtype)
-    fn = getattr(library(), f"rotate_{DTYPES[x.dtype]}")
+    fn = getattr(library(), f"rotate_{DTYPES[x.dtype]}_{TABLE_DTYPES[k.dtype]}")
     bad = fn(
-        x.data_ptr(), x.stride(0), out.data_ptr(), d, c.data_ptr(), w.data_ptr(), c.shape[0],
+        x.data_ptr(), x.stride(0), out.data_ptr(), d, k.data_ptr(), w.data_ptr(), k.shape[0],
         half.data_ptr(), index.data_ptr(), identity, n, d,
     )  # fmt: skip
     if bad >= 0:
         row = int(index[bad])
         raise ValueError(
-            f"rotate_rows: row {bad} of x asks for table row {row}, which is outside the table's {c.shape[0]} "
+            f"rotate_rows: row {bad} of x asks for table row {row}, which is outside the table's {k.shape[0]} "
             f"rows or whose half-group size does not split {d} features into whole groups"
         )
     return out

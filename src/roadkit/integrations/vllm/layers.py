@@ -168,7 +168,8 @@ class RoadLinear(BaseLayerWithLoRA):
         linear = lora_layer.base_layer
         self.segments = local_segments(linear, lora_layer.n_slices, lora_layer.tp_rank, lora_layer.tp_size)
         self.sub_sizes = sub_module_sizes(linear, lora_layer.n_slices)
-        self.table = SlotTable(n_slots, sum(seg.length for seg in self.segments), device=lora_layer.device)
+        features = sum(seg.length for seg in self.segments)
+        self.table = SlotTable(n_slots, features, device=lora_layer.device, serving_dtype=linear.params_dtype)
         self.routing = routing
         self.lora_slots: set[int] = set()
         # Row-parallel partial sums that are reduced later: only rank 0 corrects the returned bias.
@@ -317,7 +318,7 @@ class RoadLinear(BaseLayerWithLoRA):
         generator = torch.Generator(device="cpu").manual_seed(0)
         x = torch.randn(3, width, generator=generator).to(device=device, dtype=linear.params_dtype)
         table, routing = self.table, self.routing
-        self.table = SlotTable(1, table.features, device=device)
+        self.table = SlotTable(1, table.features, device=device, serving_dtype=linear.params_dtype)
         self.routing = ops.SlotRouting(3, 1, device)
         try:
             self.set_road(0, rotations)

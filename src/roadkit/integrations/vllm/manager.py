@@ -344,7 +344,7 @@ def adapter_memory_on_worker(worker: Any) -> dict[str, int]:
     for module in worker.model_runner.model.modules():
         for name, value in vars(module).items():
             if isinstance(value, SlotTable):
-                road += sum(t.numel() * t.element_size() for t in (value.c, value.s, value.w, value.half))
+                road += sum(t.numel() * t.element_size() for t in (value.c, value.s, value.k, value.w, value.half))
             elif name.startswith(("lora_", "embeddings_")):
                 for t in value if isinstance(value, (tuple, list)) else [value]:
                     if isinstance(t, torch.Tensor) and id(t) not in seen:

@@ -27,16 +27,25 @@ class SlotTable:
     """Per-slot RoAd coefficients of `features` output features; row `n_slots` is the identity.
 
     `c`, `s` (float32, (n_slots + 1, features)) and `half` (int32, group size / 2 per row) are the
-    source of truth and the CUDA kernel's input. `w` (the sines signed by half: y = c x + w x_partner)
-    is the C kernel's, kept with them; `packed` and `halves`, the torch fallback's layout, are built
-    when that path first runs after a row changed.
+    source of truth and the CUDA kernel's input. `k` = c - 1 and `w` (the sines signed by half:
+    y = x + k x + w x_partner) are the C kernel's, kept with them in the dtype it reads for activations
+    of `serving_dtype` (`c_ops.table_dtype`: bfloat16 for 16-bit ones); `packed` and `halves`, the torch
+    fallback's layout, are built when that path first runs after a row changed.
     """
 
-    def __init__(self, n_slots: int, features: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        n_slots: int,
+        features: int,
+        device: torch.device | str = "cpu",
+        serving_dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.n_slots, self.features = n_slots, features
         self.c = torch.ones(n_slots + 1, features, dtype=torch.float32, device=device)
         self.s = torch.zeros(n_slots + 1, features, dtype=torch.float32, device=device)
-        self.w = torch.zeros(n_slots + 1, features, dtype=torch.float32, device=device)
+        table = c_ops.table_dtype(serving_dtype)
+        self.k = torch.zeros(n_slots + 1, features, dtype=table, device=device)
+        self.w = torch.zeros(n_slots + 1, features, dtype=table, device=device)
         self.half = torch.ones(n_slots + 1, dtype=torch.int32, device=device)
         self.slot_halves: list[Optional[int]] = [None] * n_slots  # None: the identity
         self.active_slots: frozenset[int] = frozenset()  # slots that hold a rotation
@@ -54,6 +63,7 @@ class SlotTable:
         F.check_group_size(self.features, group_size)
         self.c[slot].copy_(c)
         self.s[slot].copy_(s)
+        self.k[slot].copy_(self.c[slot] - 1)
         signs = torch.tensor([-1.0, 1.0], device=self.w.device).repeat_interleave(group_size // 2)
         self.w[slot].copy_((self.s[slot].view(-1, group_size) * signs).view(-1))
         self.half[slot] = group_size // 2
@@ -63,6 +73,7 @@ class SlotTable:
         """Make `slot` the identity."""
         self.c[slot].fill_(1)
         self.s[slot].zero_()
+        self.k[slot].zero_()
         self.w[slot].zero_()
         self.half[slot] = 1
         self._changed(slot, None)
@@ -106,7 +117,7 @@ class SlotTable:
         kernel needs nothing more; where it cannot run, `forward_torch`.
         """
         if c_ops.handles(x):
-            return c_ops.rotate_rows(x, self.c, self.w, self.half, index, identity=self.n_slots)
+            return c_ops.rotate_rows(x, self.k, self.w, self.half, index, identity=self.n_slots)
         return self.forward_torch(x, index, runs)
 
     def forward_torch(
