@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         "# CPU serving rotation vs a copy of the same tensor",
         "",
         f"- date: {meta['date']}, run: `{meta['command']}`; {meta['cpu']}, torch {meta['torch']} with "
-        f"{meta['threads']} threads (the C kernel runs on one), load average at end {meta['loadavg_end']}",
+        f"{meta['threads']} threads (the C kernel splits large calls' rows over them), load average at end "
+        f"{meta['loadavg_end']}",
         f"- n tokens x d features, token t rotated by adapter t mod k (road_1, group size {GROUP_SIZE}); "
         "interleaved cases, medians of the repetitions",
         "",

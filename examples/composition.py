@@ -14,8 +14,8 @@ inputs alone.
 It reports held-out loss (mean per completion token) on both tasks for base, A, B, union and joint,
 and the share of A's improvement on task 1 (and of B's on task 2) that the union keeps.
 
-    python examples/composition.py [--fast] [--steps N] [--lr LR] [--replay N] [--output composition.json]
-                                   [--save-adapters DIR]
+    python examples/composition.py [--fast] [--steps N] [--lr LR] [--replay N] [--variant V]
+                                   [--output composition.json] [--save-adapters DIR]
 """
 
 from __future__ import annotations
@@ -71,9 +71,10 @@ def run(s: dict = SETTINGS["full"], say: Callable[[str], None] = print, save_ada
     else:
         for task in (task1, task2, "both"):
             data.setdefault(task, {})["replay"] = []
-    model = get_peft_model(copy.deepcopy(base), RoadConfig(**ADAPTER, subspace="0/2"), "A")
-    model.add_adapter("B", RoadConfig(**ADAPTER, subspace="1/2"))
-    model.add_adapter("joint", RoadConfig(**ADAPTER))
+    adapter = {**ADAPTER, "variant": s.get("variant", ADAPTER["variant"])}
+    model = get_peft_model(copy.deepcopy(base), RoadConfig(**adapter, subspace="0/2"), "A")
+    model.add_adapter("B", RoadConfig(**adapter, subspace="1/2"))
+    model.add_adapter("joint", RoadConfig(**adapter))
     runs = {
         "A": data[task1]["train"] + data[task1]["replay"],
         "B": data[task2]["train"] + data[task2]["replay"],
@@ -109,7 +110,7 @@ def run(s: dict = SETTINGS["full"], say: Callable[[str], None] = print, save_ada
     kept = {task1: _kept(losses, "A", task1), task2: _kept(losses, "B", task2)}
     return {
         "settings": s,
-        "adapter": ADAPTER,
+        "adapter": adapter,
         "trainable_parameters": trainable,
         "losses": losses,
         "union_keeps": kept,
@@ -139,10 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay", type=int, default=0, metavar="N", help="rehearse up to N pretraining rows")
     parser.add_argument("--steps", type=int, help="training steps per adapter (default: 300, or 30 with --fast)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: 5e-3, or 1e-2 with --fast)")
+    parser.add_argument(
+        "--variant", choices=["road_1", "road_2", "road_4"], default="road_1", help="RoAd variant (default road_1)"
+    )
     parser.add_argument("--output", help="write the result as JSON here")
     parser.add_argument("--save-adapters", metavar="DIR", help="save adapters A and B in DIR/A and DIR/B")
     args = parser.parse_args(argv)
-    settings = {**SETTINGS["fast" if args.fast else "full"], "replay": args.replay}
+    settings = {**SETTINGS["fast" if args.fast else "full"], "replay": args.replay, "variant": args.variant}
     steps = {"steps": args.steps or settings["steps"], "lr": args.lr or settings["lr"]}
     result = run({**settings, **steps}, save_adapters=args.save_adapters)
     print(markdown(result))
