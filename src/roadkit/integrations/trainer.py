@@ -292,7 +292,7 @@ class RoadTrainer(Trainer):
     """
 
     def __init__(self, model: Optional[nn.Module] = None, *args: Any, **kwargs: Any) -> None:
-        given = _road_model_in(model)
+        given = _road_model_in(model) if isinstance(model, nn.Module) else None  # TRL takes names too
         if given is not None:
             _prepare_quantized_base(given)
         super().__init__(model, *args, **kwargs)
@@ -465,10 +465,10 @@ class _AppliesRoadConfig(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         plan = self.__dict__.pop("_road_plan", None)
+        bound = inspect.signature(Trainer.__init__).bind(self, *args, **kwargs)
+        model = bound.arguments.get("model")
         if plan is not None:
             config, reference = plan
-            bound = inspect.signature(Trainer.__init__).bind(self, *args, **kwargs)
-            model = bound.arguments.get("model")
             if config is not None:
                 if not isinstance(model, nn.Module):
                     raise TypeError(f"peft_config=RoadConfig(...) needs a model to wrap, got {type(model).__name__}.")
@@ -480,8 +480,10 @@ class _AppliesRoadConfig(Trainer):
                 if not isinstance(model, RoadModel):
                     raise TypeError(f"the reference model needs a RoadModel, got {type(model).__name__}.")
                 reference.bind(model)
-            args, kwargs = bound.args[1:], bound.kwargs
-        super().__init__(*args, **kwargs)
+        road = _road_model_in(model) if isinstance(model, nn.Module) else None
+        if road is not None:  # the model as Trainer.__init__ will see it (TRL may have loaded it by name)
+            _prepare_quantized_base(road)
+        super().__init__(*bound.args[1:], **bound.kwargs)
 
 
 _Trainer = TypeVar("_Trainer", bound=Trainer)
