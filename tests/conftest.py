@@ -14,8 +14,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def tiny_llama(hidden: int = 128, layers: int = 2, seed: int = 0):
-    """A Llama with every projection's output divisible by 64 (so group_size 64 works)."""
+def tiny_llama(hidden: int = 128, layers: int = 2, seed: int = 0, tied: bool = False):
+    """A Llama with every projection's output divisible by 64 (so group_size 64 works); `tied`: its input and
+    output embeddings share one tensor."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -27,6 +28,7 @@ def tiny_llama(hidden: int = 128, layers: int = 2, seed: int = 0):
         num_attention_heads=4,
         num_key_value_heads=2 if hidden >= 256 else 4,
         max_position_embeddings=64,
+        tie_word_embeddings=tied,
     )
     return LlamaForCausalLM(cfg).eval()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama
 from safetensors.torch import load_file
 
 pytest.importorskip("accelerate")
@@ -44,20 +45,7 @@ def tokenizer():
 def base():
     """A tiny Llama whose input and output embeddings are tied: the stock Trainer cannot save a RoadModel of it
     (it writes the whole state dict, and safetensors refuses shared tensors)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(tied=True)
 
 
 def road_config(**overrides) -> roadkit.RoadConfig:
