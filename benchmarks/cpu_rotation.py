@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from roadkit.integrations.vllm.slots import SlotTable
-from roadkit.kernels import c_ops
+from roadkit.kernels import c_ops, torch_ops
 
 from .report import _write_text, write_json
 from .run import _cpu_name, _loadavg
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = None if k > 1 else [(0, 0, n)]  # one adapter: the torch path's run-by-run fast case
             cases = {
                 "copy": lambda x=x: x.clone(),
-                "C kernel": lambda x=x, s=slots, i=index: c_ops.rotate_rows(x, s.k, s.w, s.half, i, s.n_slots),
-                "torch path": lambda x=x, s=slots, i=index, r=runs: s.forward_torch(x, i, r),
+                "C kernel": lambda x=x, s=slots, i=index: c_ops.forward_slots(x, s, i),
+                "torch path": lambda x=x, s=slots, i=index, r=runs: torch_ops.forward_slots(x, s, i, r),
             }
             label = f"{str(dtype).removeprefix('torch.')} n={n} d={d} k={k}"
             times = run_interleaved(cases, reps=args.reps, warmup=5, label=label)["times"]

@@ -647,7 +647,7 @@ def kernels(s: Settings, reps: int, warmup: int) -> dict:
     index = torch.randint(0, KERNEL_ADAPTERS, (rows,), device=s.device)
     # vLLM serving (roadkit.integrations.vllm): one table row per slot plus the identity, half the slots at half
     # the group size, each row's group size read by the kernel; slot -1 (no adapter) included.
-    from roadkit.integrations.vllm import ops as serving_ops
+    from roadkit.kernels import custom_ops
 
     slot_c = torch.cat((tables[0], torch.ones(1, d, device=s.device))).float().contiguous()
     slot_s = torch.cat((tables[1], torch.zeros(1, d, device=s.device))).float().contiguous()
@@ -665,7 +665,7 @@ def kernels(s: Settings, reps: int, warmup: int) -> dict:
             2,
         ),
         "roadkit backward (dx, dc, ds)": (lambda: K.backward(gy, x, c, sn, GROUP_SIZE, -1, True), 3),
-        slots_label: (lambda: serving_ops.rotate_slots(x, slot_c, slot_s, slot_half, slot_index), 2),
+        slots_label: (lambda: custom_ops.rotate_slots(x, slot_c, slot_s, slot_half, slot_index), 2),
     }
 
     # The kernels must be right before they are fast: each against the reference torch
@@ -677,7 +677,7 @@ def kernels(s: Settings, reps: int, warmup: int) -> dict:
             x64, tables[0].double()[index], tables[1].double()[index], GROUP_SIZE
         ),
         "roadkit backward (dx, dc, ds)": torch_ops.backward(gy64, x64, c64, s64, GROUP_SIZE, 1, True),
-        slots_label: torch_ops.forward_slots(
+        slots_label: torch_ops.rotate_slot_rows(
             x64, slot_c.double(), slot_s.double(), slot_half, torch.where(slot_index < 0, KERNEL_ADAPTERS, slot_index)
         ),
     }

@@ -9,12 +9,14 @@ On the demo's base model (a small character-level Llama shipped with roadkit):
 
 With `--replay N`, each adapter also trains on up to N rows of the base model's own pretraining text
 (rehearsal), minus rows of the same form as its own task's prompts, so it learns to leave other
-inputs alone.
+inputs alone. With `--cross N`, each adapter also trains on N prompts of the other task, completed as
+the base model completes them: it learns to leave the other adapter's inputs alone, which is what
+lets their union answer both.
 
 It reports held-out loss (mean per completion token) on both tasks for base, A, B, union and joint,
 and the share of A's improvement on task 1 (and of B's on task 2) that the union keeps.
 
-    python examples/composition.py [--fast] [--steps N] [--lr LR] [--replay N] [--variant V]
+    python examples/composition.py [--fast] [--steps N] [--lr LR] [--replay N] [--cross N] [--variant V]
                                    [--output composition.json] [--save-adapters DIR]
 """
 
@@ -32,14 +34,15 @@ import torch
 from roadkit import RoadConfig, compose, get_peft_model
 from roadkit.app.data import Example, tokenize_all
 from roadkit.app.demo import TASKS, load_base, pretraining_examples, words
+from roadkit.app.generation import generate
 from roadkit.app.runs import TrainConfig
 from roadkit.app.training import TrainingRun
 
-PROMPTS: dict[str, Callable[[str], str]] = {"upper": lambda w: f"{w} ->", "reverse": lambda w: f"{w} <-"}
+PROMPTS: dict[str, Callable[[str], str]] = {"upper": lambda w: f"{w} ->", "reverse": lambda w: f"<- {w} ->"}
 ADAPTER = {"variant": "road_1", "group_size": 64, "target_modules": "all-linear"}
 SETTINGS = {  # steps, batch size, learning rate, train words, held-out words, replay rows
-    "full": {"steps": 300, "batch_size": 32, "lr": 5e-3, "train": 4000, "eval": 128, "replay": 0},
-    "fast": {"steps": 30, "batch_size": 16, "lr": 1e-2, "train": 480, "eval": 32, "replay": 0},
+    "full": {"steps": 300, "batch_size": 32, "lr": 5e-3, "train": 4000, "eval": 128, "replay": 0, "cross": 0},
+    "fast": {"steps": 30, "batch_size": 16, "lr": 1e-2, "train": 480, "eval": 32, "replay": 0, "cross": 0},
 }
 
 
@@ -54,6 +57,15 @@ def replay(count: int, own: list[str]) -> list[Example]:
     return [ex for ex in pretraining_examples(count, seed=1) if not ex.completion.partition(" ")[2].startswith(markers)]
 
 
+def base_answers(base: torch.nn.Module, tokenizer: object, task: str, count: int) -> list[Example]:
+    """`count` prompts of `task` on training words, each completed with the base model's greedy answer."""
+    prompts = [PROMPTS[task](w) for w in words("train", count, seed=1)]
+    answers = [
+        a for i in range(0, count, 256) for a in generate(base, tokenizer, prompts[i : i + 256], max_new_tokens=16)
+    ]
+    return [Example(p, a, i + 1) for i, (p, a) in enumerate(zip(prompts, answers, strict=True))]
+
+
 def run(s: dict = SETTINGS["full"], say: Callable[[str], None] = print, save_adapters: str | None = None) -> dict:
     """Train A, B and joint with settings `s` (see SETTINGS); compose union(A, B); return held-out
     losses of every model on both tasks. With `save_adapters`, A and B are saved there (DIR/A, DIR/B):
@@ -65,6 +77,9 @@ def run(s: dict = SETTINGS["full"], say: Callable[[str], None] = print, save_ada
         for task in PROMPTS
     }
     task1, task2 = PROMPTS
+    for task, other in ((task1, task2), (task2, task1)):
+        cross = base_answers(base, tokenizer, other, s["cross"]) if s.get("cross") else []
+        data[task]["cross"] = tokenize_all(tokenizer, cross, 64)[0] if cross else []
     if s["replay"]:
         for task, own in ((task1, [task1]), (task2, [task2]), ("both", [task1, task2])):
             data.setdefault(task, {})["replay"] = tokenize_all(tokenizer, replay(s["replay"], own), 64)[0]
@@ -76,8 +91,8 @@ def run(s: dict = SETTINGS["full"], say: Callable[[str], None] = print, save_ada
     model.add_adapter("B", RoadConfig(**adapter, subspace="1/2"))
     model.add_adapter("joint", RoadConfig(**adapter))
     runs = {
-        "A": data[task1]["train"] + data[task1]["replay"],
-        "B": data[task2]["train"] + data[task2]["replay"],
+        "A": data[task1]["train"] + data[task1]["replay"] + data[task1]["cross"],
+        "B": data[task2]["train"] + data[task2]["replay"] + data[task2]["cross"],
         "joint": data[task1]["train"] + data[task2]["train"] + data["both"]["replay"],
     }
     config = TrainConfig(lr=s["lr"], max_steps=s["steps"], batch_size=s["batch_size"])
@@ -138,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fast", action="store_true", help="a reduced run (for tests)")
     parser.add_argument("--replay", type=int, default=0, metavar="N", help="rehearse up to N pretraining rows")
+    parser.add_argument(
+        "--cross",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train on N of the other task's prompts, answered as the base does",
+    )
     parser.add_argument("--steps", type=int, help="training steps per adapter (default: 300, or 30 with --fast)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: 5e-3, or 1e-2 with --fast)")
     parser.add_argument(
@@ -146,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="write the result as JSON here")
     parser.add_argument("--save-adapters", metavar="DIR", help="save adapters A and B in DIR/A and DIR/B")
     args = parser.parse_args(argv)
-    settings = {**SETTINGS["fast" if args.fast else "full"], "replay": args.replay, "variant": args.variant}
+    settings = {
+        **SETTINGS["fast" if args.fast else "full"],
+        "replay": args.replay,
+        "cross": args.cross,
+        "variant": args.variant,
+    }
     steps = {"steps": args.steps or settings["steps"], "lr": args.lr or settings["lr"]}
     result = run({**settings, **steps}, save_adapters=args.save_adapters)
     print(markdown(result))

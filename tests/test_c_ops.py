@@ -18,7 +18,7 @@ from test_vllm_slots import dense_rotation, dense_rows, random_cs
 from roadkit import functional as F
 from roadkit.kernels import c_ops
 
-if not c_ops.handles(torch.zeros(1, 2)):
+if not c_ops.handles_slots(torch.zeros(1, 2)):
     pytest.skip(f"the C backend is unavailable here: {c_ops._load()}", allow_module_level=True)
 
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
@@ -122,10 +122,10 @@ def test_rows_of_a_wider_tensor():
     k, w, half, mats = tables(64, (8, 32))
     wide = torch.randn(6, 100).bfloat16()
     x = wide[:, 20:84]
-    assert not x.is_contiguous() and c_ops.handles(x)
+    assert not x.is_contiguous() and c_ops.handles_slots(x)
     index = torch.tensor([0, 1, 2, 1, 0, 2])
     check(c_ops.rotate_rows(x, k, w, half, index, 2), dense_rows(x.float(), mats, index.tolist()), torch.bfloat16)
-    assert not c_ops.handles(torch.randn(64, 6).t())  # features not contiguous: the torch path's
+    assert not c_ops.handles_slots(torch.randn(64, 6).t())  # features not contiguous: the torch path's
 
 
 def test_bad_index_or_half_raises():
@@ -144,12 +144,12 @@ def test_bad_index_or_half_raises():
 
 
 def test_without_a_compiler_the_torch_path_serves(tmp_path):
-    """No C compiler: `handles` is False with the reason, and a SlotTable still rotates (torch path)."""
+    """No C compiler: `handles_slots` is False with the reason, and a SlotTable still rotates (torch path)."""
     code = (
         "import torch\n"
         "from roadkit.kernels import c_ops\n"
         "from roadkit.integrations.vllm.slots import SlotTable\n"
-        "print(c_ops.handles(torch.zeros(2, 4)), c_ops._load())\n"
+        "print(c_ops.handles_slots(torch.zeros(2, 4)), c_ops._load())\n"
         "t = SlotTable(1, 4)\n"
         "t.set(0, torch.zeros(4), torch.ones(4), 2)\n"
         "print(t.forward(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([0])).tolist())\n"

@@ -15,6 +15,7 @@ from torch import nn
 
 import roadkit
 from roadkit import ModulesToSaveWrapper, RoadConfig, RoadLayer, RoadModel, get_peft_model
+from roadkit.errors import InputError
 
 QV = ["q_proj", "v_proj"]
 # Trainable parameters per adapted layer, per variant (ROAD_SPEC.md): theta and alpha together.
@@ -437,14 +438,14 @@ def test_variant_aliases(variant, canonical):
 def test_unknown_adapter(call, two):
     two.set_adapter("b")
     before = snapshot(two)
-    with pytest.raises(ValueError, match=r"unknown adapter.*'nope'.*available.*'b'.*'default'"):
+    with pytest.raises(InputError, match=r"unknown adapter.*'nope'.*available.*'b'.*'default'"):
         call(two)
     assert_unchanged(before, two)
 
 
 def test_duplicate_adapter_name(two):
     before = snapshot(two)
-    with pytest.raises(ValueError, match="'b'.*already exists"):
+    with pytest.raises(InputError, match="'b'.*already exists"):
         two.add_adapter("b", RoadConfig(group_size=32, init_weights=False, target_modules=["k_proj"]))
     assert_unchanged(before, two)
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from roadkit import functional as F
-from roadkit.integrations.vllm.ops import SlotRouting
-from roadkit.integrations.vllm.slots import SlotTable
-from roadkit.kernels import c_ops, torch_ops
+from roadkit import kernels
+from roadkit.integrations.vllm.slots import SlotRouting, SlotTable
+from roadkit.kernels import c_ops, custom_ops, torch_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -84,8 +84,8 @@ GROUPS = (4, 8, 32, 8)  # slots 0..3; two slots share group size 8
 def slot_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a SlotTable test on the C kernel, then on the torch path it falls back to without a compiler."""
     if request.param == "torch":
-        monkeypatch.setattr(SlotTable, "forward", SlotTable.forward_torch)
-    elif not c_ops.handles(torch.zeros(1, 2)):
+        monkeypatch.setattr(c_ops, "handles_slots", lambda x: False)
+    elif not c_ops.handles_slots(torch.zeros(1, 2)):
         pytest.skip(f"the C backend is unavailable here: {c_ops._load()}")
     return request.param
 
@@ -192,7 +192,7 @@ def test_slot_table_rejects_bad_rows():
     assert not table.active
 
 
-# ---- torch_ops.forward_slots and the Triton kernel ----------------------------------------------
+# ---- torch_ops.rotate_slot_rows and the Triton kernel ----------------------------------------------
 
 
 def half_tables(d: int, groups: tuple[int, ...], seed: int = 0):
@@ -210,25 +210,25 @@ def half_tables(d: int, groups: tuple[int, ...], seed: int = 0):
     return c, s, half, mats
 
 
-def test_torch_forward_slots_matches_dense():
+def test_torch_rotate_slot_rows_matches_dense():
     c, s, half, mats = half_tables(D, (4, 8, 32, 2))
     index = [0, 4, 2, 1, 3, 2, 0, -1]  # -1: the last row (identity)
     x = torch.randn(len(index), D)
-    got = torch_ops.forward_slots(x, c, s, half, torch.tensor(index))
+    got = torch_ops.rotate_slot_rows(x, c, s, half, torch.tensor(index))
     assert got.dtype == torch.float32
     want_index = [i % len(mats) for i in index]
     torch.testing.assert_close(got.double(), dense_rows(x, mats, want_index), **TOL)
     xb = x.bfloat16()
-    got_b = torch_ops.forward_slots(xb, c, s, half, torch.tensor(index))
+    got_b = torch_ops.rotate_slot_rows(xb, c, s, half, torch.tensor(index))
     assert got_b.dtype == torch.bfloat16
     torch.testing.assert_close(
-        got_b.float(), torch_ops.forward_slots(xb.float(), c, s, half, torch.tensor(index)), rtol=1e-2, atol=2e-2
+        got_b.float(), torch_ops.rotate_slot_rows(xb.float(), c, s, half, torch.tensor(index)), rtol=1e-2, atol=2e-2
     )
 
 
 @pytest.mark.parametrize("d, groups", [(64, (4, 8, 32)), (96, (8, 32, 8))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_forward_slots_matches_torch(d: int, groups: tuple[int, ...], dtype: torch.dtype):
+def test_triton_rotate_slot_rows_matches_torch(d: int, groups: tuple[int, ...], dtype: torch.dtype):
     """Per-row group sizes; -1 and indices past the table select the identity row. 96 is no power of 2."""
     pytest.importorskip("triton")
     from roadkit.kernels import triton_ops
@@ -238,10 +238,10 @@ def test_triton_forward_slots_matches_torch(d: int, groups: tuple[int, ...], dty
     index = torch.tensor([0, 1, 2, -1, n, n + 1, 7 * n, 2, 0, 1, -5])
     x = torch.randn(len(index), d).to(dtype)
     dev = [t.to(DEVICE) for t in (x, c, s, half, index)]
-    got = triton_ops.forward_slots(*dev).cpu()
+    got = triton_ops.rotate_slot_rows(*dev).cpu()
     assert got.dtype == dtype and got.shape == x.shape
     safe = torch.where((index < 0) | (index > n), n, index)
-    want = torch_ops.forward_slots(x, c, s, half, safe)
+    want = torch_ops.rotate_slot_rows(x, c, s, half, safe)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
     torch.testing.assert_close(got, want, **tol)
     identity_rows = (safe == n).nonzero().flatten()
@@ -250,7 +250,7 @@ def test_triton_forward_slots_matches_torch(d: int, groups: tuple[int, ...], dty
     torch.testing.assert_close(got.double(), dense_rows(x.float(), mats, safe.tolist()), **tol)
 
 
-def test_triton_forward_slots_non_contiguous_input():
+def test_triton_rotate_slot_rows_non_contiguous_input():
     """A transposed (column-major) x: the result is still R x per row, returned row-major."""
     pytest.importorskip("triton")
     from roadkit.kernels import triton_ops
@@ -259,7 +259,7 @@ def test_triton_forward_slots_non_contiguous_input():
     index = torch.tensor([0, 1, 2, -1, 1, 0])
     x = torch.randn(32, len(index)).t()
     assert not x.is_contiguous()
-    got = triton_ops.forward_slots(*[t.to(DEVICE) for t in (x, c, s, half, index)]).cpu()
+    got = triton_ops.rotate_slot_rows(*[t.to(DEVICE) for t in (x, c, s, half, index)]).cpu()
     torch.testing.assert_close(got.double(), dense_rows(x, mats, [0, 1, 2, 2, 1, 0]), **TOL)
 
 
@@ -298,6 +298,31 @@ def test_rotate_slots_opcheck():
     # The fake implementation's output layout matches the real one's, also for a transposed x.
     torch.library.opcheck(torch.ops.roadkit.rotate_slots.default, (x.t().contiguous().t(), c, s, half, index))
     torch.library.opcheck(torch.ops.roadkit.rotate_slots.default, (x.bfloat16(), c, s, half, index))
+
+
+def test_slot_table_through_the_custom_op_matches_dense_and_compiles():
+    """The backend engines' compiled graphs use: the SlotTable's tables read inside one captured op."""
+    table, mats = filled_table()
+    index = torch.tensor([0, 3, 5, 2, 1, 0, 5, 4])
+    x = torch.randn(len(index), D)
+    want = dense_rows(x, [*mats, torch.eye(D, dtype=torch.float64), torch.eye(D, dtype=torch.float64)], index.tolist())
+    torch.testing.assert_close(custom_ops.forward_slots(x, table, index).double(), want, **TOL)
+    compiled = torch.compile(
+        lambda x, i: custom_ops.forward_slots(x, table, i) * 1, fullgraph=True, backend="aot_eager"
+    )
+    torch.testing.assert_close(compiled(x, index).double(), want, **TOL)
+
+
+def test_slot_backend_by_device(monkeypatch: pytest.MonkeyPatch):
+    x = torch.zeros(3, D)
+    expected = c_ops if c_ops.handles_slots(x) else torch_ops
+    assert kernels.slot_backend(x) is expected
+    monkeypatch.setattr(c_ops, "handles_slots", lambda x: False)  # no compiler: the torch path
+    assert kernels.slot_backend(x) is torch_ops
+    assert kernels.slot_backend(x.to("meta")) is custom_ops  # off the CPU: the op compiled graphs capture
+    table, _ = filled_table()
+    out = kernels.forward_slots(x.to("meta"), table, torch.zeros(3, dtype=torch.long, device="meta"))
+    assert out.shape == (3, D) and out.device.type == "meta"
 
 
 # ---- SlotRouting -------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import persistence
 from .config import RoadConfig
+from .errors import InputError
 from .layers import (
     BASE,
     AdapterParameters,
@@ -57,11 +58,11 @@ def _base_dtype(module: nn.Module) -> torch.dtype:
 def _check_adapter_name(adapter_name: Any) -> None:
     """Raise ValueError unless `adapter_name` is a usable adapter name (whether or not it is taken)."""
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}.")
+        raise InputError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}.")
     if adapter_name == BASE:
-        raise ValueError(f"{BASE!r} is reserved for 'no adapter' in mixed batches; choose another name.")
+        raise InputError(f"{BASE!r} is reserved for 'no adapter' in mixed batches; choose another name.")
     if hasattr(AdapterParameters(), adapter_name):  # it would shadow an attribute of the adapters' dicts
-        raise ValueError(
+        raise InputError(
             f"adapter name {adapter_name!r} is reserved (an attribute of torch's ParameterDict, "
             "which holds the adapters); choose another name."
         )
@@ -84,7 +85,7 @@ class RoadModel(nn.Module):
         if isinstance(model, RoadModel) or any(
             isinstance(m, (RoadLayer, ModulesToSaveWrapper)) for m in model.modules()
         ):
-            raise ValueError(
+            raise InputError(
                 "this model already has RoAd adapters: add another with add_adapter() (or "
                 "load_adapter()) on its RoadModel instead of wrapping it again."
             )
@@ -120,13 +121,13 @@ class RoadModel(nn.Module):
         """Raise ValueError unless `adapter_name` can name a new adapter: a valid name not in use."""
         _check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; existing: {sorted(self.peft_config)}.")
+            raise InputError(f"an adapter named {adapter_name!r} already exists; existing: {sorted(self.peft_config)}.")
 
     def check_adapter_names(self, names: Iterable[str]) -> None:
         """Raise ValueError naming every unknown adapter among `names`, and the available ones."""
         unknown = sorted({n for n in names if n not in self.peft_config})
         if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; available: {sorted(self.peft_config)}.")
+            raise InputError(f"unknown adapter(s) {unknown}; available: {sorted(self.peft_config)}.")
 
     # ---- the layers ----------------------------------------------------------------------------
 
@@ -212,7 +213,7 @@ class RoadModel(nn.Module):
         """Activate one adapter, or several applied in the given order."""
         names = _as_list(adapter_name)
         if not names:
-            raise ValueError("set_adapter needs at least one adapter name.")
+            raise InputError("set_adapter needs at least one adapter name.")
         self.check_adapter_names(names)
         self._active = names
         self._apply_active()
@@ -229,7 +230,7 @@ class RoadModel(nn.Module):
         self.check_adapter_names([adapter_name])
         merged = [p for p, layer in self.road_layers() if adapter_name in layer.merged_adapters]
         if merged:
-            raise ValueError(f"adapter {adapter_name!r} is merged into {merged}; call unmerge_adapter() first.")
+            raise InputError(f"adapter {adapter_name!r} is merged into {merged}; call unmerge_adapter() first.")
         for _, layer in self.road_layers():
             layer.delete_adapter(adapter_name)
         for _, wrapper in self._saved_wrappers():
@@ -362,7 +363,7 @@ class RoadModel(nn.Module):
             for path, layer in self.road_layers():
                 problem = layer.merge_problem(names)
                 if problem:
-                    raise ValueError(f"{problem} of layer {path!r}; nothing was changed.")
+                    raise InputError(f"{problem} of layer {path!r}; nothing was changed.")
         for _, layer in self.road_layers():
             layer.merge(adapter_names=names)
 
@@ -379,7 +380,7 @@ class RoadModel(nn.Module):
             for p in layer._merge_params():
                 others = sorted(owners.get(p.data_ptr(), set()) - {f"{path}.base_layer"})
                 if others:
-                    raise ValueError(
+                    raise InputError(
                         f"cannot merge into {path!r}: its weight is shared with {others} (tied "
                         "weights), which merging would change too. Keep the adapter unmerged, or "
                         "untie the weights first. Nothing was merged."
@@ -438,7 +439,7 @@ class RoadModel(nn.Module):
         model = self._hf_model()
         head = model.get_output_embeddings()
         if isinstance(head, RoadLayer):
-            raise ValueError(
+            raise InputError(
                 "cannot resize the token embeddings: the output head carries RoAd adapters, whose "
                 "rotations act on the vocabulary; resize the base model before adding them."
             )
@@ -446,7 +447,7 @@ class RoadModel(nn.Module):
         if not isinstance(wrapper, RoadLayer):
             return model.resize_token_embeddings(*args, **kwargs)
         if wrapper.merged:
-            raise ValueError(
+            raise InputError(
                 "cannot resize the token embeddings while adapters are merged into them; unmerge them first."
             )
         model.set_input_embeddings(wrapper.get_base_layer())
@@ -479,11 +480,11 @@ class RoadModel(nn.Module):
         compute, and each layer's tables are looked up here too.
         """
         if self.training:
-            raise ValueError("adapter_names (mixed-adapter batches) is for inference; call model.eval() first.")
+            raise InputError("adapter_names (mixed-adapter batches) is for inference; call model.eval() first.")
         layers = [m for m in self._adapter_modules() if isinstance(m, RoadLayer)]
         merged = sorted({n for m in layers for n in m.merged_adapters})
         if merged:
-            raise ValueError(
+            raise InputError(
                 f"adapters {merged} are merged into the weights; call unmerge_adapter() before mixed-adapter batches."
             )
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
@@ -497,15 +498,15 @@ class RoadModel(nn.Module):
     def _routed(self, routing: Routing) -> Iterator[None]:
         """Hand `routing` to every adapter layer for one call (one walk), and take it back after."""
         if self.training:
-            raise ValueError("a routing (mixed-adapter batches) is for inference; call model.eval() first.")
+            raise InputError("a routing (mixed-adapter batches) is for inference; call model.eval() first.")
         merged = sorted({n for m in self._adapter_modules() if isinstance(m, RoadLayer) for n in m.merged_adapters})
         if merged:  # a routing made before a merge would apply the merged adapters a second time
-            raise ValueError(
+            raise InputError(
                 f"adapters {merged} are merged into the weights; call unmerge_adapter() before mixed-adapter batches."
             )
         deleted = [n for n in routing.names if n != BASE and n not in self.peft_config]
         if deleted:  # its rows would silently get the identity
-            raise ValueError(f"this routing uses adapters {deleted}, deleted since it was made; route again.")
+            raise InputError(f"this routing uses adapters {deleted}, deleted since it was made; route again.")
         with self._set_on_adapter_modules("routing", routing, reset=None):
             yield
 
@@ -519,7 +520,7 @@ class RoadModel(nn.Module):
     ) -> Optional[Routing]:
         if routing is not None:
             if adapter_names is not None or adapter_indices is not None:
-                raise ValueError(
+                raise InputError(
                     "give either routing= (from model.route) or adapter_names / adapter_indices, not both."
                 )
             if not isinstance(routing, Routing):
@@ -527,7 +528,7 @@ class RoadModel(nn.Module):
             return routing
         if adapter_names is None:
             if adapter_indices is not None:
-                raise ValueError("adapter_indices needs adapter_names, the list of names it indexes into.")
+                raise InputError("adapter_indices needs adapter_names, the list of names it indexes into.")
             return None
         return self.route(adapter_names, adapter_indices, batch_shape_of(args, kwargs))
 
@@ -594,14 +595,14 @@ class RoadModel(nn.Module):
             )
         names = list(self.peft_config) if selected_adapters is None else _as_list(selected_adapters)
         if not names:
-            raise ValueError(
+            raise InputError(
                 "there is no adapter to save: this RoadModel has none left"
                 if not self.peft_config
                 else "selected_adapters is empty: no adapter to save."
             )
         self.check_adapter_names(names)
         if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a directory.")
+            raise InputError(f"save_directory {os.fspath(save_directory)!r} is a file, not a directory.")
         if is_main_process:
             for name in names:
                 persistence.save(self.model, save_directory, name, self.peft_config[name])
@@ -693,7 +694,7 @@ def check_tensor_parallel(model: RoadModel, tp_size: int) -> list[TensorParallel
     the answer errs on the safe side. An empty list means every layer splits cleanly.
     """
     if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
-        raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}.")
+        raise InputError(f"tp_size must be a positive integer, got {tp_size!r}.")
     issues = []
     for path, layer in model.road_layers():
         for name, g in layer.group_size.items():

@@ -21,7 +21,7 @@ from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLi
 from roadkit import functional as F
 from roadkit.integrations.vllm.adapter import ModuleRotation
 from roadkit.integrations.vllm.layers import RoadLinear
-from roadkit.integrations.vllm.ops import SlotRouting
+from roadkit.integrations.vllm.slots import SlotRouting
 
 N_SLOTS, TOKENS, D_IN, D_OUT = 3, 5, 48, 64
 

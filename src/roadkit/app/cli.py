@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from ..errors import RoadkitError
 from ..extras import MissingExtraError, require
@@ -362,10 +362,7 @@ def _train_run(args: argparse.Namespace, first: bool) -> int:
     base = load_causal_lm(
         run["model"], dtype=torch.bfloat16 if run["bf16"] else None, device=device, quantize=run["quantize"]
     )
-    with _model_problems():
-        model = (
-            RoadModel.from_pretrained(base, args.output, is_trainable=True) if state else get_peft_model(base, config)
-        )
+    model = RoadModel.from_pretrained(base, args.output, is_trainable=True) if state else get_peft_model(base, config)
     max_length = _max_length(base, run, args.max_length)
     train = load_samples(run["data"], tokenizer, max_length, run["loss_on"])
     held_out = load_samples(run["eval_data"], tokenizer, max_length, run["loss_on"]) if run["eval_data"] else None
@@ -439,19 +436,6 @@ def _batch(config: Any, processes: int) -> str:
     return text
 
 
-@contextlib.contextmanager
-def _model_problems() -> Iterator[None]:
-    """RoadModel's checks of what it is given (an adapter that does not fit the model or holds values that cannot
-    be served, targets or tied weights it cannot adapt) raise plain ValueErrors, which describe the user's inputs:
-    inside this block they become one-line `CommandError`s."""
-    try:
-        yield
-    except RoadkitError:
-        raise
-    except ValueError as err:
-        raise CommandError(one_line(err)) from err
-
-
 # ---- merge -------------------------------------------------------------------------------------
 
 
@@ -477,8 +461,7 @@ def _merge(args: argparse.Namespace) -> int:
     quiet_transformers()
     tokenizer = load_tokenizer(args.model, required=False)
     base = load_causal_lm(args.model, dtype="auto")
-    with _model_problems():
-        merged, difference = merge_adapter(base, args.adapter)
+    merged, difference = merge_adapter(base, args.adapter)
     with staged_directory(args.output, replace=args.overwrite) as stage:
         save_merged(merged, tokenizer, stage)
     print(
@@ -652,10 +635,9 @@ def _generate(args: argparse.Namespace) -> int:
     if adapters:
         items = iter(adapters.items())
         first, path = next(items)
-        with _model_problems():
-            model = RoadModel.from_pretrained(model, path, adapter_name=first)
-            for name, path in items:
-                model.load_adapter(path, adapter_name=name)
+        model = RoadModel.from_pretrained(model, path, adapter_name=first)
+        for name, path in items:
+            model.load_adapter(path, adapter_name=name)
         names = [name for name, _ in prompts]
     texts = generate(model, tokenizer, [text for _, text in prompts], names, args.max_new_tokens, chat=args.chat)
     rows = [

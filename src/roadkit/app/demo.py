@@ -33,6 +33,7 @@ from typing import Any, Callable, Union, cast
 import torch
 
 from ..config import RoadConfig
+from ..errors import InputError
 from ..fileio import atomic_write_bytes
 from ..model import RoadModel, get_peft_model
 from .data import Example, tokenize_all
@@ -154,7 +155,7 @@ def split_of(word: str) -> str:
 def words(split: str, count: int, seed: int = 0) -> list[str]:
     """`count` distinct words of `split` ("train" or "eval"), in a fixed order for each seed."""
     if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
+        raise InputError(f"split must be 'train' or 'eval', got {split!r}.")
     rng, seen, out = random.Random(f"{split}-{seed}"), set(), cast(list[str], [])
     while len(out) < count:
         word = make_word(rng)

@@ -92,7 +92,7 @@ def generate(
     kwargs: dict[str, Any] = {}
     if adapter_names is not None:
         if len(adapter_names) != len(prompts):
-            raise ValueError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts.")
+            raise InputError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts.")
         kwargs["adapter_names"] = [BASE if n in BASE_ALIASES else n for n in adapter_names]
     out = model.generate(
         **batch,

@@ -6,8 +6,10 @@ runs, and torch handles every tensor. Under torch.compile the traced backend run
 its formulation is the one a compiler fuses. Merging (`rotate_rows_`: w <- R w over its first axis) runs
 once, not per token: the torch implementation serves every device.
 
-The serving integration's slot kernels (`torch_ops.forward_slots`, `triton_ops.forward_slots`, `c_ops`)
-are outside the protocol: each row of the batch has its own coefficient row and group size there.
+Serving engines (the vLLM integration) rotate through a second seam, the `SlotBackend` protocol: each row of
+the batch has its own row of per-slot tables (`SlotTables`) and its own group size. `forward_slots` picks
+the backend: on CPU the C kernel (`c_ops`) where it compiled, else torch (`torch_ops`); elsewhere the
+custom op that compiled graphs capture (`custom_ops`, Triton on CUDA).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol, cast
 
 import torch
 
-from . import torch_ops, traced_ops
+from . import c_ops, custom_ops, torch_ops, traced_ops
 
 Gradients = tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
 
@@ -69,6 +71,42 @@ class Backend(Protocol):
         """Mixed batches: row (or token) i of x uses row index[i] of the tables."""
 
 
+class SlotTables(Protocol):
+    """What a serving layer keeps for the slot backends (the vLLM integration's `SlotTable`): one row per
+    adapter slot, the identity in row `n_slots`. `c`, `s` (float32) and `half` (int32: group size / 2 per
+    row) are the source; `k` = c - 1 and `w` (the sines signed by half) the C kernel's; `packed` (rows in
+    the shifted layout, one pair of sine rows per entry of `halves`) the torch path's."""
+
+    n_slots: int
+    c: torch.Tensor
+    s: torch.Tensor
+    half: torch.Tensor
+    k: torch.Tensor
+    w: torch.Tensor
+    active_slots: frozenset[int]
+
+    @property
+    def packed(self) -> torch.Tensor: ...
+
+    @property
+    def halves(self) -> tuple[int, ...]: ...
+
+
+Runs = Optional[list[tuple[int, int, int]]]  # (slot, start, end): an index as runs of consecutive rows
+
+
+class SlotBackend(Protocol):
+    """What a serving (slot) backend offers: row t of x (n, d) rotated by row index[t] of the slot tables,
+    with that row's own group size; index values are in [0, n_slots], n_slots being the identity."""
+
+    def handles_slots(self, x: torch.Tensor) -> bool:
+        """Whether this backend can rotate x."""
+
+    def forward_slots(self, x: torch.Tensor, tables: SlotTables, index: torch.Tensor, runs: Runs) -> torch.Tensor:
+        """The rotated rows, a new tensor in x's dtype. `runs`, when the caller has them, is the same index as
+        runs of consecutive rows (a prefill), which a backend may use instead."""
+
+
 # (module `<name>_ops` of this package, the device type it serves or None for any), tried in this order; the
 # last, torch, serves every tensor. A backend is imported when a tensor of its device type first shows up
 # (Triton takes seconds).
@@ -78,6 +116,7 @@ if TYPE_CHECKING:  # every backend module satisfies the protocol (checked by myp
     from . import triton_ops
 
     _CHECKED: tuple[Backend, ...] = (torch_ops, traced_ops, triton_ops)
+    _CHECKED_SLOTS: tuple[SlotBackend, ...] = (c_ops, custom_ops, torch_ops)
 
 
 @functools.cache
@@ -172,19 +211,37 @@ def forward_indexed(
     return backend(x, dim).forward_indexed(x, c_table, s_table, index, group_size, dim, prepared, scratch)
 
 
+def slot_backend(x: torch.Tensor) -> SlotBackend:
+    """The slot backend for x: on CPU (eager), the C kernel where it compiled and takes x, else torch; on other
+    devices the custom op, which compiled graphs capture. Plain attribute checks, so a traced caller stays
+    one graph."""
+    if x.is_cpu:
+        return c_ops if c_ops.handles_slots(x) else torch_ops
+    return custom_ops
+
+
+def forward_slots(x: torch.Tensor, tables: SlotTables, index: torch.Tensor, runs: Runs = None) -> torch.Tensor:
+    """Serving: row t of x (n, d) rotated by row index[t] of the slot tables (see `SlotBackend`)."""
+    return slot_backend(x).forward_slots(x, tables, index, runs)
+
+
 rotate_rows_ = torch_ops.rotate_rows_
 pairs_view = torch_ops.pairs_view
 
 __all__ = [
     "BACKENDS",
     "Backend",
+    "SlotBackend",
+    "SlotTables",
     "backend",
     "backward",
     "forward",
     "forward_indexed",
+    "forward_slots",
     "implementation",
     "new_scratch",
     "pairs_view",
     "prepare",
     "rotate_rows_",
+    "slot_backend",
 ]

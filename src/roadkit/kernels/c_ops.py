@@ -1,4 +1,5 @@
-"""The C backend: one pass that rotates each row of x by its own row of a coefficient table, on CPU.
+"""The C slot backend (`kernels.SlotBackend`): one pass that rotates each row of x by its own row of a
+coefficient table, on CPU.
 
 This is the serving op of vLLM on CPU (see `integrations/vllm/slots.py`): a batch of tokens for many
 adapters is rotated by one call that reads each token's coefficient row from the table in place, in the
@@ -27,8 +28,12 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from . import SlotTables
 
 SOURCE = Path(__file__).with_name("c_ops.c")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
@@ -124,8 +129,9 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-def handles(x: torch.Tensor) -> bool:
-    """Whether `rotate_rows` can rotate x: a CPU tensor of a dtype the compiled library has, rows contiguous."""
+def handles_slots(x: torch.Tensor) -> bool:
+    """Whether `rotate_rows` (and `forward_slots`) can rotate x: a CPU tensor of a dtype the compiled library
+    has, rows contiguous."""
     lib = _load()
     suffix = DTYPES.get(x.dtype)
     return (
@@ -152,7 +158,7 @@ def rotate_rows(
     contiguous, float32 or bfloat16) with half-group size half[index[t]] (int32); rows with index
     `identity` are copied. A new tensor of x's dtype.
 
-    x must be one `handles` accepts. An index outside the table, or a half that does not split d into
+    x must be one `handles_slots` accepts. An index outside the table, or a half that does not split d into
     whole groups, raises ValueError (the kernel checks every row before it writes any).
     """
     if k.dtype != w.dtype or k.dtype not in TABLE_DTYPES or not (k.is_contiguous() and w.is_contiguous()):
@@ -178,3 +184,11 @@ def rotate_rows(
             f"rows or whose half-group size does not split {d} features into whole groups"
         )
     return out
+
+
+def forward_slots(
+    x: torch.Tensor, tables: SlotTables, index: torch.Tensor, runs: Optional[list[tuple[int, int, int]]] = None
+) -> torch.Tensor:
+    """Row t of x rotated by row index[t] of the slot tables (`rotate_rows` on their `k`, `w` and `half`);
+    one pass needs no `runs`."""
+    return rotate_rows(x, tables.k, tables.w, tables.half, index, identity=tables.n_slots)

@@ -9,17 +9,20 @@ Coefficients have the feature axis last; leading axes (if any) broadcast against
 of `x` (one coefficient row per batch row or per token, for mixed-adapter batches).
 
 This is the eager backend that serves every tensor (see `kernels.Backend`). Beside the backend's functions
-it holds the merge (`rotate_rows_`, for every device) and the torch forms of the serving integration's slot
-kernels (`forward_slots`, `rotate_shifted_halves`, on `shifted_layout` rows).
+it holds the merge (`rotate_rows_`, for every device) and the torch slot backend (`kernels.SlotBackend`:
+`forward_slots`, on `shifted_layout` rows, and `rotate_slot_rows`, the reference of the Triton slot kernel).
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from typing import Callable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from . import SlotTables
 
 per_row = True  # forward and backward take per-row coefficients (..., d) as well as per-feature ones (d,)
 
@@ -352,15 +355,43 @@ def rotate_shifted_halves(x: torch.Tensor, rows: torch.Tensor, halves: tuple[int
     return out
 
 
-def forward_slots(
+def rotate_slot_rows(
     x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, half_table: torch.Tensor, index: torch.Tensor
 ) -> torch.Tensor:
     """Row r of x (features last) is rotated by table row index[r], with that row's own group size
-    2 * half_table[index[r]]. The reference for `triton_ops.forward_slots`: one masked pass per group
+    2 * half_table[index[r]]. The reference for `triton_ops.rotate_slot_rows`: one masked pass per group
     size in use. Result in x's dtype."""
     c, s, half = c_table[index], s_table[index], half_table[index]
     out = torch.empty(x.shape, dtype=c.dtype, device=x.device)
     for h in torch.unique(half).tolist():
         rows = half == h
         out[rows] = rotate_values(x[rows], c[rows], s[rows], 2 * int(h))
+    return in_dtype_of(x, out)
+
+
+def handles_slots(x: torch.Tensor) -> bool:
+    """The torch slot path rotates every tensor (the fallback of `kernels.forward_slots`)."""
+    return True
+
+
+def forward_slots(
+    x: torch.Tensor, tables: SlotTables, index: torch.Tensor, runs: Optional[list[tuple[int, int, int]]] = None
+) -> torch.Tensor:
+    """Row t of x (n, d) rotated by row index[t] of the slot tables, on their `packed` rows, in float32;
+    result in x's dtype.
+
+    `runs`, when given, is the same index as (slot, start, end) runs of consecutive rows, each rotated by
+    its slot's row as is. That spares a prefill, whose requests are long runs of tokens, gathering a
+    coefficient row per token (three times the size of x).
+    """
+    packed, halves = tables.packed, tables.halves
+    if runs is None:
+        out = rotate_shifted_halves(x, packed.index_select(0, index), halves)
+    else:
+        out = torch.empty(x.shape, dtype=packed.dtype, device=x.device)
+        for slot, start, end in runs:
+            if slot in tables.active_slots:
+                out[start:end] = rotate_shifted_halves(x[start:end], packed[slot], halves)
+            else:
+                out[start:end] = x[start:end]
     return in_dtype_of(x, out)

@@ -283,7 +283,7 @@ def _rotate_slots_fwd(X, C, S, HALF, IDX, Y, n_rows, d, n_slots, BLOCK_R: tl.con
     tl.store(Y + rows.to(tl.int64)[:, None] * d + f[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-def forward_slots(
+def rotate_slot_rows(
     x: torch.Tensor, c_table: torch.Tensor, s_table: torch.Tensor, half_table: torch.Tensor, index: torch.Tensor
 ) -> torch.Tensor:
     """Serving: row r of x (features last) is rotated by table row index[r] with that row's own group

@@ -20,6 +20,7 @@ from torch import nn
 from .. import functional as rf
 from ..cache import AdapterParameters, LayerCache, readable
 from ..config import normalize_variant
+from ..errors import InputError
 from ..routing import Routing, rotate_mixed, table
 from ..subspace import Spec, free_entries
 
@@ -164,7 +165,7 @@ class RoadLayer(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into this layer; unmerge it before deleting it.")
+            raise InputError(f"adapter {adapter_name!r} is merged into this layer; unmerge it before deleting it.")
         for store in (self.road_theta, self.road_alpha, self.variant, self.group_size, self.free):
             if adapter_name in store:
                 del store[adapter_name]
@@ -342,7 +343,7 @@ class RoadLayer(nn.Module):
         if safe_merge:
             problem = self._merge_problem(adapter_names)
             if problem:
-                raise ValueError(f"{problem}; nothing was changed.")
+                raise InputError(f"{problem}; nothing was changed.")
         for name in self._to_merge(adapter_names):  # merges compose: R_k ... R_1 W (coefficients in float64)
             self._rotate_params(self.coefficients(name, dtype=torch.float64), self.group_size[name])
             self.merged_adapters.append(name)

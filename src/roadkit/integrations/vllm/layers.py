@@ -33,9 +33,8 @@ from vllm.model_executor.layers.linear import (
 )
 
 from ... import functional as F
-from . import ops
 from .adapter import ModuleRotation
-from .slots import SlotTable
+from .slots import SlotRouting, SlotTable
 
 
 @dataclass(frozen=True)
@@ -157,7 +156,7 @@ class OnDemandLoRAWeights:
 class RoadLinear(BaseLayerWithLoRA):
     """One of vLLM's LoRA linear layers (`base_layer`), plus a RoAd rotation per adapter slot."""
 
-    def __init__(self, lora_layer: BaseLayerWithLoRA, name: str, n_slots: int, routing: "ops.SlotRouting") -> None:
+    def __init__(self, lora_layer: BaseLayerWithLoRA, name: str, n_slots: int, routing: SlotRouting) -> None:
         super().__init__()
         # On CPU vLLM's LoRA ops index the last slot for tokens without an adapter (-1): one spare slot
         # that stays zero keeps those tokens on the base model.
@@ -319,7 +318,7 @@ class RoadLinear(BaseLayerWithLoRA):
         x = torch.randn(3, width, generator=generator).to(device=device, dtype=linear.params_dtype)
         table, routing = self.table, self.routing
         self.table = SlotTable(1, table.features, device=device, serving_dtype=linear.params_dtype)
-        self.routing = ops.SlotRouting(3, 1, device)
+        self.routing = SlotRouting(3, 1, device)
         try:
             self.set_road(0, rotations)
             self.routing.update(torch.tensor([0, -1, 0], device=device))  # the adapter, no adapter, the adapter
@@ -347,11 +346,8 @@ class RoadLinear(BaseLayerWithLoRA):
     def _rotate(self, y: torch.Tensor) -> torch.Tensor:
         y2 = y.reshape(-1, y.shape[-1])
         index = self.routing.index[: y2.shape[0]]
-        if y2.is_cuda:
-            out = ops.rotate_slots(y2, self.table.c, self.table.s, self.table.half, index)
-        else:
-            runs = self.routing.runs
-            out = self.table.forward(y2, index, runs if runs is not None and runs[-1][2] == y2.shape[0] else None)
+        runs = self.routing.runs
+        out = self.table.forward(y2, index, runs if runs is not None and runs[-1][2] == y2.shape[0] else None)
         return out.view(y.shape)
 
 

@@ -46,8 +46,7 @@ from .adapter import (
 )
 from .compat import SUPPORTED
 from .layers import RoadLinear, is_servable, skip_idle_lora
-from .ops import SlotRouting
-from .slots import SlotTable
+from .slots import SlotRouting, SlotTable
 
 SUFFIX = ".road_theta"
 TRUST_BASE_ENV = "ROADKIT_TRUST_BASE"  # "1": serve adapters whose recorded base weights differ

@@ -1,16 +1,19 @@
-"""`SlotTable`: the RoAd rotations of one served layer, one row per adapter slot of the engine.
+"""`SlotTable`: the RoAd rotations of one served layer, one row per adapter slot of the engine, and
+`SlotRouting`: each token's slot for the current step.
 
 vLLM gives every token of a batch a slot index (-1: no adapter). A layer keeps, for its local
 output features, one coefficient row per slot plus the identity in the last row, so a whole mixed
 batch is one gather and one elementwise pass, however many adapters share it. Rows are written
 when the engine activates an adapter in a slot, never during a forward.
 
-Slots may hold adapters of different group sizes. On CUDA one Triton kernel reads each row's group
-size from a table, so the forward has no data-dependent Python (torch.compile and CUDA graphs
-capture it). On CPU, where vLLM runs adapters eagerly, roadkit's C kernel (`kernels.c_ops`) does the
-same in one pass over the activations in their own dtype. Where it cannot run (no C compiler), the
-rows are packed in the torch kernels' shifted layout with one pair of sine windows per group size in
-use: 1 + 2k elementwise ops for k group sizes, three for the usual one, in float32.
+Slots may hold adapters of different group sizes. The table is rotated through `kernels.forward_slots`
+(the `kernels.SlotBackend` seam). On CUDA one Triton kernel reads each row's group size from a table, so
+the forward has no data-dependent Python (torch.compile and CUDA graphs capture it, through the
+`roadkit::rotate_slots` custom op). On CPU, where vLLM runs adapters eagerly, roadkit's C kernel
+(`kernels.c_ops`) does the same in one pass over the activations in their own dtype. Where it cannot run
+(no C compiler), the torch path reads the rows packed in the shifted layout with one pair of sine windows
+per group size in use (`packed`): 1 + 2k elementwise ops for k group sizes, three for the usual one, in
+float32.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Optional
 import torch
 
 from ... import functional as F
+from ... import kernels
 from ...kernels import c_ops, torch_ops
 
 
@@ -113,27 +117,45 @@ class SlotTable:
     ) -> torch.Tensor:
         """Rotate each row of x (n, features) by its slot's row; the result has x's dtype.
 
-        `index` (int64) holds one slot per row of x, in [0, n_slots] (n_slots: the identity). The C
-        kernel needs nothing more; where it cannot run, `forward_torch`.
+        `index` (int64) holds one slot per row of x, in [0, n_slots] (n_slots: the identity); `runs`, when
+        given, the same index as (slot, start, end) runs (see `SlotRouting`). The slot backend that serves x
+        does the work (`kernels.forward_slots`).
         """
-        if c_ops.handles(x):
-            return c_ops.rotate_rows(x, self.k, self.w, self.half, index, identity=self.n_slots)
-        return self.forward_torch(x, index, runs)
+        return kernels.forward_slots(x, self, index, runs)
 
-    def forward_torch(
-        self, x: torch.Tensor, index: torch.Tensor, runs: Optional[list[tuple[int, int, int]]] = None
-    ) -> torch.Tensor:
-        """`forward` in torch ops, in float32. `runs`, when given, is the same index as (slot, start, end)
-        runs of consecutive rows, each rotated by its slot's row as is. That spares a prefill, whose
-        requests are long runs of tokens, gathering a coefficient row per token (three times the size
-        of x)."""
-        if runs is None:
-            out = torch_ops.rotate_shifted_halves(x, self.packed.index_select(0, index), self.halves)
+
+class SlotRouting:
+    """Each token's adapter slot for the current step, in a persistent buffer all layers read.
+
+    vLLM marks tokens without an adapter with -1; here they point at the identity row `n_slots`,
+    and so does every entry past the live tokens, so any prefix of the buffer is a valid index.
+    On the CPU (no device sync to pay) it also keeps, for the layers' fast paths, the set of slots
+    the step uses and, when tokens come in long runs of one slot (a prefill), those runs.
+    """
+
+    RUN_TOKENS = 8  # mean run length from which layers rotate run by run instead of gathering per token
+
+    def __init__(self, max_tokens: int, n_slots: int, device: torch.device | str) -> None:
+        self.n_slots = n_slots
+        self.index = torch.full((max_tokens,), n_slots, dtype=torch.long, device=device)
+        self.slots_in_use: Optional[frozenset[int]] = None  # None: unknown (CUDA)
+        self.runs: Optional[list[tuple[int, int, int]]] = None
+
+    def update(self, token_slots: torch.Tensor) -> None:
+        """Take the engine's per-token slots (-1: no adapter) for the next forward."""
+        n = token_slots.shape[0]
+        live = self.index[:n]
+        live.copy_(token_slots)
+        live.masked_fill_(token_slots < 0, self.n_slots)
+        self.index[n:] = self.n_slots
+        if live.is_cuda:
+            return
+        slots, counts = torch.unique_consecutive(live, return_counts=True)
+        self.slots_in_use = frozenset(slots.tolist())
+        if len(slots) * self.RUN_TOKENS > n:
+            self.runs = None
         else:
-            out = torch.empty(x.shape, dtype=self.packed.dtype, device=x.device)
-            for slot, start, end in runs:
-                if slot in self.active_slots:
-                    out[start:end] = torch_ops.rotate_shifted_halves(x[start:end], self.packed[slot], self.halves)
-                else:
-                    out[start:end] = x[start:end]
-        return out if out.dtype == x.dtype else out.to(x.dtype)
+            ends = counts.cumsum(0).tolist()
+            self.runs = [
+                (slot, end - count, end) for slot, count, end in zip(slots.tolist(), counts.tolist(), ends, strict=True)
+            ]
