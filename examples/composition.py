@@ -3,7 +3,7 @@
 On the demo's base model (a small character-level Llama shipped with roadkit):
 
 * adapter A learns task 1 ("kitten ->" -> " KITTEN") in shard 0 of 2 of every layer's rotation pairs;
-* adapter B learns task 2 ("kitten <-" -> " nettik") in shard 1 of 2;
+* adapter B learns task 2 ("<- kitten ->" -> " nettik") in shard 1 of 2;
 * `roadkit.compose(model, ["A", "B"], "union", mode="union")` joins them, no training;
 * a "joint" adapter (all pairs) trains on both tasks at once, as the reference a user would otherwise train.
 
@@ -13,8 +13,9 @@ inputs alone. With `--cross N`, each adapter also trains on N prompts of the oth
 the base model completes them: it learns to leave the other adapter's inputs alone, which is what
 lets their union answer both.
 
-It reports held-out loss (mean per completion token) on both tasks for base, A, B, union and joint,
-and the share of A's improvement on task 1 (and of B's on task 2) that the union keeps.
+It reports, on both tasks, held-out loss (mean per completion token) and the share of held-out prompts
+answered right (greedy) for base, A, B, union and joint, and the share of A's improvement on task 1 (and
+of B's on task 2) that the union keeps.
 
     python examples/composition.py [--fast] [--steps N] [--lr LR] [--replay N] [--cross N] [--variant V]
                                    [--output composition.json] [--save-adapters DIR]
@@ -122,15 +123,31 @@ def run(s: dict = SETTINGS["full"], say: Callable[[str], None] = print, save_ada
     model.set_adapter(["A", "B"])  # disjoint pairs commute: union == both active, exactly
     losses["A then B"] = {t: evaluator.evaluate(data[t]["eval"]) for t in PROMPTS}
 
+    model.eval()
+    held_out = words("eval", s["eval"])
+    right: dict[str, dict[str, float]] = {}
+    for name in ("base", "A", "B", "union", "joint"):
+        right[name] = {t: _share_right(model, tokenizer, name, t, held_out) for t in PROMPTS}
+
     kept = {task1: _kept(losses, "A", task1), task2: _kept(losses, "B", task2)}
     return {
         "settings": s,
         "adapter": adapter,
         "trainable_parameters": trainable,
         "losses": losses,
+        "right": right,
         "union_keeps": kept,
         "goal_met": all(v >= 0.9 for v in kept.values()),
     }
+
+
+def _share_right(model: torch.nn.Module, tokenizer: object, name: str, task: str, held_out: list[str]) -> float:
+    """The share of held-out prompts of `task` whose greedy answer under adapter `name` ("base": none)
+    starts with the right one."""
+    prompts = [PROMPTS[task](w) for w in held_out]
+    wanted = [f" {TASKS[task](w)}" for w in held_out]
+    texts = generate(model, tokenizer, prompts, adapter_names=[name] * len(prompts), max_new_tokens=16)
+    return sum(t.startswith(w) for t, w in zip(texts, wanted, strict=True)) / len(held_out)
 
 
 def _kept(losses: dict[str, dict[str, float]], single: str, task: str) -> float:
@@ -142,9 +159,12 @@ def _kept(losses: dict[str, dict[str, float]], single: str, task: str) -> float:
 def markdown(result: dict) -> str:
     """The result as the table README quotes."""
     tasks = list(PROMPTS)
-    lines = ["| model | " + " | ".join(f"{t} loss" for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
+    header = " | ".join(f"{t} loss" for t in tasks) + " | " + " | ".join(f"{t} right" for t in tasks)
+    lines = [f"| model | {header} |", "|---|" + "---|" * 2 * len(tasks)]
     for name, row in result["losses"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[t]:.3f}" for t in tasks) + " |")
+        right = result["right"].get(name)
+        answers = " | ".join(f"{right[t]:.0%}" if right else "" for t in tasks)
+        lines.append(f"| {name} | " + " | ".join(f"{row[t]:.3f}" for t in tasks) + f" | {answers} |")
     kept = ", ".join(f"{t}: {v:.0%}" for t, v in result["union_keeps"].items())
     return "\n".join(lines) + f"\n\nunion keeps of the single adapters' improvement: {kept}\n"
 

@@ -1,10 +1,10 @@
 """Serve a composition nobody registered: vLLM answers `model="A+B"` from an adapter store, beside A and B.
 
-    python scripts/serve_compose_demo.py [--store roadkit-compose] [--words 4] [--max-tokens 14]
+    python scripts/serve_compose_demo.py [--store roadkit-compose] [--words 8] [--max-tokens 14]
 
 `bash scripts/serve_compose_demo.sh` trains the store first (`examples/composition.py --save-adapters`:
 adapter A upper-cases `"kitten ->"` in shard 0 of 2 of the demo base's rotation pairs, adapter B
-reverses `"kitten <-"` in shard 1 of 2), then runs this. It starts stock vLLM on 127.0.0.1 with the
+reverses `"<- kitten ->"` in shard 1 of 2), then runs this. It starts stock vLLM on 127.0.0.1 with the
 demo base and `ROADKIT_ADAPTER_STORE` set, and no `--lora-modules`: the server finds A and B by name
 and builds their union `A+B` at the first request for it. Every prompt goes to the base, A, B and A+B
 at once; the completions are printed beside roadkit's in-process ones (A+B composed by
@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from serve_demo import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for examples/
+from serve_demo import (  # noqa: E402
     free_port,
     interrupt,
     print_table,
@@ -33,13 +34,15 @@ from serve_demo import (
     wait_healthy,
 )
 
+from examples.composition import PROMPTS  # noqa: E402
+
 MODELS = ("A", "B", "A+B")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--store", default="roadkit-compose", help="folder with adapters A and B (default: roadkit-compose)")
-    p.add_argument("--words", type=int, default=4, help="held-out demo words to prompt with (default: 4)")
+    p.add_argument("--words", type=int, default=8, help="held-out demo words to prompt with (default: 8)")
     p.add_argument("--max-tokens", type=int, default=14, help="tokens to generate per prompt (default: 14)")
     p.add_argument("--port", type=int, default=0, help="port for the server (default: a free one)")
     args = p.parse_args()
@@ -53,7 +56,7 @@ def main() -> int:
 
     base = Path(BASE_DIR)
     held_out = words("eval", args.words)
-    prompts = [f"{w} ->" for w in held_out] + [f"{w} <-" for w in held_out]
+    prompts = [PROMPTS["upper"](w) for w in held_out] + [PROMPTS["reverse"](w) for w in held_out]
     wanted = [f" {TASKS['upper'](w)}" for w in held_out] + [f" {TASKS['reverse'](w)}" for w in held_out]
     port = args.port or free_port()
     log_fd, log_name = tempfile.mkstemp(prefix="roadkit-serve-compose-", suffix=".log")

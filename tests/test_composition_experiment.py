@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,7 +23,7 @@ def experiment():
 
 
 def test_reduced_experiment(experiment):
-    settings = {"steps": 12, "batch_size": 8, "lr": 1e-2, "train": 96, "eval": 16, "replay": 0}
+    settings = {"steps": 12, "batch_size": 8, "lr": 1e-2, "train": 96, "eval": 16, "replay": 0, "cross": 8}
     result = experiment.run(settings, say=lambda _: None)
     losses, (task1, task2) = result["losses"], list(experiment.PROMPTS)
     assert set(losses) == {"base", "A", "B", "union", "joint", "A then B"}
@@ -39,6 +40,22 @@ def test_reduced_experiment(experiment):
     )
     assert result["goal_met"] == (min(kept.values()) >= 0.9)
     assert "union keeps" in experiment.markdown(result)
+    right = result["right"]
+    assert set(right) == {"base", "A", "B", "union", "joint"}
+    assert all(0 <= v <= 1 for row in right.values() for v in row.values())
+    assert right["base"][task2] == 0  # the base never reverses an unnamed prompt; B is trained to
+
+
+def test_cross_rows_are_the_other_tasks_prompts_answered_by_the_base(experiment):
+    from roadkit.app.demo import load_base
+
+    base, tokenizer = load_base()
+    rows = experiment.base_answers(base, tokenizer, "reverse", 5)
+    assert [r.prompt for r in rows] == [experiment.PROMPTS["reverse"](w) for w in experiment.words("train", 5, seed=1)]
+    ids = tokenizer(rows[0].prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        first = base(ids).logits[0, -1].argmax()
+    assert rows[0].completion.startswith(tokenizer.decode(first))  # the base's own greedy answer
 
 
 def test_replay_leaves_out_rows_shaped_like_the_adapters_own_prompts(experiment):
