@@ -1,4 +1,5 @@
-"""Fused RoAd kernels behind one seam: the `Backend` protocol, which every backend module satisfies.
+"""Fused RoAd kernels behind two seams: the `Backend` protocol (`torch_ops`, `triton_ops`, `traced_ops`) for
+roadkit's layers, and the `SlotBackend` protocol (`c_ops`, `custom_ops`, `torch_ops`) for serving engines.
 
 A backend is one module of this package, `<name>_ops`. The eager ones are listed in `BACKENDS` with the
 device type each serves; the first that serves a tensor's device type, is installed and `handles` the tensor
@@ -8,8 +9,9 @@ once, not per token: the torch implementation serves every device.
 
 Serving engines (the vLLM integration) rotate through a second seam, the `SlotBackend` protocol: each row of
 the batch has its own row of per-slot tables (`SlotTables`) and its own group size. `forward_slots` picks
-the backend: on CPU the C kernel (`c_ops`) where it compiled, else torch (`torch_ops`); elsewhere the
-custom op that compiled graphs capture (`custom_ops`, Triton on CUDA).
+the backend: on CPU the C kernel (`c_ops`) where it runs and takes the tensor, else torch (`torch_ops`);
+elsewhere the custom op that compiled graphs capture (`custom_ops`, Triton on CUDA). Importing this package
+registers that op (`roadkit::rotate_slots`) with torch.library.
 """
 
 from __future__ import annotations
@@ -212,9 +214,9 @@ def forward_indexed(
 
 
 def slot_backend(x: torch.Tensor) -> SlotBackend:
-    """The slot backend for x: on CPU (eager), the C kernel where it compiled and takes x, else torch; on other
-    devices the custom op, which compiled graphs capture. Plain attribute checks, so a traced caller stays
-    one graph."""
+    """The slot backend for x: on CPU (eager only), the C kernel where it runs and takes x, else torch; on other
+    devices the custom op, which compiled graphs capture. Off the CPU the choice is one attribute check
+    (`x.is_cpu`), so a compiled caller stays one graph."""
     if x.is_cpu:
         return c_ops if c_ops.handles_slots(x) else torch_ops
     return custom_ops

@@ -3,7 +3,8 @@
 `roadkit::rotate_slots` is opaque to torch.compile (its fake implementation gives the output's shape), so
 vLLM's compiled graphs and CUDA graphs capture it as one call that reads persistent tables and a persistent
 index buffer: adapter changes write those in place and need no recompile. On CUDA it runs the Triton kernel
-(`triton_ops.rotate_slot_rows`); elsewhere the torch reference (`torch_ops.rotate_slot_rows`).
+(`triton_ops.rotate_slot_rows`) when Triton is installed; elsewhere the torch reference
+(`torch_ops.rotate_slot_rows`). Importing `roadkit.kernels` registers the op.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ def rotate_slots(
 ) -> torch.Tensor:
     """Rotate row r of x (n, d) by table row index[r]; indices outside [0, n_slots) select the identity row."""
     if x.is_cuda:
-        from . import triton_ops
-
-        return triton_ops.rotate_slot_rows(x, c_table, s_table, half_table, index)
+        try:
+            from . import triton_ops
+        except ImportError:  # no Triton: the torch reference below
+            pass
+        else:
+            return triton_ops.rotate_slot_rows(x, c_table, s_table, half_table, index)
     n_slots = c_table.shape[0] - 1
     safe = torch.where((index < 0) | (index > n_slots), n_slots, index)
     return torch_ops.rotate_slot_rows(x, c_table, s_table, half_table, safe)

@@ -9,8 +9,10 @@ Coefficients have the feature axis last; leading axes (if any) broadcast against
 of `x` (one coefficient row per batch row or per token, for mixed-adapter batches).
 
 This is the eager backend that serves every tensor (see `kernels.Backend`). Beside the backend's functions
-it holds the merge (`rotate_rows_`, for every device) and the torch slot backend (`kernels.SlotBackend`:
-`forward_slots`, on `shifted_layout` rows, and `rotate_slot_rows`, the reference of the Triton slot kernel).
+it holds the merge (`rotate_rows_`, for every device), the torch slot backend (`kernels.SlotBackend`:
+`handles_slots`, and `forward_slots` on `SlotTables.packed` rows through `rotate_shifted_halves`), and
+`rotate_slot_rows`, which the custom op (`custom_ops`) runs off CUDA and the Triton slot kernel is tested
+against.
 """
 
 from __future__ import annotations

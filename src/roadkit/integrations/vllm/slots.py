@@ -3,7 +3,7 @@
 
 vLLM gives every token of a batch a slot index (-1: no adapter). A layer keeps, for its local
 output features, one coefficient row per slot plus the identity in the last row, so a whole mixed
-batch is one gather and one elementwise pass, however many adapters share it. Rows are written
+batch is rotated in one call, however many adapters share it. Rows are written
 when the engine activates an adapter in a slot, never during a forward.
 
 Slots may hold adapters of different group sizes. The table is rotated through `kernels.forward_slots`
@@ -11,9 +11,9 @@ Slots may hold adapters of different group sizes. The table is rotated through `
 the forward has no data-dependent Python (torch.compile and CUDA graphs capture it, through the
 `roadkit::rotate_slots` custom op). On CPU, where vLLM runs adapters eagerly, roadkit's C kernel
 (`kernels.c_ops`) does the same in one pass over the activations in their own dtype. Where it cannot run
-(no C compiler), the torch path reads the rows packed in the shifted layout with one pair of sine windows
-per group size in use (`packed`): 1 + 2k elementwise ops for k group sizes, three for the usual one, in
-float32.
+(no C compiler, a failed build, `ROADKIT_C_KERNELS=0`, or a tensor it does not take), the torch path
+reads the rows packed in the shifted layout with one pair of sine windows per group size in use
+(`packed`): 1 + 2k elementwise ops for k group sizes, three for the usual one, in float32.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ class SlotTable:
     `c`, `s` (float32, (n_slots + 1, features)) and `half` (int32, group size / 2 per row) are the
     source of truth and the CUDA kernel's input. `k` = c - 1 and `w` (the sines signed by half:
     y = x + k x + w x_partner) are the C kernel's, kept with them in the dtype it reads for activations
-    of `serving_dtype` (`c_ops.table_dtype`: bfloat16 for 16-bit ones); `packed` and `halves`, the torch
-    fallback's layout, are built when that path first runs after a row changed.
+    of `serving_dtype` (`c_ops.table_dtype`: bfloat16 for 16-bit ones); `packed`, the torch
+    fallback's layout (one pair of sine rows per group size in `halves`), is built when that path first
+    runs after a row changed.
     """
 
     def __init__(
@@ -138,7 +139,7 @@ class SlotRouting:
     def __init__(self, max_tokens: int, n_slots: int, device: torch.device | str) -> None:
         self.n_slots = n_slots
         self.index = torch.full((max_tokens,), n_slots, dtype=torch.long, device=device)
-        self.slots_in_use: Optional[frozenset[int]] = None  # None: unknown (CUDA)
+        self.slots_in_use: Optional[frozenset[int]] = None  # None: unknown (off the CPU)
         self.runs: Optional[list[tuple[int, int, int]]] = None
 
     def update(self, token_slots: torch.Tensor) -> None:
@@ -148,7 +149,7 @@ class SlotRouting:
         live.copy_(token_slots)
         live.masked_fill_(token_slots < 0, self.n_slots)
         self.index[n:] = self.n_slots
-        if live.is_cuda:
+        if not live.is_cpu:
             return
         slots, counts = torch.unique_consecutive(live, return_counts=True)
         self.slots_in_use = frozenset(slots.tolist())
