@@ -221,24 +221,39 @@ def test_dpo_matches_peft(base, tokenizer, tmp_path, route):
     assert ADAPTER in files and not files & set(FULL_WEIGHTS)
 
 
-def test_grpo_matches_peft(base, tokenizer, tmp_path):
+@pytest.mark.parametrize(
+    "beta, road_model",
+    [(0.0, False), (0.5, False), (0.5, True)],
+    ids=["no KL", "KL to the reference", "KL to the ref adapter of a RoadModel"],
+)
+def test_grpo_matches_peft(base, tokenizer, tmp_path, beta, road_model):
+    """With beta > 0 the reference is the model with its adapter off (PEFT's RoAd and roadkit's with peft_config), or
+    for a RoadModel passed in the frozen copy of its adapter, here the identity it starts as. The in-memory model has
+    no name or path to load a second copy of the base from."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     def shouting(completions, **_):
         return [float(sum(c.isupper() for c in text)) for text in completions]
 
-    def trainer(cls, output_dir, config):
+    def trainer(cls, output_dir, config, model=None):
         return cls(
-            model=copy.deepcopy(base),
+            model=copy.deepcopy(base) if model is None else model,
             reward_funcs=shouting,
-            args=settings(GRPOConfig, output_dir, num_generations=4, max_completion_length=8),
+            args=settings(GRPOConfig, output_dir, num_generations=4, max_completion_length=8, beta=beta),
             train_dataset=Dataset.from_list([{"prompt": f"up {w}:"} for w in WORDS]),
             processing_class=tokenizer,
             peft_config=config,
         )
 
-    ours = trainer(roadkit.road_trainer(GRPOTrainer), tmp_path / "ours", road_config())
+    if road_model:
+        model = roadkit.get_peft_model(copy.deepcopy(base), road_config())
+        ours = trainer(roadkit.road_trainer(GRPOTrainer), tmp_path / "ours", None, model)
+        assert ours.ref_model.adapter == "ref" and "ref" in model.peft_config
+    else:
+        ours = trainer(roadkit.road_trainer(GRPOTrainer), tmp_path / "ours", road_config())
+    assert ours.beta == ours.args.beta == beta
+    assert (ours.ref_model is None) == (beta == 0)
     ours.train()
     ours.save_model(str(tmp_path / "ours" / "final"))
     theirs = trainer(GRPOTrainer, tmp_path / "theirs", peft_config())
@@ -246,6 +261,10 @@ def test_grpo_matches_peft(base, tokenizer, tmp_path):
     theirs.save_model(str(tmp_path / "theirs" / "final"))
 
     assert_same_losses(losses(ours), losses(theirs))
+    if beta:
+        kl = [entry["kl"] for entry in ours.state.log_history if "kl" in entry]
+        theirs_kl = [entry["kl"] for entry in theirs.state.log_history if "kl" in entry]
+        assert kl == pytest.approx(theirs_kl, rel=1e-4, abs=1e-7) and max(kl) > 0
     adapter = load_file(tmp_path / "ours" / "final" / ADAPTER)
     assert_same_adapters(adapter, load_file(tmp_path / "theirs" / "final" / ADAPTER))
     assert_trained(adapter)

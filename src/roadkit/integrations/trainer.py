@@ -454,8 +454,9 @@ class AdapterReference(nn.Module):
             return super().__call__(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The wrapped transformers model's forward (under `__call__`'s reference adapters)."""
-        return self.road.get_base_model()(*args, **kwargs)
+        """The `RoadModel`'s forward, under `__call__`'s reference adapters (with whatever the trainer added to the
+        trained model's forward, such as TRL's fused log-probability head)."""
+        return self.road(*args, **kwargs)
 
 
 class _AppliesRoadConfig(Trainer):
@@ -502,7 +503,10 @@ def road_trainer(trainer_class: type[_Trainer]) -> type[_Trainer]:
     * where `trainer_class` takes a `ref_model` (preference training, e.g. TRL's `DPOTrainer`) and none is given, the
       reference is an `AdapterReference`: with `peft_config`, the model with its adapters off; for a `RoadModel`
       passed in, a frozen copy of its active adapter, added as adapter "ref" (what TRL does for PEFT models). With
-      `precompute_ref_log_probs=True` the trainer computes the reference values from the model before training.
+      `precompute_ref_log_probs=True` the trainer computes the reference values from the model before training;
+    * where `trainer_class` takes no `ref_model` but its arguments ask for a KL term against one (`beta` > 0, as in
+      TRL's `GRPOTrainer`), the same `AdapterReference` is its `ref_model`, instead of a second copy of the base
+      loaded from the model's name or path (which an in-memory model does not have).
 
     `road_trainer(Trainer)` is `RoadTrainer`, and a subclass of `RoadTrainer` comes back unchanged.
     """
@@ -540,8 +544,14 @@ def _make_road_trainer(trainer_class: type[Trainer]) -> type:
             config = None
         reference = None
         wrapped = config is not None or isinstance(model, RoadModel)
-        if takes_reference and wrapped and bound.arguments.get("ref_model") is None:
-            training_args = bound.arguments.get("args")
+        training_args = bound.arguments.get("args")
+        # An online trainer with a KL term (TRL's GRPOTrainer, beta > 0) takes no ref_model: for a model it does not
+        # know as PEFT's, it would load a second copy of the base from the model's name or path.
+        beta = getattr(training_args, "beta", 0.0) if not takes_reference else 0.0
+        needs_reference = wrapped and (
+            (takes_reference and bound.arguments.get("ref_model") is None) or isinstance(beta, float) and beta != 0.0
+        )
+        if needs_reference:
             if getattr(training_args, "sync_ref_model", False):
                 raise ValueError(
                     "sync_ref_model=True updates a separate reference model from the trained one; a RoAd model's "
@@ -549,10 +559,19 @@ def _make_road_trainer(trainer_class: type[Trainer]) -> type:
                 )
             if not getattr(training_args, "precompute_ref_log_probs", False):
                 reference = AdapterReference(None if config is not None else REFERENCE_ADAPTER)
-                bound.arguments["ref_model"] = reference
+                if takes_reference:
+                    bound.arguments["ref_model"] = reference
         if config is not None or reference is not None:
             self._road_plan = (config, reference)
-        RoadTrainer.__init__(self, *bound.args[1:], **bound.kwargs)  # the next class: then trainer_class
+        if reference is not None and not takes_reference and training_args is not None:
+            training_args.beta = 0.0  # the trainer builds no reference of its own; the KL term is restored below
+            try:
+                RoadTrainer.__init__(self, *bound.args[1:], **bound.kwargs)
+            finally:
+                training_args.beta = beta
+            self.beta, self.ref_model = beta, reference
+        else:
+            RoadTrainer.__init__(self, *bound.args[1:], **bound.kwargs)  # the next class: then trainer_class
         if "_road_plan" in self.__dict__:
             raise TypeError(
                 f"{trainer_class.__name__}.__init__ did not reach Trainer.__init__ through super(): road_trainer "
