@@ -20,6 +20,7 @@ from test_model import assert_unchanged, snapshot
 from torch import nn
 
 from roadkit import RoadConfig, RoadModel, compose, get_peft_model
+from roadkit import functional as F
 from roadkit.subspace import entries_of, features_of, normalize_spec, pairs_of
 
 peft = pytest.importorskip("peft")
@@ -454,21 +455,53 @@ def test_interpolate_same_adapter_twice(llama_base, ids):
         torch.testing.assert_close(paa[path][1], pa[path][1], atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("bad_alpha", [-0.2, 0.0])
-def test_interpolate_nonpositive_alpha_error(llama_base, bad_alpha):
+def test_interpolate_refuses_weights_that_overflow(llama_base):
+    """1e300 is a finite weight, but the scales it gives (alpha ** 1e300) are not."""
+    rm = build(llama_base, [("a", "road_2", 8, QV), ("b", "road_2", 8, QV)], positive=True)
+    before = snapshot(rm)
+    with pytest.raises(ValueError, match=r"interpolating with weights \[1e\+300, 1\.0\] overflows in model\."):
+        compose(rm, ["a", "b"], "i", mode="interpolate", weights=[1e300, 1.0])
+    assert_unchanged(before, rm)
+
+
+def test_interpolate_zero_alpha_error(llama_base):
     rm = build(llama_base, [("a", "road_2", 8, QV), ("b", "road_1", 8, ["v_proj"])], positive=True)
     layer = rm.model.get_submodule("model.layers.1.self_attn.v_proj")
     with torch.no_grad():
-        layer.road_alpha["b"][3] = bad_alpha
+        layer.road_alpha["b"][3] = 0.0
     before = snapshot(rm)
     with pytest.raises(
         ValueError,
-        match=r"adapter 'b' has alpha <= 0 in model\.layers\.1\.self_attn\.v_proj "
-        r"\(1 entries\)",
+        match=r"adapter 'b' has alpha = 0 in model\.layers\.1\.self_attn\.v_proj \(1 entries there\)",
     ):
         compose(rm, ["a", "b"], "i", mode="interpolate", weights=[0.5, 0.5])
     assert_unchanged(before, rm)
     assert "i" not in rm.peft_config
+
+
+@pytest.mark.parametrize("variant", ["road_1", "road_2", "road_4"])
+def test_interpolate_negative_scales_are_magnitudes_turned_by_pi(llama_base, ids, variant):
+    """An adapter with negative scales (road_4 training makes them) interpolates: with weight 1 it is itself, and
+    0 * a + 1 * b is b, as coefficients (c, s) and as model outputs."""
+    rm = build(llama_base, [("a", variant, 8, QV), ("b", variant, 8, QV)], positive=True)
+    with torch.no_grad():
+        for _, layer in rm.road_layers():
+            for name in ("a", "b"):
+                alpha = layer.road_alpha[name]
+                alpha[::3] = -alpha[::3]
+    compose(rm, ["a"], "a1", mode="interpolate", weights=[1.0])
+    compose(rm, ["a", "b"], "only_b", mode="interpolate", weights=[0.0, 1.0])
+    for composed, original in (("a1", "a"), ("only_b", "b")):
+        want, got = full_params(rm, original), full_params(rm, composed)
+        for path in want:
+            c_want = F.coefficients(variant, 8, *(t.double() for t in want[path]))
+            c_got = F.coefficients(variant, 8, *(t.double() for t in got[path]))
+            for x, y in zip(c_got, c_want, strict=True):
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+        rm.set_adapter(composed)
+        out = logits(rm, ids)
+        rm.set_adapter(original)
+        torch.testing.assert_close(out, logits(rm, ids), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

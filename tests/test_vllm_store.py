@@ -131,3 +131,24 @@ def test_composed_folders_are_bounded(store: AdapterStore, monkeypatch: pytest.M
 def test_a_store_must_be_a_directory(tmp_path) -> None:
     with pytest.raises(NotADirectoryError, match="ROADKIT_ADAPTER_STORE"):
         AdapterStore(str(tmp_path / "nowhere"))
+
+
+def test_grammar_says_weights_are_not_negative() -> None:
+    with pytest.raises(StoreError, match="weights are numbers >= 0"):
+        parse("-1*a+1*b")
+
+
+def test_a_composition_is_built_again_when_a_part_changed(store: AdapterStore) -> None:
+    """A name unloaded from the server comes back as the store is now: a part trained again since its last build
+    gives a new composition (the old folder goes); unchanged parts reuse the folder."""
+    first = store.resolve(parse("a+b"))
+    assert store.resolve(parse("b+a")) == first
+    save(6, os.path.join(store.root, "b"), subspace="1/2")  # b trained again: new files in its folder
+    second = store.resolve(parse("a+b"))
+    assert second != first and not os.path.exists(first)
+    inputs = [SavedAdapter(n, *read_adapter(os.path.join(store.root, n))) for n in ("a", "b")]
+    _, want = compose_adapters(inputs, "union")
+    tensors = read_adapter(second)[1]
+    for key in want:
+        torch.testing.assert_close(tensors[key], want[key], rtol=0, atol=0)
+    assert store.resolve(parse("a+b")) == second

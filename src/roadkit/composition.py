@@ -9,7 +9,8 @@ combine in closed form:
 - "union": adapters that own disjoint pairs (see `RoadConfig.subspace`) merge into one; each pair
   comes from the adapter that owns it. Overlaps are an error that lists them.
 - "interpolate": a weighted sum of angles and of log-scales (alpha = prod alpha_i ** w_i), in the
-  largest variant among the inputs. Weight 0.5 on one adapter halves its rotation angles.
+  largest variant among the inputs. Weight 0.5 on one adapter halves its rotation angles. A negative
+  scale is read as what it is, its magnitude with the angle turned by pi (wrapped into [-pi, pi)).
 
 A layer an adapter does not target counts as the identity for it. `compose_adapters` works on
 saved adapters alone (configs and PEFT-keyed tensors, no model): the CLI's `roadkit compose`.
@@ -18,6 +19,7 @@ saved adapters alone (configs and PEFT-keyed tensors, no model): the CLI's `road
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -182,7 +184,7 @@ def _check_weights(mode: str, weights: Optional[Sequence[float]], n: int) -> lis
     if (
         len(w) != n
         or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w)
-        or not all(torch.isfinite(torch.tensor(float(x))) for x in w)
+        or not all(math.isfinite(x) for x in w)
     ):
         raise InputError(f"interpolate needs one finite number per adapter ({n}), got weights={weights!r}.")
     return [float(x) for x in w]
@@ -256,15 +258,23 @@ def _interpolate(path: str, weighted: list[tuple[SavedAdapter, float]], variant:
     theta = alpha_log = torch.zeros((), dtype=torch.float64)  # broadcasts to the parameters' shape
     for a, weight in weighted:
         t, al = _params64(a, path)
-        if not bool((al > 0).all()):  # counted on the adapter's own entries, before any expansion
+        if not bool(torch.isfinite(t).all() and torch.isfinite(al).all()):
+            raise InputError(f"adapter {a.name!r} has NaN or infinite values in {path}.")
+        if not bool((al != 0).all()):  # counted on the adapter's own entries, before any expansion
             raise InputError(
-                f"interpolate works on log-scales, but adapter {a.name!r} has alpha <= 0 in {path} "
-                f"({int((al <= 0).sum())} entries)."
+                f"interpolate works on log-scales, but adapter {a.name!r} has alpha = 0 in {path} "
+                f"({int((al == 0).sum())} entries there)."
             )
-        t, al = rf.expand_parameters(t, al, a.config.variant, variant, g)
+        # alpha * (cos t, sin t) = |alpha| * (cos, sin)(t + pi): the same entry with a positive scale
+        t = torch.where(al < 0, torch.remainder(t, 2 * torch.pi) - torch.pi, t)
+        t, al = rf.expand_parameters(t, al.abs(), a.config.variant, variant, g)
         theta = theta + weight * t
         alpha_log = alpha_log + weight * torch.log(al)
-    return theta, torch.exp(alpha_log)
+    alpha = torch.exp(alpha_log)
+    if not bool(torch.isfinite(theta).all() and (torch.isfinite(alpha) & (alpha > 0)).all()):
+        weights = [w for _, w in weighted]
+        raise InputError(f"interpolating with weights {weights} overflows in {path}; use smaller weights.")
+    return theta, alpha
 
 
 def _union_spec(specs: list[dict]) -> dict:

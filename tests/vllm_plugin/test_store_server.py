@@ -4,6 +4,7 @@ composing the same adapters in-process."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from vllm_helpers import LLAMA_TARGETS, Family, prompts, with_bad_values
 
 from roadkit import RoadConfig, RoadModel, compose, get_peft_model
+from roadkit.integrations.vllm.store import MAX_COMPOSED
 
 
 def save_store_adapter(family: Family, directory: Path, seed: int, **config) -> Path:  # noqa: ANN003
@@ -126,4 +128,25 @@ def test_load_mixing_plain_composed_and_base(store_server: Server) -> None:
     assert len(results) == 160
     mismatched = [job for job, res in results if not same(res, alone[job])]
     assert not mismatched, mismatched[:5]
+    assert healthy(store_server)
+
+
+def test_the_least_recently_requested_composition_is_unloaded_first(store_server: Server) -> None:
+    """At most MAX_COMPOSED compositions stay loaded. One requested between every new one stays; the oldest
+    of the new ones, never requested again, goes. (Last in this file: it unloads the others' compositions.)"""
+    p = prompts(1, seed=55)[0]
+    busy = "b>a>b"
+    first = complete(store_server, busy, p, max_tokens=2)
+
+    def loaded() -> dict[str, str]:  # model name -> the folder it is served from
+        return {m.id: str(m.root) for m in store_server.client.models.list().data}
+
+    folder = loaded()[busy]
+    names = [">".join(parts) for parts in itertools.product("abc", repeat=4)][:MAX_COMPOSED]
+    for name in names:
+        complete(store_server, name, p, max_tokens=1)
+        assert same(complete(store_server, busy, p, max_tokens=2), first)
+    now = loaded()
+    assert now.get(busy) == folder  # never unloaded (and built again) in between
+    assert names[-1] in now and names[0] not in now
     assert healthy(store_server)

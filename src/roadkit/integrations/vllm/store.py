@@ -13,6 +13,10 @@ A composition is exact RoAd math (`roadkit.composition`) and costs what one adap
 built from the adapters' files in milliseconds, written to a private folder (never into the store),
 and served like any adapter. Names that compose the same thing share one canonical name, so `b+a`
 and `a+b` are one adapter: `canonical` sorts union and interpolation terms.
+
+A composition reads its parts from the store when it is built. The server serves a name as it was when
+first requested until the name is unloaded; after that, a composition is built again if one of its
+parts' files changed since (`AdapterStore.resolve` compares their sizes and modification times).
 """
 
 from __future__ import annotations
@@ -37,11 +41,12 @@ STORE_ENV = "ROADKIT_ADAPTER_STORE"
 NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}"
 WEIGHT = r"[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?"
 MAX_TERMS = 8
-MAX_COMPOSED = 64  # composed folders kept; the engine keeps what it accepted in memory regardless
+MAX_COMPOSED = 64  # compositions kept loaded (and their folders); the least recently requested goes first
+MAX_ALIASES = 4 * MAX_COMPOSED  # other spellings of loaded compositions kept ("b+a" for "a+b")
 GRAMMAR = (
     "an adapter name in the store (letters, digits, '_', '-', '.'), or a composition of up to "
     f"{MAX_TERMS}: 'a+b' (union of adapters in disjoint subspaces), 'a>b' (a, then b), "
-    "'0.3*a+0.7*b' (interpolation)"
+    "'0.3*a+0.7*b' (interpolation; weights are numbers >= 0 such as 0.3, 1 or 2.5e-1)"
 )
 _NAME_RE = re.compile(NAME)
 _TERM_RE = re.compile(rf"({WEIGHT})\*({NAME})")
@@ -117,7 +122,7 @@ class AdapterStore:
         if not os.path.isdir(root):
             raise NotADirectoryError(f"{STORE_ENV}={root!r} is not a directory.")
         self.root = os.path.realpath(root)
-        self._composed: OrderedDict[str, str] = OrderedDict()  # canonical name -> its folder
+        self._composed: OrderedDict[str, tuple[str, tuple]] = OrderedDict()  # canonical name -> folder, parts' stamps
         self._lock = threading.Lock()
         self._private: str | None = None  # made on the first composition
 
@@ -135,16 +140,31 @@ class AdapterStore:
         if expression.mode is None:
             return self.directory(expression.names[0])
         canonical = expression.canonical
+        stamps = self._stamps(expression)
         with self._lock:
-            if canonical in self._composed and os.path.isdir(self._composed[canonical]):
+            cached = self._composed.get(canonical)
+            if cached is not None and cached[1] == stamps and os.path.isdir(cached[0]):
                 self._composed.move_to_end(canonical)
-                return self._composed[canonical]
+                return cached[0]
         folder = self._compose(expression)
         with self._lock:
-            self._composed[canonical] = folder
+            old = self._composed.pop(canonical, None)
+            if old is not None:  # built from parts that changed since; the name was unloaded, so it is unused
+                shutil.rmtree(old[0], ignore_errors=True)
+            self._composed[canonical] = (folder, stamps)
             while len(self._composed) > MAX_COMPOSED:
-                shutil.rmtree(self._composed.popitem(last=False)[1], ignore_errors=True)
+                shutil.rmtree(self._composed.popitem(last=False)[1][0], ignore_errors=True)
         return folder
+
+    def _stamps(self, expression: Expression) -> tuple:
+        """What identifies the parts' files as they are now: each file's name, size, modification time and inode."""
+        stamps = []
+        for name in sorted(set(expression.names)):  # every spelling of the composition has the same stamps
+            directory = self.directory(name)
+            with os.scandir(directory) as entries:
+                files = sorted((e.name, e.stat()) for e in entries if e.is_file())
+            stamps.append((directory, tuple((f, s.st_size, s.st_mtime_ns, s.st_ino) for f, s in files)))
+        return tuple(stamps)
 
     def _compose(self, expression: Expression) -> str:
         inputs, fingerprints = [], []
