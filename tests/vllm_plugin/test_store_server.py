@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from vllm_helpers import LLAMA_TARGETS, Family, prompts, with_bad_values
 
 from roadkit import RoadConfig, RoadModel, compose, get_peft_model
-from roadkit.integrations.vllm.store import MAX_COMPOSED
+from roadkit.integrations.vllm.store import MAX_ALIASES, MAX_COMPOSED
 
 
 def save_store_adapter(family: Family, directory: Path, seed: int, **config) -> Path:  # noqa: ANN003
@@ -128,6 +128,21 @@ def test_load_mixing_plain_composed_and_base(store_server: Server) -> None:
     assert len(results) == 160
     mismatched = [job for job, res in results if not same(res, alone[job])]
     assert not mismatched, mismatched[:5]
+    assert healthy(store_server)
+
+
+def test_other_spellings_of_a_composition_are_bounded(store_server: Server) -> None:
+    """Each spelling of one composition is an alias of it; at most MAX_ALIASES are kept, the oldest dropped, and a
+    dropped spelling is served again when it comes back."""
+    p = prompts(1, seed=56)[0]
+    spellings = [f"{'0' * k}1*a+1*c" for k in range(1, MAX_ALIASES + 3)]  # 01*a+1*c, 001*a+1*c, ...
+    want = complete(store_server, "1*a+1*c", p, max_tokens=2)
+    for name in spellings:
+        assert same(complete(store_server, name, p, max_tokens=2), want), name
+    root = {m.id: str(m.root) for m in store_server.client.models.list().data}["1.0*a+1.0*c"]
+    aliases = [m.id for m in store_server.client.models.list().data if str(m.root) == root and m.id != "1.0*a+1.0*c"]
+    assert len(aliases) <= MAX_ALIASES and spellings[0] not in aliases
+    assert same(complete(store_server, spellings[0], p, max_tokens=2), want)
     assert healthy(store_server)
 
 
