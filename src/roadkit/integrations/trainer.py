@@ -549,7 +549,8 @@ def _make_road_trainer(trainer_class: type[Trainer]) -> type:
         # know as PEFT's, it would load a second copy of the base from the model's name or path.
         beta = getattr(training_args, "beta", 0.0) if not takes_reference else 0.0
         needs_reference = wrapped and (
-            (takes_reference and bound.arguments.get("ref_model") is None) or isinstance(beta, float) and beta != 0.0
+            (takes_reference and bound.arguments.get("ref_model") is None)
+            or (isinstance(beta, (int, float)) and not isinstance(beta, bool) and beta != 0)
         )
         if needs_reference:
             if getattr(training_args, "sync_ref_model", False):
