@@ -38,8 +38,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .contenders import build_llama
 from .quality import PeakRss
-from .settings import GROUP_SIZE, TARGET_MODULES, VARIANT
+from .settings import GROUP_SIZE, TARGET_MODULES, VARIANT, ModelSize
 from .timing import log, summarize
 
 CONTENDERS = ("roadkit", "peft")
@@ -80,23 +81,6 @@ def rows(count: int, seed: int = 0) -> list[dict[str, str]]:
         words = rng.sample(WORDS, rng.randint(3, 6))
         out.append({"prompt": f"Reverse: {' '.join(words)}\nAnswer:", "completion": " " + " ".join(words[::-1])})
     return out
-
-
-def build_base(size: Size, vocab: int) -> Any:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=size.hidden,
-        intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.heads,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config)
 
 
 def step_timer() -> Any:
@@ -193,7 +177,8 @@ def run(size: Size, threads: int, out_dir: str, command: str) -> dict[str, Any]:
     huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = True  # TRL's trainers report their use to the Hub
     torch.set_num_threads(threads)
     tokenizer = build_tokenizer()
-    base = build_base(size, len(tokenizer))
+    shape = ModelSize(size.layers, size.hidden, size.intermediate, size.heads, len(tokenizer))
+    base = build_llama(shape, seed=0).train()
     data = Dataset.from_list(rows(size.steps * size.batch))
     results: dict[str, Any] = {
         "meta": {
